@@ -1,0 +1,146 @@
+"""The single attention entry point, and the description of which key each query may see.
+
+Letters: S packed query tokens, Skv packed keys, H query heads, Hkv key/value heads, D head_dim, W window.
+
+Every sequence of a batch is one *block*. Block b has `q_len` queries and `kv_len` keys, and its queries
+are the *last* `q_len` of its `kv_len` positions (the keys in front of them come from the cache). In block
+coordinates, query i sits at key position `i + kv_len - q_len` and sees key j iff
+
+    0 <= (i + kv_len - q_len) - j < W        (causal from the bottom right, W keys, itself included)
+
+This one rule covers the first pre-fill (kv_len == q_len), a later chunk that sees its unrotated cache
+plus itself (kv_len == cached + q_len), and decode (q_len == 1). It is the rule of xformers'
+BlockDiagonalCausalMask / BlockDiagonalMask / BlockDiagonalCausalWithOffsetPaddedKeysMask made local.
+"""
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    q_seqlens: tuple[int, ...]
+    kv_seqlens: tuple[int, ...]
+    window: int | None  # W; None: plain causal
+    # None: the blocks' keys are packed back to back. An int P: block b's keys start at b * P (the
+    # rolling cache itself, P == W), and only the first kv_len of those P slots are valid. Decode only:
+    # slots are not in position order then, which is harmless because a single query sees every valid key.
+    kv_padding: int | None = None
+
+    def __post_init__(self):
+        assert len(self.q_seqlens) == len(self.kv_seqlens), (self.q_seqlens, self.kv_seqlens)
+        assert all(0 <= q <= kv for q, kv in zip(self.q_seqlens, self.kv_seqlens)), (self.q_seqlens, self.kv_seqlens)
+        if self.kv_padding is not None:
+            assert all(q <= 1 for q in self.q_seqlens), f"padded keys are for decode only, got {self.q_seqlens}"
+            assert all(kv <= self.kv_padding for kv in self.kv_seqlens), (self.kv_seqlens, self.kv_padding)
+
+    @cached_property
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """(q_start, q_len, kv_start, kv_len) of every block with at least one query."""
+        out, q0, k0 = [], 0, 0
+        for b, (q, kv) in enumerate(zip(self.q_seqlens, self.kv_seqlens)):
+            start = b * self.kv_padding if self.kv_padding is not None else k0
+            if q:
+                out.append((q0, q, start, kv))
+            q0, k0 = q0 + q, k0 + kv
+        return out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(S, Skv) of the attention this mask describes."""
+        n_kv = len(self.kv_seqlens) * self.kv_padding if self.kv_padding is not None else sum(self.kv_seqlens)
+        return sum(self.q_seqlens), n_kv
+
+    def materialize(self) -> torch.Tensor:
+        """The dense (S, Skv) boolean mask, True where a query sees a key. For tests and pictures only."""
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        for q0, q, k0, kv in self.blocks:
+            mask[q0 : q0 + q, k0 : k0 + kv] = _window_mask(0, q, 0, kv, kv - q, self.window, torch.device("cpu"))
+        return mask
+
+    def to_xformers(self, device: torch.device):
+        """The equivalent xformers attention bias."""
+        from xformers.ops.fmha import attn_bias as ab
+
+        q, kv = list(self.q_seqlens), list(self.kv_seqlens)
+        if self.kv_padding is None:  # sequences with nothing this step are simply not there
+            q, kv = [a for a in q if a], [b for a, b in zip(q, kv) if a]
+        if self.kv_padding is not None:
+            return ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q, self.kv_padding, kv, device=device)
+        if q == kv:  # first pre-fill: nothing cached
+            bias = ab.BlockDiagonalCausalMask.from_seqlens(q, device=device)
+            return bias.make_local_attention(self.window) if self.window else bias
+        bias = ab.BlockDiagonalMask.from_seqlens(q, kv, device=device)
+        if self.window:
+            return bias.make_local_attention_from_bottomright(self.window)
+        return bias.make_causal_from_bottomright()
+
+
+def _window_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, window: int | None, device) -> torch.Tensor:
+    """(q_hi - q_lo, k_hi - k_lo) bool: which of keys k_lo.. each of queries q_lo.. of a block sees.
+
+    Query i of the block sits at key position i + offset (offset = kv_len - q_len).
+    """
+    qpos = torch.arange(q_lo + offset, q_hi + offset, device=device)[:, None]
+    kpos = torch.arange(k_lo, k_hi, device=device)[None, :]
+    dist = qpos - kpos
+    return (dist >= 0) & (dist < window) if window is not None else dist >= 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+    """q (S, H, D), k and v (Skv, Hkv, D) -> (S, H, D): softmax(q k^T / sqrt(D)) v under `mask`.
+
+    On CUDA with xformers installed this is one memory_efficient_attention call; elsewhere it is
+    torch SDPA per block, in query tiles that only ever see their window of keys.
+    """
+    assert q.ndim == 3 and k.shape == v.shape and q.shape[1] % k.shape[1] == 0, (q.shape, k.shape, v.shape)
+    assert (q.shape[0], k.shape[0]) == mask.shape, f"q/k of {q.shape[0]}/{k.shape[0]} tokens, mask for {mask.shape}"
+    if q.is_cuda and _xformers_ops() is not None:
+        return _xformers_attention(q, k, v, mask)
+    return _sdpa_attention(q, k, v, mask)
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops
+    except ImportError:
+        return None
+    return xformers.ops
+
+
+def _xformers_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
+    S, H, D = q.shape
+    Hkv = k.shape[1]
+    # xformers takes grouped-query attention as (B, M, G, H, K): G key/value groups of H/G query heads.
+    q5 = q.reshape(1, S, Hkv, H // Hkv, D)
+    k5 = k[None, :, :, None, :].expand(1, k.shape[0], Hkv, H // Hkv, D)
+    v5 = v[None, :, :, None, :].expand(1, v.shape[0], Hkv, H // Hkv, D)
+    out = _xformers_ops().memory_efficient_attention(q5, k5, v5, attn_bias=mask.to_xformers(q.device))
+    return out.reshape(S, H, D)
+
+
+# Queries per SDPA call on the fallback path; with a window, a tile of T queries sees T + W - 1 keys,
+# so memory is O(T * (T + W)) whatever the prompt length.
+_MIN_TILE = 128
+
+
+def _sdpa_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
+    out = torch.empty_like(q)
+    W = mask.window
+    tile = max(W, _MIN_TILE) if W is not None else 1024
+    for q0, q_len, k0, kv_len in mask.blocks:
+        offset = kv_len - q_len  # keys in front of the first query
+        for a in range(0, q_len, tile):
+            b = min(a + tile, q_len)
+            k_hi = offset + b  # the last query of the tile sees up to itself
+            k_lo = max(0, offset + a - W + 1) if W is not None else 0
+            # A single query sees every key in [k_lo, k_hi): no mask needed.
+            tile_mask = None if b - a == 1 else _window_mask(a, b, k_lo, k_hi, offset, W, q.device)
+            qt = q[q0 + a : q0 + b].transpose(0, 1)  # (H, T, D)
+            kt = k[k0 + k_lo : k0 + k_hi].transpose(0, 1)  # (Hkv, Tk, D)
+            vt = v[k0 + k_lo : k0 + k_hi].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tile_mask, enable_gqa=True)
+            out[q0 + a : q0 + b] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,170 @@
+"""The rolling buffer KV cache: every sequence keeps the keys/values of its last W positions only.
+
+Position p of sequence b lives in slot p % W of row b, so the buffer never grows: after W positions
+each new one overwrites the oldest. Reading the slots back in position order is `unrotate`.
+
+Letters: B batch rows, W window (slots per row), Hkv kv heads, D head_dim, S packed new tokens.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from mistral.attention import BlockMask
+from mistral.errors import MistralError
+
+
+def unrotate(n_seen: int, window: int) -> list[int]:
+    """Slots of one row in position order, oldest first, after `n_seen` positions were written.
+
+    n_seen=6, window=4: positions 2,3,4,5 are cached, in slots 2,3,0,1  ->  [2, 3, 0, 1]
+    n_seen=3, window=4: positions 0,1,2 in slots 0,1,2                  ->  [0, 1, 2]
+    """
+    return [p % window for p in range(max(0, n_seen - window), n_seen)]
+
+
+@dataclass
+class CacheMetadata:
+    """Everything a forward pass needs to know about its step, computed once and shared by all layers."""
+
+    positions: torch.Tensor  # (S,) absolute position of every new token, for RoPE
+    mask: BlockMask  # what each new token attends to
+    # True when every sequence in the step brings exactly one token: the new key is written first and
+    # attention reads the slots in place, in rotated order (one query sees all of them anyway).
+    decode: bool
+    write_src: torch.Tensor  # (N,) which new tokens are written: the last min(q_len, W) of each sequence
+    write_dst: torch.Tensor  # (N,) flat slot index row * W + position % W for each of them
+    # decode: cache rows of the active sequences, or None when they are rows 0..n-1 and a view suffices
+    rows: torch.Tensor | None = None
+    # chunks: the packed keys are, per sequence, its unrotated cache followed by its new keys
+    kv_cached_src: torch.Tensor | None = None  # (C,) flat slots to read, in position order
+    kv_cached_dst: torch.Tensor | None = None  # (C,) where each lands in the packed keys
+    kv_new_dst: torch.Tensor | None = None  # (S,) where each new key lands; None if nothing was cached
+
+
+class RotatingBufferCache:
+    def __init__(self, n_layers: int, max_batch_size: int, sliding_window: int, n_kv_heads: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        assert sliding_window > 0 and max_batch_size > 0, (sliding_window, max_batch_size)
+        self.window = sliding_window
+        self.max_batch_size = max_batch_size
+        shape = (n_layers, max_batch_size, sliding_window, n_kv_heads, head_dim)  # (L, B, W, Hkv, D)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.seq_pos = [0] * max_batch_size  # positions seen so far, per row
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "RotatingBufferCache":
+        self.cache_k = self.cache_k.to(device=device, dtype=dtype)
+        self.cache_v = self.cache_v.to(device=device, dtype=dtype)
+        return self
+
+    def reset(self) -> None:
+        """Forget every sequence. The buffers are not cleared: no slot is read before it is written."""
+        self.seq_pos = [0] * self.max_batch_size
+
+    def get_input_metadata(self, seqlens: list[int]) -> CacheMetadata:
+        """Metadata for a step in which row b brings seqlens[b] new tokens (0: nothing this step).
+
+        Worked example, W=4, three rows that have seen seq_pos=[0, 6, 3] positions, seqlens=[5, 1, 2]:
+        row 0 starts its prompt with 5 tokens (more than W), row 1 decodes one token, row 2 adds a chunk of 2.
+
+            positions      [0 1 2 3 4 | 6 | 3 4]            absolute position of each new token
+            cached keys    row0: none; row1: positions 2..5 in slots [2, 3, 0, 1]; row2: 0..2 in [0, 1, 2]
+            kv_cached_src  [6 7 4 5 | 8 9 10]                flat slots, row * W + slot
+            packed keys    [n n n n n | c c c c n | c c c n n]   c cached, n new: kv_seqlens [5, 5, 5]
+            kv_cached_dst  [5 6 7 8 | 10 11 12]
+            kv_new_dst     [0 1 2 3 4 | 9 | 13 14]
+            mask           BlockMask(q_seqlens=(5, 1, 2), kv_seqlens=(5, 5, 5), window=4)
+            write_src      [1 2 3 4 | 5 | 6 7]               row 0 writes only its last W=4 tokens
+            write_dst      [1 2 3 0 | 6 | 11 8]              position 4 of row 0 overwrites position 0
+
+        The query at position 6 of row 1 sees positions 3..6: the cached key at position 2 is in its
+        packed keys but masked, at distance exactly W. Had every row brought one token, `decode` would be
+        set: the new keys are written first and the mask is BlockMask(kv_padding=W) over the raw slots.
+        """
+        B, W = len(seqlens), self.window
+        if B > self.max_batch_size:
+            raise MistralError(f"a batch of {B} sequences does not fit a cache built for {self.max_batch_size}; "
+                               "pass a larger max_batch_size")
+        if any(n < 0 for n in seqlens):
+            raise MistralError(f"seqlens must be >= 0, got {seqlens}")
+        device = self.cache_k.device
+
+        def tensor(xs):
+            return torch.tensor(xs, dtype=torch.long, device=device)
+
+        positions, write_src, write_dst = [], [], []
+        s = 0
+        for b, n in enumerate(seqlens):
+            p = self.seq_pos[b]
+            positions.extend(range(p, p + n))
+            kept = min(n, W)
+            write_src.extend(range(s + n - kept, s + n))
+            write_dst.extend(b * W + q % W for q in range(p + n - kept, p + n))
+            s += n
+
+        active = [b for b, n in enumerate(seqlens) if n > 0]
+        if active and all(seqlens[b] == 1 for b in active):
+            kv_seqlens = tuple(min(self.seq_pos[b] + 1, W) for b in active)
+            rows = None if active == list(range(len(active))) else tensor(active)
+            mask = BlockMask((1,) * len(active), kv_seqlens, W, kv_padding=W)
+            return CacheMetadata(tensor(positions), mask, True, tensor(write_src), tensor(write_dst), rows=rows)
+
+        cached_src, cached_dst, new_dst, kv_seqlens = [], [], [], []
+        k = 0
+        for b, n in enumerate(seqlens):
+            slots = unrotate(self.seq_pos[b], W) if n else []
+            cached_src.extend(b * W + slot for slot in slots)
+            cached_dst.extend(range(k, k + len(slots)))
+            new_dst.extend(range(k + len(slots), k + len(slots) + n))
+            kv_seqlens.append(len(slots) + n)
+            k += len(slots) + n
+        mask = BlockMask(tuple(seqlens), tuple(kv_seqlens), W)
+        meta = CacheMetadata(tensor(positions), mask, False, tensor(write_src), tensor(write_dst))
+        if cached_src:
+            meta.kv_cached_src, meta.kv_cached_dst, meta.kv_new_dst = tensor(cached_src), tensor(cached_dst), tensor(new_dst)
+        return meta
+
+    def advance(self, seqlens: list[int]) -> None:
+        """Record that row b has now seen seqlens[b] more positions."""
+        for b, n in enumerate(seqlens):
+            self.seq_pos[b] += n
+
+    def layer(self, i: int, meta: CacheMetadata) -> "CacheView":
+        return CacheView(self.cache_k[i], self.cache_v[i], meta)
+
+
+class CacheView:
+    """One layer's slice of the cache, for one step."""
+
+    def __init__(self, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: CacheMetadata):
+        assert cache_k.ndim == 4, cache_k.shape  # (B, W, Hkv, D)
+        self.cache_k, self.cache_v, self.meta = cache_k, cache_v, meta
+
+    def update(self, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's new keys/values xk, xv (S, Hkv, D) and return the keys/values the step
+        attends to, laid out as `meta.mask` describes."""
+        meta = self.meta
+        B, W, Hkv, D = self.cache_k.shape
+        flat_k, flat_v = self.cache_k.view(B * W, Hkv, D), self.cache_v.view(B * W, Hkv, D)
+        if meta.decode:
+            flat_k.index_copy_(0, meta.write_dst, xk)
+            flat_v.index_copy_(0, meta.write_dst, xv)
+            n = len(meta.mask.q_seqlens)
+            if meta.rows is None:
+                return flat_k[: n * W], flat_v[: n * W]  # (n * W, Hkv, D), a view
+            return self.cache_k[meta.rows].view(n * W, Hkv, D), self.cache_v[meta.rows].view(n * W, Hkv, D)
+
+        if meta.kv_cached_src is None:  # nothing cached yet: the keys are exactly the new ones
+            keys, values = xk, xv
+        else:
+            n_kv = meta.mask.shape[1]
+            keys = xk.new_empty(n_kv, Hkv, D)
+            values = xv.new_empty(n_kv, Hkv, D)
+            keys[meta.kv_cached_dst] = flat_k[meta.kv_cached_src]
+            values[meta.kv_cached_dst] = flat_v[meta.kv_cached_src]
+            keys[meta.kv_new_dst] = xk
+            values[meta.kv_new_dst] = xv
+        # Written after reading: a chunk's early queries may still need the slots it overwrites.
+        flat_k.index_copy_(0, meta.write_dst, xk[meta.write_src])
+        flat_v.index_copy_(0, meta.write_dst, xv[meta.write_src])
+        return keys, values

@@ -1,0 +1,131 @@
+"""The generation loop: chunked pre-fill of packed prompts, then decoding, one forward per step."""
+from collections.abc import Callable
+
+import torch
+
+from mistral.cache import RotatingBufferCache
+from mistral.errors import MistralError
+from mistral.model import Transformer
+from mistral.tokenizer import Tokenizer
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs (N, V) -> (N,): sample from the smallest set of tokens whose probability reaches p."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs = sorted_probs.masked_fill(before >= p, 0.0)  # the top token always survives
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1), renormalises itself
+    return torch.gather(order, -1, choice).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (N, V) -> (N,) next tokens: greedy at temperature 0, else temperature with top-k then top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return sample_top_p(torch.softmax(logits.float(), dim=-1), top_p, generator)
+
+
+def check_sampling(max_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise MistralError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+    if temperature < 0:
+        raise MistralError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise MistralError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise MistralError(f"top_k must be a whole number >= 0 (0 turns it off), got {top_k!r}")
+
+
+@torch.inference_mode()
+def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """Complete token prompts; returns (generated ids, logprobs) per prompt.
+
+    logprobs[b] scores every prompt token after the first, then every generated token. Each step
+    feeds every unfinished row either its next prompt chunk (at most chunk_size tokens) or its last
+    sampled token, so a row that ends pre-fill early starts decoding while the others still pre-fill.
+    A row that samples eos_id stops there (the EOS is its last token) and takes no further compute.
+    on_token(row, token) is called for every generated token as soon as it is sampled.
+    """
+    check_sampling(max_tokens, temperature, top_p, top_k)
+    if not prompts:
+        return [], []
+    if any(len(p) == 0 for p in prompts):
+        raise MistralError("empty prompt: every prompt needs at least one token")
+    if len(prompts) > model.max_batch_size:
+        raise MistralError(f"{len(prompts)} prompts but the model was loaded with max_batch_size="
+                           f"{model.max_batch_size}; pass a larger max_batch_size")
+    if chunk_size is not None and chunk_size <= 0:
+        raise MistralError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+
+    B, args = len(prompts), model.args
+    # Without a sliding window the "window" is the longest sequence: the buffer then never wraps.
+    window = args.sliding_window or max(len(p) for p in prompts) + max_tokens
+    cache = RotatingBufferCache(model.n_local_layers, B, window, args.n_kv_heads, args.head_dim,
+                                device=model.device, dtype=model.dtype)
+    fed = [0] * B  # prompt tokens fed so far, per row
+    generated: list[list[int]] = [[] for _ in range(B)]
+    logprobs: list[list[float]] = [[] for _ in range(B)]
+    finished = [max_tokens == 0] * B
+
+    while True:
+        inputs, seqlens = [], []
+        # Each packed token's logits predict one known token (the next prompt token) or a new sample
+        # (-1); the last token of a prompt when max_tokens == 0 predicts nothing and is not scored.
+        scored, owners, targets = [], [], []
+        for b, prompt in enumerate(prompts):
+            if fed[b] < len(prompt):
+                chunk = prompt[fed[b] : fed[b] + (chunk_size or len(prompt))]
+                nexts = prompt[fed[b] + 1 : fed[b] + len(chunk) + 1]
+                if fed[b] + len(chunk) == len(prompt) and not finished[b]:
+                    nexts = nexts + [-1]
+                fed[b] += len(chunk)
+            elif not finished[b]:
+                chunk, nexts = generated[b][-1:], [-1]
+            else:
+                chunk, nexts = [], []
+            scored.extend(range(len(inputs), len(inputs) + len(nexts)))
+            owners.extend([b] * len(nexts))
+            targets.extend(nexts)
+            inputs.extend(chunk)
+            seqlens.append(len(chunk))
+        if not inputs:
+            break
+
+        logits = model(torch.tensor(inputs, device=model.device), seqlens, cache)  # (S, V)
+        if len(scored) < len(inputs):
+            logits = logits[torch.tensor(scored, device=logits.device)]  # (N, V)
+        targets = torch.tensor(targets, device=logits.device)  # (N,)
+        to_sample = targets < 0
+        if to_sample.any():
+            targets[to_sample] = sample(logits[to_sample], temperature, top_p, top_k, generator)
+        lps = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+
+        for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample.tolist()):
+            logprobs[b].append(lp)
+            if new:
+                generated[b].append(tok)
+                if on_token is not None:
+                    on_token(b, tok)
+                finished[b] = tok == eos_id or len(generated[b]) == max_tokens
+    return generated, logprobs
+
+
+def generate(prompts: list[str], model: Transformer, tokenizer: Tokenizer, *, max_tokens: int,
+             temperature: float = 0.0, top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None,
+             eos_id: int | None = None, generator: torch.Generator | None = None) -> tuple[list[str], list[list[float]]]:
+    """Complete text prompts. Returns (texts, logprobs): texts[i] is prompt plus completion, decoded
+    together; logprobs[i] scores every prompt token after the first, then every generated token."""
+    if any(not p for p in prompts):
+        raise MistralError("empty prompt: every prompt needs some text")
+    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    generated, logprobs = generate_ids(encoded, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                       top_k=top_k, chunk_size=chunk_size, eos_id=eos_id, generator=generator)
+    return [tokenizer.decode(p + g) for p, g in zip(encoded, generated)], logprobs

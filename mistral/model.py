@@ -1,0 +1,185 @@
+"""The Mistral / Mixtral decoder. Module attributes are the native checkpoint's state-dict keys.
+
+Letters: S packed tokens, H heads, Hkv kv heads, D head_dim, V vocab.
+"""
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mistral.args import ModelArgs, MoeArgs  # noqa: F401  (re-exported: mistral.model.ModelArgs)
+from mistral.attention import BlockMask, attention
+from mistral.cache import CacheView, RotatingBufferCache
+from mistral.errors import MistralError
+from mistral.moe import MoeLayer
+from mistral.rope import apply_rotary_emb, precompute_freqs_cis
+
+log = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # normalise in fp32 whatever the model dtype
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
+        S = x.shape[0]
+        xq = self.wq(x).view(S, self.n_heads, self.head_dim)  # (S, H, D)
+        xk = self.wk(x).view(S, self.n_kv_heads, self.head_dim)  # (S, Hkv, D)
+        xv = self.wv(x).view(S, self.n_kv_heads, self.head_dim)  # (S, Hkv, D)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        keys, values = (xk, xv) if cache is None else cache.update(xk, xv)  # (Skv, Hkv, D)
+        out = attention(xq, keys, values, mask)  # (S, H, D)
+        return self.wo(out.view(S, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        if args.moe is None:
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        else:
+            experts = [FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts)]
+            gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+            self.feed_forward = MoeLayer(experts, gate, args.moe.num_experts_per_tok)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:
+    """The layers rank `rank` builds: ceil(n_layers / num_ranks) each, the last rank taking the rest.
+
+    n_layers=5, num_ranks=2: rank 0 -> 0,1,2; rank 1 -> 3,4
+    n_layers=5, num_ranks=3: rank 0 -> 0,1;   rank 1 -> 2,3;  rank 2 -> 4
+    """
+    per_rank = -(-n_layers // num_ranks)
+    return range(min(rank * per_rank, n_layers), min((rank + 1) * per_rank, n_layers))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, pipeline_rank: int = 0, num_pipeline_ranks: int = 1, max_batch_size: int = 1):
+        super().__init__()
+        if not 1 <= num_pipeline_ranks <= args.n_layers:
+            raise MistralError(f"num_pipeline_ranks must be between 1 and n_layers ({args.n_layers}), got {num_pipeline_ranks}")
+        self.args = args
+        self.max_batch_size = max_batch_size
+        self.pipeline_rank, self.num_pipeline_ranks = pipeline_rank, num_pipeline_ranks
+        self.layer_ids = pipeline_layers(args.n_layers, num_pipeline_ranks, pipeline_rank)
+        self.is_first, self.is_last = pipeline_rank == 0, pipeline_rank == num_pipeline_ranks - 1
+        # Only the ranks that use them build the embeddings and the head; keys keep their global layer index.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if self.is_first else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in self.layer_ids})
+        self.norm = RMSNorm(args.dim, args.norm_eps) if self.is_last else None
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if self.is_last else None
+
+    @property
+    def n_local_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None = None) -> torch.Tensor:
+        """input_ids (S,): the sequences of the batch packed back to back, seqlens[b] tokens each.
+
+        Without a cache, every sequence starts at position 0. With one, row b of the cache continues
+        sequence b, and seqlens[b] may be 0. Returns (S, V) fp32 logits on every pipeline rank.
+        """
+        seqlens = [int(n) for n in seqlens]
+        if input_ids.ndim != 1 or input_ids.shape[0] != sum(seqlens):
+            raise MistralError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
+        if cache is None:
+            if any(n <= 0 for n in seqlens):
+                raise MistralError(f"without a cache every sequence needs at least one token, got seqlens {seqlens}")
+            positions = torch.cat([torch.arange(n) for n in seqlens]).to(self.device)
+            mask, meta = BlockMask(tuple(seqlens), tuple(seqlens), self.args.sliding_window), None
+        else:
+            meta = cache.get_input_metadata(seqlens)
+            positions, mask = meta.positions, meta.mask
+        freqs_cis = precompute_freqs_cis(self.args.head_dim, positions, self.args.rope_theta)  # (S, D/2)
+
+        S = input_ids.shape[0]
+        if self.is_first:
+            h = self.tok_embeddings(input_ids)  # (S, dim)
+        else:
+            h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
+            dist.recv(h, src=self.pipeline_rank - 1)
+        for local_i, layer in enumerate(self.layers.values()):
+            h = layer(h, freqs_cis, mask, None if cache is None else cache.layer(local_i, meta))
+        if cache is not None:
+            cache.advance(seqlens)
+
+        if self.num_pipeline_ranks == 1:
+            return self.output(self.norm(h)).float()
+        if not self.is_last:
+            dist.send(h, dst=self.pipeline_rank + 1)
+            logits = torch.empty(S, self.args.vocab_size, device=self.device, dtype=torch.float32)
+        else:
+            logits = self.output(self.norm(h)).float()
+        dist.broadcast(logits, src=self.num_pipeline_ranks - 1)
+        return logits
+
+    @staticmethod
+    def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Transformer":
+        """Load a model folder: params.json with consolidated.safetensors or consolidated.00.pth.
+
+        device defaults to cuda when available, else cpu; dtype to bf16 on cuda and fp32 on cpu. The
+        model is built on the meta device, so weights are read once, straight into their final tensors.
+        Under pipeline parallelism, each rank builds and reads only its own layers.
+        """
+        from mistral import checkpoint
+
+        device = checkpoint.resolve_device(device)
+        dtype = checkpoint.resolve_dtype(dtype, device)
+        folder = Path(folder)
+        args = checkpoint.read_args(folder)
+        rank = 0
+        if num_pipeline_ranks > 1:
+            rank = checkpoint.pipeline_rank(num_pipeline_ranks)
+            if device.type == "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
+        with torch.device("meta"):
+            model = Transformer(args, rank, num_pipeline_ranks, max_batch_size)
+        state = checkpoint.load_weights(folder, args, model.state_dict(), device, dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+        return model.eval()

@@ -1,0 +1,21 @@
+"""Rotary position embeddings in the interleaved-pair (complex) form of the native checkpoints.
+
+Channels (2m, 2m+1) of each head form one complex number that is rotated by angle pos * theta^(-2m/D).
+"""
+import torch
+
+
+def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """positions (S,) int -> (S, D/2) complex64 unit rotations, computed in fp32 whatever the model dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(positions.to(torch.float32), inv_freq)  # (S, D/2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xq (S, H, D), xk (S, Hkv, D), freqs_cis (S, D/2) -> rotated xq, xk in their own dtype."""
+    def rotate(x):
+        x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (S, heads, D/2)
+        return torch.view_as_real(x_ * freqs_cis[:, None, :]).flatten(-2).type_as(x)  # (S, heads, D)
+
+    return rotate(xq), rotate(xk)

@@ -1,0 +1,47 @@
+"""Tiny random models for the tests."""
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mistral.model import ModelArgs, Transformer
+
+TINY = dict(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+            vocab_size=64, sliding_window=5, rope_theta=1e4)
+
+
+def tiny_params(**overrides) -> dict:
+    return {**TINY, **overrides}
+
+
+def random_model(params: dict, seed: int = 0, max_batch_size: int = 4) -> Transformer:
+    """A model with random weights of a useful scale: logits differ clearly between tokens."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_dict(dict(params)), max_batch_size=max_batch_size)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.endswith("norm.weight"):
+                t.copy_(1 + 0.1 * torch.randn_like(t))
+            elif name == "tok_embeddings.weight":
+                t.normal_()
+            else:
+                t.normal_(std=t.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def params_json(args: ModelArgs) -> dict:
+    d = dataclasses.asdict(args)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def save_folder(model: Transformer, folder: Path, fmt: str = "safetensors") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params_json(model.args)))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        save_file(state, str(folder / "consolidated.safetensors"))
+    else:
+        torch.save(state, folder / "consolidated.00.pth")
+    return folder
