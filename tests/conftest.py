@@ -1,0 +1,34 @@
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, tests/oracle.py
+torch.set_num_threads(2)
+
+import io  # noqa: E402
+
+import pytest  # noqa: E402
+
+TEXT = """To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die, to sleep,
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to."""
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A 96-piece sentencepiece model (BOS 1, EOS 2) trained on a few lines of verse."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf,
+                                   vocab_size=96, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return path

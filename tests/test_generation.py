@@ -1,0 +1,148 @@
+"""generate(): what it returns must be what the model says when the whole text is scored in one pass."""
+import pytest
+import torch
+from helpers import random_model, tiny_params
+
+from mistral.errors import MistralError
+from mistral.generate import generate, generate_ids, sample, sample_top_p
+from mistral.tokenizer import Tokenizer
+
+W = 5
+PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
+
+
+def rescore(model, prompts, generated):
+    """Log-probabilities of every token after the first, from one cache-free pass over each full text."""
+    out = []
+    for p, g in zip(prompts, generated):
+        seq = p + g
+        with torch.no_grad():
+            logits = model(torch.tensor(seq), [len(seq)])
+        out.append(torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1))
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 1, W - 1, W, W + 1, 3 * W])
+def test_greedy_output_rescored_in_one_pass(chunk_size, moe):
+    model = random_model(tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2} if moe else None))
+    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=3 * W, chunk_size=chunk_size)
+    for p, g, lp, want in zip(PROMPTS, generated, logprobs, rescore(model, PROMPTS, generated)):
+        assert len(g) == 3 * W and len(lp) == len(p) - 1 + len(g)
+        torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)
+    # Greedy: each generated token is the argmax of what the one-pass model predicts there.
+    for p, g in zip(PROMPTS, generated):
+        with torch.no_grad():
+            logits = model(torch.tensor(p + g), [len(p) + len(g)])
+        assert logits[len(p) - 1 : -1].argmax(-1).tolist() == g
+
+
+def test_chunking_does_not_change_the_output():
+    model = random_model(tiny_params())
+    outs = [generate_ids(PROMPTS, model, max_tokens=12, chunk_size=c)[0] for c in (None, 1, 2, 7)]
+    assert all(o == outs[0] for o in outs)
+
+
+class CountingModel:
+    """Wraps a model and records the seqlens of every forward."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, ids, seqlens, cache):
+        self.calls.append(list(seqlens))
+        return self.model(ids, seqlens, cache)
+
+
+def test_eos_stops_its_row_and_leaves_the_others_running():
+    model = random_model(tiny_params())
+    free, _ = generate_ids(PROMPTS, model, max_tokens=10)
+    # The EOS: a token that row 0 emits (not first, for the first time) and the other rows never do.
+    k = next(k for k in range(1, 9) if free[0][k] not in free[0][:k] + free[1] + free[2])
+    counting = CountingModel(model)
+    generated, logprobs = generate_ids(PROMPTS, counting, max_tokens=10, eos_id=free[0][k])
+    assert generated[0] == free[0][: k + 1]  # up to and including the EOS
+    assert generated[1:] == free[1:]
+    assert len(logprobs[0]) == len(PROMPTS[0]) - 1 + k + 1
+    # Once row 0 has emitted EOS, it brings nothing to any later forward.
+    assert [c[0] for c in counting.calls] == [len(PROMPTS[0])] + [1] * k + [0] * (9 - k)
+
+
+def test_max_tokens_zero_scores_the_prompt_only():
+    model = random_model(tiny_params())
+    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=0, chunk_size=4)
+    assert generated == [[], [], []]
+    for lp, want in zip(logprobs, rescore(model, PROMPTS, generated)):
+        torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)
+
+
+def test_model_without_sliding_window():
+    model = random_model(tiny_params(sliding_window=None, rope_theta=None))
+    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=8, chunk_size=3)
+    for lp, want in zip(logprobs, rescore(model, PROMPTS, generated)):
+        torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)
+
+
+def test_seeded_sampling_repeats_and_greedy_limits():
+    model = random_model(tiny_params())
+
+    def run(seed, **kw):
+        return generate_ids(PROMPTS, model, max_tokens=10, generator=torch.Generator().manual_seed(seed), **kw)[0]
+
+    assert run(0, temperature=1.0) == run(0, temperature=1.0)
+    assert run(0, temperature=1.0) != run(1, temperature=1.0)
+    greedy = generate_ids(PROMPTS, model, max_tokens=10)[0]
+    assert run(0, temperature=1.0, top_k=1) == greedy
+    assert run(0, temperature=1.0, top_p=1e-6) == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = {sample_top_p(probs, 0.8, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    seen = {sample_top_p(probs, 0.81, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {0, 1, 2}
+
+
+def test_top_k_masks_all_but_k():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    seen = {sample(logits, 5.0, top_p=1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {1, 3}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_tokens=-1), "max_tokens"),
+    (dict(max_tokens=3, temperature=-0.5), "temperature"),
+    (dict(max_tokens=3, top_p=0.0), "top_p"),
+    (dict(max_tokens=3, top_p=1.5), "top_p"),
+    (dict(max_tokens=3, top_k=-2), "top_k"),
+    (dict(max_tokens=3, chunk_size=0), "chunk_size"),
+])
+def test_bad_sampling_arguments(kwargs, match):
+    with pytest.raises(MistralError, match=match):
+        generate_ids(PROMPTS, random_model(tiny_params()), **kwargs)
+
+
+def test_bad_batches():
+    model = random_model(tiny_params(), max_batch_size=2)
+    with pytest.raises(MistralError, match="max_batch_size=2"):
+        generate_ids(PROMPTS, model, max_tokens=2)
+    with pytest.raises(MistralError, match="empty prompt"):
+        generate_ids([[1, 2], []], model, max_tokens=2)
+
+
+def test_generate_text(tokenizer_file):
+    tok = Tokenizer(tokenizer_file)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    model = random_model(tiny_params(vocab_size=tok.n_words))
+    prompts = ["To be, or not to be", "The slings and arrows"]
+    texts, logprobs = generate(prompts, model, tok, max_tokens=6, chunk_size=2)
+    ids, lps = generate_ids([tok.encode(p) for p in prompts], model, max_tokens=6)
+    assert texts == [tok.decode(tok.encode(p) + g) for p, g in zip(prompts, ids)]
+    assert all(t.startswith(p) for t, p in zip(texts, prompts))
+    torch.testing.assert_close(torch.tensor(sum(logprobs, [])), torch.tensor(sum(lps, [])), rtol=0, atol=1e-5)
+    with pytest.raises(MistralError, match="empty prompt"):
+        generate(["ok", ""], model, tok, max_tokens=2)
