@@ -1,18 +1,46 @@
-"""Reading model folders: config, devices and dtypes, and weights, with errors a person can act on."""
+"""Reading and writing model folders, with errors a person can act on.
+
+Two layouts load without a conversion step:
+
+    native   params.json + consolidated.safetensors | consolidated-0000i-of-0000N.safetensors | consolidated.00.pth
+    hf       config.json (model_type mistral or mixtral) + model.safetensors | model-0000i-of-0000N.safetensors
+
+Everything that knows Hugging Face names lives in this file: the model only ever sees native keys.
+Either way, tokenizer.model in the same folder is the tokenizer.
+
+Weights are read with ordinary file reads straight into the tensors the model keeps (safetensors and
+torch-zip files both store each tensor as one contiguous run of little-endian bytes). Reading through an
+mmap would leave the file's pages resident too, so peak memory would approach twice the weights.
+"""
+import ctypes
 import json
 import logging
+import math
+import re
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from mistral.args import ModelArgs
+from mistral.args import ModelArgs, MoeArgs
 from mistral.errors import MistralError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+# Reads go through a buffer of this size when the stored dtype differs from the target, so converting
+# costs 8 MiB, not a second copy of the largest tensor.
+_CHUNK_BYTES = 8 << 20
+# Below this many bytes a load is quick enough that a progress bar is noise.
+_PROGRESS_MIN_BYTES = 1 << 30
+
+_NATIVE_PATTERNS = ("consolidated.safetensors", "consolidated-*-of-*.safetensors", "consolidated.00.pth")
+_HF_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors")
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -47,19 +75,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def read_args(folder: Path) -> ModelArgs:
-    if not folder.is_dir():
-        raise MistralError(f"model folder {str(folder)!r} does not exist")
-    path = folder / "params.json"
-    if not path.is_file():
-        raise MistralError(f"{folder} has no params.json; a model folder holds params.json, the weights and tokenizer.model")
-    try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MistralError(f"{path} is not valid JSON ({e}); restore it from the original download") from None
-    return ModelArgs.from_dict(params, str(path))
-
-
 def pipeline_rank(num_pipeline_ranks: int) -> int:
     """This process's rank, after checking that the process group has exactly num_pipeline_ranks ranks."""
     if not dist.is_initialized():
@@ -71,73 +86,467 @@ def pipeline_rank(num_pipeline_ranks: int) -> int:
     return dist.get_rank()
 
 
-def weight_files(folder: Path) -> list[Path]:
-    for pattern in ("consolidated.safetensors", "consolidated-*-of-*.safetensors", "consolidated.00.pth"):
+# ---------------------------------------------------------------------------------------------------------
+# Which layout a folder holds, and its config
+
+def layout(folder: Path) -> str:
+    """"native" or "hf". params.json wins when its weights are there too: some downloads carry both layouts."""
+    if not folder.is_dir():
+        raise MistralError(f"model folder {str(folder)!r} does not exist")
+    has_params, has_config = (folder / "params.json").is_file(), (folder / "config.json").is_file()
+    if has_params and (not has_config or any(any(folder.glob(p)) for p in _NATIVE_PATTERNS)):
+        return "native"
+    if has_config:
+        return "hf"
+    raise MistralError(f"{folder} has no params.json or config.json; a model folder holds one of them, "
+                       "the weights and tokenizer.model")
+
+
+def read_args(folder: Path) -> ModelArgs:
+    """The model a folder describes, from params.json or, for a Hugging Face folder, config.json."""
+    folder = Path(folder)
+    kind = layout(folder)
+    path = folder / ("params.json" if kind == "native" else "config.json")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MistralError(f"{path} is not valid JSON ({e}); restore it from the original download") from None
+    if kind == "native":
+        return ModelArgs.from_dict(params, str(path))
+    return args_from_hf_config(params, str(path))
+
+
+# Values transformers assumes for keys a config.json leaves out (its MistralConfig / MixtralConfig defaults);
+# using the same ones keeps our logits equal to HF's on such files.
+_HF_DEFAULTS = {
+    "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "sliding_window": 4096},
+    "mixtral": {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+                "num_local_experts": 8, "num_experts_per_tok": 2},
+}
+
+
+def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
+    """ModelArgs from a transformers config.json, interpreting absent and null keys as transformers does."""
+    if not isinstance(config, dict):
+        raise MistralError(f"{source} must be a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type not in _HF_DEFAULTS:
+        raise MistralError(f"{source} has model_type {model_type!r}; this library reads 'mistral' and 'mixtral'")
+    defaults = _HF_DEFAULTS[model_type]
+
+    def positive_int(key: str, default: int | None = None) -> int:
+        value = config.get(key)
+        value = default if value is None else value  # transformers treats absent and null alike
+        if value is None:
+            raise MistralError(f"{source} is missing {key!r}, which a {model_type} config needs")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise MistralError(f"{source}: {key!r} must be a positive integer, got {value!r}")
+        return value
+
+    dim, n_heads = positive_int("hidden_size"), positive_int("num_attention_heads")
+    # Without them transformers uses one kv head per query head, and dim // heads channels per head.
+    n_kv_heads = positive_int("num_key_value_heads", n_heads)
+    head_dim = positive_int("head_dim", dim // n_heads)
+    if n_heads % n_kv_heads:
+        raise MistralError(f"{source}: num_attention_heads ({n_heads}) must be a multiple of "
+                           f"num_key_value_heads ({n_kv_heads})")
+    if config.get("hidden_act", "silu") != "silu":
+        raise MistralError(f"{source}: hidden_act is {config['hidden_act']!r}; this library implements 'silu' only")
+    if config.get("tie_word_embeddings"):
+        raise MistralError(f"{source} ties lm_head to embed_tokens (tie_word_embeddings), "
+                           "which Mistral models never do and this library does not implement")
+    # transformers 5 nests RoPE settings in rope_parameters, 4.x wrote rope_theta and rope_scaling at the top.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default" or rope.get("partial_rotary_factor", 1) != 1:
+        raise MistralError(f"{source} asks for RoPE scaling ({rope}), which this library does not implement")
+    rope_theta = rope.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))
+    sliding_window = config.get("sliding_window", defaults["sliding_window"])
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
+        raise MistralError(f"{source}: 'sliding_window' must be a positive integer or null, got {sliding_window!r}")
+    moe = None
+    if model_type == "mixtral":
+        moe = MoeArgs(num_experts=positive_int("num_local_experts", defaults["num_local_experts"]),
+                      num_experts_per_tok=positive_int("num_experts_per_tok", defaults["num_experts_per_tok"]))
+        if moe.num_experts_per_tok > moe.num_experts:
+            raise MistralError(f"{source}: num_experts_per_tok ({moe.num_experts_per_tok}) must not exceed "
+                               f"num_local_experts ({moe.num_experts})")
+    return ModelArgs(dim=dim, n_layers=positive_int("num_hidden_layers"), head_dim=head_dim,
+                     hidden_dim=positive_int("intermediate_size"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     norm_eps=float(config.get("rms_norm_eps", defaults["rms_norm_eps"])),
+                     vocab_size=positive_int("vocab_size"), sliding_window=sliding_window,
+                     rope_theta=float(rope_theta), moe=moe)
+
+
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """The config.json transformers' MistralForCausalLM / MixtralForCausalLM needs for this model."""
+    model_type = "mistral" if args.moe is None else "mixtral"
+    config = {
+        "architectures": ["MistralForCausalLM" if args.moe is None else "MixtralForCausalLM"],
+        "model_type": model_type,
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps,
+        "vocab_size": args.vocab_size,
+        "sliding_window": args.sliding_window,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        # rope_theta for transformers 4.x, rope_parameters for 5.x: each version reads its own and ignores the other.
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if args.moe is not None:
+        config["num_local_experts"] = args.moe.num_experts
+        config["num_experts_per_tok"] = args.moe.num_experts_per_tok
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where each tensor is in the files
+
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor as a file holds it: shape and dtype, and where its contiguous bytes start."""
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def weight_files(folder: Path, kind: str = "native") -> list[Path]:
+    """The weight files of a folder of layout `kind`, after checking that no shard is missing."""
+    patterns = _NATIVE_PATTERNS if kind == "native" else _HF_PATTERNS
+    for pattern in patterns:
         files = sorted(folder.glob(pattern))
-        if files:
-            if pattern.endswith(".pth") and (folder / "consolidated.01.pth").exists():
-                raise MistralError(f"{folder} holds tensor-parallel shards consolidated.0N.pth, which this library "
-                                   "does not merge; use the single-file or safetensors download")
-            return files
-    raise MistralError(f"{folder} has no weights: expected consolidated.safetensors, "
-                       "consolidated-0000i-of-0000N.safetensors or consolidated.00.pth")
+        if not files:
+            continue
+        if pattern.endswith(".pth") and (folder / "consolidated.01.pth").exists():
+            raise MistralError(f"{folder} holds tensor-parallel shards consolidated.0N.pth, which this library "
+                               "does not merge; use the single-file or safetensors download")
+        if "-of-" in pattern:
+            _check_shards(folder, files)
+        return files
+    expected = ("consolidated.safetensors, consolidated-0000i-of-0000N.safetensors or consolidated.00.pth"
+                if kind == "native" else "model.safetensors or model-0000i-of-0000N.safetensors")
+    raise MistralError(f"{folder} has no weights: expected {expected}")
 
 
-class _Reader:
-    """Name -> tensor access over the weight files of a folder, reading a tensor only when asked."""
-
-    def __init__(self, files: list[Path]):
-        self.where: dict[str, object] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for path in files:
-            if path.suffix == ".pth":
-                try:
-                    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                except Exception as e:
-                    raise MistralError(f"cannot read {path}: {e}") from None
-                for name, t in state.items():
-                    self.where[name], self.shapes[name] = (path, state), tuple(t.shape)
-            else:
-                from safetensors import SafetensorError, safe_open
-                try:
-                    handle = safe_open(path, framework="pt", device="cpu")
-                except (SafetensorError, OSError) as e:
-                    raise MistralError(f"cannot read {path}: {e}") from None
-                for name in handle.keys():
-                    self.where[name], self.shapes[name] = (path, handle), tuple(handle.get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        _, source = self.where[name]
-        return source[name] if isinstance(source, dict) else source.get_tensor(name)
-
-    def file(self, name: str) -> str:
-        return self.where[name][0].name
+def _check_shards(folder: Path, files: list[Path]) -> None:
+    """Shards are named prefix-0000i-of-0000N.safetensors: all N must be there, from one set."""
+    numbered = [re.fullmatch(r"(.*)-(\d+)-of-(\d+)\.safetensors", f.name) for f in files]
+    counts = {int(m[3]) for m in numbered if m}
+    if len(counts) != 1:
+        raise MistralError(f"{folder} mixes shards of different sets ({', '.join(f.name for f in files)}); "
+                           "keep one download")
+    n = counts.pop()
+    have = {int(m[2]) for m in numbered}
+    missing = [i for i in range(1, n + 1) if i not in have]
+    if missing:
+        width = len(numbered[0][2])
+        name = f"{numbered[0][1]}-{missing[0]:0{width}d}-of-{numbered[0][3]}.safetensors"
+        raise MistralError(f"{folder} lacks shard {name} ({len(missing)} of {n} missing); finish the download")
 
 
-def check_keys(reader: _Reader, expected: dict[str, tuple[int, ...]], folder: Path) -> None:
-    """The checkpoint must hold exactly the tensors of the model params.json describes, shape for shape."""
-    missing = [k for k in expected if k not in reader.shapes]
+def _index_safetensors(path: Path) -> dict[str, _Stored]:
+    """Parse the header: 8 bytes little-endian length, then JSON {name: {dtype, shape, data_offsets}}."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        stored = {}
+        for name, info in header.items():
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise MistralError(f"{name!r} in {path.name} is stored as {info['dtype']}; this library reads "
+                                   "F32, F16 and BF16 weights only")
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+            if end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+                raise ValueError(f"{name!r} spans bytes {start}..{end}, which do not hold shape {list(shape)} "
+                                 f"in a {size}-byte file")
+            stored[name] = _Stored(path, 8 + n + start, dtype, shape)
+        return stored
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise MistralError(f"cannot read {path}: not a complete safetensors file ({e}); download it again") from None
+
+
+def _index_pth(path: Path) -> dict[str, _Stored]:
+    # map_location="meta" unpickles the layout (weights_only: no arbitrary code) without reading any tensor
+    # data, and records where each storage starts inside the zip file, which stores it uncompressed.
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as e:
+        raise MistralError(f"cannot read {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise MistralError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    stored = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or not t.is_contiguous():
+            raise MistralError(f"{name!r} in {path.name} is not a contiguous tensor; re-save the state dict")
+        base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        if base is None:
+            raise MistralError(f"torch {torch.__version__} cannot locate tensors inside {path.name} without reading "
+                               "it whole; upgrade torch or use the safetensors weights")
+        stored[name] = _Stored(path, base + t.storage_offset() * t.element_size(), t.dtype, tuple(t.shape))
+    return stored
+
+
+def _index(files: list[Path]) -> dict[str, _Stored]:
+    stored: dict[str, _Stored] = {}
+    for path in files:
+        for name, where in (_index_pth(path) if path.suffix == ".pth" else _index_safetensors(path)).items():
+            if name in stored:
+                raise MistralError(f"{name!r} is in both {stored[name].path.name} and {path.name}; keep one download")
+            stored[name] = where
+    return stored
+
+
+# Native key -> HF key, {} standing for the layer index and then the expert index. HF Mixtral files from
+# transformers 4.x (and what 5.x writes to disk) keep one tensor per expert under block_sparse_moe.
+_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.feed_forward.gate.weight": "model.layers.{}.block_sparse_moe.gate.weight",
+    "layers.{}.feed_forward.experts.{}.w1.weight": "model.layers.{}.block_sparse_moe.experts.{}.w1.weight",
+    "layers.{}.feed_forward.experts.{}.w2.weight": "model.layers.{}.block_sparse_moe.experts.{}.w2.weight",
+    "layers.{}.feed_forward.experts.{}.w3.weight": "model.layers.{}.block_sparse_moe.experts.{}.w3.weight",
+}
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+_FUSED_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def hf_name(name: str) -> str:
+    """The HF key of native key `name`: hf_name("layers.3.attention.wk.weight") == "model.layers.3.self_attn.k_proj.weight"."""
+    return _TO_HF[_INDEX.sub("{}", name)].format(*_INDEX.findall(name))
+
+
+def rope_heads(name: str, args: ModelArgs) -> int:
+    """Heads whose rows HF reorders for its RoPE: n_heads in wq, n_kv_heads in wk, none elsewhere."""
+    return args.n_heads if name.endswith("wq.weight") else args.n_kv_heads if name.endswith("wk.weight") else 0
+
+
+def to_hf_rope_order(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of wq/wk from our interleaved-pair RoPE order to HF's rotate_half order.
+
+    We rotate channels (2m, 2m+1) of a head together; HF rotates (m, m + D/2). Moving channel 2m + j to
+    j * D/2 + m turns one into the other, and q.k is unchanged because q and k move alike. D=4:
+    ours [a0 b0 a1 b1] -> HF [a0 a1 b0 b1].
+    """
+    rows, cols = w.shape
+    D = rows // heads
+    return w.view(heads, D // 2, 2, cols).transpose(1, 2).reshape(rows, cols)  # (H, 2, D/2, cols) flattened
+
+
+def from_hf_rope_order(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of to_hf_rope_order: HF [a0 a1 b0 b1] -> ours [a0 b0 a1 b1] in each head."""
+    rows, cols = w.shape
+    D = rows // heads
+    return w.view(heads, 2, D // 2, cols).transpose(1, 2).reshape(rows, cols)  # (H, D/2, 2, cols) flattened
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a native tensor's bytes are: a contiguous run in one file, rows in HF RoPE order if rope_heads."""
+
+    key: str  # the name in the file, for messages
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    rope_heads: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _locate(name: str, shape: tuple[int, ...], args: ModelArgs, kind: str, fused: bool):
+    """(file key, that tensor's full shape, element offset of `name` inside it) for native tensor `name`.
+
+    Newer transformers keep each layer's experts fused: gate_up_proj (E, 2I, D) is, per expert, its w1 rows
+    then its w3 rows; down_proj (E, D, I) is every expert's w2. Each native expert tensor is then one
+    contiguous block of the fused one. E=2: gate_up_proj rows [w1_0 | w3_0 | w1_1 | w3_1], w3 of expert 1
+    starts at element (2 * 1 + 1) * I * D.
+    """
+    if kind == "native":
+        return name, shape, 0
+    expert = _FUSED_EXPERT.fullmatch(name) if fused else None
+    if expert:
+        layer, e, w = expert[1], int(expert[2]), expert[3]
+        E, I, D = args.moe.num_experts, args.hidden_dim, args.dim
+        if w == "w2":
+            return f"model.layers.{layer}.mlp.experts.down_proj", (E, D, I), e * D * I
+        return f"model.layers.{layer}.mlp.experts.gate_up_proj", (E, 2 * I, D), (2 * e + (w == "w3")) * I * D
+    key = hf_name(name)
+    return (key.replace(".block_sparse_moe.gate.", ".mlp.gate.") if fused else key), shape, 0
+
+
+def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
+    """Native key -> its bytes, for the whole model, after checking the files hold exactly that model."""
+    from mistral.model import Transformer
+
+    kind = layout(folder)
+    config_name = "params.json" if kind == "native" else "config.json"
+    stored = _index(weight_files(folder, kind))
+    if kind == "hf":
+        # Older transformers saved RoPE's inv_freq buffer; it is derived from the config, not learned.
+        stored = {k: v for k, v in stored.items() if not k.endswith("rotary_emb.inv_freq")}
+    fused = kind == "hf" and any(k.endswith(".mlp.experts.gate_up_proj") for k in stored)
+    with torch.device("meta"):
+        model = Transformer(args)
+    located = {name: _locate(name, tuple(t.shape), args, kind, fused) for name, t in model.state_dict().items()}
+    expected = {key: shape for key, shape, _ in located.values()}
+
+    missing = [k for k in expected if k not in stored]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise MistralError(f"the weights in {folder} lack {missing[0]!r}{more}: they do not match params.json")
-    extra = [k for k in reader.shapes if k not in expected]
+        raise MistralError(f"the weights in {folder} lack {missing[0]!r}{more}, which the model in {config_name} "
+                           "needs: they do not match it")
+    extra = [k for k in stored if k not in expected]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise MistralError(f"the weights in {folder} hold {extra[0]!r}{more}, which the model in params.json does "
-                           "not have: they do not match params.json")
-    for name, shape in expected.items():
-        if reader.shapes[name] != shape:
-            raise MistralError(f"{name!r} in {reader.file(name)} has shape {list(reader.shapes[name])} but params.json "
-                               f"implies {list(shape)}: the weights do not match params.json")
+        raise MistralError(f"the weights in {folder} hold {extra[0]!r}{more}, which the model in {config_name} does "
+                           "not have: they do not match it")
+    for key, shape in expected.items():
+        if stored[key].shape != shape:
+            raise MistralError(f"{key!r} in {stored[key].path.name} has shape {list(stored[key].shape)} but "
+                               f"{config_name} implies {list(shape)}: the weights do not match it")
+
+    plan = {}
+    for name, (key, _, elements) in located.items():
+        where = stored[key]
+        plan[name] = _Source(key, where.path, where.offset + elements * where.dtype.itemsize, where.dtype,
+                             tuple(model.state_dict()[name].shape), rope_heads(name, args) if kind == "hf" else 0)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and writing bytes
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable buffer, so file reads land in its storage."""
+    assert t.device.type == "cpu" and t.is_contiguous(), (t.device, t.stride())
+    raw = (ctypes.c_ubyte * t.nbytes).from_address(t.data_ptr())
+    raw.owner = t  # the buffer only points at t's memory: keep t alive for as long as the view is
+    return memoryview(raw).cast("B")
+
+
+def _read_exactly(f, view: memoryview, source: _Source, progress: tqdm) -> None:
+    # Reads are capped (Linux returns at most ~2 GiB per call), and small steps keep the progress bar moving.
+    while view:
+        n = f.readinto(view[:_CHUNK_BYTES])
+        if not n:
+            raise MistralError(f"{source.path} ends before {source.key!r} does: the file is truncated; download it again")
+        view = view[n:]
+        progress.update(n)
+
+
+def _read(source: _Source, device: torch.device, dtype: torch.dtype, progress: tqdm) -> torch.Tensor:
+    """One native tensor, in dtype on device, holding at most _CHUNK_BYTES of it in any other form."""
+    out = torch.empty(source.shape, dtype=dtype, device=device)
+    with open(source.path, "rb", buffering=0) as f:
+        f.seek(source.offset)
+        if device.type == "cpu" and dtype == source.dtype:
+            _read_exactly(f, _bytes(out), source, progress)
+        else:
+            flat = out.view(-1)
+            step = max(1, _CHUNK_BYTES // source.dtype.itemsize)
+            buffer = torch.empty(min(step, flat.numel()), dtype=source.dtype)
+            for start in range(0, flat.numel(), step):
+                part = buffer[: min(step, flat.numel() - start)]
+                _read_exactly(f, _bytes(part), source, progress)
+                flat[start : start + part.numel()].copy_(part)  # converts dtype and moves to device
+    return from_hf_rope_order(out, source.rope_heads) if source.rope_heads else out
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=total < _PROGRESS_MIN_BYTES)
 
 
 def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read the tensors named in `wanted` (this rank's state dict), each converted on its own to dtype."""
-    from mistral.model import Transformer
+    """Read the tensors named in `wanted` (this rank's state dict), each converted on its own to dtype.
 
-    reader = _Reader(weight_files(folder))
-    with torch.device("meta"):
-        full = Transformer(args)
-    check_keys(reader, {k: tuple(v.shape) for k, v in full.state_dict().items()}, folder)
-    return {name: reader.get(name).to(device=device, dtype=dtype) for name in wanted}
+    The whole folder is checked against `args` first, but only the wanted tensors are read: under
+    pipeline parallelism each rank reads its own layers.
+    """
+    folder = Path(folder)
+    plan = _plan(folder, args)
+    with _progress(sum(plan[n].nbytes for n in wanted), f"loading {folder.name}") as progress:
+        return {name: _read(plan[name], device, dtype, progress) for name in wanted}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, tuple[_Source, int]], progress: tqdm) -> None:
+    """Write tensors one at a time, so converting never holds more than one in memory.
+
+    tensors: output name -> (its source, heads whose rows to put in HF RoPE order, 0 for none). Each tensor
+    keeps its stored dtype.
+    """
+    header, end = {}, 0
+    for name, (source, _) in tensors.items():
+        header[name] = {"dtype": _SAFETENSORS_NAMES[source.dtype], "shape": list(source.shape),
+                        "data_offsets": [end, end + source.nbytes]}
+        end += source.nbytes
+    # transformers refuses safetensors files without format metadata.
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # the data then starts 8-byte aligned, as other writers keep it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for source, heads in tensors.values():
+            t = _read(source, torch.device("cpu"), source.dtype, progress)
+            f.write(_bytes(to_hf_rope_order(t, heads).contiguous() if heads else t))
+
+
+def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
+    """Write the model in folder src to the new folder dst, in layout `to`: "native" or "hf".
+
+    native: params.json + consolidated.safetensors. hf: config.json + model.safetensors that transformers'
+    MistralForCausalLM / MixtralForCausalLM.from_pretrained loads. tokenizer.model is copied along. Tensors
+    keep their stored dtype and pass through memory one at a time.
+    """
+    src, dst = Path(src), Path(dst)
+    if to not in ("native", "hf"):
+        raise MistralError(f"unknown target layout {to!r}; use native or hf")
+    args = read_args(src)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise MistralError(f"{dst} already exists and is not an empty folder; pick a new destination")
+    plan = _plan(src, args)
+    dst.mkdir(parents=True, exist_ok=True)
+    with _progress(sum(s.nbytes for s in plan.values()), f"converting {src.name}") as progress:
+        if to == "native":
+            params = {k: v for k, v in asdict(args).items() if v is not None}
+            (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+            _write_safetensors(dst / "consolidated.safetensors", {n: (s, 0) for n, s in plan.items()}, progress)
+        else:
+            config = hf_config_from_args(args, plan["tok_embeddings.weight"].dtype)
+            (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            tensors = {hf_name(n): (s, rope_heads(n, args)) for n, s in plan.items()}
+            _write_safetensors(dst / "model.safetensors", tensors, progress)
+    if (src / "tokenizer.model").is_file():
+        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    return dst
