@@ -9,6 +9,7 @@ The trick: the cache has head_dim 1 and every token's key is its own position. T
 back from CacheView.update then name exactly the positions it attends to, and the buffer holds
 positions instead of numbers.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,31 +154,29 @@ def render_cache(step: Step) -> str:
 
 def parse_seqlens(seqlens: str | int | list[int] | tuple[int, ...]) -> list[int]:
     """'5,7,2', 5 or (5, 7, 2) -> [5, 7, 2]; fire passes any of them."""
-    items = seqlens.split(",") if isinstance(seqlens, str) else [seqlens] if isinstance(seqlens, int) else seqlens
-    try:
-        lens = [int(x) for x in items]
-    except (TypeError, ValueError):
-        raise MistralError(f"seqlens must be prompt lengths like 5,7,2, got {seqlens!r}") from None
-    if not 1 <= len(lens) <= 10 or any(n <= 0 for n in lens):
+    items = seqlens.split(",") if isinstance(seqlens, str) else seqlens if isinstance(seqlens, (list, tuple)) else [seqlens]
+    # 0 stands for anything that is not a whole number, so one check below rejects it too
+    lens = [int(x) if isinstance(x, int) or (isinstance(x, str) and x.strip().isdigit()) else 0 for x in items]
+    if not 1 <= len(lens) <= 10 or min(lens) <= 0:
         raise MistralError(f"seqlens must be 1 to 10 positive prompt lengths like 5,7,2, got {seqlens!r}")
     return lens
 
 
-def explain(seqlens: str | list[int] | tuple[int, ...] = "5,7,2", sliding_window: int = 3,
+def explain(seqlens: str | int | list[int] | tuple[int, ...] = "5,7,2", sliding_window: int = 3,
             chunk_size: int | None = 4, decode_steps: int = 3, out: str | None = None) -> None:
     """Print every step of generating prompts of these lengths, packed in one sequence: the mask each
     step uses and the rolling buffer after it. With out=DIR, also write step_N.png and overview.png."""
     prompt_lens = parse_seqlens(seqlens)
-    for name, value, lo in [("sliding_window", sliding_window, 1), ("chunk_size", chunk_size or 1, 1),
-                            ("decode_steps", decode_steps, 0)]:
+    checks = [("sliding_window", sliding_window, 1), ("decode_steps", decode_steps, 0)]
+    for name, value, lo in checks + ([("chunk_size", chunk_size, 1)] if chunk_size is not None else []):
         if not isinstance(value, int) or value < lo:
             raise MistralError(f"{name} must be a whole number >= {lo}, got {value!r}")
     if out is not None:
-        plt = _pyplot()  # fail before printing pages of text
+        plt = pyplot()  # fail before printing pages of text
     steps = walk(prompt_lens, sliding_window, chunk_size, decode_steps)
 
     print(f"{len(prompt_lens)} prompts of {prompt_lens} tokens packed in one sequence, window W={sliding_window}, "
-          f"chunk_size={chunk_size}, {decode_steps} generated tokens fed per sequence.")
+          f"chunk_size={chunk_size}, decode_steps={decode_steps} (generated tokens fed back per sequence).")
     print(f"A query at position p sees the keys at p-{sliding_window - 1}..p of its own sequence. "
           "Grid: row = query, column = key; its sequence digit where it sees the key, '.' where not.")
     for i, step in enumerate(steps, 1):
@@ -201,7 +200,7 @@ def explain(seqlens: str | list[int] | tuple[int, ...] = "5,7,2", sliding_window
 
 # --- matplotlib drawing, shared with scripts/make_figures.py ---
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -242,42 +241,52 @@ def draw_mask(ax, mask: torch.Tensor, query_seq: list[int], key_seq: list[int], 
     ax.set_title(title, fontsize=8, loc="left")
 
 
-def draw_step_mask(ax, step: Step, label=_pos, title: str = "") -> None:
+def draw_step_mask(ax, step: Step, label: Callable[[int], str] = _pos, title: str = "") -> None:
     """draw_mask for a step; label(position) names the ticks."""
     cached = [not step.meta.decode and 0 <= p < step.seen[b] for b, p in zip(step.key_seq, step.key_pos)]
-    draw_mask(ax, step.mask, step.query_seq, step.key_seq, [f"seq {b}: {label(p)}" for b, p in
+    seq = (lambda b: f"seq {b}: ") if len(step.slots) > 1 else (lambda b: "")
+    draw_mask(ax, step.mask, step.query_seq, step.key_seq, [seq(b) + label(p) for b, p in
               zip(step.query_seq, step.query_pos)], [label(p) for p in step.key_pos], cached, title)
 
 
-def draw_cache(ax, step: Step, label=_pos, title: str = "cache after the step\n(dark: just written)") -> None:
-    """Each sequence's slots, and to their right its unrotated view: what its next step reads first."""
+def draw_slots(ax, rows: list[tuple[str, int, list[int], set[int], list[int]]],
+               label: Callable[[int], str] = _pos, width: float = 1, title: str = "") -> None:
+    """Rows of slots, each (name, colour index, position per slot, slots just written, unrotated order).
+    Slots just written are in full colour; to their right the row's unrotated view, oldest first.
+    label(position) is a cell's text; width is a cell's width in heights, for words."""
     from matplotlib.patches import Rectangle
 
-    W = len(step.slots[0])
+    W = len(rows[0][2])
 
     def cell(x, y, text, face):
-        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=face, edgecolor="0.3", linewidth=0.8))
-        ax.text(x, y, text, ha="center", va="center", fontsize=7)
+        ax.add_patch(Rectangle(((x - 0.5) * width, y - 0.5), width, 1, facecolor=face, edgecolor="0.3", linewidth=0.8))
+        ax.text(x * width, y, text, ha="center", va="center", fontsize=7)
 
-    for b, row in enumerate(step.slots):
-        for s, p in enumerate(row):
-            cell(s, b, label(p), color(b) if s in step.written[b] else color(b, light=True))
-        for x, s in enumerate(step.unrotated(b)):
-            cell(W + 1 + x, b, label(row[s]), "white")
-        ax.text(-0.7, b, f"seq {b}", ha="right", va="center", fontsize=7)
+    for y, (name, c, slots, written, order) in enumerate(rows):
+        for s, p in enumerate(slots):
+            cell(s, y, label(p), color(c) if s in written else color(c, light=True))
+        for x, s in enumerate(order):
+            cell(W + 1 + x, y, label(slots[s]), "white")
+        ax.text(-0.6 * width, y, name, ha="right", va="center", fontsize=7)
     for s in range(W):
-        ax.text(s, -0.65, str(s), ha="center", fontsize=7)
-    ax.text(-0.7, -0.65, "slot", ha="right", fontsize=7)
-    ax.text(W + 0.5 + W / 2, -0.65, "unrotated", ha="center", fontsize=7)
-    ax.set_xlim(-2.2, 2 * W + 0.6)
-    ax.set_ylim(len(step.slots) - 0.4, -1.2)
+        ax.text(s * width, -0.65, str(s), ha="center", fontsize=7)
+    ax.text(-0.6 * width, -0.65, "slot", ha="right", fontsize=7)
+    ax.text((W + 0.5 + W / 2) * width, -0.65, "unrotated, oldest first", ha="center", fontsize=7)
+    ax.set_xlim(-0.5 * width - 1.7, (2 * W + 0.6) * width)
+    ax.set_ylim(len(rows) - 0.4, -1.2)
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(title, fontsize=8)
 
 
+def draw_cache(ax, step: Step) -> None:
+    """The slots of every sequence after a step."""
+    rows = [(f"seq {b}", b, slots, step.written[b], step.unrotated(b)) for b, slots in enumerate(step.slots)]
+    draw_slots(ax, rows, title="cache after the step\n(dark: just written)")
+
+
 def plot_steps(plt, steps: list[Step], first: int = 1):
-    """One row per step: its mask on the left, the cache after it on the right."""
+    """One row per step, numbered from `first`: its mask on the left, the cache after it on the right."""
     W, B = len(steps[0].slots[0]), len(steps[0].slots)
     widest = max(len(s.key_pos) for s in steps)
     heights = [max(len(s.query_pos), B) + 2.5 for s in steps]  # in mask cells: ticks and title take ~2.5

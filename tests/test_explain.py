@@ -79,7 +79,8 @@ def test_unrotated_view_is_the_last_positions_in_order(steps):
 def test_parse_seqlens():
     assert parse_seqlens("5,7,2") == parse_seqlens((5, 7, 2)) == parse_seqlens([5, 7, 2]) == [5, 7, 2]
     assert parse_seqlens(4) == [4]
-    for bad in ["5,0,2", "5,x", "", (3, -1), list(range(1, 13))]:
+    assert parse_seqlens(" 5, 7") == [5, 7]
+    for bad in ["5,0,2", "5,x", "", "5,-1", (3, -1), (2.5,), 2.5, None, list(range(1, 13))]:
         with pytest.raises(MistralError):
             parse_seqlens(bad)
 
