@@ -30,15 +30,24 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
     return sample_top_p(torch.softmax(logits.float(), dim=-1), top_p, generator)
 
 
-def check_sampling(max_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
-    if not isinstance(max_tokens, int) or max_tokens < 0:
+def check_options(max_tokens: int, temperature: float, top_p: float, top_k: int, chunk_size: int | None) -> None:
+    """Reject generation options that make no sense, naming the option and its valid range."""
+    def whole(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not whole(max_tokens) or max_tokens < 0:
         raise MistralError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-    if temperature < 0:
-        raise MistralError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise MistralError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(top_k, int) or top_k < 0:
+    if not number(temperature) or temperature < 0:
+        raise MistralError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not whole(top_k) or top_k < 0:
         raise MistralError(f"top_k must be a whole number >= 0 (0 turns it off), got {top_k!r}")
+    if chunk_size is not None and (not whole(chunk_size) or chunk_size <= 0):
+        raise MistralError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
 
 
 @torch.inference_mode()
@@ -54,7 +63,7 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     A row that samples eos_id stops there (the EOS is its last token) and takes no further compute.
     on_token(row, token) is called for every generated token as soon as it is sampled.
     """
-    check_sampling(max_tokens, temperature, top_p, top_k)
+    check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     if not prompts:
         return [], []
     if any(len(p) == 0 for p in prompts):
@@ -62,8 +71,6 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     if len(prompts) > model.max_batch_size:
         raise MistralError(f"{len(prompts)} prompts but the model was loaded with max_batch_size="
                            f"{model.max_batch_size}; pass a larger max_batch_size")
-    if chunk_size is not None and chunk_size <= 0:
-        raise MistralError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
 
     B, args = len(prompts), model.args
     # Without a sliding window the "window" is the longest sequence: the buffer then never wraps.

@@ -10,6 +10,7 @@ import io  # noqa: E402
 
 import pytest  # noqa: E402
 
+VOCAB = 320
 TEXT = """To be, or not to be, that is the question:
 Whether 'tis nobler in the mind to suffer
 The slings and arrows of outrageous fortune,
@@ -22,13 +23,14 @@ That flesh is heir to."""
 
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory) -> Path:
-    """A 96-piece sentencepiece model (BOS 1, EOS 2) trained on a few lines of verse."""
+    """A 320-piece sentencepiece model (BOS 1, EOS 2, byte fallback) trained on a few lines of verse."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf,
-                                   vocab_size=96, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   minloglevel=2)
+                                   vocab_size=VOCAB, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     path.write_bytes(buf.getvalue())
     return path

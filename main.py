@@ -1,0 +1,231 @@
+"""Command line: `python -m main demo|interactive|explain|convert`. Run `python -m main --help`."""
+import logging
+import os
+import resource
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import fire
+import torch
+import torch.distributed as dist
+
+from mistral.errors import MistralError
+from mistral.generate import check_options, generate, generate_ids  # noqa: F401  (re-exported)
+from mistral.model import Transformer
+from mistral.tokenizer import Tokenizer
+
+SHIPPED_MODEL = Path(__file__).resolve().parent / "mistral" / "assets"
+DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", "Now is the winter of our"]
+# If a pipeline rank dies, the others give up after this long instead of waiting forever.
+PIPELINE_TIMEOUT = timedelta(minutes=5)
+
+
+def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str,
+         dtype: str) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of a folder (the shipped model when model_path is None)."""
+    folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
+    if not isinstance(num_pipeline_ranks, int) or num_pipeline_ranks < 1:
+        raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")
+    if num_pipeline_ranks > 1:
+        _init_pipeline(num_pipeline_ranks, device)
+    tokenizer = Tokenizer(folder / "tokenizer.model") if folder.is_dir() else None
+    start = time.perf_counter()
+    model = Transformer.from_folder(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
+                                    device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype)
+    if tokenizer is None:  # from_folder has already said what is wrong with the folder
+        raise MistralError(f"model folder {str(folder)!r} does not exist")
+    if tokenizer.n_words != model.args.vocab_size:
+        raise MistralError(f"{folder / 'tokenizer.model'} has {tokenizer.n_words} tokens but params.json says "
+                           f"vocab_size={model.args.vocab_size}: the tokenizer belongs to another model")
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    _info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
+          f"{model.device}, {str(model.dtype).removeprefix('torch.')}, in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def _init_pipeline(num_pipeline_ranks: int, device: str) -> None:
+    if "WORLD_SIZE" not in os.environ:
+        raise MistralError(f"--num_pipeline_ranks {num_pipeline_ranks} needs one process per rank: run "
+                           f"torchrun --nproc-per-node {num_pipeline_ranks} -m main ...")
+    if int(os.environ["WORLD_SIZE"]) != num_pipeline_ranks:
+        raise MistralError(f"--num_pipeline_ranks {num_pipeline_ranks} but torchrun started {os.environ['WORLD_SIZE']} "
+                           "processes; make --nproc-per-node and --num_pipeline_ranks equal")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=PIPELINE_TIMEOUT)
+
+
+def _is_printing_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _info(msg: str) -> None:
+    if _is_printing_rank():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _generator(seed: int) -> torch.Generator:
+    if not isinstance(seed, int):
+        raise MistralError(f"seed must be a whole number, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
+
+
+def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = 0.0, top_p: float = 0.8,
+         top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
+         device: str = "auto", dtype: str = "auto") -> None:
+    """Complete three fixed prompts as one packed batch and print each, followed by a line of '='.
+
+    Without model_path, uses the small Shakespeare model that ships with the package.
+    """
+    check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    model, tokenizer = load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
+                            device=device, dtype=dtype)
+    encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
+    first_token_at = {}
+
+    def on_token(row: int, token: int) -> None:
+        first_token_at.setdefault(row, time.perf_counter())
+
+    start = time.perf_counter()
+    generated, _ = generate_ids(encoded, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, chunk_size=chunk_size, eos_id=tokenizer.eos_id,
+                                generator=_generator(seed), on_token=on_token)
+    end = time.perf_counter()
+    if _is_printing_rank():
+        for p, g in zip(encoded, generated):
+            print(tokenizer.decode(p + g))
+            print("=" * 20)
+        # Pre-fill ends when the last row has its first token; every token after that was decoded.
+        prefill_end = max(first_token_at.values(), default=end)
+        n_prompt, n_new = sum(map(len, encoded)), sum(map(len, generated))
+        n_decoded = n_new - len(first_token_at)
+        print(f"{n_new} tokens generated; pre-fill {n_prompt / (prefill_end - start):,.0f} tokens/s, decode "
+              f"{n_decoded / max(end - prefill_end, 1e-9):,.1f} tokens/s; peak memory "
+              f"{_peak_memory_mb(model.device):,.0f} MB", file=sys.stderr)
+
+
+def interactive(model_path: str | None = None, max_tokens: int = 35, temperature: float = 0.0, top_p: float = 0.8,
+                top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
+                device: str = "auto", dtype: str = "auto", instruct: bool = False) -> None:
+    """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
+
+    Ctrl-C stops the generation under way; a second Ctrl-C, at the prompt, exits. --instruct wraps each
+    prompt as [INST] ... [/INST] for instruction-tuned models.
+    """
+    check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks,
+                            device=device, dtype=dtype)
+    generator = _generator(seed)
+    tty = sys.stdin.isatty()
+    rejected = 0
+    while True:
+        try:
+            prompt = _read_prompt("> " if tty else "")
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        if prompt is None:
+            break
+        if not prompt.strip():
+            _info("error: empty prompt; type some text (Ctrl-D to quit)")
+            rejected += 1
+            continue
+        ids = instruct_ids(tokenizer, prompt) if instruct else tokenizer.encode(prompt, bos=True)
+        stream = _Stream(tokenizer, prompt_text="" if instruct else prompt)
+        try:
+            generate_ids([ids], model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator,
+                         on_token=lambda row, token: stream.add(token))
+        except KeyboardInterrupt:
+            stream.end()
+            _info("[stopped]")
+            continue
+        stream.end()
+    if rejected:
+        sys.exit(1)
+
+
+def _read_prompt(marker: str) -> str | None:
+    """The next prompt, read on the printing rank and broadcast to the others; None at end of input."""
+    line = None
+    if _is_printing_rank():
+        if marker:
+            print(marker, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        line = line.rstrip("\n") if line else None
+    if dist.is_initialized():
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
+def instruct_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """`<s>[INST] prompt [/INST]`: BOS as a token, one space inside each side of the tags."""
+    return [tokenizer.bos_id, *tokenizer.encode(f"[INST] {prompt.strip()} [/INST]", bos=False)]
+
+
+class _Stream:
+    """Prints a completion as it grows. Decoding the whole completion each time keeps sentencepiece's
+    spacing right; a trailing U+FFFD means a multi-byte character is still incomplete, so it waits."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_text: str):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        if _is_printing_rank():
+            print(prompt_text, end="", flush=True)
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if _is_printing_rank() and not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown) :], end="", flush=True)
+            self.shown = text
+
+    def end(self) -> None:
+        if _is_printing_rank():
+            text = self.tokenizer.decode(self.tokens)
+            print(text[len(self.shown) :] if text.startswith(self.shown) else "", flush=True)
+
+
+def explain(seqlens: str | tuple = "5,7,2", sliding_window: int = 3, chunk_size: int | None = 4,
+            decode_steps: int = 3, out: str | None = None) -> None:
+    """Walk through a generation step by step: each mask, each cache slot, each unrotated view."""
+    from mistral.explain import explain as run
+
+    run(seqlens=seqlens, sliding_window=sliding_window, chunk_size=chunk_size, decode_steps=decode_steps, out=out)
+
+
+def convert(src: str, dst: str, to: str = "native") -> None:
+    """Write the model folder SRC as a native (params.json + consolidated.safetensors) or HF folder DST."""
+    from mistral.checkpoint import convert as run
+
+    run(Path(src), Path(dst), to=to)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    try:
+        fire.Fire({"demo": demo, "interactive": interactive, "explain": explain, "convert": convert})
+    except MistralError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The command line: demo and interactive output, one_file_ref agreement, and errors a person can act on."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB
+from helpers import random_model, save_folder, tiny_params
+
+import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tokenizer_file) -> Path:
+    """A tiny random model with a real sentencepiece tokenizer, in the native layout."""
+    folder = save_folder(random_model(tiny_params(vocab_size=VOCAB, n_layers=3)), tmp_path_factory.mktemp("model"))
+    shutil.copy(tokenizer_file, folder / "tokenizer.model")
+    return folder
+
+
+def run_cli(args, stdin=""):
+    proc = subprocess.run([sys.executable, "-m", "main", *args], cwd=ROOT, input=stdin, capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_inprocess(monkeypatch, capsys, args, stdin=""):
+    import io
+
+    monkeypatch.setattr(sys, "argv", ["main", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_demo_prints_three_completions_and_a_summary(model_folder):
+    code, out, err = run_cli(["demo", str(model_folder), "--max_tokens", "7"])
+    assert code == 0, err
+    blocks = out.split("=" * 20 + "\n")
+    assert len(blocks) == 4 and blocks[-1] == ""
+    for block, prompt in zip(blocks, main.DEMO_PROMPTS):
+        assert block.startswith(prompt)
+    assert "tokens generated" in err and "tokens/s" in err and "peak memory" in err
+    assert "Traceback" not in err
+
+
+def test_one_file_ref_prints_exactly_what_the_demo_prints(model_folder):
+    demo = subprocess.run([sys.executable, "-m", "main", "demo", str(model_folder), "--max_tokens", "12"],
+                          cwd=ROOT, capture_output=True, timeout=300)
+    ref = subprocess.run([sys.executable, "-m", "one_file_ref", str(model_folder), "--max_tokens", "12"],
+                         cwd=ROOT, capture_output=True, timeout=300)
+    assert demo.returncode == 0 and ref.returncode == 0, (demo.stderr, ref.stderr)
+    assert demo.stdout == ref.stdout
+
+
+@pytest.mark.skipif(not (ROOT / "mistral" / "assets" / "params.json").exists(), reason="shipped model not built")
+def test_shipped_model_demo_matches_one_file_ref():
+    demo = subprocess.run([sys.executable, "-m", "main", "demo"], cwd=ROOT, capture_output=True, timeout=300)
+    ref = subprocess.run([sys.executable, "-m", "one_file_ref"], cwd=ROOT, capture_output=True, timeout=300)
+    assert demo.returncode == 0 and ref.returncode == 0, (demo.stderr, ref.stderr)
+    assert demo.stdout == ref.stdout
+    assert demo.stdout.count(b"=" * 20) == 3
+
+
+def test_interactive_answers_piped_prompts_and_exits_at_eof(model_folder, monkeypatch, capsys):
+    code, out, err = run_inprocess(monkeypatch, capsys,
+                                   ["interactive", str(model_folder), "--max_tokens", "5"], "To be\nThe slings\n")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("To be") and lines[1].startswith("The slings")
+    # The streamed text is exactly what generate() returns.
+    model, tok = main.load(str(model_folder), max_batch_size=1, num_pipeline_ranks=1, device="cpu", dtype="auto")
+    texts, _ = main.generate(["To be"], model, tok, max_tokens=5, eos_id=tok.eos_id)
+    assert lines[0] == texts[0]
+
+
+def test_interactive_instruct_wraps_the_prompt(model_folder, monkeypatch, capsys):
+    from mistral.tokenizer import Tokenizer
+
+    tok = Tokenizer(model_folder / "tokenizer.model")
+    ids = main.instruct_ids(tok, "  To be ")
+    assert ids[0] == tok.bos_id and ids[1:] == tok.encode("[INST] To be [/INST]", bos=False)
+    code, out, err = run_inprocess(monkeypatch, capsys,
+                                   ["interactive", str(model_folder), "--max_tokens", "3", "--instruct"], "To be\n")
+    assert code == 0 and len(out.splitlines()) == 1, err
+
+
+def test_interactive_rejects_an_empty_prompt_and_carries_on(model_folder, monkeypatch, capsys):
+    code, out, err = run_inprocess(monkeypatch, capsys, ["interactive", str(model_folder), "--max_tokens", "2"],
+                                   "\nTo be\n")
+    assert code == 1
+    assert "error: empty prompt" in err
+    assert out.startswith("To be")
+
+
+def _broken(tmp_path, model_folder, change):
+    folder = tmp_path / "broken"
+    shutil.copytree(model_folder, folder)
+    change(folder)
+    return folder
+
+
+def _edit_params(**changes):
+    def change(folder):
+        params = json.loads((folder / "params.json").read_text())
+        for k, v in changes.items():
+            if v is None:
+                params.pop(k)
+            else:
+                params[k] = v
+        (folder / "params.json").write_text(json.dumps(params))
+    return change
+
+
+def _reweight(extra: bool):
+    def change(folder):
+        from safetensors.torch import load_file, save_file
+        state = load_file(folder / "consolidated.safetensors")
+        if extra:
+            state["layers.0.attention.wz.weight"] = torch.zeros(1)
+        else:
+            state["layers.1.attention.wk.weight"] = torch.zeros(8, 32)
+        save_file(state, folder / "consolidated.safetensors")
+    return change
+
+
+FOLDER_ERRORS = {
+    "no folder": (lambda f: shutil.rmtree(f), "does not exist"),
+    "no params.json": (lambda f: (f / "params.json").unlink(), "no params.json"),
+    "no weights": (lambda f: (f / "consolidated.safetensors").unlink(), "has no weights"),
+    "no tokenizer": (lambda f: (f / "tokenizer.model").unlink(), "tokenizer.model"),
+    "params not json": (lambda f: (f / "params.json").write_text("{dim: 4"), "not valid JSON"),
+    "params incomplete": (_edit_params(n_heads=None), "missing 'n_heads'"),
+    "params bad value": (_edit_params(n_layers=-2), "'n_layers' must be a positive integer"),
+    "params unknown key": (_edit_params(use_biases=True), "use_biases"),
+    "shape mismatch": (_reweight(extra=False), r"'layers.1.attention.wk.weight' .* shape \[8, 32\] .* \[16, 32\]"),
+    "extra key": (_reweight(extra=True), "layers.0.attention.wz.weight"),
+    "vocab mismatch": (_edit_params(vocab_size=128), r"'tok_embeddings.weight' .* shape \[320, 32\] .* \[128, 32\]"),
+}
+
+
+@pytest.mark.parametrize("case", FOLDER_ERRORS)
+def test_broken_model_folder(case, model_folder, tmp_path, monkeypatch, capsys):
+    change, message = FOLDER_ERRORS[case]
+    folder = _broken(tmp_path, model_folder, change)
+    code, out, err = run_inprocess(monkeypatch, capsys, ["demo", str(folder), "--max_tokens", "2"])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert __import__("re").search(message, err), err
+
+
+def test_tokenizer_for_another_model(model_folder, tmp_path, monkeypatch, capsys):
+    """Weights and params agree, but the tokenizer has a different vocabulary."""
+    import sentencepiece as spm
+    import io
+    from conftest import TEXT
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf, vocab_size=300,
+                                   byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    folder = _broken(tmp_path, model_folder, lambda f: (f / "tokenizer.model").write_bytes(buf.getvalue()))
+    code, _, err = run_inprocess(monkeypatch, capsys, ["demo", str(folder)])
+    assert code == 2 and f"has 300 tokens but params.json says vocab_size={VOCAB}" in err
+
+
+OPTION_ERRORS = {
+    "negative max_tokens": (["--max_tokens", "-1"], "max_tokens must be"),
+    "fractional max_tokens": (["--max_tokens", "2.5"], "max_tokens must be"),
+    "negative temperature": (["--temperature", "-0.1"], "temperature must be a number >= 0"),
+    "temperature not a number": (["--temperature", "hot"], "temperature must be a number >= 0, got 'hot'|temperature must be a number >= 0 \\(0 is greedy\\), got 'hot'"),
+    "top_p zero": (["--top_p", "0"], r"top_p must be in \(0, 1\]"),
+    "top_p above one": (["--top_p", "1.5"], r"top_p must be in \(0, 1\]"),
+    "unknown device": (["--device", "tpu"], "unknown device 'tpu'|device 'tpu'"),
+    "cuda without cuda": (["--device", "cuda"], "CUDA is not available"),
+    "fp16 on cpu": (["--device", "cpu", "--dtype", "fp16"], "fp16 on CPU"),
+    "unknown dtype": (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    "pipeline without torchrun": (["--num_pipeline_ranks", "2"], "torchrun --nproc-per-node 2"),
+    "bad chunk size": (["--chunk_size", "0"], "chunk_size must be"),
+}
+
+
+@pytest.mark.parametrize("case", OPTION_ERRORS)
+def test_bad_option(case, model_folder, monkeypatch, capsys):
+    flags, message = OPTION_ERRORS[case]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, out, err = run_inprocess(monkeypatch, capsys, ["demo", str(model_folder), *flags])
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert __import__("re").search(message, err), err
+
+
+def test_user_errors_print_no_traceback_end_to_end(model_folder):
+    for args in (["demo", "/no/such/folder"], ["demo", str(model_folder), "--top_p", "2"],
+                 ["interactive", str(model_folder), "--device", "quantum"]):
+        code, out, err = run_cli(args)
+        assert code == 2 and "Traceback" not in err and err.startswith("error: "), (args, err)
