@@ -95,6 +95,9 @@ class Transformer(nn.Module):
         super().__init__()
         if not 1 <= num_pipeline_ranks <= args.n_layers:
             raise MistralError(f"num_pipeline_ranks must be between 1 and n_layers ({args.n_layers}), got {num_pipeline_ranks}")
+        if not pipeline_layers(args.n_layers, num_pipeline_ranks, num_pipeline_ranks - 1):
+            raise MistralError(f"{args.n_layers} layers split {-(-args.n_layers // num_pipeline_ranks)} per rank leave the "
+                               f"last of {num_pipeline_ranks} ranks without layers; use another num_pipeline_ranks")
         self.args = args
         self.max_batch_size = max_batch_size
         self.pipeline_rank, self.num_pipeline_ranks = pipeline_rank, num_pipeline_ranks

@@ -1,0 +1,39 @@
+"""Run under torchrun by tests/test_pipeline.py: every rank loads its slice of each model folder, runs
+packed, chunked and generate passes, and saves what it saw to OUT/rank{r}.pt for the test to compare."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mistral.cache import RotatingBufferCache
+from mistral.generate import generate_ids
+from mistral.model import Transformer
+
+PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
+
+
+def main(out: Path, folders: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {}
+    for folder in folders:
+        model = Transformer.from_folder(folder, max_batch_size=3, num_pipeline_ranks=world, device="cpu")
+        ids = torch.tensor(sum(PROMPTS, []))
+        with torch.no_grad():
+            packed = model(ids, [len(p) for p in PROMPTS])
+            cache = RotatingBufferCache(model.n_local_layers, 3, model.args.sliding_window, model.args.n_kv_heads,
+                                        model.args.head_dim)
+            chunked = torch.cat([model(torch.tensor(PROMPTS[0][i : i + 4]), [len(PROMPTS[0][i : i + 4])], cache)
+                                 for i in range(0, len(PROMPTS[0]), 4)])
+        greedy = generate_ids(PROMPTS, model, max_tokens=12, chunk_size=5)
+        sampled = generate_ids(PROMPTS, model, max_tokens=12, temperature=1.0, top_p=0.9,
+                               generator=torch.Generator().manual_seed(7))
+        report[folder] = dict(params=sorted(model.state_dict()), packed=packed, chunked=chunked,
+                              greedy=greedy, sampled=sampled)
+    torch.save(report, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])

@@ -1,0 +1,127 @@
+"""Pipeline sharding with real processes: torchrun, gloo, 2 and 3 ranks over 5 layers."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB
+from helpers import random_model, save_folder, tiny_params
+from pipeline_worker import PROMPTS
+
+from mistral.cache import RotatingBufferCache
+from mistral.errors import MistralError
+from mistral.generate import generate_ids
+from mistral.model import Transformer, pipeline_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+N_LAYERS = 5  # divides by neither 2 nor 3
+
+
+def torchrun(nproc: int, *args, stdin: str = "", timeout: int = 240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer_file):
+    out = {}
+    for name, extra in [("dense", {}), ("moe", {"moe": {"num_experts": 4, "num_experts_per_tok": 2}})]:
+        model = random_model(tiny_params(n_layers=N_LAYERS, vocab_size=VOCAB, **extra))
+        folder = save_folder(model, tmp_path_factory.mktemp(name))
+        shutil.copy(tokenizer_file, folder / "tokenizer.model")
+        out[name] = folder
+    return out
+
+
+def test_layer_split():
+    assert [list(pipeline_layers(5, 2, r)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [list(pipeline_layers(5, 3, r)) for r in range(3)] == [[0, 1], [2, 3], [4]]
+    assert [list(pipeline_layers(4, 4, r)) for r in range(4)] == [[0], [1], [2], [3]]
+
+
+def test_splits_that_leave_a_rank_empty_are_refused():
+    with pytest.raises(MistralError, match="between 1 and n_layers"):
+        Transformer(random_model(tiny_params(n_layers=2)).args, 0, 3)
+    with pytest.raises(MistralError, match="without layers"):
+        Transformer(random_model(tiny_params(n_layers=5)).args, 0, 4)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_match_one_process(world, folders, tmp_path):
+    proc = torchrun(world, str(ROOT / "tests" / "pipeline_worker.py"), str(tmp_path), *map(str, folders.values()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for name, folder in folders.items():
+        model = Transformer.from_folder(folder, max_batch_size=3, device="cpu")
+        with torch.no_grad():
+            packed = model(torch.tensor(sum(PROMPTS, [])), [len(p) for p in PROMPTS])
+            cache = RotatingBufferCache(N_LAYERS, 3, model.args.sliding_window, model.args.n_kv_heads, model.args.head_dim)
+            chunked = torch.cat([model(torch.tensor(PROMPTS[0][i : i + 4]), [len(PROMPTS[0][i : i + 4])], cache)
+                                 for i in range(0, len(PROMPTS[0]), 4)])
+        greedy = generate_ids(PROMPTS, model, max_tokens=12, chunk_size=5)
+        sampled = generate_ids(PROMPTS, model, max_tokens=12, temperature=1.0, top_p=0.9,
+                               generator=torch.Generator().manual_seed(7))
+        all_params = sorted(model.state_dict())
+        owned = []
+        for rank, report in enumerate(reports):
+            got = report[str(folder)]
+            torch.testing.assert_close(got["packed"], packed)  # every rank holds the broadcast logits
+            torch.testing.assert_close(got["chunked"], chunked)
+            assert got["greedy"][0] == greedy[0], (name, rank)
+            torch.testing.assert_close(torch.tensor(sum(got["greedy"][1], [])), torch.tensor(sum(greedy[1], [])))
+            assert got["sampled"][0] == sampled[0], (name, rank)
+            layers = pipeline_layers(N_LAYERS, world, rank)
+            expected = [k for k in all_params if (k.startswith("layers.") and int(k.split(".")[1]) in layers)
+                        or (k.startswith("tok_embeddings") and rank == 0)
+                        or (k.startswith(("norm.", "output.")) and rank == world - 1)]
+            assert got["params"] == expected, (name, rank)
+            owned += got["params"]
+        assert sorted(owned) == all_params  # together the ranks hold every tensor exactly once
+
+
+def test_torchrun_demo_prints_what_one_process_prints(folders):
+    args = ["demo", str(folders["dense"]), "--max_tokens", "10", "--chunk_size", "4"]
+    single = subprocess.run([sys.executable, "-m", "main", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    piped = torchrun(2, "-m", "main", *args, "--num_pipeline_ranks", "2")
+    assert single.returncode == 0 and piped.returncode == 0, piped.stderr[-3000:]
+    assert piped.stdout == single.stdout  # printed once, by rank 0
+
+
+def test_torchrun_interactive_reads_on_rank_zero_and_stops_at_eof(folders):
+    args = ["interactive", str(folders["moe"]), "--max_tokens", "6", "--num_pipeline_ranks", "3"]
+    single = subprocess.run([sys.executable, "-m", "main", *args[:-2]], cwd=ROOT, input="To be\nThe slings\n",
+                            capture_output=True, text=True, timeout=240)
+    piped = torchrun(3, "-m", "main", *args, stdin="To be\nThe slings\n")
+    assert single.returncode == 0 and piped.returncode == 0, piped.stderr[-3000:]
+    assert piped.stdout == single.stdout and len(piped.stdout.splitlines()) == 2
+
+
+def test_rank_count_mismatch(folders):
+    proc = torchrun(2, "-m", "main", "demo", str(folders["dense"]), "--num_pipeline_ranks", "3")
+    assert proc.returncode != 0
+    assert "--num_pipeline_ranks 3 but torchrun started 2 processes" in proc.stderr
+    # torchrun's own launcher prints a traceback when a child fails; none of it may come from our code.
+    assert 'main.py"' not in proc.stderr and "/mistral/" not in proc.stderr
+
+
+def test_a_dead_rank_ends_the_others(folders, tmp_path):
+    """Rank 1 dies after loading; rank 0, waiting for its activations, must fail quickly, not hang."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        "from datetime import timedelta\n"
+        "from mistral.model import Transformer\n"
+        "dist.init_process_group('gloo', timeout=timedelta(seconds=20))\n"
+        f"m = Transformer.from_folder({str(folders['dense'])!r}, num_pipeline_ranks=2, device='cpu')\n"
+        "if dist.get_rank() == 1:\n"
+        "    os._exit(3)\n"
+        "m(torch.tensor([1, 2, 3]), [3])\n")
+    start = time.monotonic()
+    proc = torchrun(2, str(script), timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 90
