@@ -49,7 +49,7 @@ class BlockMask:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(S, Skv) of the attention this mask describes."""
+        """(S, Skv) of the attention this mask describes; with padding, Skv counts every slot."""
         n_kv = len(self.kv_seqlens) * self.kv_padding if self.kv_padding is not None else sum(self.kv_seqlens)
         return sum(self.q_seqlens), n_kv
 
@@ -90,13 +90,17 @@ def _window_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, window
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
-    """q (S, H, D), k and v (Skv, Hkv, D) -> (S, H, D): softmax(q k^T / sqrt(D)) v under `mask`.
+    """q (S, H, D) -> (S, H, D): softmax(q k^T / sqrt(D)) v under `mask`.
 
+    k and v are packed (Skv, Hkv, D), or with mask.kv_padding = P the cache rows as stored, (B, Hkv, P, D).
     On CUDA with xformers installed this is one memory_efficient_attention call; elsewhere it is
     torch SDPA per block, in query tiles that only ever see their window of keys.
     """
-    assert q.ndim == 3 and k.shape == v.shape and q.shape[1] % k.shape[1] == 0, (q.shape, k.shape, v.shape)
-    assert (q.shape[0], k.shape[0]) == mask.shape, f"q/k of {q.shape[0]}/{k.shape[0]} tokens, mask for {mask.shape}"
+    assert q.ndim == 3 and k.shape == v.shape, (q.shape, k.shape, v.shape)
+    if mask.kv_padding is None:
+        assert k.ndim == 3 and (q.shape[0], k.shape[0]) == mask.shape, f"q {tuple(q.shape)}, k {tuple(k.shape)}, mask {mask.shape}"
+    else:
+        assert k.shape[::2] == (len(mask.kv_seqlens), mask.kv_padding), f"k {tuple(k.shape)}, padded mask {mask.shape}"
     if q.is_cuda and _xformers_ops() is not None:
         return _xformers_attention(q, k, v, mask)
     return _sdpa_attention(q, k, v, mask)
@@ -113,6 +117,8 @@ def _xformers_ops():
 def _xformers_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
     S, H, D = q.shape
     Hkv = k.shape[1]
+    if mask.kv_padding is not None:  # cache rows (B, Hkv, P, D) -> slots packed row after row (B * P, Hkv, D)
+        k, v = (t.transpose(1, 2).reshape(-1, Hkv, D) for t in (k, v))
     # xformers takes grouped-query attention as (B, M, G, H, K): G key/value groups of H/G query heads.
     q5 = q.reshape(1, S, Hkv, H // Hkv, D)
     k5 = k[None, :, :, None, :].expand(1, k.shape[0], Hkv, H // Hkv, D)
@@ -121,15 +127,20 @@ def _xformers_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
     return out.reshape(S, H, D)
 
 
-# Queries per SDPA call on the fallback path; with a window, a tile of T queries sees T + W - 1 keys,
-# so memory is O(T * (T + W)) whatever the prompt length.
-_MIN_TILE = 128
+# Queries per SDPA call on the fallback path. With a window, a tile of T queries sees T + W - 1 keys,
+# so memory is O(T * (T + W)) whatever the prompt length. CPU SDPA never skips masked-out work, so
+# smaller tiles waste less; larger ones run its kernel more efficiently. 2W balances the two.
+_MIN_TILE = 256
 
 
 def _sdpa_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
+    # SDPA gets 4-D (batch, heads, tokens, D) tensors: with 3-D ones, torch 2.x on CPU takes a path
+    # several times slower.
+    if mask.kv_padding is not None:
+        return _sdpa_decode(q, k, v, mask)
     out = torch.empty_like(q)
     W = mask.window
-    tile = max(W, _MIN_TILE) if W is not None else 1024
+    tile = max(2 * W, _MIN_TILE) if W is not None else 1024
     for q0, q_len, k0, kv_len in mask.blocks:
         offset = kv_len - q_len  # keys in front of the first query
         for a in range(0, q_len, tile):
@@ -138,9 +149,26 @@ def _sdpa_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
             k_lo = max(0, offset + a - W + 1) if W is not None else 0
             # A single query sees every key in [k_lo, k_hi): no mask needed.
             tile_mask = None if b - a == 1 else _window_mask(a, b, k_lo, k_hi, offset, W, q.device)
-            qt = q[q0 + a : q0 + b].transpose(0, 1)  # (H, T, D)
-            kt = k[k0 + k_lo : k0 + k_hi].transpose(0, 1)  # (Hkv, Tk, D)
-            vt = v[k0 + k_lo : k0 + k_hi].transpose(0, 1)
+            qt = q[q0 + a : q0 + b].transpose(0, 1)[None]  # (1, H, T, D)
+            kt = k[k0 + k_lo : k0 + k_hi].transpose(0, 1)[None]  # (1, Hkv, Tk, D)
+            vt = v[k0 + k_lo : k0 + k_hi].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tile_mask, enable_gqa=True)
-            out[q0 + a : q0 + b] = o.transpose(0, 1)
+            out[q0 + a : q0 + b] = o[0].transpose(0, 1)
     return out
+
+
+def _sdpa_decode(q, k, v, mask: BlockMask) -> torch.Tensor:
+    """One query per row against that row's cache slots (B, Hkv, P, D), all rows in one call."""
+    B, Hkv, P, D = k.shape
+    H = q.shape[1]
+    # The H // Hkv query heads that share a kv head become that many queries of one head: a single
+    # query sees every valid slot, so there is no causal structure to break, and no kv head is copied.
+    qg = q.view(B, Hkv, H // Hkv, D)
+    longest = max(mask.kv_seqlens)  # slots fill from 0 up, so only the first `longest` can be valid
+    k, v = k[:, :, :longest], v[:, :, :longest]
+    valid = None
+    if min(mask.kv_seqlens) < longest:
+        lengths = torch.tensor(mask.kv_seqlens, device=q.device)
+        valid = (torch.arange(longest, device=q.device) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, longest)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid)  # (B, Hkv, H // Hkv, D)
+    return o.reshape(B, H, D)

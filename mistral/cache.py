@@ -6,6 +6,7 @@ each new one overwrites the oldest. Reading the slots back in position order is 
 Letters: B batch rows, W window (slots per row), Hkv kv heads, D head_dim, S packed new tokens.
 """
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -26,6 +27,7 @@ def unrotate(n_seen: int, window: int) -> list[int]:
 class CacheMetadata:
     """Everything a forward pass needs to know about its step, computed once and shared by all layers."""
 
+    window: int  # W, slots per row
     positions: torch.Tensor  # (S,) absolute position of every new token, for RoPE
     mask: BlockMask  # what each new token attends to
     # True when every sequence in the step brings exactly one token: the new key is written first and
@@ -40,6 +42,15 @@ class CacheMetadata:
     kv_cached_dst: torch.Tensor | None = None  # (C,) where each lands in the packed keys
     kv_new_dst: torch.Tensor | None = None  # (S,) where each new key lands; None if nothing was cached
 
+    # The buffers are (B, Hkv, W, D) per layer, so flat slot indices are used as (row, slot) pairs.
+    @cached_property
+    def write_at(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.write_dst // self.window, self.write_dst % self.window
+
+    @cached_property
+    def read_at(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv_cached_src // self.window, self.kv_cached_src % self.window
+
 
 class RotatingBufferCache:
     def __init__(self, n_layers: int, max_batch_size: int, sliding_window: int, n_kv_heads: int, head_dim: int,
@@ -47,7 +58,8 @@ class RotatingBufferCache:
         assert sliding_window > 0 and max_batch_size > 0, (sliding_window, max_batch_size)
         self.window = sliding_window
         self.max_batch_size = max_batch_size
-        shape = (n_layers, max_batch_size, sliding_window, n_kv_heads, head_dim)  # (L, B, W, Hkv, D)
+        # Each row's keys are contiguous per head, which is what attention over the raw slots wants.
+        shape = (n_layers, max_batch_size, n_kv_heads, sliding_window, head_dim)  # (L, B, Hkv, W, D)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.seq_pos = [0] * max_batch_size  # positions seen so far, per row
@@ -107,7 +119,7 @@ class RotatingBufferCache:
             kv_seqlens = tuple(min(self.seq_pos[b] + 1, W) for b in active)
             rows = None if active == list(range(len(active))) else tensor(active)
             mask = BlockMask((1,) * len(active), kv_seqlens, W, kv_padding=W)
-            return CacheMetadata(tensor(positions), mask, True, tensor(write_src), tensor(write_dst), rows=rows)
+            return CacheMetadata(W, tensor(positions), mask, True, tensor(write_src), tensor(write_dst), rows=rows)
 
         cached_src, cached_dst, new_dst, kv_seqlens = [], [], [], []
         k = 0
@@ -119,7 +131,7 @@ class RotatingBufferCache:
             kv_seqlens.append(len(slots) + n)
             k += len(slots) + n
         mask = BlockMask(tuple(seqlens), tuple(kv_seqlens), W)
-        meta = CacheMetadata(tensor(positions), mask, False, tensor(write_src), tensor(write_dst))
+        meta = CacheMetadata(W, tensor(positions), mask, False, tensor(write_src), tensor(write_dst))
         if cached_src:
             meta.kv_cached_src, meta.kv_cached_dst, meta.kv_new_dst = tensor(cached_src), tensor(cached_dst), tensor(new_dst)
         return meta
@@ -137,34 +149,34 @@ class CacheView:
     """One layer's slice of the cache, for one step."""
 
     def __init__(self, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: CacheMetadata):
-        assert cache_k.ndim == 4, cache_k.shape  # (B, W, Hkv, D)
+        assert cache_k.ndim == 4 and cache_k.shape[2] == meta.window, cache_k.shape  # (B, Hkv, W, D)
         self.cache_k, self.cache_v, self.meta = cache_k, cache_v, meta
 
     def update(self, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's new keys/values xk, xv (S, Hkv, D) and return the keys/values the step
-        attends to, laid out as `meta.mask` describes."""
+        attends to: packed (Skv, Hkv, D) for chunks, the cache rows (B, Hkv, W, D) for decode."""
         meta = self.meta
-        B, W, Hkv, D = self.cache_k.shape
-        flat_k, flat_v = self.cache_k.view(B * W, Hkv, D), self.cache_v.view(B * W, Hkv, D)
+        rows, slots = meta.write_at
         if meta.decode:
-            flat_k.index_copy_(0, meta.write_dst, xk)
-            flat_v.index_copy_(0, meta.write_dst, xv)
-            n = len(meta.mask.q_seqlens)
+            self.cache_k[rows, :, slots] = xk
+            self.cache_v[rows, :, slots] = xv
             if meta.rows is None:
-                return flat_k[: n * W], flat_v[: n * W]  # (n * W, Hkv, D), a view
-            return self.cache_k[meta.rows].view(n * W, Hkv, D), self.cache_v[meta.rows].view(n * W, Hkv, D)
+                n = len(meta.mask.q_seqlens)
+                return self.cache_k[:n], self.cache_v[:n]  # views, no copy
+            return self.cache_k[meta.rows], self.cache_v[meta.rows]
 
         if meta.kv_cached_src is None:  # nothing cached yet: the keys are exactly the new ones
             keys, values = xk, xv
         else:
             n_kv = meta.mask.shape[1]
-            keys = xk.new_empty(n_kv, Hkv, D)
-            values = xv.new_empty(n_kv, Hkv, D)
-            keys[meta.kv_cached_dst] = flat_k[meta.kv_cached_src]
-            values[meta.kv_cached_dst] = flat_v[meta.kv_cached_src]
+            keys = xk.new_empty(n_kv, *xk.shape[1:])
+            values = xv.new_empty(n_kv, *xv.shape[1:])
+            read_rows, read_slots = meta.read_at
+            keys[meta.kv_cached_dst] = self.cache_k[read_rows, :, read_slots]  # (C, Hkv, D)
+            values[meta.kv_cached_dst] = self.cache_v[read_rows, :, read_slots]
             keys[meta.kv_new_dst] = xk
             values[meta.kv_new_dst] = xv
         # Written after reading: a chunk's early queries may still need the slots it overwrites.
-        flat_k.index_copy_(0, meta.write_dst, xk[meta.write_src])
-        flat_v.index_copy_(0, meta.write_dst, xv[meta.write_src])
+        self.cache_k[rows, :, slots] = xk[meta.write_src]
+        self.cache_v[rows, :, slots] = xv[meta.write_src]
         return keys, values
