@@ -90,7 +90,7 @@ def walk(prompt_lens: list[int], window: int, chunk_size: int | None = None, dec
             seqlens=seqlens, seen=seen, meta=meta, mask=meta.mask.materialize(),
             query_seq=[b for b in active for _ in range(seqlens[b])], query_pos=meta.positions.tolist(),
             key_seq=key_seq, key_pos=keys.view(-1).long().tolist(),
-            slots=cache.cache_k[0, :, :, 0, 0].long().tolist(), written=written))
+            slots=cache.cache_k[0, :, 0, :, 0].long().tolist(), written=written))
     return steps
 
 
