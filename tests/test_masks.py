@@ -91,3 +91,31 @@ def test_decode_metadata_reads_slots_in_place():
     assert meta.write_dst.tolist() == [0 * 4 + 2, 2 * 4 + 0]
     assert meta.rows.tolist() == [0, 2]
     assert meta.mask == BlockMask((1, 1), (3, 4), 4, kv_padding=4)
+
+
+def _reference_memory_efficient_attention(q, k, v, attn_bias):
+    """What xformers computes for (1, M, G, R, D) inputs, using the bias's own materialize()."""
+    _, S, G, R, D = q.shape
+    bias = attn_bias.materialize((S, k.shape[1]))  # (S, Skv): 0 or -inf
+    scores = torch.einsum("sgrd,kgrd->grsk", q[0], k[0]) / D**0.5 + bias
+    return torch.einsum("grsk,kgrd->sgrd", scores.softmax(-1), v[0])[None]
+
+
+@pytest.mark.parametrize("case", ["prefill", "chunk", "decode"])
+def test_xformers_path_plumbing_on_cpu(case, monkeypatch):
+    """The CUDA path's reshapes and bias, run on CPU with a reference kernel in place of xformers'."""
+    import types
+    import mistral.attention as attn
+
+    monkeypatch.setattr(attn, "_xformers_ops", lambda: types.SimpleNamespace(
+        memory_efficient_attention=_reference_memory_efficient_attention))
+    torch.manual_seed(0)
+    H, Hkv, D, W = 6, 2, 8, 4
+    if case == "decode":
+        mask = BlockMask((1, 1, 1), (4, 2, 3), W, kv_padding=W)
+        k, v = torch.randn(3, Hkv, W, D), torch.randn(3, Hkv, W, D)  # cache rows as stored
+    else:
+        mask = BlockMask((5, 7, 2), (5, 7, 2), W) if case == "prefill" else BlockMask((3, 0, 5), (7, 0, 9), W)
+        k, v = torch.randn(mask.shape[1], Hkv, D), torch.randn(mask.shape[1], Hkv, D)
+    q = torch.randn(mask.shape[0], H, D)
+    torch.testing.assert_close(attn._xformers_attention(q, k, v, mask), attn._sdpa_attention(q, k, v, mask))
