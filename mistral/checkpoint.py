@@ -157,10 +157,16 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
                            "which Mistral models never do and this library does not implement")
     # transformers 5 nests RoPE settings in rope_parameters, 4.x wrote rope_theta and rope_scaling at the top.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise MistralError(f"{source}: 'rope_parameters' must be a JSON object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default" or rope.get("partial_rotary_factor", 1) != 1:
         raise MistralError(f"{source} asks for RoPE scaling ({rope}), which this library does not implement")
     rope_theta = rope.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))
+    norm_eps = config.get("rms_norm_eps", defaults["rms_norm_eps"])
+    for key, value in (("rope_theta", rope_theta), ("rms_norm_eps", norm_eps)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise MistralError(f"{source}: {key!r} must be a positive number, got {value!r}")
     sliding_window = config.get("sliding_window", defaults["sliding_window"])
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
         raise MistralError(f"{source}: 'sliding_window' must be a positive integer or null, got {sliding_window!r}")
@@ -173,7 +179,7 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
                                f"num_local_experts ({moe.num_experts})")
     return ModelArgs(dim=dim, n_layers=positive_int("num_hidden_layers"), head_dim=head_dim,
                      hidden_dim=positive_int("intermediate_size"), n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     norm_eps=float(config.get("rms_norm_eps", defaults["rms_norm_eps"])),
+                     norm_eps=float(norm_eps),
                      vocab_size=positive_int("vocab_size"), sliding_window=sliding_window,
                      rope_theta=float(rope_theta), moe=moe)
 
@@ -219,7 +225,7 @@ class _Stored:
     shape: tuple[int, ...]
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
@@ -243,8 +249,8 @@ def weight_files(folder: Path, kind: str = "native") -> list[Path]:
 
 def _check_shards(folder: Path, files: list[Path]) -> None:
     """Shards are named prefix-0000i-of-0000N.safetensors: all N must be there, from one set."""
-    numbered = [re.fullmatch(r"(.*)-(\d+)-of-(\d+)\.safetensors", f.name) for f in files]
-    counts = {int(m[3]) for m in numbered if m}
+    numbered = [m for f in files if (m := re.fullmatch(r"(.*)-(\d+)-of-(\d+)\.safetensors", f.name))]
+    counts = {int(m[3]) for m in numbered}
     if len(counts) != 1:
         raise MistralError(f"{folder} mixes shards of different sets ({', '.join(f.name for f in files)}); "
                            "keep one download")
@@ -274,7 +280,7 @@ def _index_safetensors(path: Path) -> dict[str, _Stored]:
                                    "F32, F16 and BF16 weights only")
             dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
-            if end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+            if start < 0 or end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
                 raise ValueError(f"{name!r} spans bytes {start}..{end}, which do not hold shape {list(shape)} "
                                  f"in a {size}-byte file")
             stored[name] = _Stored(path, 8 + n + start, dtype, shape)
@@ -288,14 +294,17 @@ def _index_pth(path: Path) -> dict[str, _Stored]:
     # data, and records where each storage starts inside the zip file, which stores it uncompressed.
     try:
         state = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as e:
-        raise MistralError(f"cannot read {path}: {e}") from None
+    except Exception as e:  # weights_only refusals, truncated zips, files that are not torch.save output
+        raise MistralError(f"cannot read {path}: {str(e).strip().splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise MistralError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     stored = {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor) or not t.is_contiguous():
             raise MistralError(f"{name!r} in {path.name} is not a contiguous tensor; re-save the state dict")
+        if t.dtype not in _SAFETENSORS_NAMES:
+            raise MistralError(f"{name!r} in {path.name} is stored as {t.dtype}; this library reads "
+                               "fp32, fp16 and bf16 weights only")
         base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
         if base is None:
             raise MistralError(f"torch {torch.__version__} cannot locate tensors inside {path.name} without reading "
@@ -339,7 +348,7 @@ _FUSED_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123
 
 
 def hf_name(name: str) -> str:
-    """The HF key of native key `name`: hf_name("layers.3.attention.wk.weight") == "model.layers.3.self_attn.k_proj.weight"."""
+    """The HF key of a native key: "layers.3.attention.wk.weight" -> "model.layers.3.self_attn.k_proj.weight"."""
     return _TO_HF[_INDEX.sub("{}", name)].format(*_INDEX.findall(name))
 
 
@@ -383,7 +392,8 @@ class _Source:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _locate(name: str, shape: tuple[int, ...], args: ModelArgs, kind: str, fused: bool):
+def _locate(name: str, shape: tuple[int, ...], args: ModelArgs, kind: str,
+            fused: bool) -> tuple[str, tuple[int, ...], int]:
     """(file key, that tensor's full shape, element offset of `name` inside it) for native tensor `name`.
 
     Newer transformers keep each layer's experts fused: gate_up_proj (E, 2I, D) is, per expert, its w1 rows
@@ -416,8 +426,8 @@ def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
         stored = {k: v for k, v in stored.items() if not k.endswith("rotary_emb.inv_freq")}
     fused = kind == "hf" and any(k.endswith(".mlp.experts.gate_up_proj") for k in stored)
     with torch.device("meta"):
-        model = Transformer(args)
-    located = {name: _locate(name, tuple(t.shape), args, kind, fused) for name, t in model.state_dict().items()}
+        shapes = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+    located = {name: _locate(name, shape, args, kind, fused) for name, shape in shapes.items()}
     expected = {key: shape for key, shape, _ in located.values()}
 
     missing = [k for k in expected if k not in stored]
@@ -439,7 +449,7 @@ def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
     for name, (key, _, elements) in located.items():
         where = stored[key]
         plan[name] = _Source(key, where.path, where.offset + elements * where.dtype.itemsize, where.dtype,
-                             tuple(model.state_dict()[name].shape), rope_heads(name, args) if kind == "hf" else 0)
+                             shapes[name], rope_heads(name, args) if kind == "hf" else 0)
     return plan
 
 
@@ -459,24 +469,29 @@ def _read_exactly(f, view: memoryview, source: _Source, progress: tqdm) -> None:
     while view:
         n = f.readinto(view[:_CHUNK_BYTES])
         if not n:
-            raise MistralError(f"{source.path} ends before {source.key!r} does: the file is truncated; download it again")
+            raise MistralError(f"{source.path} ends inside {source.key!r}: the file is truncated; download it again")
         view = view[n:]
         progress.update(n)
 
 
-def _read(source: _Source, device: torch.device, dtype: torch.dtype, progress: tqdm) -> torch.Tensor:
-    """One native tensor, in dtype on device, holding at most _CHUNK_BYTES of it in any other form."""
+def _read(source: _Source, device: torch.device, dtype: torch.dtype, progress: tqdm,
+          staging: torch.Tensor | None = None) -> torch.Tensor:
+    """One native tensor, in dtype on device, holding at most _CHUNK_BYTES of it in any other form.
+
+    staging: uint8 scratch of _CHUNK_BYTES for dtype conversion or a device copy. Pass the same one for
+    every tensor: a fresh scratch per tensor lands between the tensors kept and fragments the heap.
+    """
     out = torch.empty(source.shape, dtype=dtype, device=device)
     with open(source.path, "rb", buffering=0) as f:
         f.seek(source.offset)
         if device.type == "cpu" and dtype == source.dtype:
             _read_exactly(f, _bytes(out), source, progress)
         else:
-            flat = out.view(-1)
-            step = max(1, _CHUNK_BYTES // source.dtype.itemsize)
-            buffer = torch.empty(min(step, flat.numel()), dtype=source.dtype)
+            staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8) if staging is None else staging
+            flat, step = out.view(-1), max(1, _CHUNK_BYTES // source.dtype.itemsize)
+            chunk = staging[: step * source.dtype.itemsize].view(source.dtype)  # (step,)
             for start in range(0, flat.numel(), step):
-                part = buffer[: min(step, flat.numel() - start)]
+                part = chunk[: min(step, flat.numel() - start)]
                 _read_exactly(f, _bytes(part), source, progress)
                 flat[start : start + part.numel()].copy_(part)  # converts dtype and moves to device
     return from_hf_rope_order(out, source.rope_heads) if source.rope_heads else out
@@ -495,8 +510,9 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
     """
     folder = Path(folder)
     plan = _plan(folder, args)
+    staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
     with _progress(sum(plan[n].nbytes for n in wanted), f"loading {folder.name}") as progress:
-        return {name: _read(plan[name], device, dtype, progress) for name in wanted}
+        return {name: _read(plan[name], device, dtype, progress, staging) for name in wanted}
 
 
 def _write_safetensors(path: Path, tensors: dict[str, tuple[_Source, int]], progress: tqdm) -> None:

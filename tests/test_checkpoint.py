@@ -22,6 +22,7 @@ SEQLENS = [3, 20, 37]  # two prompts longer than the window of 5
 _gen = torch.Generator().manual_seed(1)
 SEQS = [torch.randint(0, 64, (n,), generator=_gen).tolist() for n in SEQLENS]
 CHUNKS = [5, 1, 9, 2, 7]  # uneven chunk sizes, around and across the window
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
 
 def packed(model: Transformer) -> torch.Tensor:
@@ -123,8 +124,9 @@ def test_hf_mixtral_with_fused_experts(tmp_path):
     torch.testing.assert_close(packed(model), expected, atol=1e-4, rtol=0)
     # Expert 3's w3 is the second half of its gate_up_proj block; w2 its down_proj slice.
     fused = state["model.layers.1.mlp.experts.gate_up_proj"]
-    torch.testing.assert_close(model.state_dict()["layers.1.feed_forward.experts.3.w3.weight"], fused[3, 48:], rtol=0, atol=0)
-    torch.testing.assert_close(model.state_dict()["layers.1.feed_forward.experts.3.w2.weight"],
+    ours = model.state_dict()
+    torch.testing.assert_close(ours["layers.1.feed_forward.experts.3.w3.weight"], fused[3, 48:], rtol=0, atol=0)
+    torch.testing.assert_close(ours["layers.1.feed_forward.experts.3.w2.weight"],
                                state["model.layers.1.mlp.experts.down_proj"][3], rtol=0, atol=0)
 
 
@@ -146,7 +148,7 @@ def test_converting_hf_to_native_and_back(kind, tmp_path):
     torch.testing.assert_close(packed(load(back)), packed(load(native)), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("moe", [None, {"num_experts": 4, "num_experts_per_tok": 2}], ids=["dense", "moe"])
+@pytest.mark.parametrize("moe", [None, MOE], ids=["dense", "moe"])
 def test_native_to_hf_round_trip_is_exact(moe, tmp_path):
     """Runs without transformers: native -> hf -> native gives back every tensor bit for bit."""
     model = random_model(tiny_params(moe=moe))
@@ -155,7 +157,8 @@ def test_native_to_hf_round_trip_is_exact(moe, tmp_path):
     config = json.loads((hf / "config.json").read_text())
     assert config["model_type"] == ("mistral" if moe is None else "mixtral")
     # RoPE rows really are reordered on the way out: HF's q_proj is a row permutation of our wq.
-    wq, q_proj = model.state_dict()["layers.0.attention.wq.weight"], load_file(hf / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    wq = model.state_dict()["layers.0.attention.wq.weight"]
+    q_proj = load_file(hf / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(wq, q_proj) and torch.equal(wq.sort(0).values, q_proj.sort(0).values)
     again = checkpoint.convert(hf, tmp_path / "again")
     original = load_file(tmp_path / "native" / "consolidated.safetensors")
@@ -168,7 +171,7 @@ def test_native_to_hf_round_trip_is_exact(moe, tmp_path):
 def test_native_model_converted_to_hf_matches_transformers(tmp_path):
     """Our random model (not one transformers made) through convert(to="hf") runs the same in transformers."""
     transformers = pytest.importorskip("transformers")
-    model = random_model(tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2}))
+    model = random_model(tiny_params(moe=MOE))
     save_folder(model, tmp_path / "native")
     hf = checkpoint.convert(tmp_path / "native", tmp_path / "hf", to="hf")
     reloaded = transformers.MixtralForCausalLM.from_pretrained(hf, attn_implementation="eager").eval()
@@ -208,7 +211,7 @@ def _save_shards(model: Transformer, folder, n: int = 3):
     return folder
 
 
-@pytest.mark.parametrize("moe", [None, {"num_experts": 4, "num_experts_per_tok": 2}], ids=["dense", "moe"])
+@pytest.mark.parametrize("moe", [None, MOE], ids=["dense", "moe"])
 def test_native_layouts_give_identical_logits(moe, tmp_path):
     model = random_model(tiny_params(moe=moe))
     expected = packed(model)
@@ -305,14 +308,16 @@ MALFORMED = {
     "extra key": ("native", ST, lambda d: {**d, "layers.2.ffn_norm.weight": torch.ones(32)},
                   r"hold 'layers.2.ffn_norm.weight', which the model in params.json does not have"),
     "shape": ("native", ST, lambda d: {**d, "layers.0.attention.wk.weight": torch.ones(8, 32)},
-              r"'layers.0.attention.wk.weight' in consolidated.safetensors has shape \[8, 32\] but params.json implies \[16, 32\]"),
+              r"'layers.0.attention.wk.weight' in consolidated.safetensors has shape \[8, 32\] "
+              r"but params.json implies \[16, 32\]"),
     "vocab": ("native", "params.json", lambda p: {**p, "vocab_size": 100},
               r"'tok_embeddings.weight' in .* has shape \[64, 32\] but params.json implies \[100, 32\]"),
     "int weights": ("native", ST, lambda d: {**d, "norm.weight": torch.ones(32, dtype=torch.int64)},
                     r"'norm.weight' in consolidated.safetensors is stored as I64"),
     "missing shard": ("shards", "consolidated-00002-of-00003.safetensors", "delete",
                       r"lacks shard consolidated-00002-of-00003.safetensors \(1 of 3 missing\)"),
-    "hf model_type": ("hf", "config.json", lambda c: {**c, "model_type": "llama"}, r"model_type 'llama'; this library reads"),
+    "hf model_type": ("hf", "config.json", lambda c: {**c, "model_type": "llama"},
+                      r"model_type 'llama'; this library reads"),
     "hf incomplete": ("hf", "config.json", _drop("hidden_size"), r"config.json is missing 'hidden_size'"),
     "hf rope scaling": ("hf", "config.json", lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
                         r"asks for RoPE scaling"),
@@ -320,20 +325,23 @@ MALFORMED = {
     "hf missing key": ("hf", HF_ST, _drop("model.layers.1.self_attn.k_proj.weight"),
                        r"lack 'model.layers.1.self_attn.k_proj.weight', which the model in config.json needs"),
     "hf intermediate": ("hf", "config.json", lambda c: {**c, "intermediate_size": 40},
-                        r"'model.layers.0.mlp.gate_proj.weight' in model.safetensors has shape \[48, 32\] but config.json implies \[40, 32\]"),
+                        r"'model.layers.0.mlp.gate_proj.weight' in model.safetensors has shape \[48, 32\] "
+                        r"but config.json implies \[40, 32\]"),
     "hf fewer experts": ("moe", "config.json", lambda c: {**c, "num_local_experts": 3},
-                         r"hold 'model.layers.0.block_sparse_moe.experts.3.w1.weight' \(and 5 more\), which the model in config.json does not have"),
+                         r"hold 'model.layers.0.block_sparse_moe.experts.3.w1.weight' \(and 5 more\), "
+                         r"which the model in config.json does not have"),
     "hf more experts": ("moe", "config.json", lambda c: {**c, "num_local_experts": 5},
                         r"lack 'model.layers.0.block_sparse_moe.experts.4.w1.weight' \(and 5 more\)"),
     "hf fused experts": ("fused", "config.json", lambda c: {**c, "num_local_experts": 3},
-                         r"'model.layers.0.mlp.experts.gate_up_proj' in model.safetensors has shape \[4, 96, 32\] but config.json implies \[3, 96, 32\]"),
+                         r"'model.layers.0.mlp.experts.gate_up_proj' in model.safetensors has shape \[4, 96, 32\] "
+                         r"but config.json implies \[3, 96, 32\]"),
 }
 
 
 @pytest.mark.parametrize("case", MALFORMED)
 def test_malformed_folder_fails_with_its_message(case, tmp_path):
     kind, file, edit, message = MALFORMED[case]
-    model = random_model(tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2} if kind in ("moe", "fused") else None))
+    model = random_model(tiny_params(moe=MOE if kind in ("moe", "fused") else None))
     folder = save_folder(model, tmp_path / "native") if kind != "shards" else _save_shards(model, tmp_path / "native")
     if kind in ("hf", "moe", "fused"):
         folder = checkpoint.convert(folder, tmp_path / "hf", to="hf")
@@ -366,5 +374,5 @@ def test_convert_refuses_a_bad_target(tmp_path):
 
 def test_hf_config_round_trips_through_our_args():
     args = ModelArgs(dim=32, n_layers=2, head_dim=16, hidden_dim=48, n_heads=4, n_kv_heads=1, norm_eps=1e-5,
-                     vocab_size=64, sliding_window=None, rope_theta=1e6, moe={"num_experts": 4, "num_experts_per_tok": 2})
+                     vocab_size=64, sliding_window=None, rope_theta=1e6, moe=MOE)
     assert checkpoint.args_from_hf_config(checkpoint.hf_config_from_args(args, torch.bfloat16)) == args
