@@ -47,6 +47,18 @@ class BlockMask:
             q0, k0 = q0 + q, k0 + kv
         return out
 
+    @cached_property
+    def _tiles(self) -> dict:
+        return {}
+
+    def tile_mask(self, q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, device) -> torch.Tensor:
+        """_window_mask for one tile, built once per forward: every layer, and every tile of the same
+        size and relative offset in any block, shares it."""
+        key = (q_hi - q_lo, k_hi - k_lo, q_lo + offset - k_lo, str(device))
+        if key not in self._tiles:
+            self._tiles[key] = _window_mask(q_lo, q_hi, k_lo, k_hi, offset, self.window, device)
+        return self._tiles[key]
+
     @property
     def shape(self) -> tuple[int, int]:
         """(S, Skv) of the attention this mask describes; with padding, Skv counts every slot."""
@@ -148,7 +160,7 @@ def _sdpa_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
             k_hi = offset + b  # the last query of the tile sees up to itself
             k_lo = max(0, offset + a - W + 1) if W is not None else 0
             # A single query sees every key in [k_lo, k_hi): no mask needed.
-            tile_mask = None if b - a == 1 else _window_mask(a, b, k_lo, k_hi, offset, W, q.device)
+            tile_mask = None if b - a == 1 else mask.tile_mask(a, b, k_lo, k_hi, offset, q.device)
             qt = q[q0 + a : q0 + b].transpose(0, 1)[None]  # (1, H, T, D)
             kt = k[k0 + k_lo : k0 + k_hi].transpose(0, 1)[None]  # (1, Hkv, Tk, D)
             vt = v[k0 + k_lo : k0 + k_hi].transpose(0, 1)[None]

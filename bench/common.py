@@ -1,0 +1,116 @@
+"""Shared by the benchmarks: the benchmark model, rooflines measured in the same run, HF loading, reports."""
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mistral.model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+# The model of issue 6: ~100M parameters, 398 MB in fp32.
+PARAMS = dict(dim=768, n_layers=8, head_dim=64, hidden_dim=2048, n_heads=12, n_kv_heads=4, norm_eps=1e-5,
+              vocab_size=32000, sliding_window=256, rope_theta=1e4)
+
+
+def setup() -> None:
+    """One thread per physical core: more threads do not help a bandwidth-bound decode."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    torch.manual_seed(0)
+
+
+def random_model(params: dict = PARAMS, seed: int = 0, max_batch_size: int = 3) -> Transformer:
+    """Random weights at a realistic scale (std 0.02, norms at 1), fp32."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_dict(dict(params)), max_batch_size=max_batch_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(std=0.02)
+    return model.eval()
+
+
+def save_native(model: Transformer, folder: Path) -> Path:
+    import dataclasses
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+    (folder / "params.json").write_text(json.dumps(params))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "consolidated.safetensors"))
+    return folder
+
+
+def hf_model(model: Transformer):
+    """The same weights in HF transformers' MistralForCausalLM (sdpa), or None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from mistral.checkpoint import convert
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        native = save_native(model, Path(tmp) / "native")
+        hf = convert(native, Path(tmp) / "hf", to="hf")
+        cls = transformers.MixtralForCausalLM if model.args.moe else transformers.MistralForCausalLM
+        out = cls.from_pretrained(hf, dtype=torch.float32, attn_implementation="sdpa").eval()
+    out.generation_config.eos_token_id = None
+    out.generation_config.pad_token_id = 0
+    return out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def read_time(n_bytes: int, repeat: int = 7) -> float:
+    """Seconds to read n_bytes once from memory (best of `repeat` sums): the decode roofline."""
+    x = torch.ones(n_bytes // 4)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def report(name: str, rows: list[dict], ratios: dict[str, float], notes: dict | None = None) -> None:
+    """Print rows as a table and a final line of ratios; write everything to bench/results/NAME.json."""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[_fmt(row.get(c, "")) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    m = machine()
+    print(f"# {name} on {m['cpu']} ({m['isa']}), {m['threads']} threads, torch {m['torch']}")
+    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
+    print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": m, "rows": rows, "ratios": ratios,
+                                                      "notes": notes or {}}, indent=2) + "\n")
+
+
+def _fmt(v) -> str:
+    return f"{v:,.3g}" if isinstance(v, float) and abs(v) < 100 else f"{v:,.0f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,93 @@
+"""Decode speed at the memory roofline: `python -m bench.decode`.
+
+Batch-1 decode must read every weight once per token, so the time of one read of the weights (a sum
+over as many bytes, measured in the same run) bounds it. Reports fp32 ms/token against that roofline
+and against HF transformers' generate on the same weights, three packed sequences against one, and
+the bf16-weight and int8 paths of mistral.quantize where present.
+"""
+import time
+
+import torch
+
+from bench.common import best_of, hf_model, random_model, read_time, report, setup, weight_bytes
+from mistral.generate import generate_ids
+
+PROMPT_LEN, STEPS = 16, 96
+
+
+def ours_ms_per_token(model, batch: int = 1, steps: int = STEPS) -> float:
+    """Steady-state ms per decode step: the time between a row's first and last generated token."""
+    prompts = [[(7 * i + 13 * b) % model.args.vocab_size + 3 for i in range(PROMPT_LEN)] for b in range(batch)]
+    stamps = []
+
+    def on_token(row, token):
+        if row == 0:
+            stamps.append(time.perf_counter())
+
+    generate_ids(prompts, model, max_tokens=8)  # warm up
+    best = float("inf")
+    for _ in range(2):
+        stamps.clear()
+        generate_ids(prompts, model, max_tokens=steps + 1, on_token=on_token)
+        best = min(best, (stamps[-1] - stamps[0]) / steps)
+    return best * 1e3
+
+
+def hf_ms_per_token(hf, steps: int = STEPS) -> float:
+    ids = torch.arange(3, 3 + PROMPT_LEN)[None]
+
+    def run(n):
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    run(4)
+    return (best_of(lambda: run(steps + 1), 2) - best_of(lambda: run(1), 3)) / steps * 1e3
+
+
+def main() -> None:
+    setup()
+    model = random_model()
+    n_bytes = weight_bytes(model)
+    roof = read_time(n_bytes) * 1e3
+    rows, ratios = [], {}
+    fp32 = ours_ms_per_token(model)
+    rows.append({"path": "ours fp32, batch 1", "ms/token": fp32, "tokens/s": 1e3 / fp32, "x roofline": fp32 / roof})
+    ratios["fp32 decode / roofline"] = fp32 / roof
+    hf = hf_model(model)
+    if hf is not None:
+        hf_ms = hf_ms_per_token(hf)
+        rows.append({"path": "HF transformers fp32 (sdpa)", "ms/token": hf_ms, "tokens/s": 1e3 / hf_ms,
+                     "x roofline": hf_ms / roof})
+        ratios["HF / ours fp32"] = hf_ms / fp32
+        del hf
+    batched = ours_ms_per_token(model, batch=3)
+    rows.append({"path": "ours fp32, 3 packed rows", "ms/token": batched, "tokens/s": 3e3 / batched,
+                 "x roofline": batched / roof})
+    ratios["tokens/s 3 rows / 1 row"] = 3 * fp32 / batched
+    try:
+        from mistral import quantize
+    except ImportError:
+        quantize = None
+    if quantize is not None:
+        for label, make in [("bf16 weights", _bf16), ("int8 weights", _int8)]:
+            fast = make(quantize, random_model())
+            ms = ours_ms_per_token(fast)
+            rows.append({"path": f"ours {label}, batch 1", "ms/token": ms, "tokens/s": 1e3 / ms,
+                         "x roofline": ms / roof})
+            ratios[f"fp32 / {label} decode"] = fp32 / ms
+    print(f"weights {n_bytes / 1e6:.0f} MB fp32; one read of them takes {roof:.1f} ms "
+          f"({n_bytes / roof / 1e6:.1f} GB/s): the batch-1 roofline")
+    report("decode", rows, ratios, {"weights_bytes": n_bytes, "roofline_ms": roof, "prompt_len": PROMPT_LEN,
+                                    "steps": STEPS})
+
+
+def _bf16(quantize, model):
+    return quantize.fast_bf16_linears(model.to(torch.bfloat16))
+
+
+def _int8(quantize, model):
+    return quantize.quantize_int8(model)
+
+
+if __name__ == "__main__":
+    main()
