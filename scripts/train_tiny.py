@@ -191,9 +191,7 @@ def main() -> None:
     train_texts, val_texts = zip(*(split(text, opts.val_fraction) for _, text in works))
     print(f"{len(works)} works: {sum(map(len, train_texts)):,} train chars, {sum(map(len, val_texts)):,} val chars")
 
-    opts.out.mkdir(parents=True, exist_ok=True)
     tokenizer_model = train_tokenizer(list(train_texts), ARGS.vocab_size)
-    (opts.out / "tokenizer.model").write_bytes(tokenizer_model)
     sp = spm.SentencePieceProcessor(model_proto=tokenizer_model)
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
     assert sp.vocab_size() == ARGS.vocab_size, sp.vocab_size()
@@ -239,6 +237,9 @@ def main() -> None:
 
     val_loss = evaluate(model, val, T, B, sp.bos_id(), None)
     n_val = len(val) // T
+    # Everything is written at the end, so an interrupted run leaves the shipped files as they were.
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "tokenizer.model").write_bytes(tokenizer_model)
     save_file({k: v.contiguous().float() for k, v in model.state_dict().items()}, opts.out / "consolidated.safetensors")
     params = {k: v for k, v in dataclasses.asdict(ARGS).items() if v is not None}
     (opts.out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
