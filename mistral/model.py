@@ -164,7 +164,7 @@ class Transformer(nn.Module):
     @staticmethod
     def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Transformer":
-        """Load a model folder: params.json with consolidated.safetensors or consolidated.00.pth.
+        """Load a native folder (params.json + consolidated.*) or a Hugging Face one (config.json + model*.safetensors).
 
         device defaults to cuda when available, else cpu; dtype to bf16 on cuda and fp32 on cpu. The
         model is built on the meta device, so weights are read once, straight into their final tensors.
