@@ -30,12 +30,12 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
         raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")
     if num_pipeline_ranks > 1:
         _init_pipeline(num_pipeline_ranks, device)
-    tokenizer = Tokenizer(folder / "tokenizer.model") if folder.is_dir() else None
+    if not folder.is_dir():
+        raise MistralError(f"model folder {str(folder)!r} does not exist")
+    tokenizer = Tokenizer(folder / "tokenizer.model")  # before reading gigabytes of weights
     start = time.perf_counter()
     model = Transformer.from_folder(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
                                     device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype)
-    if tokenizer is None:  # from_folder has already said what is wrong with the folder
-        raise MistralError(f"model folder {str(folder)!r} does not exist")
     if tokenizer.n_words != model.args.vocab_size:
         raise MistralError(f"{folder / 'tokenizer.model'} has {tokenizer.n_words} tokens but params.json says "
                            f"vocab_size={model.args.vocab_size}: the tokenizer belongs to another model")
@@ -119,8 +119,9 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
                 device: str = "auto", dtype: str = "auto", instruct: bool = False) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
 
-    Ctrl-C stops the generation under way; a second Ctrl-C, at the prompt, exits. --instruct wraps each
-    prompt as [INST] ... [/INST] for instruction-tuned models.
+    Ctrl-C stops the generation under way; a second Ctrl-C, at the prompt, exits. Under pipeline ranks
+    Ctrl-C ends every rank at once, since the ranks would stop at different points of the loop. --instruct
+    wraps each prompt as [INST] ... [/INST] for instruction-tuned models.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks,
@@ -147,6 +148,8 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
                          chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator,
                          on_token=lambda row, token: stream.add(token))
         except KeyboardInterrupt:
+            if dist.is_initialized():
+                raise
             stream.end()
             _info("[stopped]")
             continue
