@@ -68,10 +68,14 @@ def _info(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _generator(seed: int) -> torch.Generator:
-    if not isinstance(seed, int):
+def _check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool):
         raise MistralError(f"seed must be a whole number, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    """Sampling draws on the logits' device, so the generator lives there too."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -88,6 +92,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
     Without model_path, uses the small Shakespeare model that ships with the package.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    _check_seed(seed)
     model, tokenizer = load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                             device=device, dtype=dtype)
     encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
@@ -99,7 +104,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
     start = time.perf_counter()
     generated, _ = generate_ids(encoded, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, chunk_size=chunk_size, eos_id=tokenizer.eos_id,
-                                generator=_generator(seed), on_token=on_token)
+                                generator=_generator(seed, model.device), on_token=on_token)
     end = time.perf_counter()
     if _is_printing_rank():
         for p, g in zip(encoded, generated):
@@ -124,9 +129,10 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     wraps each prompt as [INST] ... [/INST] for instruction-tuned models.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    _check_seed(seed)
     model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks,
                             device=device, dtype=dtype)
-    generator = _generator(seed)
+    generator = _generator(seed, model.device)
     tty = sys.stdin.isatty()
     rejected = 0
     while True:

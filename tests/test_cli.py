@@ -186,6 +186,7 @@ OPTION_ERRORS = {
     "unknown dtype": (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     "pipeline without torchrun": (["--num_pipeline_ranks", "2"], "torchrun --nproc-per-node 2"),
     "bad chunk size": (["--chunk_size", "0"], "chunk_size must be"),
+    "bad seed": (["--seed", "abc"], "seed must be a whole number"),
 }
 
 
