@@ -1,0 +1,244 @@
+"""quantize_int8 and bf16_weight_only: each linear against an independent float64 computation, and whole
+tiny models against fp32, packed, chunked and through generate_ids.
+
+Error bounds used below, for y = x @ W.T over K inputs and B = |x| @ |W|.T (the sum of |x_k w_k|):
+- fp32 arithmetic: |error| <= K * 2^-24 * B (the classical bound for a K-term dot product), taken as
+  K * 2^-23 * B to cover the final multiplication by the scale as well.
+- torch._weight_int8pack_mm (the eager int8 path for few rows) rounds x, the scales and y to bf16, each a
+  relative error of at most 2^-9: |error| <= 3 * 2^-9 * B, taken as 2^-7 * B.
+And for whole models, int8 against fp32: logits within 0.1 of the logits' standard deviation. Measured on
+these tiny models: 4-8% at most (per-channel int8 of K = 32 inputs is about 0.6% off per dot product, and
+it compounds over the layers; the eager path's bf16 rounding adds to it). That is noise enough to swap two
+nearly tied tokens, so generation is compared int8 against int8, not against fp32.
+"""
+import copy
+
+import pytest
+import torch
+from helpers import random_model, tiny_params
+from torch import nn
+
+from mistral import quantize
+from mistral.cache import RotatingBufferCache
+from mistral.generate import generate_ids
+from mistral.moe import MoeLayer
+from mistral.quantize import SMALL_M, Bf16Linear, Int8Linear, _planes, bf16_weight_only, quantize_int8
+
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+# Every linear of this model has K = 44 inputs, so the compiled tests need only four kernels (int8 and bf16,
+# one row and several), about 15 s to compile on a cold cache. K/4 = 11 and K/2 = 22 words also exercise
+# the tail after the kernels' 8-wide vector loop.
+K44 = dict(dim=44, hidden_dim=44, n_heads=2, n_kv_heads=1, head_dim=22)
+PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)), [8, 1, 4, 2, 63, 0, 12, 7]]
+
+
+def dequantized(q: Int8Linear) -> torch.Tensor:
+    return q.weight.double() * q.scales.double()[:, None]  # (N, K)
+
+
+def fp32_atol(x: torch.Tensor, w: torch.Tensor) -> float:
+    return x.shape[-1] * 2.0 ** -23 * (x.double().abs() @ w.double().abs().T).max().item()
+
+
+def bf16_atol(x: torch.Tensor, w: torch.Tensor) -> float:
+    return 2.0 ** -7 * (x.double().abs() @ w.double().abs().T).max().item()
+
+
+def assert_int8_close(q: Int8Linear, x: torch.Tensor, atol: float) -> None:
+    torch.testing.assert_close(q(x).double(), x.double() @ dequantized(q).T, rtol=0, atol=atol)
+
+
+def random_linear(n: int, k: int) -> nn.Linear:
+    torch.manual_seed(n * 1000 + k)
+    return nn.Linear(k, n, bias=False).requires_grad_(False)
+
+
+def test_planes_worked_example():
+    x = torch.tensor([[0.0, 1, 2, 3, 4, 5]])
+    assert _planes(x, 2).tolist() == [[0, 2, 4, 1, 3, 5]]
+    assert _planes(torch.arange(8.0)[None], 4).tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]]
+
+
+def test_quantization_is_symmetric_per_output_channel():
+    lin = random_linear(16, 64)
+    q = Int8Linear.from_linear(lin)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (16,)
+    assert (q.weight.abs().amax(dim=1) == 127).all()  # each row's largest weight uses the full range
+    # Rounding to the nearest step: no weight is off by more than half a step of its row.
+    assert ((dequantized(q) - lin.weight.double()).abs() <= q.scales.double()[:, None] / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("M", [1, 3, 37])
+def test_int8_linear_eager(M):
+    """M <= SMALL_M: torch._weight_int8pack_mm, bf16 rounding; M = 37: fp32 F.linear on the int8 weights."""
+    q = Int8Linear.from_linear(random_linear(48, 64), compiled=False)
+    x = torch.randn(M, 64)
+    atol = bf16_atol(x, dequantized(q)) if M <= SMALL_M else fp32_atol(x, dequantized(q))
+    with torch.no_grad():
+        assert_int8_close(q, x, atol)
+
+
+@pytest.mark.parametrize("M", [1, 3, 37])
+def test_int8_linear_compiled(M):
+    """The compiled matvec (M <= SMALL_M) is fp32 arithmetic on the exact int8 weights."""
+    q = Int8Linear.from_linear(random_linear(40, 44))
+    x = torch.randn(M, 44)
+    with torch.no_grad():
+        assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
+
+
+@pytest.mark.parametrize("M", [1, 3, 37])
+def test_bf16_linear_compiled(M):
+    b = Bf16Linear(random_linear(40, 44).weight)
+    x = torch.randn(M, 44)
+    w = b.weight.double()  # the bf16 weights, exactly
+    with torch.no_grad():
+        torch.testing.assert_close(b(x).double(), x.double() @ w.T, rtol=0, atol=fp32_atol(x, w))
+
+
+def test_many_rows_convert_the_weights_in_blocks(monkeypatch):
+    """Pre-fill converts 5 rows of the weight at a time here (16 MB at a time normally), scales included."""
+    monkeypatch.setattr(quantize, "CONVERT_BLOCK_BYTES", 5 * 44 * 4)
+    lin = random_linear(23, 44)
+    q, b = Int8Linear.from_linear(lin), Bf16Linear(lin.weight)
+    x = torch.randn(37, 44)
+    with torch.no_grad():
+        assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
+        torch.testing.assert_close(b(x).double(), x.double() @ b.weight.double().T, rtol=0, atol=fp32_atol(x, b.weight))
+
+
+def test_odd_sizes_take_the_eager_paths():
+    """K = 10 splits into bf16 pairs but not int8 words, nor the 8-wide int8pack kernel: F.linear then."""
+    lin = random_linear(7, 10)
+    q, b = Int8Linear.from_linear(lin), Bf16Linear(lin.weight, compiled=False)
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
+        torch.testing.assert_close(b(x).double(), x.double() @ b.weight.double().T, rtol=0, atol=fp32_atol(x, b.weight))
+
+
+def test_autograd_inputs_take_the_plain_path():
+    q, b = Int8Linear.from_linear(random_linear(40, 44)), Bf16Linear(random_linear(40, 44).weight)
+    x = torch.randn(2, 44, requires_grad=True)
+    (q(x).sum() + b(x).sum()).backward()
+    torch.testing.assert_close(x.grad, (dequantized(q).sum(0) + b.weight.double().sum(0)).float().expand(2, -1))
+
+
+def run_chunked(model, seqs, chunk):
+    """Feed seqs through a cache, `chunk` tokens per row and step; each sequence's logits, in packed order."""
+    cache = RotatingBufferCache(model.n_local_layers, len(seqs), model.args.sliding_window, model.args.n_kv_heads,
+                                model.args.head_dim, dtype=model.dtype)
+    fed, outs = [0] * len(seqs), [[] for _ in seqs]
+    while any(f < len(s) for f, s in zip(fed, seqs)):
+        lens = [min(chunk, len(s) - f) for f, s in zip(fed, seqs)]
+        ids = torch.tensor([t for b, s in enumerate(seqs) for t in s[fed[b] : fed[b] + lens[b]]])
+        for b, part in enumerate(model(ids, lens, cache).split(lens)):
+            outs[b].append(part)
+        fed = [f + n for f, n in zip(fed, lens)]
+    return torch.cat([torch.cat(o) for o in outs])
+
+
+def packed(model):
+    with torch.no_grad():
+        return model(torch.tensor(sum(PROMPTS, [])), [len(p) for p in PROMPTS])
+
+
+@pytest.mark.parametrize("moe", [None, MOE])
+def test_quantize_int8_model(moe):
+    """Packed (F.linear on int8 weights) and one token per step (torch._weight_int8pack_mm) against fp32."""
+    model = random_model(tiny_params(moe=moe))
+    q = quantize_int8(copy.deepcopy(model), compiled=False)
+    assert isinstance(q.output, Int8Linear) and isinstance(q.layers["1"].attention.wk, Int8Linear)
+    if moe:
+        ff = q.layers["0"].feed_forward
+        assert isinstance(ff, MoeLayer) and type(ff.gate) is nn.Linear and isinstance(ff.experts[3].w2, Int8Linear)
+    assert q.dtype == torch.float32 and q.tok_embeddings.weight.dtype == torch.float32
+    want = packed(model)
+    atol = 0.1 * want.std().item()
+    torch.testing.assert_close(packed(q), want, rtol=0, atol=atol)
+    with torch.no_grad():
+        torch.testing.assert_close(run_chunked(q, PROMPTS, 1), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("moe", [None, MOE])
+def test_quantize_int8_generate_chunked(moe, monkeypatch):
+    """With every row count on F.linear (fp32 on the int8 weights), chunking changes only the summation
+    order: the same tokens, each the argmax of a one-pass forward over the whole text."""
+    monkeypatch.setattr(quantize, "SMALL_M", 0)
+    q = quantize_int8(random_model(tiny_params(moe=moe)), compiled=False)
+    want, want_lp = generate_ids(PROMPTS, q, max_tokens=8)
+    for chunk_size in (1, 2, 6):
+        got, got_lp = generate_ids(PROMPTS, q, max_tokens=8, chunk_size=chunk_size)
+        assert got == want
+        for a, b in zip(got_lp, want_lp):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)
+    for p, g in zip(PROMPTS, want):
+        with torch.no_grad():
+            logits = q(torch.tensor(p + g), [len(p) + len(g)])
+        assert logits[len(p) - 1 : -1].argmax(-1).tolist() == g
+
+
+def rounded_to_bf16(model):
+    """The fp32 reference of the bf16 path: the same model, its weights rounded to bf16 and back."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.bfloat16().float())
+    return ref
+
+
+@pytest.mark.parametrize("moe", [None, MOE])
+def test_bf16_weight_only_model(moe):
+    """The eager path is fp32 F.linear on the bf16 weights converted exactly to fp32: the logits are those
+    of the fp32 model with bf16-rounded weights, bit for bit, packed, chunked and in generate_ids."""
+    model = random_model(tiny_params(moe=moe))
+    ref = rounded_to_bf16(model)
+    b = bf16_weight_only(copy.deepcopy(model).bfloat16(), compiled=False)
+    assert b.dtype == torch.float32 and all(p.dtype == torch.float32 for p in b.parameters())
+    assert isinstance(b.output, Bf16Linear) and b.output.weight.dtype == torch.bfloat16
+    if moe:
+        assert type(b.layers["0"].feed_forward.gate) is nn.Linear
+    torch.testing.assert_close(packed(b), packed(ref), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(run_chunked(b, PROMPTS, 3), run_chunked(ref, PROMPTS, 3), rtol=0, atol=0)
+    got, got_lp = generate_ids(PROMPTS, b, max_tokens=8, chunk_size=4)
+    want, want_lp = generate_ids(PROMPTS, ref, max_tokens=8, chunk_size=4)
+    assert got == want and got_lp == want_lp
+
+
+def dequantized_model(model, q):
+    """The fp32 reference of an int8 model: `model` with every quantized weight replaced by its dequantized value."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, Int8Linear):
+                ref.get_submodule(name).weight.copy_(dequantized(m))
+    return ref
+
+
+@pytest.mark.parametrize("moe", [None, MOE])
+def test_compiled_kernels_in_a_model(moe):
+    """Both compiled kernels inside a model, one token per step and in generate_ids, against fp32 models with
+    the same (bf16-rounded or dequantized) weights: fp32 arithmetic, only the summation order differs."""
+    model = random_model(tiny_params(moe=moe, **K44))
+    b, b_ref = bf16_weight_only(copy.deepcopy(model).bfloat16()), rounded_to_bf16(model)
+    q = quantize_int8(copy.deepcopy(model))
+    q_ref = dequantized_model(model, q)
+    for fast, slow in ((b, b_ref), (q, q_ref)):
+        with torch.no_grad():
+            torch.testing.assert_close(run_chunked(fast, PROMPTS, 1), run_chunked(slow, PROMPTS, 1),
+                                       rtol=1e-5, atol=1e-5)
+        got, got_lp = generate_ids(PROMPTS, fast, max_tokens=8, chunk_size=2)
+        want, want_lp = generate_ids(PROMPTS, slow, max_tokens=8, chunk_size=2)
+        assert got == want
+        for x, y in zip(got_lp, want_lp):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-4)
+
+
+def test_int8_on_top_of_bf16_weight_only():
+    """A bf16 model on a CPU gets bf16_weight_only at load; quantize_int8 then takes its Bf16Linears."""
+    model = random_model(tiny_params())
+    both = quantize_int8(bf16_weight_only(copy.deepcopy(model).bfloat16(), compiled=False), compiled=False)
+    assert isinstance(both.layers["0"].feed_forward.w1, Int8Linear) and both.dtype == torch.float32
+    want = packed(model)
+    torch.testing.assert_close(packed(both), want, rtol=0, atol=0.1 * want.std().item())
