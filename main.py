@@ -22,9 +22,19 @@ DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", 
 PIPELINE_TIMEOUT = timedelta(minutes=5)
 
 
-def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str,
-         dtype: str) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of a folder (the shipped model when model_path is None)."""
+QUANTIZE = (None, "int8")
+
+
+def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
+         quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of a folder (the shipped model when model_path is None).
+
+    quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32).
+    A bf16 model on CPU keeps bf16 weights but computes in fp32: CPUs without bf16 arithmetic run bf16
+    matrix products several times slower than fp32.
+    """
+    if quantize not in QUANTIZE:
+        raise MistralError(f"unknown --quantize {quantize!r}; the choice is int8 (or leave it out)")
     folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
     if not isinstance(num_pipeline_ranks, int) or num_pipeline_ranks < 1:
         raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")
@@ -39,9 +49,18 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     if tokenizer.n_words != model.args.vocab_size:
         raise MistralError(f"{folder / 'tokenizer.model'} has {tokenizer.n_words} tokens but params.json says "
                            f"vocab_size={model.args.vocab_size}: the tokenizer belongs to another model")
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    from mistral import quantize as fast
+
+    label = str(model.dtype).removeprefix("torch.")
+    if quantize == "int8":
+        fast.quantize_int8(model)
+        label = f"int8 weights, {label} activations"
+    elif model.device.type == "cpu" and model.dtype == torch.bfloat16:
+        fast.bf16_weight_only(model)
+        label = "bf16 weights, fp32 arithmetic"
+    n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     _info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
-          f"{model.device}, {str(model.dtype).removeprefix('torch.')}, in {time.perf_counter() - start:.1f} s")
+          f"{model.device}, {label}, in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
 
 
@@ -86,7 +105,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = 0.0, top_p: float = 0.8,
          top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
-         device: str = "auto", dtype: str = "auto") -> None:
+         device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> None:
     """Complete three fixed prompts as one packed batch and print each, followed by a line of '='.
 
     Without model_path, uses the small Shakespeare model that ships with the package.
@@ -94,7 +113,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     _check_seed(seed)
     model, tokenizer = load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, quantize=quantize)
     encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
     first_token_at = {}
 
@@ -121,7 +140,8 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
 def interactive(model_path: str | None = None, max_tokens: int = 35, temperature: float = 0.0, top_p: float = 0.8,
                 top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
-                device: str = "auto", dtype: str = "auto", instruct: bool = False) -> None:
+                device: str = "auto", dtype: str = "auto", quantize: str | None = None,
+                instruct: bool = False) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
 
     Ctrl-C stops the generation under way; a second Ctrl-C, at the prompt, exits. Under pipeline ranks
@@ -131,7 +151,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     _check_seed(seed)
     model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks,
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, quantize=quantize)
     generator = _generator(seed, model.device)
     tty = sys.stdin.isatty()
     rejected = 0

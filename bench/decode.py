@@ -82,7 +82,7 @@ def main() -> None:
 
 
 def _bf16(quantize, model):
-    return quantize.fast_bf16_linears(model.to(torch.bfloat16))
+    return quantize.bf16_weight_only(model.to(torch.bfloat16))
 
 
 def _int8(quantize, model):

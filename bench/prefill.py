@@ -95,7 +95,7 @@ def main(long: bool) -> None:
     if quantize is not None:
         with torch.inference_mode():
             want = model(ids, [PROMPT])
-        fast = quantize.fast_bf16_linears(random_model().to(torch.bfloat16))
+        fast = quantize.bf16_weight_only(random_model().to(torch.bfloat16))
         with torch.inference_mode():
             got = fast(ids, [PROMPT])
         bf16 = best_of(lambda: ours_prefill(fast, ids))
