@@ -31,14 +31,31 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (same parameters and keys) whose products for a few rows run as W @ x^T.
+
+    Decoding a few rows at a time is bound by reading W. On CPU, MKL's x @ W^T reads W at about a third
+    of the speed for 2 to 16 rows (measured on a 2-core AVX2 machine), W @ x^T at the full speed; for
+    one row or for many they are alike.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if 1 < x.shape[0] <= 16 and x.ndim == 2:
+            return (self.weight @ x.T).T.contiguous()  # (M, out)
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
         S = x.shape[0]
@@ -54,9 +71,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim)
+        self.w2 = Linear(hidden_dim, dim)
+        self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
@@ -107,7 +124,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if self.is_first else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in self.layer_ids})
         self.norm = RMSNorm(args.dim, args.norm_eps) if self.is_last else None
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if self.is_last else None
+        self.output = Linear(args.dim, args.vocab_size) if self.is_last else None
 
     @property
     def n_local_layers(self) -> int:
