@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral.model import linear  # the model's own product, so converted weights give its exact numbers
 from mistral.moe import MoeLayer
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,9 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
 
     rows = w.shape[0] if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (w.shape[1] * 4))
     if rows >= w.shape[0]:
-        return F.linear(x, convert(w, scales))
+        return linear(x, convert(w, scales))
     blocks = zip(w.split(rows), scales.split(rows) if scales is not None else [None] * -(-w.shape[0] // rows))
-    return torch.cat([F.linear(x, convert(b, s)) for b, s in blocks], dim=-1)  # (M, N)
+    return torch.cat([linear(x, convert(b, s)) for b, s in blocks], dim=-1)  # (M, N)
 
 
 _KERNELS: dict[tuple, Callable | None] = {}
