@@ -45,7 +45,6 @@ import sys
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mistral.model import linear  # the model's own product, so converted weights give its exact numbers
