@@ -48,16 +48,29 @@ class BlockMask:
         return out
 
     @cached_property
-    def _tiles(self) -> dict:
+    def _built(self) -> dict:
+        """Masks made from this description, kept for the other layers of the same forward."""
         return {}
 
     def tile_mask(self, q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, device) -> torch.Tensor:
         """_window_mask for one tile, built once per forward: every layer, and every tile of the same
         size and relative offset in any block, shares it."""
-        key = (q_hi - q_lo, k_hi - k_lo, q_lo + offset - k_lo, str(device))
-        if key not in self._tiles:
-            self._tiles[key] = _window_mask(q_lo, q_hi, k_lo, k_hi, offset, self.window, device)
-        return self._tiles[key]
+        key = ("tile", q_hi - q_lo, k_hi - k_lo, q_lo + offset - k_lo, str(device))
+        if key not in self._built:
+            self._built[key] = _window_mask(q_lo, q_hi, k_lo, k_hi, offset, self.window, device)
+        return self._built[key]
+
+    def key_padding(self, device) -> torch.Tensor | None:
+        """Padded decode: (B, 1, 1, L) bool, True on the first kv_len of each row's L = max(kv_len) slots;
+        None when every row has L keys. Built once per forward."""
+        longest = max(self.kv_seqlens)
+        if min(self.kv_seqlens) == longest:
+            return None
+        key = ("padding", str(device))
+        if key not in self._built:
+            lengths = torch.tensor(self.kv_seqlens, device=device)
+            self._built[key] = (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
+        return self._built[key]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -178,9 +191,5 @@ def _sdpa_decode(q, k, v, mask: BlockMask) -> torch.Tensor:
     qg = q.view(B, Hkv, H // Hkv, D)
     longest = max(mask.kv_seqlens)  # slots fill from 0 up, so only the first `longest` can be valid
     k, v = k[:, :, :longest], v[:, :, :longest]
-    valid = None
-    if min(mask.kv_seqlens) < longest:
-        lengths = torch.tensor(mask.kv_seqlens, device=q.device)
-        valid = (torch.arange(longest, device=q.device) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, longest)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid)  # (B, Hkv, H // Hkv, D)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.key_padding(q.device))  # (B, Hkv, H // Hkv, D)
     return o.reshape(B, H, D)
