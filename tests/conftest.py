@@ -21,16 +21,21 @@ The heart-ache and the thousand natural shocks
 That flesh is heir to."""
 
 
-@pytest.fixture(scope="session")
-def tokenizer_file(tmp_path_factory) -> Path:
-    """A 320-piece sentencepiece model (BOS 1, EOS 2, byte fallback) trained on a few lines of verse."""
+def train_tokenizer(vocab_size: int) -> bytes:
+    """A sentencepiece model (BOS 1, EOS 2, byte fallback) trained on a few lines of verse, as bytes."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf,
-                                   vocab_size=VOCAB, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   vocab_size=vocab_size, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    byte_fallback=True, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, minloglevel=2)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A VOCAB-piece tokenizer.model."""
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(train_tokenizer(VOCAB))
     return path

@@ -161,14 +161,10 @@ def test_broken_model_folder(case, model_folder, tmp_path, monkeypatch, capsys):
 
 def test_tokenizer_for_another_model(model_folder, tmp_path, monkeypatch, capsys):
     """Weights and params agree, but the tokenizer has a different vocabulary."""
-    import sentencepiece as spm
-    import io
-    from conftest import TEXT
+    from conftest import train_tokenizer
 
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 20), model_writer=buf, vocab_size=300,
-                                   byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
-    folder = _broken(tmp_path, model_folder, lambda f: (f / "tokenizer.model").write_bytes(buf.getvalue()))
+    other = train_tokenizer(300)
+    folder = _broken(tmp_path, model_folder, lambda f: (f / "tokenizer.model").write_bytes(other))
     code, _, err = run_inprocess(monkeypatch, capsys, ["demo", str(folder)])
     assert code == 2 and f"has 300 tokens but params.json says vocab_size={VOCAB}" in err
 
