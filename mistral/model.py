@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mistral import matvec
 from mistral.args import ModelArgs, MoeArgs  # noqa: F401  (re-exported: mistral.model.ModelArgs)
 from mistral.attention import BlockMask, attention
 from mistral.cache import CacheView, RotatingBufferCache
@@ -27,19 +28,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # normalise in fp32 whatever the model dtype
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps), in fp32 whatever the model dtype; one fused op instead of five.
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M, in) @ w (out, in)^T -> (M, out).
 
-    Decoding a few rows at a time is bound by reading w. On CPU, MKL's x @ w^T reads w at about a third
-    of the speed for 2 to 16 rows (measured on a 2-core AVX2 machine), w @ x^T at the full speed; for
-    one row or for many they are alike.
+    Decoding a few rows at a time is bound by reading w. On CPU, mistral.matvec's kernel reads it at the
+    memory bandwidth, about twice as fast as MKL (measured on a 2-core AVX2 machine). Without it, w @ x^T
+    is used for 2 to 16 rows: MKL's x @ w^T reads w at about a third of the speed there.
     """
-    if x.ndim == 2 and 1 < x.shape[0] <= 16:
-        return (w @ x.T).T.contiguous()
+    if x.ndim == 2 and x.shape[0] <= matvec.MAX_ROWS:
+        if matvec.usable(x, w):
+            return matvec.matvec(x, w)
+        if x.shape[0] > 1:
+            return (w @ x.T).T.contiguous()
     return F.linear(x, w)
 
 

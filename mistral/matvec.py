@@ -1,0 +1,128 @@
+"""The CPU kernel for decoding: y = x @ w.T for a few rows of x, with fp32, bf16 or int8 weights.
+
+Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
+read memory. On a CPU, MKL's product reaches about half of what the cores can stream together (it barely
+uses the second of two cores); `csrc/matvec.c` reaches the bandwidth (see its header, and bench/kernels.py).
+
+It is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU (-march=native),
+in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name that hashes the
+source, the flags and the CPU, so a shared home directory never hands one machine another's build. Without a
+compiler, `available()` is False, one warning says why, and callers use torch's own products.
+
+Letters: M rows of x (tokens), N rows of w (output features), K input features.
+"""
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 16  # beyond this, a matrix-matrix product (MKL) is faster: the weights are no longer the cost
+SOURCE = Path(__file__).parent / "csrc" / "matvec.c"
+# -fopenmp first; a compiler without OpenMP (Apple's clang) still gets a single-threaded kernel.
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the model and feature flags of this CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mistral"
+
+
+def _compile() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.warning("no C compiler found (set CC): decoding on CPU uses torch's slower matrix-vector products")
+        return None
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
+        target = _cache_dir() / f"matvec-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                target = Path(tempfile.gettempdir()) / target.name
+            # Build beside the target and rename: processes starting together (torchrun) never load a half file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            command = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True)
+                error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1] if done.returncode else None
+            except OSError as e:  # CC names no program
+                error = str(e)
+            if error is not None:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(command[:1] + flags)}: {error}")
+                continue
+            os.replace(tmp, target)
+        # torch is imported, so an OpenMP build shares torch's OpenMP runtime (and its thread count).
+        lib = ctypes.CDLL(str(target))
+        for name, n_pointers in (("matvec_f32", 3), ("matvec_bf16", 3), ("matvec_int8", 4)):
+            getattr(lib, name).argtypes = [ctypes.c_void_p] * n_pointers + [ctypes.c_int64] * 3
+            getattr(lib, name).restype = None
+        return lib
+    log.warning("compiling %s failed, decoding on CPU uses torch's slower products: %s", SOURCE.name, "; ".join(errors))
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel is compiled and loaded (compiling it on the first call)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        _lib = _compile()
+    return _lib is not None
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether matvec(x, w) can run: x (M <= MAX_ROWS, K) fp32 and w (N, K) fp32/bf16/int8, on a CPU, no autograd."""
+    # Cheapest tests first: this runs before every linear of every decode step.
+    return (x.dtype == torch.float32 and x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and not x.is_cuda
+            and w.dtype in _WEIGHT_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and (_lib is not None or (not _tried and available())))
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+
+
+def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp32 @ w (N, K)^T -> (M, N) fp32; for int8 w, times scales (N,) fp32, one per row of w.
+
+    Call only where usable(x, w) holds. Inputs that are not contiguous are copied first.
+    """
+    (M, K), N = x.shape, w.shape[0]
+    assert w.shape == (N, K), f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
+    assert (scales is not None) == (w.dtype == torch.int8), "scales go with int8 weights, and only with them"
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty(M, N)
+    if w.dtype == torch.int8:
+        scales = scales.to(torch.float32).contiguous()
+        assert scales.shape == (N,), f"scales {tuple(scales.shape)}, expected ({N},)"
+        _lib.matvec_int8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K)
+    elif w.dtype == torch.bfloat16:
+        _lib.matvec_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
+    else:
+        _lib.matvec_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
+    return y

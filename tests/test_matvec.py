@@ -1,0 +1,92 @@
+"""The CPU decode kernel (mistral/matvec.py, csrc/matvec.c) against float64 products computed by torch."""
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral import matvec
+from mistral.model import linear
+
+# Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
+# fewer than 8 (and than 8 * U) inputs; N from 1 up.
+ROWS = [1, 2, 3, 4, 5, 7, 8, 16]
+SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (300, 768)]
+
+
+def reference(x, w, scales=None):
+    w64 = w.double() if scales is None else w.double() * scales.double()[:, None]
+    return x.double() @ w64.T  # (M, N)
+
+
+def weights(dtype, N, K, gen):
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen), torch.rand(N, generator=gen) / 64
+    return torch.randn(N, K, generator=gen).to(dtype), None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the kernel cannot be built here")
+    assert matvec.available(), "a C compiler is present, so the kernel must build: see the warning logged above"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M", ROWS)
+def test_matches_float64(dtype, M):
+    gen = torch.Generator().manual_seed(M)
+    for N, K in SHAPES:
+        x = torch.randn(M, K, generator=gen)
+        w, scales = weights(dtype, N, K, gen)
+        assert matvec.usable(x, w)
+        got = matvec.matvec(x, w, scales)
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        want = reference(x, w, scales)
+        # fp32 sums of K products: error grows like sqrt(K) times the size of a product
+        atol = 1e-5 * K ** 0.5 * (w.float().abs().max().item() if scales is None else 127 / 64)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=atol)
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=gen).T  # (3, 40), strided
+    w = torch.randn(40, 50, generator=gen).T  # (50, 40), strided
+    torch.testing.assert_close(matvec.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_model_linear_uses_it_and_agrees_with_f_linear(monkeypatch):
+    calls = []
+    real = matvec.matvec
+    monkeypatch.setattr(matvec, "matvec", lambda x, w, s=None: calls.append(x.shape) or real(x, w, s))
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 80, generator=gen)
+    for M in (1, 3, 16, 17):
+        x = torch.randn(M, 80, generator=gen)
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert calls == [(1, 80), (3, 80), (16, 80)]  # 17 rows: a matrix product (MKL) is faster
+
+
+def test_not_used_where_it_does_not_apply():
+    w = torch.randn(8, 16)
+    assert not matvec.usable(torch.randn(1, 16, dtype=torch.float64), w)  # only fp32 activations
+    assert not matvec.usable(torch.randn(17, 16), w)  # too many rows
+    assert not matvec.usable(torch.randn(1, 16), w.half())
+    x = torch.randn(1, 16, requires_grad=True)
+    assert not matvec.usable(x, w)  # autograd needs torch's ops
+    with torch.no_grad():
+        assert matvec.usable(x, w)
+
+
+def test_without_a_compiler_torch_products_are_used(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(matvec, "_lib", None)
+    monkeypatch.setattr(matvec, "_tried", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with caplog.at_level(logging.WARNING, logger="mistral.matvec"):
+        assert not matvec.available()
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert "no-such-compiler" in caplog.text
+    assert not matvec.usable(x, w)
