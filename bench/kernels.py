@@ -3,9 +3,9 @@
     python -m bench.kernels
 
 For each weight shape of the benchmark model (dim 768, hidden 2048, 12 heads x 64, 4 kv heads, vocab
-32000), at M = 1 and M = 3 rows: ms per call and GB/s of weight bytes for fp32 F.linear, eager bf16
-F.linear, Bf16Linear (bf16 weights, fp32 compute), Int8Linear, and for contrast Int8Linear's eager path
-(torch._weight_int8pack_mm). Every call reads a different copy of its weights, 128 MB of copies per
+32000), at M = 1 and M = 3 rows: ms per call and GB/s of weight bytes for mistral.matvec's kernel on fp32,
+bf16 (Bf16Linear) and int8 (Int8Linear) weights, and for contrast torch's own: fp32 F.linear (MKL), eager
+bf16 F.linear, and torch._weight_int8pack_mm (what Int8Linear falls back to without the kernel). Every call reads a different copy of its weights, 128 MB of copies per
 kernel, so the weights come from memory as they do in a real decode and not from the 32 MB L3 cache.
 The kernels take turns within each repetition and the best of REPS passes counts, because the machine
 is shared and noisy. The memory bandwidth (a sum over 400 MB of fp32, best of 5) is measured in the same
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mistral import matvec
 from mistral.cache import RotatingBufferCache
 from mistral.model import ModelArgs, Transformer
 from mistral.quantize import Bf16Linear, Int8Linear, bf16_weight_only, quantize_int8
@@ -40,8 +41,8 @@ SHAPES = {"wq": (768, 768), "wk/wv": (256, 768), "w1/w3": (2048, 768), "w2": (76
 PER_TOKEN = {"wq": 8 * 2, "wk/wv": 8 * 2, "w1/w3": 8 * 2, "w2": 8, "output": 1}  # wq counts wo too
 COPY_BYTES = 128e6
 REPS = 5
-KERNELS = ["fp32", "bf16 eager", "bf16 path", "int8 path", "int8 eager"]
-BYTES_PER_WEIGHT = {"fp32": 4, "bf16 eager": 2, "bf16 path": 2, "int8 path": 1, "int8 eager": 1}
+KERNELS = ["fp32 kernel", "fp32 MKL", "bf16 kernel", "bf16 eager", "int8 kernel", "int8 eager"]
+BYTES_PER_WEIGHT = {"fp32 kernel": 4, "fp32 MKL": 4, "bf16 kernel": 2, "bf16 eager": 2, "int8 kernel": 1, "int8 eager": 1}
 
 
 def bandwidth_gbs() -> float:
@@ -64,19 +65,21 @@ def make_calls(name: str, N: int, K: int, M: int) -> list:
     calls = []
     for _ in range(copies):
         w = torch.randn(N, K) * K ** -0.5
-        if name == "fp32":
+        if name == "fp32 kernel":
+            calls.append(lambda w=w: matvec.matvec(x, w))
+        elif name == "fp32 MKL":
             calls.append(lambda w=w: F.linear(x, w))
         elif name == "bf16 eager":
             w, xb = w.bfloat16(), x.bfloat16()
             calls.append(lambda w=w: F.linear(xb, w))
-        elif name == "bf16 path":
-            calls.append(Bf16Linear(w).__call__)
+        elif name == "bf16 kernel":
+            calls.append(lambda f=Bf16Linear(w): f(x))
+        elif name == "int8 kernel":
+            calls.append(lambda f=Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False)): f(x))
         else:
-            lin = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False).requires_grad_(False),
-                                         compiled=name == "int8 path")
-            calls.append(lin.__call__)
-    if name in ("bf16 path", "int8 path", "int8 eager"):
-        calls = [lambda f=f: f(x) for f in calls]
+            q = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False))
+            xb, scales = x.bfloat16(), q.scales.bfloat16()
+            calls.append(lambda w=q.weight: torch._weight_int8pack_mm(xb, w, scales))
     return calls
 
 
@@ -85,7 +88,7 @@ def time_kernels(M: int) -> dict:
     out = {}
     for shape, (N, K) in SHAPES.items():
         calls = {name: make_calls(name, N, K, M) for name in KERNELS}
-        for fs in calls.values():  # warm-up, and compiling the kernels
+        for fs in calls.values():  # warm-up
             fs[0]()
         best = {name: float("inf") for name in KERNELS}
         for _ in range(REPS):
@@ -160,13 +163,13 @@ def main() -> None:
                 cells = [f"{best[k]:8.3f} ({N * K * BYTES_PER_WEIGHT[k] / best[k] / 1e6:5.1f})" for k in KERNELS]
                 print(f"{shape:8} {f'{N}x{K}':>11} " + " ".join(f"{c:>19}" for c in cells))
             per_token = {k: sum(PER_TOKEN[s] * times[s][k] for s in SHAPES) for k in KERNELS}
-            ratios = {k: per_token["fp32"] / per_token[k] for k in KERNELS}
+            ratios = {k: per_token["fp32 kernel"] / per_token[k] for k in KERNELS}
             results["kernels"][f"M={M}"] = {s: {k: {"ms": t[k], "weight_gbs": SHAPES[s][0] * SHAPES[s][1] *
                                                      BYTES_PER_WEIGHT[k] / t[k] / 1e6} for k in KERNELS}
                                             for s, t in times.items()}
             results["per_token_ratio_vs_fp32"][f"M={M}"] = ratios
-            print(f"M = {M}, speed-up vs fp32 over one token's linears (8 layers + head): "
-                  + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items() if k != "fp32"))
+            print(f"M = {M}, speed-up vs the fp32 kernel over one token's linears (8 layers + head): "
+                  + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items() if k != "fp32 kernel"))
 
         print("\nwhole model (dim 768, 8 layers, vocab 32000): ms per decode step, ms per 512-token pre-fill")
         ms = models()
@@ -188,8 +191,8 @@ def main() -> None:
     results["load_average_before_after"] = [load_before[0], load_after[0]]
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     kr, mr = results["per_token_ratio_vs_fp32"], results["model"]
-    print("ratios vs fp32: one token's linears at M=1 " + ", ".join(f"{k} {v:.2f}x" for k, v in kr["M=1"].items()
-                                                                   if k != "fp32")
+    print("ratios vs the fp32 kernel: one token's linears at M=1 "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in kr["M=1"].items() if k != "fp32 kernel")
           + f"; whole decode step, 1 row: int8 {mr['int8']['speedup_vs_fp32']['decode_1_row_ms']:.2f}x, "
           f"bf16 weights {mr['bf16 weights']['speedup_vs_fp32']['decode_1_row_ms']:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

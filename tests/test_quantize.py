@@ -4,11 +4,11 @@ tiny models against fp32, packed, chunked and through generate_ids.
 Error bounds used below, for y = x @ W.T over K inputs and B = |x| @ |W|.T (the sum of |x_k w_k|):
 - fp32 arithmetic: |error| <= K * 2^-24 * B (the classical bound for a K-term dot product), taken as
   K * 2^-23 * B to cover the final multiplication by the scale as well.
-- torch._weight_int8pack_mm (the eager int8 path for few rows) rounds x, the scales and y to bf16, each a
+- torch._weight_int8pack_mm (the int8 path for few rows where mistral.matvec's kernel is not built) rounds x, the scales and y to bf16, each a
   relative error of at most 2^-9: |error| <= 3 * 2^-9 * B, taken as 2^-7 * B.
 And for whole models, int8 against fp32: logits within 0.1 of the logits' standard deviation. Measured on
 these tiny models: 4-8% at most (per-channel int8 of K = 32 inputs is about 0.6% off per dot product, and
-it compounds over the layers; the eager path's bf16 rounding adds to it). That is noise enough to swap two
+it compounds over the layers). That is noise enough to swap two
 nearly tied tokens, so generation is compared int8 against int8, not against fp32.
 """
 import copy
@@ -18,16 +18,14 @@ import torch
 from helpers import random_model, tiny_params
 from torch import nn
 
-from mistral import quantize
+from mistral import matvec, quantize
 from mistral.cache import RotatingBufferCache
 from mistral.generate import generate_ids
 from mistral.moe import MoeLayer
-from mistral.quantize import SMALL_M, Bf16Linear, Int8Linear, _planes, bf16_weight_only, quantize_int8
+from mistral.quantize import Bf16Linear, Int8Linear, bf16_weight_only, quantize_int8
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
-# Every linear of this model has K = 44 inputs, so the compiled tests need only four kernels (int8 and bf16,
-# one row and several), about 15 s to compile on a cold cache. K/4 = 11 and K/2 = 22 words also exercise
-# the tail after the kernels' 8-wide vector loop.
+# K = 44 inputs also exercise the kernel's tail after its 8-wide vector loop.
 K44 = dict(dim=44, hidden_dim=44, n_heads=2, n_kv_heads=1, head_dim=22)
 PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)), [8, 1, 4, 2, 63, 0, 12, 7]]
 
@@ -53,10 +51,11 @@ def random_linear(n: int, k: int) -> nn.Linear:
     return nn.Linear(k, n, bias=False).requires_grad_(False)
 
 
-def test_planes_worked_example():
-    x = torch.tensor([[0.0, 1, 2, 3, 4, 5]])
-    assert _planes(x, 2).tolist() == [[0, 2, 4, 1, 3, 5]]
-    assert _planes(torch.arange(8.0)[None], 4).tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]]
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """As on a machine where mistral.matvec's kernel could not be compiled."""
+    monkeypatch.setattr(matvec, "_lib", None)
+    monkeypatch.setattr(matvec, "_tried", True)
 
 
 def test_quantization_is_symmetric_per_output_channel():
@@ -68,27 +67,27 @@ def test_quantization_is_symmetric_per_output_channel():
     assert ((dequantized(q) - lin.weight.double()).abs() <= q.scales.double()[:, None] / 2 * (1 + 1e-6)).all()
 
 
-@pytest.mark.parametrize("M", [1, 3, 37])
-def test_int8_linear_eager(M):
-    """M <= SMALL_M: torch._weight_int8pack_mm, bf16 rounding; M = 37: fp32 F.linear on the int8 weights."""
-    q = Int8Linear.from_linear(random_linear(48, 64), compiled=False)
+@pytest.mark.parametrize("M", [1, 3, 16, 37])
+def test_int8_linear_without_the_kernel(M, no_kernel):
+    """M <= 16: torch._weight_int8pack_mm, bf16 rounding; M = 37: fp32 F.linear on the int8 weights."""
+    q = Int8Linear.from_linear(random_linear(48, 64))
     x = torch.randn(M, 64)
-    atol = bf16_atol(x, dequantized(q)) if M <= SMALL_M else fp32_atol(x, dequantized(q))
+    atol = bf16_atol(x, dequantized(q)) if M <= matvec.MAX_ROWS else fp32_atol(x, dequantized(q))
     with torch.no_grad():
         assert_int8_close(q, x, atol)
 
 
-@pytest.mark.parametrize("M", [1, 3, 37])
-def test_int8_linear_compiled(M):
-    """The compiled matvec (M <= SMALL_M) is fp32 arithmetic on the exact int8 weights."""
+@pytest.mark.parametrize("M", [1, 3, 16, 37])
+def test_int8_linear(M):
+    """The kernel (M <= 16) and the converted weights (M = 37) are fp32 arithmetic on the exact int8 weights."""
     q = Int8Linear.from_linear(random_linear(40, 44))
     x = torch.randn(M, 44)
     with torch.no_grad():
         assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
 
 
-@pytest.mark.parametrize("M", [1, 3, 37])
-def test_bf16_linear_compiled(M):
+@pytest.mark.parametrize("M", [1, 3, 16, 37])
+def test_bf16_linear(M):
     b = Bf16Linear(random_linear(40, 44).weight)
     x = torch.randn(M, 44)
     w = b.weight.double()  # the bf16 weights, exactly
@@ -107,10 +106,10 @@ def test_many_rows_convert_the_weights_in_blocks(monkeypatch):
         torch.testing.assert_close(b(x).double(), x.double() @ b.weight.double().T, rtol=0, atol=fp32_atol(x, b.weight))
 
 
-def test_odd_sizes_take_the_eager_paths():
-    """K = 10 splits into bf16 pairs but not int8 words, nor the 8-wide int8pack kernel: F.linear then."""
+def test_odd_sizes_without_the_kernel(no_kernel):
+    """K = 10 does not fit torch._weight_int8pack_mm's 8-wide kernel: F.linear on converted weights then."""
     lin = random_linear(7, 10)
-    q, b = Int8Linear.from_linear(lin), Bf16Linear(lin.weight, compiled=False)
+    q, b = Int8Linear.from_linear(lin), Bf16Linear(lin.weight)
     x = torch.randn(2, 10)
     with torch.no_grad():
         assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
@@ -145,9 +144,9 @@ def packed(model):
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_quantize_int8_model(moe):
-    """Packed (F.linear on int8 weights) and one token per step (torch._weight_int8pack_mm) against fp32."""
+    """Packed (F.linear on int8 weights) and one token per step (the kernel) against fp32."""
     model = random_model(tiny_params(moe=moe))
-    q = quantize_int8(copy.deepcopy(model), compiled=False)
+    q = quantize_int8(copy.deepcopy(model))
     assert isinstance(q.output, Int8Linear) and isinstance(q.layers["1"].attention.wk, Int8Linear)
     if moe:
         ff = q.layers["0"].feed_forward
@@ -164,8 +163,8 @@ def test_quantize_int8_model(moe):
 def test_quantize_int8_generate_chunked(moe, monkeypatch):
     """With every row count on F.linear (fp32 on the int8 weights), chunking changes only the summation
     order: the same tokens, each the argmax of a one-pass forward over the whole text."""
-    monkeypatch.setattr(quantize, "SMALL_M", 0)
-    q = quantize_int8(random_model(tiny_params(moe=moe)), compiled=False)
+    monkeypatch.setattr(matvec, "MAX_ROWS", 0)
+    q = quantize_int8(random_model(tiny_params(moe=moe)))
     want, want_lp = generate_ids(PROMPTS, q, max_tokens=8)
     for chunk_size in (1, 2, 6):
         got, got_lp = generate_ids(PROMPTS, q, max_tokens=8, chunk_size=chunk_size)
@@ -189,11 +188,12 @@ def rounded_to_bf16(model):
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_bf16_weight_only_model(moe):
-    """The eager path is fp32 F.linear on the bf16 weights converted exactly to fp32: the logits are those
-    of the fp32 model with bf16-rounded weights, bit for bit, packed, chunked and in generate_ids."""
+    """Both paths convert the bf16 weights exactly to fp32 and then compute as the fp32 model does (the kernel
+    for few rows, F.linear for more): the logits are those of the fp32 model with bf16-rounded weights, bit
+    for bit, packed, chunked and in generate_ids."""
     model = random_model(tiny_params(moe=moe))
     ref = rounded_to_bf16(model)
-    b = bf16_weight_only(copy.deepcopy(model).bfloat16(), compiled=False)
+    b = bf16_weight_only(copy.deepcopy(model).bfloat16())
     assert b.dtype == torch.float32 and all(p.dtype == torch.float32 for p in b.parameters())
     assert isinstance(b.output, Bf16Linear) and b.output.weight.dtype == torch.bfloat16
     if moe:
@@ -217,8 +217,8 @@ def dequantized_model(model, q):
 
 
 @pytest.mark.parametrize("moe", [None, MOE])
-def test_compiled_kernels_in_a_model(moe):
-    """Both compiled kernels inside a model, one token per step and in generate_ids, against fp32 models with
+def test_kernel_in_a_model(moe):
+    """The kernel's int8 and bf16 paths inside a model, one token per step and in generate_ids, against fp32 models with
     the same (bf16-rounded or dequantized) weights: fp32 arithmetic, only the summation order differs."""
     model = random_model(tiny_params(moe=moe, **K44))
     b, b_ref = bf16_weight_only(copy.deepcopy(model).bfloat16()), rounded_to_bf16(model)
@@ -238,7 +238,7 @@ def test_compiled_kernels_in_a_model(moe):
 def test_int8_on_top_of_bf16_weight_only():
     """A bf16 model on a CPU gets bf16_weight_only at load; quantize_int8 then takes its Bf16Linears."""
     model = random_model(tiny_params())
-    both = quantize_int8(bf16_weight_only(copy.deepcopy(model).bfloat16(), compiled=False), compiled=False)
+    both = quantize_int8(bf16_weight_only(copy.deepcopy(model).bfloat16()))
     assert isinstance(both.layers["0"].feed_forward.w1, Int8Linear) and both.dtype == torch.float32
     want = packed(model)
     torch.testing.assert_close(packed(both), want, rtol=0, atol=0.1 * want.std().item())
