@@ -112,6 +112,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
 
     Call only where usable(x, w) holds. Inputs that are not contiguous are copied first.
     """
+    if _lib is None and not available():
+        raise RuntimeError("mistral.matvec's kernel could not be built (see the warning logged); check usable() first")
     (M, K), N = x.shape, w.shape[0]
     assert w.shape == (N, K), f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
     assert (scales is not None) == (w.dtype == torch.int8), "scales go with int8 weights, and only with them"
