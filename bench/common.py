@@ -88,6 +88,28 @@ def best_of(fn, repeat: int = 3) -> float:
     return best
 
 
+def interleaved_best(runs: dict, reps: int) -> dict:
+    """{name: the smallest value runs[name]() returned}, the runs taking turns in each of `reps` repetitions
+    after one warm-up each. The machine is shared and its speed drifts over minutes, so runs that are
+    compared must be made seconds apart, not one after the other's whole series."""
+    for run in runs.values():
+        run()
+    best = {name: float("inf") for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            best[name] = min(best[name], run())
+    return best
+
+
+def timed(fn):
+    """A run for interleaved_best that returns fn's duration in seconds."""
+    def run():
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return run
+
+
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())

@@ -3,14 +3,16 @@
 Batch-1 decode must read every weight once per token, so the time of one read of the weights (a sum
 over as many bytes, measured in the same run) bounds it. Reports fp32 ms/token against that roofline
 and against HF transformers' generate on the same weights, three packed sequences against one, and
-the bf16-weight and int8 paths of mistral.quantize where present. Our runs and the roofline take turns,
+the bf16-weight and int8 paths of mistral.quantize where present, and what a step costs with the weight
+products skipped (the per-step overhead, which no kernel can remove). Every run and the roofline take turns,
 REPS times, and the best of each counts (the machine is shared; see interleaved_best).
 """
 import time
 
 import torch
 
-from bench.common import best_of, hf_model, random_model, read_time, report, setup, weight_bytes
+from bench.common import hf_model, interleaved_best, random_model, read_time, report, setup, weight_bytes
+from mistral import matvec
 from mistral.generate import generate_ids
 
 PROMPT_LEN, STEPS, REPS = 16, 96, 5
@@ -29,27 +31,28 @@ def ours_ms_per_token(model, batch: int = 1, steps: int = STEPS) -> float:
     return (stamps[-1] - stamps[0]) / steps * 1e3
 
 
-def interleaved_best(runs: dict, reps: int = REPS) -> dict:
-    """{name: best ms} of runs[name](), the runs taking turns in every repetition: the machine is shared and
-    its speed drifts, so each ratio compares runs made seconds apart, and the best of each is kept."""
-    for run in runs.values():
-        run()  # warm-up
-    best = {name: float("inf") for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            best[name] = min(best[name], run())
-    return best
+def overhead_ms_per_token(model) -> float:
+    """ours_ms_per_token with every weight product replaced by zeros of its shape: what a step costs besides
+    reading the weights (attention, norms, RoPE, the cache, sampling, and the Python and dispatch around them)."""
+    real = matvec.matvec
+    matvec.matvec = lambda x, w, scales=None: torch.zeros(x.shape[0], w.shape[0])
+    try:
+        return ours_ms_per_token(model)
+    finally:
+        matvec.matvec = real
 
 
 def hf_ms_per_token(hf, steps: int = STEPS) -> float:
+    """ms per decode step of HF's generate in one run: the time of steps + 1 new tokens less that of 1."""
     ids = torch.arange(3, 3 + PROMPT_LEN)[None]
 
     def run(n):
+        t0 = time.perf_counter()
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0
 
-    run(4)
-    return (best_of(lambda: run(steps + 1), 2) - best_of(lambda: run(1), 3)) / steps * 1e3
+    return (run(steps + 1) - run(1)) / steps * 1e3
 
 
 def main() -> None:
@@ -58,6 +61,8 @@ def main() -> None:
     n_bytes = weight_bytes(model)
     runs = {"fp32": lambda: ours_ms_per_token(model), "fp32 x3": lambda: ours_ms_per_token(model, batch=3),
             "roofline": lambda: read_time(n_bytes, repeat=1) * 1e3}
+    if matvec.available():
+        runs["overhead"] = lambda: overhead_ms_per_token(model)
     try:
         from mistral import quantize
     except ImportError:
@@ -66,21 +71,27 @@ def main() -> None:
     if quantize is not None:
         fast = {"bf16": _bf16(quantize, random_model()), "int8": _int8(quantize, random_model())}
         runs.update({name: (lambda m=m: ours_ms_per_token(m)) for name, m in fast.items()})
-    best = interleaved_best(runs)
+    hf = hf_model(model)
+    if hf is not None:
+        runs["hf"] = lambda: hf_ms_per_token(hf)
+    best = interleaved_best(runs, REPS)
+    del hf, runs
     roof, fp32, batched = best["roofline"], best["fp32"], best["fp32 x3"]
     rows, ratios = [], {}
     rows.append({"path": "ours fp32, batch 1", "ms/token": fp32, "tokens/s": 1e3 / fp32, "x roofline": fp32 / roof})
     ratios["fp32 decode / roofline"] = fp32 / roof
-    hf = hf_model(model)
-    if hf is not None:
-        hf_ms = hf_ms_per_token(hf)
+    if "hf" in best:
+        hf_ms = best["hf"]
         rows.append({"path": "HF transformers fp32 (sdpa)", "ms/token": hf_ms, "tokens/s": 1e3 / hf_ms,
                      "x roofline": hf_ms / roof})
         ratios["HF / ours fp32"] = hf_ms / fp32
-        del hf
     rows.append({"path": "ours fp32, 3 packed rows", "ms/token": batched, "tokens/s": 3e3 / batched,
                  "x roofline": batched / roof})
     ratios["tokens/s 3 rows / 1 row"] = 3 * fp32 / batched
+    if "overhead" in best:
+        rows.append({"path": "ours fp32, weight products skipped", "ms/token": best["overhead"],
+                     "tokens/s": 1e3 / best["overhead"], "x roofline": best["overhead"] / roof})
+        ratios["(fp32 - overhead) / roofline"] = (fp32 - best["overhead"]) / roof
     for name, label in labels.items():
         if name in best:
             ms = best[name]

@@ -1,7 +1,8 @@
 """Prefill speed and how it scales with prompt length: `python -m bench.prefill [--long]`.
 
 1. A 1024-token prompt through one forward pass (logits for every token, as both sides compute them),
-   ours against HF transformers on the same weights, in fp32 and with bf16 weights.
+   ours against HF transformers on the same weights, in fp32 and with bf16 weights, taking turns, best of
+   REPS each.
 2. With --long: 2k and 16k-token prompts, pre-filled in chunks of 2048 through the rolling cache, each
    in a fresh process that reports its time and peak memory. With a window of W=256 the work per
    token is constant, so 16k should cost 8x 2k. HF runs the same prompts for contrast.
@@ -13,10 +14,11 @@ import time
 
 import torch
 
-from bench.common import PARAMS, best_of, hf_model, random_model, report, setup
+from bench.common import PARAMS, hf_model, interleaved_best, random_model, report, setup, timed
 from mistral.cache import RotatingBufferCache
 
 PROMPT = 1024
+REPS = 5
 CHUNK = 2048
 
 
@@ -78,28 +80,29 @@ def main(long: bool) -> None:
     model = random_model()
     ids = torch.randint(3, PARAMS["vocab_size"], (PROMPT,))
     rows, ratios = [], {}
-    ours_prefill(model, ids[:64])
-    fp32 = best_of(lambda: ours_prefill(model, ids))
-    rows.append({"run": f"ours fp32, {PROMPT} tokens", "seconds": fp32, "tokens/s": PROMPT / fp32})
+    runs = {"fp32": timed(lambda: ours_prefill(model, ids))}
     hf = hf_model(model)
     if hf is not None:
-        hf_prefill(hf, ids[:64])
-        hf_s = best_of(lambda: hf_prefill(hf, ids))
-        rows.append({"run": f"HF transformers fp32, {PROMPT} tokens", "seconds": hf_s, "tokens/s": PROMPT / hf_s})
-        ratios["prefill ours / HF (fp32)"] = hf_s / fp32
-        del hf
+        runs["hf"] = timed(lambda: hf_prefill(hf, ids))
     try:
         from mistral import quantize
     except ImportError:
         quantize = None
     if quantize is not None:
-        with torch.inference_mode():
-            want = model(ids, [PROMPT])
         fast = quantize.bf16_weight_only(random_model().to(torch.bfloat16))
+        runs["bf16"] = timed(lambda: ours_prefill(fast, ids))
+    best = interleaved_best(runs, REPS)
+    fp32 = best["fp32"]
+    rows.append({"run": f"ours fp32, {PROMPT} tokens", "seconds": fp32, "tokens/s": PROMPT / fp32})
+    if hf is not None:
+        hf_s = best["hf"]
+        rows.append({"run": f"HF transformers fp32, {PROMPT} tokens", "seconds": hf_s, "tokens/s": PROMPT / hf_s})
+        ratios["prefill ours / HF (fp32)"] = hf_s / fp32
+        del hf, runs["hf"]
+    if quantize is not None:
         with torch.inference_mode():
-            got = fast(ids, [PROMPT])
-        bf16 = best_of(lambda: ours_prefill(fast, ids))
-        err = (got - want).abs().max().item()
+            err = (fast(ids, [PROMPT]) - model(ids, [PROMPT])).abs().max().item()
+        bf16 = best["bf16"]
         rows.append({"run": f"ours bf16 weights, {PROMPT} tokens", "seconds": bf16, "tokens/s": PROMPT / bf16,
                      "max |logit - fp32|": err})
         if "prefill ours / HF (fp32)" in ratios:
