@@ -72,6 +72,16 @@ def test_shipped_model_demo_matches_one_file_ref():
     assert demo.stdout.count(b"=" * 20) == 3
 
 
+@pytest.mark.skipif(not (ROOT / "mistral" / "assets" / "params.json").exists(), reason="shipped model not built")
+def test_shipped_model_demo_is_the_same_with_int8_and_bf16_weights():
+    """Issue 6's criterion for the fast paths: greedy output on the shipped model over its demo prompts is
+    identical to fp32's, with int8 weights (--quantize int8) and with bf16 weights (--dtype bf16)."""
+    runs = [subprocess.run([sys.executable, "-m", "main", "demo", *extra], cwd=ROOT, capture_output=True, timeout=300)
+            for extra in ([], ["--quantize", "int8"], ["--dtype", "bf16"])]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert runs[1].stdout == runs[0].stdout and runs[2].stdout == runs[0].stdout
+
+
 def test_interactive_answers_piped_prompts_and_exits_at_eof(model_folder, monkeypatch, capsys):
     code, out, err = run_inprocess(monkeypatch, capsys,
                                    ["interactive", str(model_folder), "--max_tokens", "5"], "To be\nThe slings\n")
