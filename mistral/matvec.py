@@ -120,8 +120,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(M, N)
     if w.dtype == torch.int8:
-        scales = scales.to(torch.float32).contiguous()
-        assert scales.shape == (N,), f"scales {tuple(scales.shape)}, expected ({N},)"
+        assert scales.shape == (N,) and scales.dtype == torch.float32, f"scales {scales.dtype} {tuple(scales.shape)}, expected fp32 ({N},)"
+        scales = scales.contiguous()
         _lib.matvec_int8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K)
     elif w.dtype == torch.bfloat16:
         _lib.matvec_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)

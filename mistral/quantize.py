@@ -61,7 +61,10 @@ def _few_rows(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = No
     if x.device.type != "cpu" or x.shape[0] > matvec.MAX_ROWS:
         return None
     x32 = x.float()
-    return matvec.matvec(x32, w, scales).to(x.dtype) if matvec.usable(x32, w) else None
+    if not matvec.usable(x32, w):
+        return None
+    y = matvec.matvec(x32, w, scales)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class Int8Linear(nn.Module):
