@@ -114,17 +114,20 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
     """
     if _lib is None and not available():
         raise RuntimeError("mistral.matvec's kernel could not be built (see the warning logged); check usable() first")
-    (M, K), N = x.shape, w.shape[0]
-    assert w.shape == (N, K), f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
-    assert (scales is not None) == (w.dtype == torch.int8), "scales go with int8 weights, and only with them"
+    (M, K), (N, Kw) = x.shape, w.shape
+    assert K == Kw, f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(M, N)
-    if w.dtype == torch.int8:
-        assert scales.shape == (N,) and scales.dtype == torch.float32, f"scales {scales.dtype} {tuple(scales.shape)}, expected fp32 ({N},)"
+    dtype = w.dtype
+    if dtype == torch.float32:
+        assert scales is None, "scales go with int8 weights only"
+        _lib.matvec_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
+    elif dtype == torch.int8:
+        assert scales is not None and scales.shape == (N,) and scales.dtype == torch.float32, \
+            f"int8 weights need fp32 scales of shape ({N},), got {None if scales is None else (scales.dtype, tuple(scales.shape))}"
         scales = scales.contiguous()
         _lib.matvec_int8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K)
-    elif w.dtype == torch.bfloat16:
-        _lib.matvec_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
     else:
-        _lib.matvec_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
+        assert scales is None, "scales go with int8 weights only"
+        _lib.matvec_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
     return y

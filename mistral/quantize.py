@@ -86,6 +86,9 @@ class Int8Linear(nn.Module):
         return cls(q, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, scales = self.weight, self.scales
+        if matvec.usable(x, weight):  # decode on a CPU, the hot path: (M, K) fp32, nothing to convert
+            return matvec.matvec(x, weight, scales)
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
         y = _few_rows(x2, self.weight, self.scales)
@@ -111,6 +114,9 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())  # (N, K) bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if matvec.usable(x, weight):  # decode on a CPU, the hot path: (M, K) fp32, nothing to convert
+            return matvec.matvec(x, weight)
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
         y = _few_rows(x2, self.weight)
