@@ -11,7 +11,8 @@ The kernels take turns within each repetition and the best of REPS passes counts
 is shared and noisy. The memory bandwidth (a sum over 400 MB of fp32, best of 5) is measured in the same
 run, and the load average is printed, since a busy neighbour changes every number here.
 
-Then the whole model: ms per decode step with 1 and 3 rows, and a 512-token pre-fill, for the fp32 model,
+Then the whole model: ms per decode step with 1 and 3 rows, and a 512-token pre-fill (the three models
+taking turns, best of REPS), for the fp32 model,
 quantize_int8 and bf16_weight_only (weights rounded to bf16, then run in fp32 activations), and how far the
 latter two's logits are from fp32's. The weights are random (nn.Linear's initialization), not trained ones.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import interleaved_best
 from mistral import matvec
 from mistral.cache import RotatingBufferCache
 from mistral.model import ModelArgs, Transformer
@@ -102,29 +104,23 @@ def time_kernels(M: int) -> dict:
     return out
 
 
-def decode_times(model: Transformer, rows: int, steps: int = 16, prompt: int = 64) -> float:
-    """ms per decode step of `rows` sequences after a `prompt`-token pre-fill each, best of 3 runs."""
-    best = float("inf")
-    for _ in range(3):
-        cache = RotatingBufferCache(model.n_local_layers, rows, PARAMS["sliding_window"], PARAMS["n_kv_heads"],
-                                    PARAMS["head_dim"], dtype=model.dtype)
-        model(torch.randint(0, PARAMS["vocab_size"], (rows * prompt,)), [prompt] * rows, cache)
-        t = time.perf_counter()
-        for _ in range(steps):
-            model(torch.randint(0, PARAMS["vocab_size"], (rows,)), [1] * rows, cache)
-        best = min(best, (time.perf_counter() - t) / steps * 1e3)
-    return best
+def decode_time(model: Transformer, rows: int, steps: int = 16, prompt: int = 64) -> float:
+    """ms per decode step of `rows` sequences after a `prompt`-token pre-fill each, one run."""
+    cache = RotatingBufferCache(model.n_local_layers, rows, PARAMS["sliding_window"], PARAMS["n_kv_heads"],
+                                PARAMS["head_dim"], dtype=model.dtype)
+    model(torch.randint(0, PARAMS["vocab_size"], (rows * prompt,)), [prompt] * rows, cache)
+    t = time.perf_counter()
+    for _ in range(steps):
+        model(torch.randint(0, PARAMS["vocab_size"], (rows,)), [1] * rows, cache)
+    return (time.perf_counter() - t) / steps * 1e3
 
 
 def prefill_time(model: Transformer, tokens: int = 512) -> float:
-    """ms for one `tokens`-token pre-fill without a cache, best of 3."""
+    """ms for one `tokens`-token pre-fill without a cache, one run."""
     ids = torch.randint(0, PARAMS["vocab_size"], (tokens,))
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        model(ids, [tokens])
-        best = min(best, (time.perf_counter() - t) * 1e3)
-    return best
+    t = time.perf_counter()
+    model(ids, [tokens])
+    return (time.perf_counter() - t) * 1e3
 
 
 def models() -> dict[str, Transformer]:
@@ -173,9 +169,12 @@ def main() -> None:
 
         print("\nwhole model (dim 768, 8 layers, vocab 32000): ms per decode step, ms per 512-token pre-fill")
         ms = models()
-        for name, model in ms.items():
-            row = {"decode_1_row_ms": decode_times(model, 1), "decode_3_rows_ms": decode_times(model, 3),
-                   "prefill_512_ms": prefill_time(model)}
+        runs = {(name, what): fn for name, model in ms.items() for what, fn in (
+            ("decode_1_row_ms", lambda m=model: decode_time(m, 1)), ("decode_3_rows_ms", lambda m=model: decode_time(m, 3)),
+            ("prefill_512_ms", lambda m=model: prefill_time(m)))}
+        best = interleaved_best(runs, REPS)  # the three models take turns: their ratios compare runs seconds apart
+        for name in ms:
+            row = {what: t for (n, what), t in best.items() if n == name}
             results["model"][name] = row
             print(f"{name:13} decode 1 row {row['decode_1_row_ms']:7.2f}  3 rows {row['decode_3_rows_ms']:7.2f}  "
                   f"pre-fill {row['prefill_512_ms']:8.1f}")
