@@ -47,6 +47,25 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mistral"
 
 
+def _build(cc: str, flags: list[str], target: Path) -> str | None:
+    """Compile SOURCE into target; None on success, else the compiler's last line of complaint."""
+    tmp = None
+    try:
+        # Build beside the target and rename: processes starting together (torchrun) never load a half file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        done = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        os.replace(tmp, target)
+        return None
+    except OSError as e:  # CC names no program, or the folder takes no files
+        return str(e)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _compile() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -56,31 +75,32 @@ def _compile() -> ctypes.CDLL | None:
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
-        target = _cache_dir() / f"matvec-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                target = Path(tempfile.gettempdir()) / target.name
-            # Build beside the target and rename: processes starting together (torchrun) never load a half file.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            command = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True)
-                error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1] if done.returncode else None
-            except OSError as e:  # CC names no program
-                error = str(e)
+        name = f"matvec-{key.hexdigest()[:16]}.so"
+        try:
+            (folder := _cache_dir()).mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"{folder} is not writable")
+        except OSError:  # no usable cache folder: build in the temporary folder, once per boot
+            folder = Path(tempfile.gettempdir())
+        target, lib, error = folder / name, None, None
+        for _ in range(2):  # a file in the cache that does not load (damaged) is built again, once
+            error = None if target.exists() else _build(cc, flags, target)
             if error is not None:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(command[:1] + flags)}: {error}")
-                continue
-            os.replace(tmp, target)
-        # torch is imported, so an OpenMP build shares torch's OpenMP runtime (and its thread count).
-        lib = ctypes.CDLL(str(target))
-        for name, n_pointers in (("matvec_f32", 3), ("matvec_bf16", 3), ("matvec_int8", 4)):
-            getattr(lib, name).argtypes = [ctypes.c_void_p] * n_pointers + [ctypes.c_int64] * 3
-            getattr(lib, name).restype = None
+                break
+            try:
+                # torch is imported, so an OpenMP build shares torch's OpenMP runtime (and its thread count).
+                lib = ctypes.CDLL(str(target))
+                break
+            except OSError as e:
+                error = f"loading {target}: {e}"
+                target.unlink(missing_ok=True)
+        if lib is None:
+            errors.append(f"{cc} {' '.join(flags)}: {error}")
+            continue
+        # Without argtypes, ctypes would pass Python ints as 32-bit C ints.
+        for fn, n_pointers in (("matvec_f32", 3), ("matvec_bf16", 3), ("matvec_int8", 4)):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p] * n_pointers + [ctypes.c_int64] * 3
+            getattr(lib, fn).restype = None
         return lib
     log.warning("compiling %s failed, decoding on CPU uses torch's slower products: %s", SOURCE.name, "; ".join(errors))
     return None

@@ -1,6 +1,7 @@
 """The CPU decode kernel (mistral/matvec.py, csrc/matvec.c) against float64 products computed by torch."""
 import logging
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -90,3 +91,37 @@ def test_without_a_compiler_torch_products_are_used(monkeypatch, tmp_path, caplo
         torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert "no-such-compiler" in caplog.text
     assert not matvec.usable(x, w)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """matvec as in a new process: nothing loaded yet."""
+    monkeypatch.setattr(matvec, "_lib", None)
+    monkeypatch.setattr(matvec, "_tried", False)
+
+
+def test_unusable_cache_folder_builds_in_the_temporary_folder(fresh_build, monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # ~/.cache/mistral cannot be made under a file
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert matvec.available()
+    assert [p.suffix for p in (tmp_path / "tmp").iterdir()] == [".so"]
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    torch.testing.assert_close(matvec.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_a_damaged_cached_build_is_built_again(fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
+    assert matvec.available()
+    (name,) = [p.name for p in (tmp_path / "a" / "mistral").iterdir()]
+    # A second cache whose file of that name is damaged (the loaded one must not be touched: it is mapped).
+    (tmp_path / "b" / "mistral").mkdir(parents=True)
+    (tmp_path / "b" / "mistral" / name).write_bytes(b"not a shared library")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    monkeypatch.setattr(matvec, "_lib", None)
+    monkeypatch.setattr(matvec, "_tried", False)
+    assert matvec.available()
+    assert (tmp_path / "b" / "mistral" / name).read_bytes() == (tmp_path / "a" / "mistral" / name).read_bytes()
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    torch.testing.assert_close(matvec.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
