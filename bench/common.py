@@ -79,15 +79,6 @@ def read_time(n_bytes: int, repeat: int = 7) -> float:
     return best
 
 
-def best_of(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def interleaved_best(runs: dict, reps: int) -> dict:
     """{name: the smallest value runs[name]() returned}, the runs taking turns in each of `reps` repetitions
     after one warm-up each. The machine is shared and its speed drifts over minutes, so runs that are

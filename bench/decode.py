@@ -75,7 +75,6 @@ def main() -> None:
     if hf is not None:
         runs["hf"] = lambda: hf_ms_per_token(hf)
     best = interleaved_best(runs, REPS)
-    del hf, runs
     roof, fp32, batched = best["roofline"], best["fp32"], best["fp32 x3"]
     rows, ratios = [], {}
     rows.append({"path": "ours fp32, batch 1", "ms/token": fp32, "tokens/s": 1e3 / fp32, "x roofline": fp32 / roof})

@@ -71,18 +71,16 @@ def _compile() -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler found (set CC): decoding on CPU uses torch's slower matrix-vector products")
         return None
-    source = SOURCE.read_bytes()
-    errors = []
+    try:
+        (folder := _cache_dir()).mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError:  # no usable cache folder: build in the temporary folder, once per boot
+        folder = Path(tempfile.gettempdir())
+    source, cpu, errors = SOURCE.read_bytes(), _cpu_id(), []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()]))
-        name = f"matvec-{key.hexdigest()[:16]}.so"
-        try:
-            (folder := _cache_dir()).mkdir(parents=True, exist_ok=True)
-            if not os.access(folder, os.W_OK):
-                raise PermissionError(f"{folder} is not writable")
-        except OSError:  # no usable cache folder: build in the temporary folder, once per boot
-            folder = Path(tempfile.gettempdir())
-        target, lib, error = folder / name, None, None
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), cpu.encode()]))
+        target, lib, error = folder / f"matvec-{key.hexdigest()[:16]}.so", None, None
         for _ in range(2):  # a file in the cache that does not load (damaged) is built again, once
             error = None if target.exists() else _build(cc, flags, target)
             if error is not None:
@@ -115,16 +113,16 @@ def available() -> bool:
     return _lib is not None
 
 
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+
+
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether matvec(x, w) can run: x (M <= MAX_ROWS, K) fp32 and w (N, K) fp32/bf16/int8, on a CPU, no autograd."""
     # Cheapest tests first: this runs before every linear of every decode step.
-    return (x.dtype == torch.float32 and x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and not x.is_cuda
+    return (x.dtype == torch.float32 and x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS
             and w.dtype in _WEIGHT_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and (_lib is not None or (not _tried and available())))
-
-
-_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:

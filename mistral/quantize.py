@@ -57,14 +57,17 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
 
 
 def _few_rows(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (M, K) @ (w * scales).T by mistral.matvec, in x's dtype, or None where that kernel does not apply."""
-    if x.device.type != "cpu" or x.shape[0] > matvec.MAX_ROWS:
+    """x (..., K) @ (w * scales).T by mistral.matvec, in x's dtype, or None where that kernel does not apply.
+    Decode on a CPU, the hot path: fp32 rows (M, K) go straight to the kernel, with nothing to convert."""
+    if x.device.type != "cpu":
         return None
-    x32 = x.float()
+    x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])  # (M, K)
+    x32 = x2 if x2.dtype == torch.float32 else x2.float()
     if not matvec.usable(x32, w):
         return None
     y = matvec.matvec(x32, w, scales)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    y = y if x.dtype == torch.float32 else y.to(x.dtype)
+    return y if x.ndim == 2 else y.view(*x.shape[:-1], -1)
 
 
 class Int8Linear(nn.Module):
@@ -86,14 +89,11 @@ class Int8Linear(nn.Module):
         return cls(q, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, scales = self.weight, self.scales
-        if matvec.usable(x, weight):  # decode on a CPU, the hot path: (M, K) fp32, nothing to convert
-            return matvec.matvec(x, weight, scales)
+        y = _few_rows(x, self.weight, self.scales)
+        if y is not None:
+            return y
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
-        y = _few_rows(x2, self.weight, self.scales)
-        if y is not None:
-            return y.view(*lead, -1)
         if (x2.shape[0] <= matvec.MAX_ROWS and x2.device.type == "cpu" and K % 8 == 0
                 and not (torch.is_grad_enabled() and x2.requires_grad)):  # torch 2.13's CPU kernel reads out of bounds for other K
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
@@ -114,15 +114,11 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())  # (N, K) bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if matvec.usable(x, weight):  # decode on a CPU, the hot path: (M, K) fp32, nothing to convert
-            return matvec.matvec(x, weight)
-        *lead, K = x.shape
-        x2 = x.reshape(-1, K)  # (M, K)
-        y = _few_rows(x2, self.weight)
+        y = _few_rows(x, self.weight)
         if y is not None:
-            return y.view(*lead, -1)
-        return _converted_linear(x2, self.weight).view(*lead, -1)
+            return y
+        *lead, K = x.shape
+        return _converted_linear(x.reshape(-1, K), self.weight).view(*lead, -1)
 
     def extra_repr(self) -> str:
         N, K = self.weight.shape

@@ -46,6 +46,14 @@ def assert_int8_close(q: Int8Linear, x: torch.Tensor, atol: float) -> None:
     torch.testing.assert_close(q(x).double(), x.double() @ dequantized(q).T, rtol=0, atol=atol)
 
 
+def assert_both_fp32_close(lin: nn.Linear, x: torch.Tensor) -> None:
+    """Int8Linear and Bf16Linear made from lin, each within fp32 rounding of float64 on its own weights."""
+    q, b = Int8Linear.from_linear(lin), Bf16Linear(lin.weight)
+    with torch.no_grad():
+        assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
+        torch.testing.assert_close(b(x).double(), x.double() @ b.weight.double().T, rtol=0, atol=fp32_atol(x, b.weight))
+
+
 def random_linear(n: int, k: int) -> nn.Linear:
     torch.manual_seed(n * 1000 + k)
     return nn.Linear(k, n, bias=False).requires_grad_(False)
@@ -98,22 +106,12 @@ def test_bf16_linear(M):
 def test_many_rows_convert_the_weights_in_blocks(monkeypatch):
     """Pre-fill converts 5 rows of the weight at a time here (16 MB at a time normally), scales included."""
     monkeypatch.setattr(quantize, "CONVERT_BLOCK_BYTES", 5 * 44 * 4)
-    lin = random_linear(23, 44)
-    q, b = Int8Linear.from_linear(lin), Bf16Linear(lin.weight)
-    x = torch.randn(37, 44)
-    with torch.no_grad():
-        assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
-        torch.testing.assert_close(b(x).double(), x.double() @ b.weight.double().T, rtol=0, atol=fp32_atol(x, b.weight))
+    assert_both_fp32_close(random_linear(23, 44), torch.randn(37, 44))
 
 
 def test_odd_sizes_without_the_kernel(no_kernel):
     """K = 10 does not fit torch._weight_int8pack_mm's 8-wide kernel: F.linear on converted weights then."""
-    lin = random_linear(7, 10)
-    q, b = Int8Linear.from_linear(lin), Bf16Linear(lin.weight)
-    x = torch.randn(2, 10)
-    with torch.no_grad():
-        assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
-        torch.testing.assert_close(b(x).double(), x.double() @ b.weight.double().T, rtol=0, atol=fp32_atol(x, b.weight))
+    assert_both_fp32_close(random_linear(7, 10), torch.randn(2, 10))
 
 
 def test_autograd_inputs_take_the_plain_path():
