@@ -12,7 +12,7 @@ import time
 import torch
 
 from bench.common import hf_model, interleaved_best, random_model, read_time, report, setup, weight_bytes
-from mistral import matvec
+from mistral import kernels
 from mistral.generate import generate_ids
 
 PROMPT_LEN, STEPS, REPS = 16, 96, 5
@@ -34,12 +34,12 @@ def ours_ms_per_token(model, batch: int = 1, steps: int = STEPS) -> float:
 def overhead_ms_per_token(model) -> float:
     """ours_ms_per_token with every weight product replaced by zeros of its shape: what a step costs besides
     reading the weights (attention, norms, RoPE, the cache, sampling, and the Python and dispatch around them)."""
-    real = matvec.matvec
-    matvec.matvec = lambda x, w, scales=None: torch.zeros(x.shape[0], w.shape[0])
+    real = kernels.matvec
+    kernels.matvec = lambda x, w, scales=None: torch.zeros(x.shape[0], w.shape[0])
     try:
         return ours_ms_per_token(model)
     finally:
-        matvec.matvec = real
+        kernels.matvec = real
 
 
 def hf_ms_per_token(hf, steps: int = STEPS) -> float:
@@ -61,7 +61,7 @@ def main() -> None:
     n_bytes = weight_bytes(model)
     runs = {"fp32": lambda: ours_ms_per_token(model), "fp32 x3": lambda: ours_ms_per_token(model, batch=3),
             "roofline": lambda: read_time(n_bytes, repeat=1) * 1e3}
-    if matvec.available():
+    if kernels.available():
         runs["overhead"] = lambda: overhead_ms_per_token(model)
     try:
         from mistral import quantize

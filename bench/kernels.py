@@ -3,7 +3,7 @@
     python -m bench.kernels
 
 For each weight shape of the benchmark model (dim 768, hidden 2048, 12 heads x 64, 4 kv heads, vocab
-32000), at M = 1 and M = 3 rows: ms per call and GB/s of weight bytes for mistral.matvec's kernel on fp32,
+32000), at M = 1 and M = 3 rows: ms per call and GB/s of weight bytes for mistral.kernels's kernel on fp32,
 bf16 (Bf16Linear) and int8 (Int8Linear) weights, and for contrast torch's own: fp32 F.linear (MKL), eager
 bf16 F.linear, and torch._weight_int8pack_mm (what Int8Linear falls back to without the kernel). Every call reads a different copy of its weights, 128 MB of copies per
 kernel, so the weights come from memory as they do in a real decode and not from the 32 MB L3 cache.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import interleaved_best
-from mistral import matvec
+from mistral import kernels
 from mistral.cache import RotatingBufferCache
 from mistral.model import ModelArgs, Transformer
 from mistral.quantize import Bf16Linear, Int8Linear, bf16_weight_only, quantize_int8
@@ -68,7 +68,7 @@ def make_calls(name: str, N: int, K: int, M: int) -> list:
     for _ in range(copies):
         w = torch.randn(N, K) * K ** -0.5
         if name == "fp32 kernel":
-            calls.append(lambda w=w: matvec.matvec(x, w))
+            calls.append(lambda w=w: kernels.matvec(x, w))
         elif name == "fp32 MKL":
             calls.append(lambda w=w: F.linear(x, w))
         elif name == "bf16 eager":

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mistral import matvec
+from mistral import kernels
 from mistral.args import ModelArgs, MoeArgs  # noqa: F401  (re-exported: mistral.model.ModelArgs)
 from mistral.attention import BlockMask, attention
 from mistral.cache import CacheView, RotatingBufferCache
@@ -35,13 +35,13 @@ class RMSNorm(nn.Module):
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M, in) @ w (out, in)^T -> (M, out).
 
-    Decoding a few rows at a time is bound by reading w. On CPU, mistral.matvec's kernel reads it at the
+    Decoding a few rows at a time is bound by reading w. On CPU, mistral.kernels's kernel reads it at the
     memory bandwidth, about twice as fast as MKL (measured on a 2-core AVX2 machine). Without it, w @ x^T
     is used for 2 to 16 rows: MKL's x @ w^T reads w at about a third of the speed there.
     """
-    if x.ndim == 2 and x.shape[0] <= matvec.MAX_ROWS:
-        if matvec.usable(x, w):
-            return matvec.matvec(x, w)
+    if x.ndim == 2 and x.shape[0] <= kernels.MAX_ROWS:
+        if kernels.usable(x, w):
+            return kernels.matvec(x, w)
         if x.shape[0] > 1:
             return (w @ x.T).T.contiguous()
     return F.linear(x, w)

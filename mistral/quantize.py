@@ -15,7 +15,7 @@ hardware bf16 (the 2-core AVX2 machine this was measured on) torch's eager kerne
 bf16 `F.linear` rounds the activations to bf16, multiplies matrices 7x slower than fp32 (pre-fill), and
 collapses (5-20x slower) when another process takes a core from one of its two threads.
 
-So for up to matvec.MAX_ROWS rows on a CPU, both modules call mistral.matvec's kernel, which reads the
+So for up to kernels.MAX_ROWS rows on a CPU, both modules call mistral.kernels's kernel, which reads the
 int8 or bf16 weights as they are stored, converts them in registers and computes in fp32. For more rows
 (pre-fill), the weight is converted to the activation dtype block by block and multiplied by `F.linear`:
 the conversion is paid once per call and amortized over the rows. Off the CPU (CUDA) that is the only path:
@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mistral import matvec
+from mistral import kernels
 from mistral.model import linear  # the model's own product, so converted weights give its exact numbers
 from mistral.moe import MoeLayer
 
@@ -57,15 +57,15 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
 
 
 def _few_rows(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., K) @ (w * scales).T by mistral.matvec, in x's dtype, or None where that kernel does not apply.
+    """x (..., K) @ (w * scales).T by mistral.kernels, in x's dtype, or None where that kernel does not apply.
     Decode on a CPU, the hot path: fp32 rows (M, K) go straight to the kernel, with nothing to convert."""
     if x.device.type != "cpu":
         return None
     x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])  # (M, K)
     x32 = x2 if x2.dtype == torch.float32 else x2.float()
-    if not matvec.usable(x32, w):
+    if not kernels.usable(x32, w):
         return None
-    y = matvec.matvec(x32, w, scales)
+    y = kernels.matvec(x32, w, scales)
     y = y if x.dtype == torch.float32 else y.to(x.dtype)
     return y if x.ndim == 2 else y.view(*x.shape[:-1], -1)
 
@@ -94,7 +94,7 @@ class Int8Linear(nn.Module):
             return y
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
-        if (x2.shape[0] <= matvec.MAX_ROWS and x2.device.type == "cpu" and K % 8 == 0
+        if (x2.shape[0] <= kernels.MAX_ROWS and x2.device.type == "cpu" and K % 8 == 0
                 and not (torch.is_grad_enabled() and x2.requires_grad)):  # torch 2.13's CPU kernel reads out of bounds for other K
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
             return y.to(x.dtype).view(*lead, -1)

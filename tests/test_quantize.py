@@ -4,7 +4,7 @@ tiny models against fp32, packed, chunked and through generate_ids.
 Error bounds used below, for y = x @ W.T over K inputs and B = |x| @ |W|.T (the sum of |x_k w_k|):
 - fp32 arithmetic: |error| <= K * 2^-24 * B (the classical bound for a K-term dot product), taken as
   K * 2^-23 * B to cover the final multiplication by the scale as well.
-- torch._weight_int8pack_mm (the int8 path for few rows where mistral.matvec's kernel is not built) rounds x, the scales and y to bf16, each a
+- torch._weight_int8pack_mm (the int8 path for few rows where mistral.kernels's kernel is not built) rounds x, the scales and y to bf16, each a
   relative error of at most 2^-9: |error| <= 3 * 2^-9 * B, taken as 2^-7 * B.
 And for whole models, int8 against fp32: logits within 0.1 of the logits' standard deviation. Measured on
 these tiny models: 4-8% at most (per-channel int8 of K = 32 inputs is about 0.6% off per dot product, and
@@ -18,7 +18,7 @@ import torch
 from helpers import random_model, tiny_params
 from torch import nn
 
-from mistral import matvec, quantize
+from mistral import kernels, quantize
 from mistral.cache import RotatingBufferCache
 from mistral.generate import generate_ids
 from mistral.moe import MoeLayer
@@ -61,9 +61,9 @@ def random_linear(n: int, k: int) -> nn.Linear:
 
 @pytest.fixture
 def no_kernel(monkeypatch):
-    """As on a machine where mistral.matvec's kernel could not be compiled."""
-    monkeypatch.setattr(matvec, "_lib", None)
-    monkeypatch.setattr(matvec, "_tried", True)
+    """As on a machine where mistral.kernels's kernel could not be compiled."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", True)
 
 
 def test_quantization_is_symmetric_per_output_channel():
@@ -80,7 +80,7 @@ def test_int8_linear_without_the_kernel(M, no_kernel):
     """M <= 16: torch._weight_int8pack_mm, bf16 rounding; M = 37: fp32 F.linear on the int8 weights."""
     q = Int8Linear.from_linear(random_linear(48, 64))
     x = torch.randn(M, 64)
-    atol = bf16_atol(x, dequantized(q)) if M <= matvec.MAX_ROWS else fp32_atol(x, dequantized(q))
+    atol = bf16_atol(x, dequantized(q)) if M <= kernels.MAX_ROWS else fp32_atol(x, dequantized(q))
     with torch.no_grad():
         assert_int8_close(q, x, atol)
 
@@ -161,7 +161,7 @@ def test_quantize_int8_model(moe):
 def test_quantize_int8_generate_chunked(moe, monkeypatch):
     """With every row count on F.linear (fp32 on the int8 weights), chunking changes only the summation
     order: the same tokens, each the argmax of a one-pass forward over the whole text."""
-    monkeypatch.setattr(matvec, "MAX_ROWS", 0)
+    monkeypatch.setattr(kernels, "MAX_ROWS", 0)
     q = quantize_int8(random_model(tiny_params(moe=moe)))
     want, want_lp = generate_ids(PROMPTS, q, max_tokens=8)
     for chunk_size in (1, 2, 6):

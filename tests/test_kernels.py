@@ -1,4 +1,4 @@
-"""The CPU decode kernel (mistral/matvec.py, csrc/matvec.c) against float64 products computed by torch."""
+"""The CPU decode kernel (mistral/kernels.py, csrc/kernels.c) against float64 products computed by torch."""
 import logging
 import shutil
 import tempfile
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mistral import matvec
+from mistral import kernels
 from mistral.model import linear
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
@@ -31,7 +31,7 @@ def weights(dtype, N, K, gen):
 def compiled():
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the kernel cannot be built here")
-    assert matvec.available(), "a C compiler is present, so the kernel must build: see the warning logged above"
+    assert kernels.available(), "a C compiler is present, so the kernel must build: see the warning logged above"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
@@ -41,8 +41,8 @@ def test_matches_float64(dtype, M):
     for N, K in SHAPES:
         x = torch.randn(M, K, generator=gen)
         w, scales = weights(dtype, N, K, gen)
-        assert matvec.usable(x, w)
-        got = matvec.matvec(x, w, scales)
+        assert kernels.usable(x, w)
+        got = kernels.matvec(x, w, scales)
         assert got.dtype == torch.float32 and got.shape == (M, N)
         want = reference(x, w, scales)
         # fp32 sums of K products: error grows like sqrt(K) times the size of a product
@@ -54,13 +54,13 @@ def test_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, generator=gen).T  # (3, 40), strided
     w = torch.randn(40, 50, generator=gen).T  # (50, 40), strided
-    torch.testing.assert_close(matvec.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-4)
 
 
 def test_model_linear_uses_it_and_agrees_with_f_linear(monkeypatch):
     calls = []
-    real = matvec.matvec
-    monkeypatch.setattr(matvec, "matvec", lambda x, w, s=None: calls.append(x.shape) or real(x, w, s))
+    real = kernels.matvec
+    monkeypatch.setattr(kernels, "matvec", lambda x, w, s=None: calls.append(x.shape) or real(x, w, s))
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(96, 80, generator=gen)
     for M in (1, 3, 16, 17):
@@ -71,33 +71,33 @@ def test_model_linear_uses_it_and_agrees_with_f_linear(monkeypatch):
 
 def test_not_used_where_it_does_not_apply():
     w = torch.randn(8, 16)
-    assert not matvec.usable(torch.randn(1, 16, dtype=torch.float64), w)  # only fp32 activations
-    assert not matvec.usable(torch.randn(17, 16), w)  # too many rows
-    assert not matvec.usable(torch.randn(1, 16), w.half())
+    assert not kernels.usable(torch.randn(1, 16, dtype=torch.float64), w)  # only fp32 activations
+    assert not kernels.usable(torch.randn(17, 16), w)  # too many rows
+    assert not kernels.usable(torch.randn(1, 16), w.half())
     x = torch.randn(1, 16, requires_grad=True)
-    assert not matvec.usable(x, w)  # autograd needs torch's ops
+    assert not kernels.usable(x, w)  # autograd needs torch's ops
     with torch.no_grad():
-        assert matvec.usable(x, w)
+        assert kernels.usable(x, w)
 
 
 def test_without_a_compiler_torch_products_are_used(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(matvec, "_lib", None)
-    monkeypatch.setattr(matvec, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     x, w = torch.randn(2, 16), torch.randn(8, 16)
-    with caplog.at_level(logging.WARNING, logger="mistral.matvec"):
-        assert not matvec.available()
+    with caplog.at_level(logging.WARNING, logger="mistral.kernels"):
+        assert not kernels.available()
         torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert "no-such-compiler" in caplog.text
-    assert not matvec.usable(x, w)
+    assert not kernels.usable(x, w)
 
 
 @pytest.fixture
 def fresh_build(monkeypatch):
     """matvec as in a new process: nothing loaded yet."""
-    monkeypatch.setattr(matvec, "_lib", None)
-    monkeypatch.setattr(matvec, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
 
 
 def test_unusable_cache_folder_builds_in_the_temporary_folder(fresh_build, monkeypatch, tmp_path):
@@ -105,23 +105,23 @@ def test_unusable_cache_folder_builds_in_the_temporary_folder(fresh_build, monke
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # ~/.cache/mistral cannot be made under a file
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert matvec.available()
+    assert kernels.available()
     assert [p.suffix for p in (tmp_path / "tmp").iterdir()] == [".so"]
     x, w = torch.randn(2, 16), torch.randn(8, 16)
-    torch.testing.assert_close(matvec.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_a_damaged_cached_build_is_built_again(fresh_build, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
-    assert matvec.available()
+    assert kernels.available()
     (name,) = [p.name for p in (tmp_path / "a" / "mistral").iterdir()]
     # A second cache whose file of that name is damaged (the loaded one must not be touched: it is mapped).
     (tmp_path / "b" / "mistral").mkdir(parents=True)
     (tmp_path / "b" / "mistral" / name).write_bytes(b"not a shared library")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
-    monkeypatch.setattr(matvec, "_lib", None)
-    monkeypatch.setattr(matvec, "_tried", False)
-    assert matvec.available()
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    assert kernels.available()
     assert (tmp_path / "b" / "mistral" / name).read_bytes() == (tmp_path / "a" / "mistral" / name).read_bytes()
     x, w = torch.randn(3, 16), torch.randn(8, 16)
-    torch.testing.assert_close(matvec.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 
 Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
 read memory. On a CPU, MKL's product reaches about half of what the cores can stream together (it barely
-uses the second of two cores); `csrc/matvec.c` reaches the bandwidth (see its header, and bench/kernels.py).
+uses the second of two cores); `csrc/kernels.c` reaches the bandwidth (see its header, and bench/kernels.py).
 
 It is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU (-march=native),
 in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name that hashes the
@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this, a matrix-matrix product (MKL) is faster: the weights are no longer the cost
-SOURCE = Path(__file__).parent / "csrc" / "matvec.c"
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 # -fopenmp first; a compiler without OpenMP (Apple's clang) still gets a single-threaded kernel.
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
@@ -80,7 +80,7 @@ def _compile() -> ctypes.CDLL | None:
     source, cpu, errors = SOURCE.read_bytes(), _cpu_id(), []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), cpu.encode()]))
-        target, lib, error = folder / f"matvec-{key.hexdigest()[:16]}.so", None, None
+        target, lib, error = folder / f"kernels-{key.hexdigest()[:16]}.so", None, None
         for _ in range(2):  # a file in the cache that does not load (damaged) is built again, once
             error = None if target.exists() else _build(cc, flags, target)
             if error is not None:
@@ -131,7 +131,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
     Call only where usable(x, w) holds. Inputs that are not contiguous are copied first.
     """
     if _lib is None and not available():
-        raise RuntimeError("mistral.matvec's kernel could not be built (see the warning logged); check usable() first")
+        raise RuntimeError("mistral.kernels's kernel could not be built (see the warning logged); check usable() first")
     (M, K), (N, Kw) = x.shape, w.shape
     assert K == Kw, f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
     x, w = x.contiguous(), w.contiguous()
