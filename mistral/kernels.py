@@ -1,8 +1,11 @@
-"""The CPU kernel for decoding: y = x @ w.T for a few rows of x, with fp32, bf16 or int8 weights.
+"""The CPU kernels for decoding (csrc/kernels.c): few-row products, decode attention, RMSNorm.
 
 Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
 read memory. On a CPU, MKL's product reaches about half of what the cores can stream together (it barely
-uses the second of two cores); `csrc/kernels.c` reaches the bandwidth (see its header, and bench/kernels.py).
+uses the second of two cores); `matvec` here reaches the bandwidth (see csrc/kernels.c, and bench/kernels.py).
+What a decode step spends besides the products is dispatch: at one token, torch's attention and RMSNorm
+cost tens of microseconds each in calls and temporaries for under a microsecond of arithmetic; `attend` and
+`rms_norm` do the same work in one call each.
 
 It is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU (-march=native),
 in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name that hashes the
@@ -98,6 +101,9 @@ def _compile() -> ctypes.CDLL | None:
         # Without argtypes, ctypes would pass Python ints as 32-bit C ints.
         for fn, n_pointers in (("matvec_f32", 3), ("matvec_bf16", 3), ("matvec_int8", 4)):
             getattr(lib, fn).argtypes = [ctypes.c_void_p] * n_pointers + [ctypes.c_int64] * 3
+        lib.attend_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float]
+        lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        for fn in ("matvec_f32", "matvec_bf16", "matvec_int8", "attend_f32", "rms_norm_f32"):
             getattr(lib, fn).restype = None
         return lib
     log.warning("compiling %s failed, decoding on CPU uses torch's slower products: %s", SOURCE.name, "; ".join(errors))
@@ -148,4 +154,38 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
     else:
         assert scales is None, "scales go with int8 weights only"
         _lib.matvec_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
+    return y
+
+
+def _ready() -> bool:
+    return _lib is not None or (not _tried and available())
+
+
+def _plain(*ts: torch.Tensor) -> bool:
+    """fp32 on a CPU, outside autograd: what attend and rms_norm take."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and _ready())
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+    """Decode attention: q (B, H, D), k and v (B, Hkv, P, D) cache rows, lengths (B,) int64 valid slots
+    per row (each >= 1), -> (B, H, D): softmax(q k^T / sqrt(D)) v over each row's first lengths[b] slots.
+    None where the kernel does not apply (not fp32 on a CPU, or not built)."""
+    if not _plain(q, k, v):
+        return None
+    (B, H, D), (_, Hkv, P, _) = q.shape, k.shape
+    assert k.shape == v.shape == (B, Hkv, P, D) and H % Hkv == 0 and lengths.shape == (B,), (q.shape, k.shape, lengths.shape)
+    q, k, v, lengths = q.contiguous(), k.contiguous(), v.contiguous(), lengths.contiguous()
+    out = torch.empty(B, H, D)
+    _lib.attend_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(), B, H, Hkv, P, D, D ** -0.5)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x (M, K) / sqrt(mean(x^2) + eps) * weight (K,), for up to MAX_ROWS rows; None where the kernel does not apply."""
+    if not (x.ndim == 2 and x.shape[0] <= MAX_ROWS and _plain(x, weight)):
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(x)
+    _lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
     return y

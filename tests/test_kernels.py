@@ -1,4 +1,4 @@
-"""The CPU decode kernel (mistral/kernels.py, csrc/kernels.c) against float64 products computed by torch."""
+"""The CPU decode kernels (mistral/kernels.py, csrc/kernels.c) against float64 computations by torch."""
 import logging
 import shutil
 import tempfile
@@ -78,6 +78,65 @@ def test_not_used_where_it_does_not_apply():
     assert not kernels.usable(x, w)  # autograd needs torch's ops
     with torch.no_grad():
         assert kernels.usable(x, w)
+
+
+def attention_reference(q, k, v, lengths):
+    """Decode attention in float64, row by row: q (B, H, D), k/v (B, Hkv, P, D) -> (B, H, D)."""
+    B, H, D = q.shape
+    G = H // k.shape[1]
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        kb = k[b, :, : lengths[b]].double().repeat_interleave(G, dim=0)  # (H, n, D)
+        vb = v[b, :, : lengths[b]].double().repeat_interleave(G, dim=0)
+        scores = (kb @ q[b].double()[:, :, None]).squeeze(-1) / D**0.5  # (H, n)
+        out[b] = (scores.softmax(-1)[:, None, :] @ vb).squeeze(1)
+    return out
+
+
+# Lengths around the kernel's blocks of 64 keys (one key, a block exactly, one past it, several), a full
+# row of P slots; head groups of 3 (the benchmark model), 4 and 1 query heads per kv head, and none shared.
+@pytest.mark.parametrize("H, Hkv, D", [(12, 4, 64), (8, 2, 128), (4, 4, 20), (6, 1, 8)])
+def test_attend_matches_float64(H, Hkv, D):
+    gen = torch.Generator().manual_seed(H * D)
+    P = 200
+    lengths = [1, 63, 64, 65, 130, P]
+    B = len(lengths)
+    q = torch.randn(B, H, D, generator=gen) * 3  # sharp softmaxes: the running maximum moves between blocks
+    k, v = torch.randn(2, B, Hkv, P, D, generator=gen)
+    k[:, :, P // 2 :] *= 2  # ... and later keys score higher, so earlier blocks' sums get rescaled
+    k[:, :, 130:] = float("nan")  # slots past a row's length are never read (rows shorter than 130)
+    k[-1, :, 130:] = torch.randn(Hkv, P - 130, D, generator=gen)
+    got = kernels.attend(q, k, v, torch.tensor(lengths))
+    torch.testing.assert_close(got.double(), attention_reference(q, k, v, lengths), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_agrees_with_sdpa_on_cache_rows():
+    """The strided case the model hands it: k, v slices of a (L, B, Hkv, W, D) cache."""
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 3, 2, 4, 32, 16, generator=gen)  # (k/v, L, B, Hkv, W, D)
+    k, v = cache[0, 1], cache[1, 1]
+    q = torch.randn(2, 8, 16, generator=gen)
+    got = kernels.attend(q, k, v, torch.tensor([32, 5]))
+    torch.testing.assert_close(got.double(), attention_reference(q, k, v, [32, 5]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 16])
+def test_rms_norm_matches_float64(M):
+    gen = torch.Generator().manual_seed(M)
+    for K in (1, 7, 8, 768, 4100):
+        x = torch.randn(M, K, generator=gen) * 5
+        w = torch.rand(K, generator=gen) + 0.5
+        want = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w.double()
+        torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_and_rms_norm_decline_what_they_do_not_take():
+    q, kv, n = torch.randn(1, 4, 8), torch.randn(1, 2, 16, 8), torch.tensor([3])
+    assert kernels.attend(q.bfloat16(), kv.bfloat16(), kv.bfloat16(), n) is None  # fp32 only
+    assert kernels.attend(q.requires_grad_(), kv, kv, n) is None  # autograd needs torch's ops
+    x, w = torch.randn(17, 8), torch.ones(8)
+    assert kernels.rms_norm(x, w, 1e-5) is None  # more rows than decode has: torch's op
+    assert kernels.rms_norm(x[:2].double(), w.double(), 1e-5) is None
 
 
 def test_without_a_compiler_torch_products_are_used(monkeypatch, tmp_path, caplog):

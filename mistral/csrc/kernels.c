@@ -1,4 +1,10 @@
-/* Few-row matrix products for decoding on a CPU: y (M, N) = x (M, K) @ w (N, K)^T, for M from 1 to 16.
+/* The CPU kernels of a decode step: few-row matrix products, decode attention, RMSNorm.
+
+Each replaces a torch call that costs more in dispatch than in arithmetic at decode's sizes, or (the
+products) one that reads memory at half speed. mistral/kernels.py compiles and calls them; the model's torch
+code stays the definition, and tests/test_kernels.py checks each kernel against a float64 computation.
+
+1. Few-row matrix products: y (M, N) = x (M, K) @ w (N, K)^T, for M from 1 to 16.
 
 Decoding is bound by reading the weights: each one is read from memory once per step and used for only M
 multiply-adds. So this kernel streams every row of w once, on every core, and multiplies it by all M rows
@@ -13,6 +19,7 @@ reads its rows front to back, one row at a time: a single stream that the hardwa
 independent partial sums per row of x keep the multiply-add units busy while memory streams in.
 
 Letters: M rows of x (tokens), N rows of w (output features), K the length of both (input features). */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -128,4 +135,70 @@ void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t
 void matvec_int8(const float *x, const int8_t *w, const float *scales, float *y, int64_t M, int64_t N, int64_t K) {
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) column(x, w, scales, y, M, N, K, n, I8);
+}
+
+/* 2. Decode attention: one query per cache row against that row's first n[b] slots.
+
+q (B, H, D), k and v (B, Hkv, P, D) the cache rows as stored, out (B, H, D). Query head h reads kv head
+h / (H / Hkv) (grouped-query attention). The slots are in rotated order, which does not matter: a single query
+sees every valid slot. Softmax is computed online over blocks of keys: each block's scores are exponentiated
+against the running maximum, and what was summed before is rescaled when the maximum grows. */
+#define KEY_BLOCK 64
+
+INLINE float dot(const float *a, const float *b, int64_t D) {
+    v8 acc = {0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        v8 x, y;
+        memcpy(&x, a + d, sizeof x);
+        memcpy(&y, b + d, sizeof y);
+        acc += x * y;
+    }
+    float s = 0;
+    for (int j = 0; j < 8; j++) s += acc[j];
+    for (; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+void attend_f32(const float *q, const float *k, const float *v, const int64_t *n, float *out,
+                int64_t B, int64_t H, int64_t Hkv, int64_t P, int64_t D, float scale) {
+    const int64_t G = H / Hkv;  /* query heads per kv head */
+    #pragma omp parallel for schedule(static)
+    for (int64_t bg = 0; bg < B * Hkv; bg++) {  /* one (row, kv head): its G query heads share the keys */
+        const float *kb = k + bg * P * D, *vb = v + bg * P * D;
+        const int64_t len = n[bg / Hkv];
+        for (int64_t h = bg * G; h < (bg + 1) * G; h++) {
+            const float *qh = q + h * D;
+            float *o = out + h * D, s[KEY_BLOCK], max = -INFINITY, sum = 0;
+            for (int64_t d = 0; d < D; d++) o[d] = 0;
+            for (int64_t j0 = 0; j0 < len; j0 += KEY_BLOCK) {
+                const int64_t nj = len - j0 < KEY_BLOCK ? len - j0 : KEY_BLOCK;
+                float block_max = -INFINITY;
+                for (int64_t j = 0; j < nj; j++) {
+                    s[j] = dot(qh, kb + (j0 + j) * D, D) * scale;
+                    block_max = s[j] > block_max ? s[j] : block_max;
+                }
+                const float new_max = block_max > max ? block_max : max, rescale = expf(max - new_max);
+                sum *= rescale;
+                for (int64_t d = 0; d < D; d++) o[d] *= rescale;
+                for (int64_t j = 0; j < nj; j++) {
+                    const float p = expf(s[j] - new_max), *vj = vb + (j0 + j) * D;
+                    sum += p;
+                    for (int64_t d = 0; d < D; d++) o[d] += p * vj[d];
+                }
+                max = new_max;
+            }
+            for (int64_t d = 0; d < D; d++) o[d] /= sum;
+        }
+    }
+}
+
+/* 3. RMSNorm: y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, for the M rows of x (M, K). One thread: a row is
+a few KB. */
+void rms_norm_f32(const float *x, const float *w, float *y, int64_t M, int64_t K, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        const float r = 1.0f / sqrtf(dot(xm, xm, K) / K + eps);
+        for (int64_t k = 0; k < K; k++) y[m * K + k] = xm[k] * r * w[k];
+    }
 }
