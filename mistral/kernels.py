@@ -99,8 +99,10 @@ def _compile() -> ctypes.CDLL | None:
             errors.append(f"{cc} {' '.join(flags)}: {error}")
             continue
         # Without argtypes, ctypes would pass Python ints as 32-bit C ints.
-        for fn, n_pointers in (("matvec_f32", 3), ("matvec_bf16", 3), ("matvec_int8", 4)):
-            getattr(lib, fn).argtypes = [ctypes.c_void_p] * n_pointers + [ctypes.c_int64] * 3
+        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        lib.matvec_f32.argtypes = [pointer] + [pointer, int64] * 3 + [pointer, int64, int64]
+        lib.matvec_bf16.argtypes = lib.matvec_f32.argtypes
+        lib.matvec_int8.argtypes = [pointer] + [pointer, pointer, int64] * 3 + [pointer, int64, int64]
         lib.attend_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float]
         lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
         for fn in ("matvec_f32", "matvec_bf16", "matvec_int8", "attend_f32", "rms_norm_f32"):
@@ -136,24 +138,34 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
 
     Call only where usable(x, w) holds. Inputs that are not contiguous are copied first.
     """
+    return stacked(x, [(w, scales)])
+
+
+def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """x (M, K) @ [w0; w1; ...]^T -> (M, N0 + N1 + ...): up to three products of the same x side by side, in
+    one call and one pass over the weights. weights: (w, scales) pairs of one dtype, scales None unless int8."""
     if _lib is None and not available():
-        raise RuntimeError("mistral.kernels's kernel could not be built (see the warning logged); check usable() first")
-    (M, K), (N, Kw) = x.shape, w.shape
-    assert K == Kw, f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
-    x, w = x.contiguous(), w.contiguous()
-    y = torch.empty(M, N)
-    dtype = w.dtype
-    if dtype == torch.float32:
-        assert scales is None, "scales go with int8 weights only"
-        _lib.matvec_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
-    elif dtype == torch.int8:
-        assert scales is not None and scales.shape == (N,) and scales.dtype == torch.float32, \
-            f"int8 weights need fp32 scales of shape ({N},), got {None if scales is None else (scales.dtype, tuple(scales.shape))}"
-        scales = scales.contiguous()
-        _lib.matvec_int8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K)
-    else:
-        assert scales is None, "scales go with int8 weights only"
-        _lib.matvec_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K)
+        raise RuntimeError("mistral.kernels could not be built (see the warning logged); check usable() first")
+    M, K = x.shape
+    dtype = weights[0][0].dtype
+    assert 1 <= len(weights) <= 3, f"1 to 3 weight matrices, got {len(weights)}"
+    for w, scales in weights:
+        assert w.ndim == 2 and w.shape[1] == K, f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
+        assert w.dtype == dtype, f"stacked weights share one dtype, got {dtype} and {w.dtype}"
+        assert (scales is None) == (dtype != torch.int8), "int8 weights need scales, others take none"
+        if scales is not None:
+            assert scales.shape == w.shape[:1] and scales.dtype == torch.float32, \
+                f"int8 weights need fp32 scales of shape ({w.shape[0]},), got {scales.dtype}, {tuple(scales.shape)}"
+    x = x.contiguous()
+    weights = [(w.contiguous(), None if s is None else s.contiguous()) for w, s in weights]
+    y = torch.empty(M, sum(w.shape[0] for w, _ in weights))
+    int8 = dtype == torch.int8
+    args = []
+    for w, s in weights:
+        args += [w.data_ptr(), s.data_ptr(), w.shape[0]] if int8 else [w.data_ptr(), w.shape[0]]
+    args += [0] * ((3 if int8 else 2) * (3 - len(weights)))  # absent matrices: no pointer, no rows
+    fn = _lib.matvec_int8 if int8 else _lib.matvec_f32 if dtype == torch.float32 else _lib.matvec_bf16
+    fn(x.data_ptr(), *args, y.data_ptr(), M, K)
     return y
 
 

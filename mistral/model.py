@@ -50,6 +50,19 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def linears(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
+    """torch.cat([layer(x) for layer in layers], dim=-1): products of the same x, side by side.
+
+    Decoding on a CPU, the kernel makes them in one call and one pass over all their weights, with the
+    numbers each layer would give alone. The layers are Linear, or mistral.quantize's Int8Linear and
+    Bf16Linear, which keep their weight in `weight` (and int8's scales in `scales`).
+    """
+    weights = [layer.weight for layer in layers]
+    if len({w.dtype for w in weights}) == 1 and all(kernels.usable(x, w) for w in weights):
+        return kernels.stacked(x, [(w, getattr(layer, "scales", None)) for layer, w in zip(layers, weights)])
+    return torch.cat([layer(x) for layer in layers], dim=-1)
+
+
 class Linear(nn.Linear):
     """A bias-free nn.Linear (same parameters and keys) computed by `linear`."""
 
@@ -70,14 +83,13 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
-        S = x.shape[0]
-        xq = self.wq(x).view(S, self.n_heads, self.head_dim)  # (S, H, D)
-        xk = self.wk(x).view(S, self.n_kv_heads, self.head_dim)  # (S, Hkv, D)
-        xv = self.wv(x).view(S, self.n_kv_heads, self.head_dim)  # (S, Hkv, D)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        S, H, Hkv = x.shape[0], self.n_heads, self.n_kv_heads
+        qkv = linears(x, self.wq, self.wk, self.wv).view(S, H + 2 * Hkv, self.head_dim)  # query, key, value heads
+        qk = apply_rotary_emb(qkv[:, : H + Hkv], freqs_cis)  # queries and keys rotated together
+        xq, xk, xv = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # (S, H, D), (S, Hkv, D), (S, Hkv, D)
         keys, values = (xk, xv) if cache is None else cache.update(xk, xv)  # (Skv, Hkv, D)
         out = attention(xq, keys, values, mask)  # (S, H, D)
-        return self.wo(out.view(S, self.n_heads * self.head_dim))
+        return self.wo(out.view(S, H * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -88,7 +100,8 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        gate, up = linears(x, self.w1, self.w3).chunk(2, dim=-1)  # (S, hidden) each
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):

@@ -50,6 +50,35 @@ def test_matches_float64(dtype, M):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M", [1, 3, 5])
+def test_stacked_matches_float64(dtype, M):
+    """Two or three matrices side by side (as wq, wk, wv and w1, w3), each with its own rows and scales."""
+    gen = torch.Generator().manual_seed(M)
+    for rows, K in [((4, 1), 16), ((12, 4, 4), 24), ((7, 1, 33), 131)]:
+        x = torch.randn(M, K, generator=gen)
+        parts = [weights(dtype, N, K, gen) for N in rows]
+        got = kernels.stacked(x, parts)
+        want = torch.cat([reference(x, w, s) for w, s in parts], dim=-1)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * K ** 0.5 * 2)
+
+
+def test_model_linears_equal_the_layers_side_by_side():
+    """The fused decode products give each layer's own numbers, for every kind of layer quantize makes."""
+    from mistral import quantize
+    from mistral.model import Linear, linears
+
+    torch.manual_seed(0)
+    plain = [Linear(40, n) for n in (24, 8, 8)]
+    kinds = {"fp32": plain, "int8": [quantize.Int8Linear.from_linear(layer) for layer in plain],
+             "bf16": [quantize.Bf16Linear(layer.weight) for layer in plain]}
+    with torch.no_grad():
+        for name, layers in kinds.items():
+            for M in (1, 3, 17):  # 17 rows: no kernel, torch's products
+                x = torch.randn(M, 40)
+                assert torch.equal(linears(x, *layers), torch.cat([layer(x) for layer in layers], dim=-1)), (name, M)
+
+
 def test_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, generator=gen).T  # (3, 40), strided

@@ -4,7 +4,7 @@ Each replaces a torch call that costs more in dispatch than in arithmetic at dec
 products) one that reads memory at half speed. mistral/kernels.py compiles and calls them; the model's torch
 code stays the definition, and tests/test_kernels.py checks each kernel against a float64 computation.
 
-1. Few-row matrix products: y (M, N) = x (M, K) @ w (N, K)^T, for M from 1 to 16.
+1. Few-row matrix products: y (M, N) = x (M, K) @ w (N, K)^T, for M from 1 to 16, of up to three w at once.
 
 Decoding is bound by reading the weights: each one is read from memory once per step and used for only M
 multiply-adds. So this kernel streams every row of w once, on every core, and multiplies it by all M rows
@@ -75,10 +75,10 @@ INLINE float load1(const void *w, int64_t i, enum wtype t) {
     return (float)((const int8_t *)w)[i];
 }
 
-/* y[m0 + m, n] for m < MB: row n of w against rows m0 .. m0 + MB - 1 of x, with U partial sums each.
-MB * U <= 8 accumulators stay in registers (AVX2 has 16). */
-INLINE void row(const float *x, const void *w, const float *scales, float *y, int64_t N, int64_t K, int64_t n,
-                int64_t m0, const int MB, const int U, enum wtype t) {
+/* y[(m0 + m) * ldy] for m < MB: one row wn of w (K weights; times scale, for int8) against rows m0 .. m0 + MB - 1
+of x, with U partial sums each. MB * U <= 8 accumulators stay in registers (AVX2 has 16). */
+INLINE void row(const float *x, const void *wn, float scale, float *y, int64_t ldy, int64_t K, int64_t m0,
+                const int MB, const int U, enum wtype t) {
     const float *xm = x + m0 * K;
     v8 acc[4][4];  /* [u][m], u < U, m < MB */
     for (int u = 0; u < U; u++)
@@ -86,7 +86,7 @@ INLINE void row(const float *x, const void *w, const float *scales, float *y, in
     int64_t k = 0;
     for (; k + 8 * U <= K; k += 8 * U)
         for (int u = 0; u < U; u++) {
-            v8 wv = load8(w, n * K + k + 8 * u, t);
+            v8 wv = load8(wn, k + 8 * u, t);
             for (int m = 0; m < MB; m++) {
                 v8 xv;
                 memcpy(&xv, xm + m * K + k + 8 * u, sizeof xv);
@@ -94,7 +94,7 @@ INLINE void row(const float *x, const void *w, const float *scales, float *y, in
             }
         }
     for (; k + 8 <= K; k += 8) {
-        v8 wv = load8(w, n * K + k, t);
+        v8 wv = load8(wn, k, t);
         for (int m = 0; m < MB; m++) {
             v8 xv;
             memcpy(&xv, xm + m * K + k, sizeof xv);
@@ -106,35 +106,56 @@ INLINE void row(const float *x, const void *w, const float *scales, float *y, in
         for (int u = 1; u < U; u++) a += acc[u][m];
         float s = 0;
         for (int j = 0; j < 8; j++) s += a[j];
-        for (int64_t kk = k; kk < K; kk++) s += load1(w, n * K + kk, t) * xm[m * K + kk];
-        y[(m0 + m) * N + n] = t == I8 ? s * scales[n] : s;
+        for (int64_t kk = k; kk < K; kk++) s += load1(wn, kk, t) * xm[m * K + kk];
+        y[(m0 + m) * ldy] = t == I8 ? s * scale : s;
     }
 }
 
-/* Column n of y: all M rows of x, four at a time. */
-INLINE void column(const float *x, const void *w, const float *scales, float *y, int64_t M, int64_t N, int64_t K,
-                   int64_t n, enum wtype t) {
-    if (M == 1) { row(x, w, scales, y, N, K, n, 0, 1, 4, t); return; }
-    if (M == 2) { row(x, w, scales, y, N, K, n, 0, 2, 2, t); return; }
-    if (M == 3) { row(x, w, scales, y, N, K, n, 0, 3, 2, t); return; }
+/* Up to three weight matrices of K columns, stacked: n[j] rows each (0: absent), int8 ones with their scales. */
+typedef struct {
+    const void *w[3];
+    const float *scales[3];
+    int64_t n[3];
+} stack;
+
+/* Column n of y (M rows, ldy apart): row n of the stacked matrices against all M rows of x, four at a time. */
+INLINE void column(const float *x, stack st, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n, enum wtype t) {
+    int j = 0;
+    while (n >= st.n[j]) n -= st.n[j++];  /* matrix j, its row n */
+    const void *wn = (const char *)st.w[j] + n * K * (t == F32 ? 4 : t == BF16 ? 2 : 1);
+    const float scale = t == I8 ? st.scales[j][n] : 1;
+    if (M == 1) { row(x, wn, scale, y, ldy, K, 0, 1, 4, t); return; }
+    if (M == 2) { row(x, wn, scale, y, ldy, K, 0, 2, 2, t); return; }
+    if (M == 3) { row(x, wn, scale, y, ldy, K, 0, 3, 2, t); return; }
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row(x, w, scales, y, N, K, n, m, 4, 2, t);
-    for (; m < M; m++) row(x, w, scales, y, N, K, n, m, 1, 4, t);
+    for (; m + 4 <= M; m += 4) row(x, wn, scale, y, ldy, K, m, 4, 2, t);
+    for (; m < M; m++) row(x, wn, scale, y, ldy, K, m, 1, 4, t);
 }
 
-void matvec_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+/* y (M, n0 + n1 + n2) = x @ [w0; w1; w2]^T: the products side by side, in one parallel pass over all the rows.
+(The pragma stays in each function, where t is a constant the compiler specializes the loops for.) */
+void matvec_f32(const float *x, const float *w0, int64_t n0, const float *w1, int64_t n1, const float *w2, int64_t n2,
+                float *y, int64_t M, int64_t K) {
+    const stack st = {{w0, w1, w2}, {0, 0, 0}, {n0, n1, n2}};
+    const int64_t N = n0 + n1 + n2;
     #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) column(x, w, 0, y, M, N, K, n, F32);
+    for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, F32);
 }
 
-void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
+void matvec_bf16(const float *x, const uint16_t *w0, int64_t n0, const uint16_t *w1, int64_t n1, const uint16_t *w2,
+                 int64_t n2, float *y, int64_t M, int64_t K) {
+    const stack st = {{w0, w1, w2}, {0, 0, 0}, {n0, n1, n2}};
+    const int64_t N = n0 + n1 + n2;
     #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) column(x, w, 0, y, M, N, K, n, BF16);
+    for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, BF16);
 }
 
-void matvec_int8(const float *x, const int8_t *w, const float *scales, float *y, int64_t M, int64_t N, int64_t K) {
+void matvec_int8(const float *x, const int8_t *w0, const float *s0, int64_t n0, const int8_t *w1, const float *s1,
+                 int64_t n1, const int8_t *w2, const float *s2, int64_t n2, float *y, int64_t M, int64_t K) {
+    const stack st = {{w0, w1, w2}, {s0, s1, s2}, {n0, n1, n2}};
+    const int64_t N = n0 + n1 + n2;
     #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) column(x, w, scales, y, M, N, K, n, I8);
+    for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, I8);
 }
 
 /* 2. Decode attention: one query per cache row against that row's first n[b] slots.
