@@ -50,17 +50,19 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def linears(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
-    """torch.cat([layer(x) for layer in layers], dim=-1): products of the same x, side by side.
+def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]: several products of the same x.
 
-    Decoding on a CPU, the kernel makes them in one call and one pass over all their weights, with the
-    numbers each layer would give alone. The layers are Linear, or mistral.quantize's Int8Linear and
-    Bf16Linear, which keep their weight in `weight` (and int8's scales in `scales`).
+    Decoding on a CPU, the kernel makes them in one call and one pass over all their weights, side by side
+    in one tensor that is returned as views, with the numbers each layer would give alone. The layers are
+    Linear, or mistral.quantize's Int8Linear and Bf16Linear, which keep their weight in `weight` (and
+    int8's scales in `scales`).
     """
     weights = [layer.weight for layer in layers]
     if len({w.dtype for w in weights}) == 1 and all(kernels.usable(x, w) for w in weights):
-        return kernels.stacked(x, [(w, getattr(layer, "scales", None)) for layer, w in zip(layers, weights)])
-    return torch.cat([layer(x) for layer in layers], dim=-1)
+        y = kernels.stacked(x, [(w, getattr(layer, "scales", None)) for layer, w in zip(layers, weights)])
+        return list(y.split([w.shape[0] for w in weights], dim=-1))
+    return [layer(x) for layer in layers]
 
 
 class Linear(nn.Linear):
@@ -83,13 +85,12 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
-        S, H, Hkv = x.shape[0], self.n_heads, self.n_kv_heads
-        qkv = linears(x, self.wq, self.wk, self.wv).view(S, H + 2 * Hkv, self.head_dim)  # query, key, value heads
-        qk = apply_rotary_emb(qkv[:, : H + Hkv], freqs_cis)  # queries and keys rotated together
-        xq, xk, xv = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # (S, H, D), (S, Hkv, D), (S, Hkv, D)
+        S = x.shape[0]
+        xq, xk, xv = (y.view(S, -1, self.head_dim) for y in linears(x, self.wq, self.wk, self.wv))
+        xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)  # (S, H, D), (S, Hkv, D)
         keys, values = (xk, xv) if cache is None else cache.update(xk, xv)  # (Skv, Hkv, D)
         out = attention(xq, keys, values, mask)  # (S, H, D)
-        return self.wo(out.view(S, H * self.head_dim))
+        return self.wo(out.view(S, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -100,7 +101,7 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linears(x, self.w1, self.w3).chunk(2, dim=-1)  # (S, hidden) each
+        gate, up = linears(x, self.w1, self.w3)  # (S, hidden) each
         return self.w2(F.silu(gate) * up)  # SwiGLU
 
 

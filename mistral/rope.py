@@ -13,6 +13,6 @@ def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float) -
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """x (S, heads, D) queries or keys (or both, side by side), freqs_cis (S, D/2) -> rotated x in its own dtype."""
+    """x (S, heads, D) queries or keys, freqs_cis (S, D/2) -> rotated x in its own dtype."""
     x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (S, heads, D/2)
     return torch.view_as_real(x_ * freqs_cis[:, None, :]).flatten(-2).type_as(x)  # (S, heads, D)
