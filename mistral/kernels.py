@@ -146,24 +146,23 @@ def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
     one call and one pass over the weights. weights: (w, scales) pairs of one dtype, scales None unless int8."""
     if _lib is None and not available():
         raise RuntimeError("mistral.kernels could not be built (see the warning logged); check usable() first")
-    M, K = x.shape
-    dtype = weights[0][0].dtype
     assert 1 <= len(weights) <= 3, f"1 to 3 weight matrices, got {len(weights)}"
-    for w, scales in weights:
-        assert w.ndim == 2 and w.shape[1] == K, f"x {tuple(x.shape)} and w {tuple(w.shape)} do not share K"
-        assert w.dtype == dtype, f"stacked weights share one dtype, got {dtype} and {w.dtype}"
-        assert (scales is None) == (dtype != torch.int8), "int8 weights need scales, others take none"
-        if scales is not None:
-            assert scales.shape == w.shape[:1] and scales.dtype == torch.float32, \
-                f"int8 weights need fp32 scales of shape ({w.shape[0]},), got {scales.dtype}, {tuple(scales.shape)}"
-    x = x.contiguous()
-    weights = [(w.contiguous(), None if s is None else s.contiguous()) for w, s in weights]
-    y = torch.empty(M, sum(w.shape[0] for w, _ in weights))
+    M, K = x.shape
+    x, dtype = x.contiguous(), weights[0][0].dtype
     int8 = dtype == torch.int8
-    args = []
-    for w, s in weights:
-        args += [w.data_ptr(), s.data_ptr(), w.shape[0]] if int8 else [w.data_ptr(), w.shape[0]]
+    kept, args = [x], []  # kept: the tensors whose pointers are passed, alive until the call returns
+    for w, scales in weights:
+        assert w.shape[1] == K and w.dtype == dtype and (scales is not None) == int8, \
+            f"x {tuple(x.shape)}, w {w.dtype} {tuple(w.shape)}: weights of one dtype and x's K; scales with int8 only"
+        kept.append(w := w.contiguous())
+        if int8:
+            assert scales.shape == w.shape[:1] and scales.dtype == torch.float32, f"int8 scales: {scales.dtype} {scales.shape}"
+            kept.append(scales := scales.contiguous())
+            args += [w.data_ptr(), scales.data_ptr(), w.shape[0]]
+        else:
+            args += [w.data_ptr(), w.shape[0]]
     args += [0] * ((3 if int8 else 2) * (3 - len(weights)))  # absent matrices: no pointer, no rows
+    y = torch.empty(M, sum(w.shape[0] for w, _ in weights))
     fn = _lib.matvec_int8 if int8 else _lib.matvec_f32 if dtype == torch.float32 else _lib.matvec_bf16
     fn(x.data_ptr(), *args, y.data_ptr(), M, K)
     return y

@@ -55,18 +55,20 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
 
     Decoding on a CPU, the kernel makes them in one call and one pass over all their weights, side by side
     in one tensor that is returned as views, with the numbers each layer would give alone. The layers are
-    Linear, or mistral.quantize's Int8Linear and Bf16Linear, which keep their weight in `weight` (and
-    int8's scales in `scales`).
+    Linear, or mistral.quantize's Int8Linear and Bf16Linear: each has its weight in `weight`, and
+    `scales` (None but for int8).
     """
     weights = [layer.weight for layer in layers]
     if len({w.dtype for w in weights}) == 1 and all(kernels.usable(x, w) for w in weights):
-        y = kernels.stacked(x, [(w, getattr(layer, "scales", None)) for layer, w in zip(layers, weights)])
-        return list(y.split([w.shape[0] for w in weights], dim=-1))
+        y = kernels.stacked(x, [(w, layer.scales) for layer, w in zip(layers, weights)])
+        return list(y.split_with_sizes([w.shape[0] for w in weights], dim=-1))
     return [layer(x) for layer in layers]
 
 
 class Linear(nn.Linear):
     """A bias-free nn.Linear (same parameters and keys) computed by `linear`."""
+
+    scales = None  # what `linears` passes the kernel: int8 weights have scales (mistral.quantize), these none
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
