@@ -7,10 +7,10 @@ What a decode step spends besides the products is dispatch: at one token, torch'
 cost tens of microseconds each in calls and temporaries for under a microsecond of arithmetic; `attend` and
 `rms_norm` do the same work in one call each.
 
-It is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU (-march=native),
-in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name that hashes the
-source, the flags and the CPU, so a shared home directory never hands one machine another's build. Without a
-compiler, `available()` is False, one warning says why, and callers use torch's own products.
+The file is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU
+(-march=native), in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name
+that hashes the source, the flags and the CPU, so a shared home directory never hands one machine another's
+build. Without a compiler, `available()` is False, one warning says why, and callers use torch's own operations.
 
 Letters: M rows of x (tokens), N rows of w (output features), K input features.
 """

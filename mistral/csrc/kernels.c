@@ -9,7 +9,7 @@ code stays the definition, and tests/test_kernels.py checks each kernel against 
 Decoding is bound by reading the weights: each one is read from memory once per step and used for only M
 multiply-adds. So this kernel streams every row of w once, on every core, and multiplies it by all M rows
 of x, which stay in cache. w is fp32, bf16 (an fp32 with the low 16 bits cut off) or int8 (times one fp32
-scale per row of w); x, y and all arithmetic are fp32. mistral/matvec.py compiles and calls it.
+scale per row of w); x, y and all arithmetic are fp32.
 
 Why it is faster than MKL there (bench/kernels.py measures it): on the 2-core AVX2 machine, MKL's fp32
 matrix-vector product reads memory at about half the speed that the two cores reach together, because it
