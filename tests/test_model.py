@@ -4,6 +4,7 @@ import torch
 from helpers import random_model, tiny_params
 from oracle import oracle_logits
 
+from mistral import kernels
 from mistral.cache import RotatingBufferCache
 from mistral.moe import MoeLayer
 from mistral.model import FeedForward
@@ -45,6 +46,16 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(params=["C kernels", "torch only"])
+def cpu_ops(request, monkeypatch):
+    """Decode on a CPU runs mistral.kernels where they are built; "torch only" is the path of a machine
+    without a C compiler (and, for attention, of CUDA without xformers): SDPA, F.rms_norm, F.linear."""
+    if request.param == "torch only":
+        monkeypatch.setattr(kernels, "_lib", None)
+        monkeypatch.setattr(kernels, "_tried", True)
+    return request.param
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_packed_prompts_match_oracle(name):
     model = random_model(CONFIGS[name])
@@ -74,7 +85,7 @@ def test_chunked_prefill_matches_one_pass(name, chunk):
     torch.testing.assert_close(got, expected(model, seqs))
 
 
-def test_ragged_batch_mixes_prefill_chunks_and_decode():
+def test_ragged_batch_mixes_prefill_chunks_and_decode(cpu_ops):
     """Rows with their own chunk sizes finish pre-fill in different steps; the finished ones then go on
     one token per step (decode) in the same batches as chunks of the others, and one row idles a while."""
     model = random_model(CONFIGS["gqa"])
@@ -93,7 +104,7 @@ def test_ragged_batch_mixes_prefill_chunks_and_decode():
 
 
 @pytest.mark.parametrize("name", ["gqa", "moe"])
-def test_decode_far_past_window_matches_oracle_every_step(name):
+def test_decode_far_past_window_matches_oracle_every_step(name, cpu_ops):
     """Two rows decode one token per step for 4W steps after different prompt lengths; every step's
     logits are compared with a full recompute. Row 0 stops early, so later steps use a subset of rows."""
     model = random_model(CONFIGS[name])
