@@ -185,7 +185,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
     if not _plain(q, k, v):
         return None
     (B, H, D), (_, Hkv, P, _) = q.shape, k.shape
-    assert k.shape == v.shape == (B, Hkv, P, D) and H % Hkv == 0 and lengths.shape == (B,), (q.shape, k.shape, lengths.shape)
+    assert k.shape == v.shape == (B, Hkv, P, D) and H % Hkv == 0 and lengths.shape == (B,) and lengths.dtype == torch.int64, \
+        (q.shape, k.shape, lengths.dtype, lengths.shape)
     q, k, v, lengths = q.contiguous(), k.contiguous(), v.contiguous(), lengths.contiguous()
     out = torch.empty(B, H, D)
     _lib.attend_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(), B, H, Hkv, P, D, D ** -0.5)
@@ -196,6 +197,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """x (M, K) / sqrt(mean(x^2) + eps) * weight (K,), for up to MAX_ROWS rows; None where the kernel does not apply."""
     if not (x.ndim == 2 and x.shape[0] <= MAX_ROWS and _plain(x, weight)):
         return None
+    assert weight.shape == x.shape[1:], f"x {tuple(x.shape)} and weight {tuple(weight.shape)}"
     x, weight = x.contiguous(), weight.contiguous()
     y = torch.empty_like(x)
     _lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
