@@ -70,7 +70,7 @@ class BlockMask:
             return None
         key = ("padding", str(device))
         if key not in self._built:
-            lengths = torch.tensor(self.kv_seqlens, device=device)
+            lengths = self.kv_lengths(device)
             self._built[key] = (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
         return self._built[key]
 

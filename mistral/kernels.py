@@ -103,8 +103,8 @@ def _compile() -> ctypes.CDLL | None:
         lib.matvec_f32.argtypes = [pointer] + [pointer, int64] * 3 + [pointer, int64, int64]
         lib.matvec_bf16.argtypes = lib.matvec_f32.argtypes
         lib.matvec_int8.argtypes = [pointer] + [pointer, pointer, int64] * 3 + [pointer, int64, int64]
-        lib.attend_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float]
-        lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        lib.attend_f32.argtypes = [pointer] * 5 + [int64] * 5 + [ctypes.c_float]
+        lib.rms_norm_f32.argtypes = [pointer] * 3 + [int64] * 2 + [ctypes.c_float]
         for fn in ("matvec_f32", "matvec_bf16", "matvec_int8", "attend_f32", "rms_norm_f32"):
             getattr(lib, fn).restype = None
         return lib
@@ -121,6 +121,11 @@ def available() -> bool:
     return _lib is not None
 
 
+def _ready() -> bool:
+    """Whether the kernels are loaded, building them on the first call."""
+    return _lib is not None or (not _tried and available())
+
+
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
@@ -129,8 +134,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     # Cheapest tests first: this runs before every linear of every decode step.
     return (x.dtype == torch.float32 and x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS
             and w.dtype in _WEIGHT_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and (_lib is not None or (not _tried and available())))
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _ready())
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,7 +148,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
 def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """x (M, K) @ [w0; w1; ...]^T -> (M, N0 + N1 + ...): up to three products of the same x side by side, in
     one call and one pass over the weights. weights: (w, scales) pairs of one dtype, scales None unless int8."""
-    if _lib is None and not available():
+    if not _ready():
         raise RuntimeError("mistral.kernels could not be built (see the warning logged); check usable() first")
     assert 1 <= len(weights) <= 3, f"1 to 3 weight matrices, got {len(weights)}"
     M, K = x.shape
@@ -166,10 +170,6 @@ def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
     fn = _lib.matvec_int8 if int8 else _lib.matvec_f32 if dtype == torch.float32 else _lib.matvec_bf16
     fn(x.data_ptr(), *args, y.data_ptr(), M, K)
     return y
-
-
-def _ready() -> bool:
-    return _lib is not None or (not _tried and available())
 
 
 def _plain(*ts: torch.Tensor) -> bool:

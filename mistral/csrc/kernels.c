@@ -36,6 +36,8 @@ typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 enum wtype { F32, BF16, I8 };
 
+INLINE int wsize(enum wtype t) { return t == F32 ? 4 : t == BF16 ? 2 : 1; }  /* bytes per weight */
+
 /* w[i : i + 8] as fp32. With AVX2, intrinsics: GCC 12 turns the portable conversions into one scalar
 instruction per weight. */
 INLINE v8 load8(const void *w, int64_t i, enum wtype t) {
@@ -89,11 +91,10 @@ INLINE void row(const float *x, const void *wn, float scale, float *y, int64_t l
     v8 acc[4][4];  /* [u][m], u < U, m < MB */
     for (int u = 0; u < U; u++)
         for (int m = 0; m < MB; m++) acc[u][m] = (v8){0};
-    const int size = t == F32 ? 4 : t == BF16 ? 2 : 1;  /* bytes per weight */
     int64_t k = 0;
     for (; k + 8 * U <= K; k += 8 * U)
         for (int u = 0; u < U; u++) {
-            if (prefetch && t != I8 && u == 0) __builtin_prefetch((const char *)wn + k * size + prefetch);
+            if (prefetch && t != I8 && u == 0) __builtin_prefetch((const char *)wn + k * wsize(t) + prefetch);
             v8 wv = load8(wn, k + 8 * u, t);
             for (int m = 0; m < MB; m++) {
                 v8 xv;
@@ -130,7 +131,7 @@ typedef struct {
 INLINE void column(const float *x, stack st, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n, enum wtype t) {
     int j = 0;
     while (n >= st.n[j]) n -= st.n[j++];  /* matrix j, its row n */
-    const void *wn = (const char *)st.w[j] + n * K * (t == F32 ? 4 : t == BF16 ? 2 : 1);  /* may prefetch past it */
+    const void *wn = (const char *)st.w[j] + n * K * wsize(t);
     const float scale = t == I8 ? st.scales[j][n] : 1;
     if (M == 1) { row(x, wn, scale, y, ldy, K, 0, 1, 4, 0, t); return; }
     if (M == 2) { row(x, wn, scale, y, ldy, K, 0, 2, 2, PREFETCH, t); return; }
