@@ -18,7 +18,6 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from mistral import kernels
 
 
 @dataclass(frozen=True)
@@ -193,9 +192,6 @@ def _sdpa_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
 
 def _sdpa_decode(q, k, v, mask: BlockMask) -> torch.Tensor:
     """One query per row against that row's cache slots (B, Hkv, P, D), all rows in one call."""
-    out = kernels.attend(q, k, v, mask.kv_lengths(q.device))  # on a CPU, in fp32: the same, in one C call
-    if out is not None:
-        return out
     B, Hkv, P, D = k.shape
     H = q.shape[1]
     # The H // Hkv query heads that share a kv head become that many queries of one head: a single

@@ -1,11 +1,12 @@
-"""The CPU kernels for decoding (csrc/kernels.c): few-row products, decode attention, RMSNorm.
+"""The CPU kernels for decoding (csrc/kernels.c): few-row products, a layer's attention and FFN, RMSNorm.
 
 Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
 read memory. On a CPU, MKL's product reaches about half of what the cores can stream together (it barely
 uses the second of two cores); `matvec` here reaches the bandwidth (see csrc/kernels.c, and bench/kernels.py).
-What a decode step spends besides the products is dispatch: at one token, torch's attention and RMSNorm
-cost tens of microseconds each in calls and temporaries for under a microsecond of arithmetic; `attend` and
-`rms_norm` do the same work in one call each.
+What a decode step spends besides the products is dispatch: at one token, each torch operation (a RoPE
+multiply, a cache write, SDPA, silu) costs tens of microseconds in calls and temporaries for under a
+microsecond of arithmetic, and a layer has dozens. `attention` and `feed_forward` do all of a layer's
+attention, and all of its FFN, in one call each; the model's torch code stays their definition.
 
 The file is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU
 (-march=native), in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name
@@ -99,13 +100,12 @@ def _compile() -> ctypes.CDLL | None:
             errors.append(f"{cc} {' '.join(flags)}: {error}")
             continue
         # Without argtypes, ctypes would pass Python ints as 32-bit C ints.
-        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-        lib.matvec_f32.argtypes = [pointer] + [pointer, int64] * 3 + [pointer, int64, int64]
-        lib.matvec_bf16.argtypes = lib.matvec_f32.argtypes
-        lib.matvec_int8.argtypes = [pointer] + [pointer, pointer, int64] * 3 + [pointer, int64, int64]
-        lib.attend_f32.argtypes = [pointer] * 5 + [int64] * 5 + [ctypes.c_float]
-        lib.rms_norm_f32.argtypes = [pointer] * 3 + [int64] * 2 + [ctypes.c_float]
-        for fn in ("matvec_f32", "matvec_bf16", "matvec_int8", "attend_f32", "rms_norm_f32"):
+        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        lib.matvec.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 2
+        lib.attention.argtypes = [ctypes.c_int] + [ptr] * 12 + [i64] * 6
+        lib.feed_forward.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3
+        lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
+        for fn in ("matvec", "attention", "feed_forward", "rms_norm_f32"):
             getattr(lib, fn).restype = None
         return lib
     log.warning("compiling %s failed, decoding on CPU uses torch's slower products: %s", SOURCE.name, "; ".join(errors))
@@ -145,52 +145,97 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
     return stacked(x, [(w, scales)])
 
 
+_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # enum wtype of csrc/kernels.c
+
+
+def _pointers(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int):
+    """The C side of (w, scales) pairs of one dtype: (type, w pointers, scales pointers, kept), `slots` long
+    (absent matrices NULL). kept holds the tensors pointed to (contiguous copies where needed): keep it until the
+    call returns."""
+    dtype = weights[0][0].dtype
+    int8 = dtype == torch.int8
+    kept, ws, ss = [], (ctypes.c_void_p * slots)(), (ctypes.c_void_p * slots)()
+    for j, (w, scales) in enumerate(weights):
+        assert w.dtype == dtype and (scales is not None) == int8, \
+            f"weights of one dtype, scales with int8 only: {dtype}, {w.dtype}, scales {scales is not None}"
+        kept.append(w := w.contiguous())
+        ws[j] = w.data_ptr()
+        if int8:
+            assert scales.shape == w.shape[:1] and scales.dtype == torch.float32, f"int8 scales: {scales.dtype} {scales.shape}"
+            kept.append(scales := scales.contiguous())
+            ss[j] = scales.data_ptr()
+    return _TYPES[dtype], ws, ss, kept
+
+
 def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """x (M, K) @ [w0; w1; ...]^T -> (M, N0 + N1 + ...): up to three products of the same x side by side, in
     one call and one pass over the weights. weights: (w, scales) pairs of one dtype, scales None unless int8."""
     if not _ready():
         raise RuntimeError("mistral.kernels could not be built (see the warning logged); check usable() first")
     assert 1 <= len(weights) <= 3, f"1 to 3 weight matrices, got {len(weights)}"
-    M, K = x.shape
-    x, dtype = x.contiguous(), weights[0][0].dtype
-    int8 = dtype == torch.int8
-    kept, args = [x], []  # kept: the tensors whose pointers are passed, alive until the call returns
-    for w, scales in weights:
-        assert w.shape[1] == K and w.dtype == dtype and (scales is not None) == int8, \
-            f"x {tuple(x.shape)}, w {w.dtype} {tuple(w.shape)}: weights of one dtype and x's K; scales with int8 only"
-        kept.append(w := w.contiguous())
-        if int8:
-            assert scales.shape == w.shape[:1] and scales.dtype == torch.float32, f"int8 scales: {scales.dtype} {scales.shape}"
-            kept.append(scales := scales.contiguous())
-            args += [w.data_ptr(), scales.data_ptr(), w.shape[0]]
-        else:
-            args += [w.data_ptr(), w.shape[0]]
-    args += [0] * ((3 if int8 else 2) * (3 - len(weights)))  # absent matrices: no pointer, no rows
-    y = torch.empty(M, sum(w.shape[0] for w, _ in weights))
-    fn = _lib.matvec_int8 if int8 else _lib.matvec_f32 if dtype == torch.float32 else _lib.matvec_bf16
-    fn(x.data_ptr(), *args, y.data_ptr(), M, K)
+    assert all(w.shape[1] == x.shape[1] for w, _ in weights), f"x {tuple(x.shape)}, w {[tuple(w.shape) for w, _ in weights]}"
+    x = x.contiguous()
+    t, ws, ss, kept = _pointers(weights, 3)
+    rows = [w.shape[0] for w, _ in weights]
+    y = torch.empty(x.shape[0], sum(rows))
+    _lib.matvec(t, x.data_ptr(), ws, ss, (ctypes.c_int64 * 3)(*rows), y.data_ptr(), *x.shape)
     return y
 
 
+def _fusable(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """Whether attention / feed_forward take these: usable() for every weight, all of one dtype."""
+    dtype = weights[0][0].dtype
+    return all(w.dtype == dtype and usable(x, w) for w, _ in weights)
+
+
+def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]], cache_k: torch.Tensor,
+              cache_v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+              rope: torch.Tensor, n_heads: int) -> torch.Tensor | None:
+    """A layer's attention at decode, in one call: x (M, dim) the normalized new tokens, one per cache row rows[m]
+    -> (M, dim), wo's output. Writes each token's rotated key and its value into slot slots[m] of its row, then
+    attends to that row's first lengths[m] slots. weights: (w, scales) of wq, wk, wv, wo; cache_k, cache_v
+    (B, Hkv, W, D) fp32, this layer's; rope (M, D/2, 2) cos and sin (torch.view_as_real of freqs_cis).
+    None where the kernels do not apply (see usable)."""
+    if not (_fusable(x, weights) and cache_k.dtype == torch.float32 and cache_k.device.type == "cpu"):
+        return None
+    (M, dim), (_, Hkv, W, D) = x.shape, cache_k.shape
+    shapes = [tuple(w.shape) for w, _ in weights]
+    assert shapes == [(n_heads * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, n_heads * D)], (x.shape, shapes)
+    assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_v.shape == cache_k.shape, "cache rows as stored"
+    assert rows.shape == slots.shape == lengths.shape == (M,) and rope.shape == (M, D // 2, 2), \
+        (rows.shape, slots.shape, lengths.shape, rope.shape)
+    assert rows.dtype == slots.dtype == lengths.dtype == torch.int64 and rope.dtype == torch.float32
+    x, rows, slots, lengths, rope = (t.contiguous() for t in (x, rows, slots, lengths, rope))
+    t, ws, ss, kept = _pointers(weights, 4)  # kept: alive until the call returns
+    scratch = torch.empty(M * (n_heads + 2 * Hkv) * D + M * n_heads * D)
+    qkv, heads = scratch.split([M * (n_heads + 2 * Hkv) * D, M * n_heads * D])
+    out = torch.empty(M, dim)
+    _lib.attention(t, x.data_ptr(), ws, ss, cache_k.data_ptr(), cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(),
+                   lengths.data_ptr(), rope.data_ptr(), qkv.data_ptr(), heads.data_ptr(), out.data_ptr(),
+                   M, dim, n_heads, Hkv, D, W)
+    return out
+
+
+def feed_forward(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor | None:
+    """w2 (silu(w1 x) * w3 x) for x (M, dim), in one call; weights: (w, scales) of w1, w3, w2. None where the
+    kernels do not apply (see usable)."""
+    if not _fusable(x, weights):
+        return None
+    (M, dim), hidden = x.shape, weights[0][0].shape[0]
+    shapes = [tuple(w.shape) for w, _ in weights]
+    assert shapes == [(hidden, dim), (hidden, dim), (dim, hidden)], (x.shape, shapes)
+    x = x.contiguous()
+    t, ws, ss, kept = _pointers(weights, 3)  # kept: alive until the call returns
+    gate_up, act = torch.empty(M * 3 * hidden).split([M * 2 * hidden, M * hidden])
+    out = torch.empty(M, dim)
+    _lib.feed_forward(t, x.data_ptr(), ws, ss, gate_up.data_ptr(), act.data_ptr(), out.data_ptr(), M, dim, hidden)
+    return out
+
+
 def _plain(*ts: torch.Tensor) -> bool:
-    """fp32 on a CPU, outside autograd: what attend and rms_norm take."""
+    """fp32 on a CPU, outside autograd: what rms_norm takes."""
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and _ready())
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
-    """Decode attention: q (B, H, D), k and v (B, Hkv, P, D) cache rows, lengths (B,) int64 valid slots
-    per row (each >= 1), -> (B, H, D): softmax(q k^T / sqrt(D)) v over each row's first lengths[b] slots.
-    None where the kernel does not apply (not fp32 on a CPU, or not built)."""
-    if not _plain(q, k, v):
-        return None
-    (B, H, D), (_, Hkv, P, _) = q.shape, k.shape
-    assert k.shape == v.shape == (B, Hkv, P, D) and H % Hkv == 0 and lengths.shape == (B,) and lengths.dtype == torch.int64, \
-        (q.shape, k.shape, lengths.dtype, lengths.shape)
-    q, k, v, lengths = q.contiguous(), k.contiguous(), v.contiguous(), lengths.contiguous()
-    out = torch.empty(B, H, D)
-    _lib.attend_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(), B, H, Hkv, P, D, D ** -0.5)
-    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -87,6 +87,13 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
+        if cache is not None and cache.meta.decode:  # one token per row: on a CPU, what follows in one C call
+            rows, slots = cache.meta.write_at
+            weights = [(layer.weight, layer.scales) for layer in (self.wq, self.wk, self.wv, self.wo)]
+            fast = kernels.attention(x, weights, cache.cache_k, cache.cache_v, rows, slots, mask.kv_lengths(x.device),
+                                     torch.view_as_real(freqs_cis), self.n_heads)
+            if fast is not None:
+                return fast
         S = x.shape[0]
         xq, xk, xv = (y.view(S, -1, self.head_dim) for y in linears(x, self.wq, self.wk, self.wv))
         xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)  # (S, H, D), (S, Hkv, D)
@@ -103,6 +110,10 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decoding on a CPU, the same in one C call.
+        fast = kernels.feed_forward(x, [(layer.weight, layer.scales) for layer in (self.w1, self.w3, self.w2)])
+        if fast is not None:
+            return fast
         gate, up = linears(x, self.w1, self.w3)  # (S, hidden) each
         return self.w2(F.silu(gate) * up)  # SwiGLU
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mistral import kernels
 from mistral.model import linear
+from mistral.rope import precompute_freqs_cis
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
 # fewer than 8 (and than 8 * U) inputs; N from 1 up.
@@ -21,7 +22,7 @@ def reference(x, w, scales=None):
     return x.double() @ w64.T  # (M, N)
 
 
-def weights(dtype, N, K, gen):
+def weights_of(dtype, N, K, gen):
     if dtype == torch.int8:
         return torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen), torch.rand(N, generator=gen) / 64
     return torch.randn(N, K, generator=gen).to(dtype), None
@@ -40,7 +41,7 @@ def test_matches_float64(dtype, M):
     gen = torch.Generator().manual_seed(M)
     for N, K in SHAPES:
         x = torch.randn(M, K, generator=gen)
-        w, scales = weights(dtype, N, K, gen)
+        w, scales = weights_of(dtype, N, K, gen)
         assert kernels.usable(x, w)
         got = kernels.matvec(x, w, scales)
         assert got.dtype == torch.float32 and got.shape == (M, N)
@@ -57,7 +58,7 @@ def test_stacked_matches_float64(dtype, M):
     gen = torch.Generator().manual_seed(M)
     for rows, K in [((4, 1), 16), ((12, 4, 4), 24), ((7, 1, 33), 131)]:
         x = torch.randn(M, K, generator=gen)
-        parts = [weights(dtype, N, K, gen) for N in rows]
+        parts = [weights_of(dtype, N, K, gen) for N in rows]
         got = kernels.stacked(x, parts)
         want = torch.cat([reference(x, w, s) for w, s in parts], dim=-1)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * K ** 0.5 * 2)
@@ -110,44 +111,91 @@ def test_not_used_where_it_does_not_apply():
         assert kernels.usable(x, w)
 
 
-def attention_reference(q, k, v, lengths):
-    """Decode attention in float64, row by row: q (B, H, D), k/v (B, Hkv, P, D) -> (B, H, D)."""
-    B, H, D = q.shape
-    G = H // k.shape[1]
-    out = torch.empty(B, H, D, dtype=torch.float64)
-    for b in range(B):
-        kb = k[b, :, : lengths[b]].double().repeat_interleave(G, dim=0)  # (H, n, D)
-        vb = v[b, :, : lengths[b]].double().repeat_interleave(G, dim=0)
-        scores = (kb @ q[b].double()[:, :, None]).squeeze(-1) / D**0.5  # (H, n)
-        out[b] = (scores.softmax(-1)[:, None, :] @ vb).squeeze(1)
-    return out
+def dequantized(w, scales):
+    return w.double() if scales is None else w.double() * scales.double()[:, None]
 
 
-# Lengths around the kernel's blocks of 64 keys (one key, a block exactly, one past it, several), a full
-# row of P slots; head groups of 3 (the benchmark model), 4 and 1 query heads per kv head, and none shared.
+def rotate64(x, positions):
+    """RoPE in float64 from its definition: channel pairs (2i, 2i+1) times exp(j * pos * theta^(-2i/D))."""
+    D = x.shape[-1]
+    angles = positions.double()[:, None] * 1e4 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (M, D/2)
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], D // 2, 2).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(-2)
+
+
+def attention_reference(x, weights, cache_k, cache_v, rows, slots, lengths, positions, H):
+    """The attention of one decode step in float64, token by token; returns (out, cache_k, cache_v) updated."""
+    wq, wk, wv, wo = (dequantized(w, s) for w, s in weights)
+    B, Hkv, W, D = cache_k.shape
+    ck, cv = cache_k.double().clone(), cache_v.double().clone()
+    q = rotate64((x.double() @ wq.T).view(-1, H, D), positions)
+    k = rotate64((x.double() @ wk.T).view(-1, Hkv, D), positions)
+    v = (x.double() @ wv.T).view(-1, Hkv, D)
+    heads = torch.empty(len(rows), H, D, dtype=torch.float64)
+    for m, (r, slot, n) in enumerate(zip(rows.tolist(), slots.tolist(), lengths.tolist())):
+        ck[r, :, slot], cv[r, :, slot] = k[m], v[m]
+        keys = ck[r, :, :n].repeat_interleave(H // Hkv, dim=0)  # (H, n, D)
+        values = cv[r, :, :n].repeat_interleave(H // Hkv, dim=0)
+        scores = (keys @ q[m][:, :, None]).squeeze(-1) / D**0.5  # (H, n)
+        heads[m] = (scores.softmax(-1)[:, None, :] @ values).squeeze(1)
+    return heads.view(len(rows), H * D) @ wo.T, ck, cv
+
+
+# Lengths around the kernel's blocks of 64 keys (one key, a block exactly, one past it, several) and a full row
+# whose new key lands mid-row (the buffer has wrapped); tokens in another order than the cache rows. Head groups
+# of 3 (the benchmark model), 4 and 6 query heads per kv head, and none shared.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("H, Hkv, D", [(12, 4, 64), (8, 2, 128), (4, 4, 20), (6, 1, 8)])
-def test_attend_matches_float64(H, Hkv, D):
+def test_attention_matches_float64(dtype, H, Hkv, D):
     gen = torch.Generator().manual_seed(H * D)
-    P = 200
-    lengths = [1, 63, 64, 65, 130, P]
-    B = len(lengths)
-    q = torch.randn(B, H, D, generator=gen) * 3  # sharp softmaxes: the running maximum moves between blocks
-    k, v = torch.randn(2, B, Hkv, P, D, generator=gen)
-    k[:, :, P // 2 :] *= 2  # ... and later keys score higher, so earlier blocks' sums get rescaled
-    k[:, :, 130:] = float("nan")  # slots past a row's length are never read (rows shorter than 130)
-    k[-1, :, 130:] = torch.randn(Hkv, P - 130, D, generator=gen)
-    got = kernels.attend(q, k, v, torch.tensor(lengths))
-    torch.testing.assert_close(got.double(), attention_reference(q, k, v, lengths), rtol=1e-5, atol=1e-5)
+    B, W, dim = 7, 200, 48
+    rows = torch.tensor([3, 0, 6, 1, 4, 2])  # row 5 has no token this step
+    lengths = torch.tensor([1, 63, 64, 65, 130, W])
+    slots = torch.where(lengths < W, lengths - 1, 37)
+    positions = torch.where(lengths < W, lengths - 1, 3 * W + 37)
+    x = torch.randn(len(rows), dim, generator=gen) / dim**0.5  # queries, keys, values of about unit size
+    weights = [weights_of(dtype, n, k, gen) for n, k in [(H * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, H * D)]]
+    cache_k, cache_v = torch.randn(2, B, Hkv, W, D, generator=gen)
+    cache_k[:, :, W // 2 :] *= 2  # later keys score higher: earlier blocks' sums get rescaled
+    for r, n in zip(rows.tolist(), lengths.tolist()):  # slots past a row's length are never read
+        cache_k[r, :, n:], cache_v[r, :, n:] = float("nan"), float("nan")
+    want, want_k, want_v = attention_reference(x, weights, cache_k, cache_v, rows, slots, lengths, positions, H)
+    freqs = precompute_freqs_cis(D, positions, 1e4)
+    got = kernels.attention(x, weights, cache_k, cache_v, rows, slots, lengths, torch.view_as_real(freqs), H)
+    # fp32 sums of products: error a few 1e-6 of the largest output. The model's RoPE angles are fp32 (as here):
+    # at position 637 one ulp of the angle is 6e-5, so rotated keys there are good to about 1e-4.
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(cache_k.double(), want_k, rtol=1e-5, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(cache_v.double(), want_v, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-def test_attend_agrees_with_sdpa_on_cache_rows():
-    """The strided case the model hands it: k, v slices of a (L, B, Hkv, W, D) cache."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_feed_forward_matches_float64(dtype, M):
+    gen = torch.Generator().manual_seed(M)
+    for dim, hidden in [(8, 24), (40, 131), (768, 2048)]:
+        x = torch.randn(M, dim, generator=gen) * 2  # gates far into both tails of silu
+        weights = [weights_of(dtype, n, k, gen) for n, k in [(hidden, dim), (hidden, dim), (dim, hidden)]]
+        w1, w3, w2 = (dequantized(w, s) for w, s in weights)
+        gate, up = x.double() @ w1.T, x.double() @ w3.T
+        want = (gate * torch.sigmoid(gate) * up) @ w2.T
+        got = kernels.feed_forward(x, weights)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_fused_kernels_decline_what_they_do_not_take():
     gen = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, 3, 2, 4, 32, 16, generator=gen)  # (k/v, L, B, Hkv, W, D)
-    k, v = cache[0, 1], cache[1, 1]
-    q = torch.randn(2, 8, 16, generator=gen)
-    got = kernels.attend(q, k, v, torch.tensor([32, 5]))
-    torch.testing.assert_close(got.double(), attention_reference(q, k, v, [32, 5]), rtol=1e-5, atol=1e-5)
+    ffn = [weights_of(torch.float32, n, k, gen) for n, k in [(24, 8), (24, 8), (8, 24)]]
+    x = torch.randn(2, 8)
+    assert kernels.feed_forward(x.bfloat16(), ffn) is None  # fp32 activations only
+    assert kernels.feed_forward(torch.randn(17, 8), ffn) is None  # more rows than decode: torch's products
+    assert kernels.feed_forward(x.requires_grad_(), ffn) is None  # autograd needs torch's ops
+    mixed = [ffn[0], (ffn[1][0].bfloat16(), None), ffn[2]]
+    assert kernels.feed_forward(x.detach(), mixed) is None  # one weight dtype per call
+    att = [weights_of(torch.float32, n, k, gen) for n, k in [(16, 8), (8, 8), (8, 8), (8, 16)]]
+    cache = torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16)
+    one, rope = torch.zeros(1, dtype=torch.int64), torch.randn(1, 2, 2)
+    assert kernels.attention(x[:1].detach(), att, cache, cache, one, one, one + 1, rope, 4) is None  # bf16 cache
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 16])
@@ -160,10 +208,7 @@ def test_rms_norm_matches_float64(M):
         torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_attend_and_rms_norm_decline_what_they_do_not_take():
-    q, kv, n = torch.randn(1, 4, 8), torch.randn(1, 2, 16, 8), torch.tensor([3])
-    assert kernels.attend(q.bfloat16(), kv.bfloat16(), kv.bfloat16(), n) is None  # fp32 only
-    assert kernels.attend(q.requires_grad_(), kv, kv, n) is None  # autograd needs torch's ops
+def test_rms_norm_declines_what_it_does_not_take():
     x, w = torch.randn(17, 8), torch.ones(8)
     assert kernels.rms_norm(x, w, 1e-5) is None  # more rows than decode has: torch's op
     assert kernels.rms_norm(x[:2].double(), w.double(), 1e-5) is None

@@ -1,8 +1,8 @@
-/* The CPU kernels of a decode step: few-row matrix products, decode attention, RMSNorm.
+/* The CPU kernels of a decode step: few-row matrix products, a layer's attention and its SwiGLU FFN, RMSNorm.
 
-Each replaces a torch call that costs more in dispatch than in arithmetic at decode's sizes, or (the
-products) one that reads memory at half speed. mistral/kernels.py compiles and calls them; the model's torch
-code stays the definition, and tests/test_kernels.py checks each kernel against a float64 computation.
+Each replaces torch calls that cost more in dispatch than in arithmetic at decode's sizes, or (the products)
+that read memory at half speed. mistral/kernels.py compiles and calls them; the model's torch code stays the
+definition, and tests/test_kernels.py checks each kernel against a float64 computation.
 
 1. Few-row matrix products: y (M, N) = x (M, K) @ w (N, K)^T, for M from 1 to 16, of up to three w at once.
 
@@ -141,38 +141,46 @@ INLINE void column(const float *x, stack st, float *y, int64_t ldy, int64_t M, i
     for (; m < M; m++) row(x, wn, scale, y, ldy, K, m, 1, 4, 0, t);
 }
 
-/* y (M, n0 + n1 + n2) = x @ [w0; w1; w2]^T: the products side by side, in one parallel pass over all the rows.
-(The pragma stays in each function, where t is a constant the compiler specializes the loops for.) */
-void matvec_f32(const float *x, const float *w0, int64_t n0, const float *w1, int64_t n1, const float *w2, int64_t n2,
-                float *y, int64_t M, int64_t K) {
-    const stack st = {{w0, w1, w2}, {0, 0, 0}, {n0, n1, n2}};
-    const int64_t N = n0 + n1 + n2;
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, F32);
+/* The rows of the stacked matrices against the M rows of x (M, K): y (M, n0 + n1 + n2), the products side by side.
+An orphaned `omp for`: the rows are split between the threads of the parallel region it is called in. Each case
+calls column() with a constant type, so the compiler specializes the loops for it. */
+static void products(const float *x, stack st, float *y, int64_t M, int64_t K, enum wtype t) {
+    const int64_t N = st.n[0] + st.n[1] + st.n[2];
+    switch (t) {
+    case F32:
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, F32);
+        break;
+    case BF16:
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, BF16);
+        break;
+    case I8:
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, I8);
+        break;
+    }
 }
 
-void matvec_bf16(const float *x, const uint16_t *w0, int64_t n0, const uint16_t *w1, int64_t n1, const uint16_t *w2,
-                 int64_t n2, float *y, int64_t M, int64_t K) {
-    const stack st = {{w0, w1, w2}, {0, 0, 0}, {n0, n1, n2}};
-    const int64_t N = n0 + n1 + n2;
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, BF16);
+/* y (M, n0 + n1 + n2) = x @ [w0; w1; w2]^T in one parallel pass over all the rows. w[j] with scales s[j] (int8
+only, else NULL) and n[j] rows; n[j] = 0 for an absent matrix. */
+void matvec(int t, const float *x, const void *const *w, const float *const *s, const int64_t *n, float *y,
+            int64_t M, int64_t K) {
+    const stack st = {{w[0], w[1], w[2]}, {s[0], s[1], s[2]}, {n[0], n[1], n[2]}};
+    #pragma omp parallel
+    products(x, st, y, M, K, (enum wtype)t);
 }
 
-void matvec_int8(const float *x, const int8_t *w0, const float *s0, int64_t n0, const int8_t *w1, const float *s1,
-                 int64_t n1, const int8_t *w2, const float *s2, int64_t n2, float *y, int64_t M, int64_t K) {
-    const stack st = {{w0, w1, w2}, {s0, s1, s2}, {n0, n1, n2}};
-    const int64_t N = n0 + n1 + n2;
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, I8);
-}
+/* 2. A layer's attention at decode, from its normalized input x (M, dim) to the output projection. Row m of x is
+the one new token of cache row rows[m]: its query, key and value are one stacked product; query and key heads are
+rotated (RoPE); the key and value go into slot slots[m] of that row; the query attends to the row's first
+lengths[m] slots; wo projects the result. All in one parallel region: between phases the threads wait for each other
+(the barrier at the end of each `omp for`) instead of being started again for each, as separate calls would.
 
-/* 2. Decode attention: one query per cache row against that row's first n[b] slots.
-
-q (B, H, D), k and v (B, Hkv, P, D) the cache rows as stored, out (B, H, D). Query head h reads kv head
-h / (H / Hkv) (grouped-query attention). The slots are in rotated order, which does not matter: a single query
-sees every valid slot. Softmax is computed online over blocks of keys: each block's scores are exponentiated
-against the running maximum, and what was summed before is rescaled when the maximum grows. */
+Attention reads the cache as stored, (B, Hkv, W, D) for this layer. Query head h reads kv head h / (H / Hkv)
+(grouped-query attention). The slots are in rotated order, which does not matter: a single query sees every valid
+slot. Softmax is computed online over blocks of keys: each block's scores are exponentiated against the running
+maximum, and what was summed before is rescaled when the maximum grows. */
 #define KEY_BLOCK 64
 
 INLINE float dot(const float *a, const float *b, int64_t D) {
@@ -190,36 +198,73 @@ INLINE float dot(const float *a, const float *b, int64_t D) {
     return s;
 }
 
-void attend_f32(const float *q, const float *k, const float *v, const int64_t *n, float *out,
-                int64_t B, int64_t H, int64_t Hkv, int64_t P, int64_t D, float scale) {
-    const int64_t G = H / Hkv;  /* query heads per kv head */
-    #pragma omp parallel for schedule(static)
-    for (int64_t bg = 0; bg < B * Hkv; bg++) {  /* one (row, kv head): its G query heads share the keys */
-        const float *kb = k + bg * P * D, *vb = v + bg * P * D;
-        const int64_t len = n[bg / Hkv];
-        for (int64_t h = bg * G; h < (bg + 1) * G; h++) {
-            const float *qh = q + h * D;
-            float *o = out + h * D, s[KEY_BLOCK], max = -INFINITY, sum = 0;
-            for (int64_t d = 0; d < D; d++) o[d] = 0;
-            for (int64_t j0 = 0; j0 < len; j0 += KEY_BLOCK) {
-                const int64_t nj = len - j0 < KEY_BLOCK ? len - j0 : KEY_BLOCK;
-                float block_max = -INFINITY;
-                for (int64_t j = 0; j < nj; j++) {
-                    s[j] = dot(qh, kb + (j0 + j) * D, D) * scale;
-                    block_max = s[j] > block_max ? s[j] : block_max;
-                }
-                const float new_max = block_max > max ? block_max : max, rescale = expf(max - new_max);
-                sum *= rescale;
-                for (int64_t d = 0; d < D; d++) o[d] *= rescale;
-                for (int64_t j = 0; j < nj; j++) {
-                    const float p = expf(s[j] - new_max), *vj = vb + (j0 + j) * D;
-                    sum += p;
-                    for (int64_t d = 0; d < D; d++) o[d] += p * vj[d];
-                }
-                max = new_max;
+/* One head (D channels) rotated in place: channels (2i, 2i+1) as the complex number x[2i] + x[2i+1] j, times
+cs[2i] + cs[2i+1] j = cos + j sin of the token's angle i. */
+INLINE void rotate(float *x, const float *cs, int64_t D) {
+    for (int64_t i = 0; i < D; i += 2) {
+        const float a = x[i], b = x[i + 1];
+        x[i] = a * cs[i] - b * cs[i + 1];
+        x[i + 1] = a * cs[i + 1] + b * cs[i];
+    }
+}
+
+/* Query heads h0 .. h0 + G - 1 (D each) against the first len slots of k and v (P slots of D): out (G, D). */
+static void attend(const float *q, const float *k, const float *v, int64_t len, float *out, int64_t G, int64_t D,
+                   float scale) {
+    for (int64_t h = 0; h < G; h++) {
+        const float *qh = q + h * D;
+        float *o = out + h * D, s[KEY_BLOCK], max = -INFINITY, sum = 0;
+        for (int64_t d = 0; d < D; d++) o[d] = 0;
+        for (int64_t j0 = 0; j0 < len; j0 += KEY_BLOCK) {
+            const int64_t nj = len - j0 < KEY_BLOCK ? len - j0 : KEY_BLOCK;
+            float block_max = -INFINITY;
+            for (int64_t j = 0; j < nj; j++) {
+                s[j] = dot(qh, k + (j0 + j) * D, D) * scale;
+                block_max = s[j] > block_max ? s[j] : block_max;
             }
-            for (int64_t d = 0; d < D; d++) o[d] /= sum;
+            const float new_max = block_max > max ? block_max : max, rescale = expf(max - new_max);
+            sum *= rescale;
+            for (int64_t d = 0; d < D; d++) o[d] *= rescale;
+            for (int64_t j = 0; j < nj; j++) {
+                const float p = expf(s[j] - new_max), *vj = v + (j0 + j) * D;
+                sum += p;
+                for (int64_t d = 0; d < D; d++) o[d] += p * vj[d];
+            }
+            max = new_max;
         }
+        for (int64_t d = 0; d < D; d++) o[d] /= sum;
+    }
+}
+
+/* w and s: wq, wk, wv, wo and their scales (int8 only, else NULL). rope (M, D/2, 2): cos and sin of each token's
+angles. qkv (M, (H + 2 Hkv) D) and heads (M, H D): scratch. out (M, dim). */
+void attention(int type, const float *x, const void *const *w, const float *const *s, float *cache_k, float *cache_v,
+               const int64_t *rows, const int64_t *slots, const int64_t *lengths, const float *rope, float *qkv,
+               float *heads, float *out, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t W) {
+    const enum wtype t = (enum wtype)type;
+    const int64_t nq = H * D, nk = Hkv * D, N = nq + 2 * nk, G = H / Hkv;
+    const stack st_qkv = {{w[0], w[1], w[2]}, {s[0], s[1], s[2]}, {nq, nk, nk}}, st_o = {{w[3]}, {s[3]}, {dim}};
+    #pragma omp parallel
+    {
+        products(x, st_qkv, qkv, M, dim, t);  /* (M, N): the queries, keys and values of every token */
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * (H + Hkv); i++) {  /* every query and key head: RoPE; keys and values cached */
+            const int64_t m = i / (H + Hkv), h = i % (H + Hkv);
+            float *head = qkv + m * N + h * D;
+            rotate(head, rope + m * D, D);
+            if (h >= H) {
+                const int64_t at = ((rows[m] * Hkv + h - H) * W + slots[m]) * D;
+                memcpy(cache_k + at, head, D * sizeof(float));
+                memcpy(cache_v + at, head + nk, D * sizeof(float));
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * Hkv; i++) {  /* (token, kv head): its G query heads share the keys */
+            const int64_t m = i / Hkv, g = i % Hkv, at = (rows[m] * Hkv + g) * W * D;
+            attend(qkv + m * N + g * G * D, cache_k + at, cache_v + at, lengths[m], heads + m * nq + g * G * D, G, D,
+                   1 / sqrtf((float)D));
+        }
+        products(heads, st_o, out, M, nq, t);
     }
 }
 
@@ -230,5 +275,25 @@ void rms_norm_f32(const float *x, const float *w, float *y, int64_t M, int64_t K
         const float *xm = x + m * K;
         const float r = 1.0f / sqrtf(dot(xm, xm, K) / K + eps);
         for (int64_t k = 0; k < K; k++) y[m * K + k] = xm[k] * r * w[k];
+    }
+}
+
+/* 4. A SwiGLU feed-forward at decode: out (M, dim) = w2 (silu(w1 x) * w3 x) for x (M, dim), in one parallel region
+as the attention above. w and s: w1, w3, w2 and their scales (int8 only, else NULL). gate_up (M, 2 hidden) and
+act (M, hidden): scratch. */
+void feed_forward(int type, const float *x, const void *const *w, const float *const *s, float *gate_up, float *act,
+                  float *out, int64_t M, int64_t dim, int64_t hidden) {
+    const enum wtype t = (enum wtype)type;
+    const stack st_13 = {{w[0], w[1]}, {s[0], s[1]}, {hidden, hidden}}, st_2 = {{w[2]}, {s[2]}, {dim}};
+    #pragma omp parallel
+    {
+        products(x, st_13, gate_up, M, dim, t);  /* (M, 2 hidden): gate | up */
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * hidden; i++) {
+            const int64_t m = i / hidden, j = i % hidden;
+            const float g = gate_up[m * 2 * hidden + j];
+            act[i] = g / (1 + expf(-g)) * gate_up[m * 2 * hidden + hidden + j];
+        }
+        products(act, st_2, out, M, hidden, t);
     }
 }
