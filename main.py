@@ -246,6 +246,10 @@ def main() -> None:
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     try:
         fire.Fire({"demo": demo, "interactive": interactive, "explain": explain, "convert": convert})
+        if dist.is_initialized():
+            # Every rank done before any tears its connections down: a gloo rank whose peer closes first
+            # can abort ("terminate called without an active exception").
+            dist.barrier()
     except MistralError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

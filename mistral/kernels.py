@@ -104,8 +104,9 @@ def _compile() -> ctypes.CDLL | None:
         lib.matvec.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 2
         lib.attention.argtypes = [ctypes.c_int] + [ptr] * 12 + [i64] * 6
         lib.feed_forward.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3
+        lib.block.argtypes = [ctypes.c_int] + [ptr] * 3 + [f32] + [ptr] * 10 + [i64] * 7
         lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
-        for fn in ("matvec", "attention", "feed_forward", "rms_norm_f32"):
+        for fn in ("matvec", "attention", "feed_forward", "block", "rms_norm_f32"):
             getattr(lib, fn).restype = None
         return lib
     log.warning("compiling %s failed, decoding on CPU uses torch's slower products: %s", SOURCE.name, "; ".join(errors))
@@ -188,6 +189,17 @@ def _fusable(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | N
     return all(w.dtype == dtype and usable(x, w) for w, _ in weights)
 
 
+def _check_attention(x, weights, cache_k, cache_v, rows, slots, lengths, rope, n_heads) -> None:
+    (M, dim), (_, Hkv, W, D) = x.shape, cache_k.shape
+    shapes = [tuple(w.shape) for w, _ in weights]
+    assert shapes == [(n_heads * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, n_heads * D)], (x.shape, shapes)
+    assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_v.shape == cache_k.shape, "cache rows as stored"
+    assert rows.shape == slots.shape == lengths.shape == (M,) and rope.shape == (M, D // 2, 2), \
+        (rows.shape, slots.shape, lengths.shape, rope.shape)
+    assert rows.dtype == slots.dtype == lengths.dtype == torch.int64 and rope.dtype == torch.float32
+    assert all(t.is_contiguous() for t in (rows, slots, lengths, rope)), "rows, slots, lengths and rope contiguous"
+
+
 def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]], cache_k: torch.Tensor,
               cache_v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
               rope: torch.Tensor, n_heads: int) -> torch.Tensor | None:
@@ -198,21 +210,39 @@ def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | 
     None where the kernels do not apply (see usable)."""
     if not (_fusable(x, weights) and cache_k.dtype == torch.float32 and cache_k.device.type == "cpu"):
         return None
+    _check_attention(x, weights, cache_k, cache_v, rows, slots, lengths, rope, n_heads)
     (M, dim), (_, Hkv, W, D) = x.shape, cache_k.shape
-    shapes = [tuple(w.shape) for w, _ in weights]
-    assert shapes == [(n_heads * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, n_heads * D)], (x.shape, shapes)
-    assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_v.shape == cache_k.shape, "cache rows as stored"
-    assert rows.shape == slots.shape == lengths.shape == (M,) and rope.shape == (M, D // 2, 2), \
-        (rows.shape, slots.shape, lengths.shape, rope.shape)
-    assert rows.dtype == slots.dtype == lengths.dtype == torch.int64 and rope.dtype == torch.float32
-    x, rows, slots, lengths, rope = (t.contiguous() for t in (x, rows, slots, lengths, rope))
+    x = x.contiguous()
     t, ws, ss, kept = _pointers(weights, 4)  # kept: alive until the call returns
-    scratch = torch.empty(M * (n_heads + 2 * Hkv) * D + M * n_heads * D)
-    qkv, heads = scratch.split([M * (n_heads + 2 * Hkv) * D, M * n_heads * D])
+    qkv, heads = torch.empty(M * (2 * n_heads + 2 * Hkv) * D).split([M * (n_heads + 2 * Hkv) * D, M * n_heads * D])
     out = torch.empty(M, dim)
     _lib.attention(t, x.data_ptr(), ws, ss, cache_k.data_ptr(), cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(),
                    lengths.data_ptr(), rope.data_ptr(), qkv.data_ptr(), heads.data_ptr(), out.data_ptr(),
                    M, dim, n_heads, Hkv, D, W)
+    return out
+
+
+def block(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
+          weights: list[tuple[torch.Tensor, torch.Tensor | None]], cache_k: torch.Tensor, cache_v: torch.Tensor,
+          rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, rope: torch.Tensor,
+          n_heads: int) -> torch.Tensor | None:
+    """A whole transformer block with a dense FFN at decode, in one call:
+        h = x + attention(rms_norm(x) * attention_norm);  out = h + feed_forward(rms_norm(h) * ffn_norm)
+    norms: (attention_norm, ffn_norm) weights; weights: (w, scales) of wq, wk, wv, wo, w1, w3, w2. The rest as for
+    attention, which is one step of it. None where the kernels do not apply (see usable)."""
+    if not (_fusable(x, weights) and _plain(x, cache_k, *norms)):
+        return None
+    _check_attention(x, weights[:4], cache_k, cache_v, rows, slots, lengths, rope, n_heads)
+    (M, dim), (_, Hkv, W, D), hidden = x.shape, cache_k.shape, weights[4][0].shape[0]
+    assert [tuple(w.shape) for w, _ in weights[4:]] == [(hidden, dim), (hidden, dim), (dim, hidden)], weights[4:]
+    assert norms[0].shape == norms[1].shape == (dim,) and all(n.is_contiguous() for n in norms), "norm weights (dim,)"
+    x = x.contiguous()
+    t, ws, ss, kept = _pointers(weights, 7)  # kept: alive until the call returns
+    scratch = torch.empty(M * (2 * dim + (2 * n_heads + 2 * Hkv) * D + 3 * hidden))
+    out = torch.empty(M, dim)
+    _lib.block(t, x.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, ws, ss, cache_k.data_ptr(),
+               cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(), lengths.data_ptr(), rope.data_ptr(),
+               scratch.data_ptr(), out.data_ptr(), M, dim, n_heads, Hkv, D, W, hidden)
     return out
 
 

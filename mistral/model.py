@@ -132,8 +132,21 @@ class TransformerBlock(nn.Module):
             self.feed_forward = MoeLayer(experts, gate, args.moe.num_experts_per_tok)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
+        if cache is not None and cache.meta.decode and isinstance(self.feed_forward, FeedForward):
+            fast = self._decode_in_one_call(x, freqs_cis, mask, cache)
+            if fast is not None:
+                return fast
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def _decode_in_one_call(self, x, freqs_cis, mask, cache) -> torch.Tensor | None:
+        """forward() for one token per row on a CPU: the whole block in one C call (kernels.block), or None."""
+        att, ffn = self.attention, self.feed_forward
+        layers = (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w3, ffn.w2)
+        rows, slots = cache.meta.write_at
+        return kernels.block(x, (self.attention_norm.weight, self.ffn_norm.weight), self.attention_norm.eps,
+                             [(layer.weight, layer.scales) for layer in layers], cache.cache_k, cache.cache_v, rows,
+                             slots, mask.kv_lengths(x.device), torch.view_as_real(freqs_cis), att.n_heads)
 
 
 def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:

@@ -236,36 +236,42 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
 }
 
-/* w and s: wq, wk, wv, wo and their scales (int8 only, else NULL). rope (M, D/2, 2): cos and sin of each token's
-angles. qkv (M, (H + 2 Hkv) D) and heads (M, H D): scratch. out (M, dim). */
+/* The phases, for the threads of an enclosing parallel region. w and s: wq, wk, wv, wo and their scales (int8
+only, else NULL). rope (M, D/2, 2): cos and sin of each token's angles. qkv (M, (H + 2 Hkv) D) and heads (M, H D):
+scratch. out (M, dim). */
+static void attention_phases(enum wtype t, const float *x, const void *const *w, const float *const *s,
+                             float *cache_k, float *cache_v, const int64_t *rows, const int64_t *slots,
+                             const int64_t *lengths, const float *rope, float *qkv, float *heads, float *out,
+                             int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t W) {
+    const int64_t nq = H * D, nk = Hkv * D, N = nq + 2 * nk, G = H / Hkv;
+    const stack st_qkv = {{w[0], w[1], w[2]}, {s[0], s[1], s[2]}, {nq, nk, nk}}, st_o = {{w[3]}, {s[3]}, {dim}};
+    products(x, st_qkv, qkv, M, dim, t);  /* (M, N): the queries, keys and values of every token */
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * (H + Hkv); i++) {  /* every query and key head: RoPE; keys and values cached */
+        const int64_t m = i / (H + Hkv), h = i % (H + Hkv);
+        float *head = qkv + m * N + h * D;
+        rotate(head, rope + m * D, D);
+        if (h >= H) {
+            const int64_t at = ((rows[m] * Hkv + h - H) * W + slots[m]) * D;
+            memcpy(cache_k + at, head, D * sizeof(float));
+            memcpy(cache_v + at, head + nk, D * sizeof(float));
+        }
+    }
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * Hkv; i++) {  /* (token, kv head): its G query heads share the keys */
+        const int64_t m = i / Hkv, g = i % Hkv, at = (rows[m] * Hkv + g) * W * D;
+        attend(qkv + m * N + g * G * D, cache_k + at, cache_v + at, lengths[m], heads + m * nq + g * G * D, G, D,
+               1 / sqrtf((float)D));
+    }
+    products(heads, st_o, out, M, nq, t);
+}
+
 void attention(int type, const float *x, const void *const *w, const float *const *s, float *cache_k, float *cache_v,
                const int64_t *rows, const int64_t *slots, const int64_t *lengths, const float *rope, float *qkv,
                float *heads, float *out, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t W) {
-    const enum wtype t = (enum wtype)type;
-    const int64_t nq = H * D, nk = Hkv * D, N = nq + 2 * nk, G = H / Hkv;
-    const stack st_qkv = {{w[0], w[1], w[2]}, {s[0], s[1], s[2]}, {nq, nk, nk}}, st_o = {{w[3]}, {s[3]}, {dim}};
     #pragma omp parallel
-    {
-        products(x, st_qkv, qkv, M, dim, t);  /* (M, N): the queries, keys and values of every token */
-        #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * (H + Hkv); i++) {  /* every query and key head: RoPE; keys and values cached */
-            const int64_t m = i / (H + Hkv), h = i % (H + Hkv);
-            float *head = qkv + m * N + h * D;
-            rotate(head, rope + m * D, D);
-            if (h >= H) {
-                const int64_t at = ((rows[m] * Hkv + h - H) * W + slots[m]) * D;
-                memcpy(cache_k + at, head, D * sizeof(float));
-                memcpy(cache_v + at, head + nk, D * sizeof(float));
-            }
-        }
-        #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * Hkv; i++) {  /* (token, kv head): its G query heads share the keys */
-            const int64_t m = i / Hkv, g = i % Hkv, at = (rows[m] * Hkv + g) * W * D;
-            attend(qkv + m * N + g * G * D, cache_k + at, cache_v + at, lengths[m], heads + m * nq + g * G * D, G, D,
-                   1 / sqrtf((float)D));
-        }
-        products(heads, st_o, out, M, nq, t);
-    }
+    attention_phases((enum wtype)type, x, w, s, cache_k, cache_v, rows, slots, lengths, rope, qkv, heads, out, M, dim,
+                     H, Hkv, D, W);
 }
 
 /* 3. RMSNorm: y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, for the M rows of x (M, K). One thread: a row is
@@ -281,19 +287,48 @@ void rms_norm_f32(const float *x, const float *w, float *y, int64_t M, int64_t K
 /* 4. A SwiGLU feed-forward at decode: out (M, dim) = w2 (silu(w1 x) * w3 x) for x (M, dim), in one parallel region
 as the attention above. w and s: w1, w3, w2 and their scales (int8 only, else NULL). gate_up (M, 2 hidden) and
 act (M, hidden): scratch. */
+static void ffn_phases(enum wtype t, const float *x, const void *const *w, const float *const *s, float *gate_up,
+                       float *act, float *out, int64_t M, int64_t dim, int64_t hidden) {
+    const stack st_13 = {{w[0], w[1]}, {s[0], s[1]}, {hidden, hidden}}, st_2 = {{w[2]}, {s[2]}, {dim}};
+    products(x, st_13, gate_up, M, dim, t);  /* (M, 2 hidden): gate | up */
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * hidden; i++) {
+        const int64_t m = i / hidden, j = i % hidden;
+        const float g = gate_up[m * 2 * hidden + j];
+        act[i] = g / (1 + expf(-g)) * gate_up[m * 2 * hidden + hidden + j];
+    }
+    products(act, st_2, out, M, hidden, t);
+}
+
 void feed_forward(int type, const float *x, const void *const *w, const float *const *s, float *gate_up, float *act,
                   float *out, int64_t M, int64_t dim, int64_t hidden) {
+    #pragma omp parallel
+    ffn_phases((enum wtype)type, x, w, s, gate_up, act, out, M, dim, hidden);
+}
+
+/* 5. A whole transformer block with a dense FFN at decode, in one parallel region:
+    h = x + attention(rms_norm(x) * attention_norm);  y = h + feed_forward(rms_norm(h) * ffn_norm)
+attention_norm and ffn_norm: the norms' weights (dim). w and s: wq, wk, wv, wo, w1, w3, w2 and their scales. y (M, dim) is
+written (x is not). scratch: M (2 dim + (2 H + 2 Hkv) D + 3 hidden) floats. The rest as for attention(). */
+void block(int type, const float *x, const float *attention_norm, const float *ffn_norm, float eps, const void *const *w, const float *const *s,
+           float *cache_k, float *cache_v, const int64_t *rows, const int64_t *slots, const int64_t *lengths,
+           const float *rope, float *scratch, float *y, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D,
+           int64_t W, int64_t hidden) {
     const enum wtype t = (enum wtype)type;
-    const stack st_13 = {{w[0], w[1]}, {s[0], s[1]}, {hidden, hidden}}, st_2 = {{w[2]}, {s[2]}, {dim}};
+    float *xn = scratch, *out = xn + M * dim, *qkv = out + M * dim, *heads = qkv + M * (H + 2 * Hkv) * D;
+    float *gate_up = heads + M * H * D, *act = gate_up + M * 2 * hidden;
     #pragma omp parallel
     {
-        products(x, st_13, gate_up, M, dim, t);  /* (M, 2 hidden): gate | up */
-        #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * hidden; i++) {
-            const int64_t m = i / hidden, j = i % hidden;
-            const float g = gate_up[m * 2 * hidden + j];
-            act[i] = g / (1 + expf(-g)) * gate_up[m * 2 * hidden + hidden + j];
+        #pragma omp single
+        rms_norm_f32(x, attention_norm, xn, M, dim, eps);
+        attention_phases(t, xn, w, s, cache_k, cache_v, rows, slots, lengths, rope, qkv, heads, out, M, dim, H, Hkv, D, W);
+        #pragma omp single
+        {
+            for (int64_t i = 0; i < M * dim; i++) y[i] = x[i] + out[i];
+            rms_norm_f32(y, ffn_norm, xn, M, dim, eps);
         }
-        products(act, st_2, out, M, hidden, t);
+        ffn_phases(t, xn, w + 4, s + 4, gate_up, act, out, M, dim, hidden);
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * dim; i++) y[i] += out[i];
     }
 }
