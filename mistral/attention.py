@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 @dataclass(frozen=True)
 class BlockMask:
     q_seqlens: tuple[int, ...]

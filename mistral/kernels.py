@@ -184,8 +184,8 @@ def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
     return y
 
 
-def _fusable(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
-    """Whether attention / feed_forward take these: usable() for every weight, all of one dtype."""
+def usable_together(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """Whether stacked, attention, feed_forward and block take these: usable() for every weight, all of one dtype."""
     dtype = weights[0][0].dtype
     return all(w.dtype == dtype and usable(x, w) for w, _ in weights)
 
@@ -209,7 +209,7 @@ def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | 
     attends to that row's first lengths[m] slots. weights: (w, scales) of wq, wk, wv, wo; cache_k, cache_v
     (B, Hkv, W, D) fp32, this layer's; rope (M, D/2, 2) cos and sin (torch.view_as_real of freqs_cis).
     None where the kernels do not apply (see usable)."""
-    if not (_fusable(x, weights) and cache_k.dtype == torch.float32 and cache_k.device.type == "cpu"):
+    if not (usable_together(x, weights) and _plain(cache_k)):
         return None
     _check_attention(x, weights, cache_k, cache_v, rows, slots, lengths, rope, n_heads)
     (M, dim), (_, Hkv, W, D) = x.shape, cache_k.shape
@@ -231,7 +231,7 @@ def block(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
         h = x + attention(rms_norm(x) * attention_norm);  out = h + feed_forward(rms_norm(h) * ffn_norm)
     norms: (attention_norm, ffn_norm) weights; weights: (w, scales) of wq, wk, wv, wo, w1, w3, w2. The rest as for
     attention, which is one step of it. None where the kernels do not apply (see usable)."""
-    if not (_fusable(x, weights) and _plain(x, cache_k, *norms)):
+    if not (usable_together(x, weights) and _plain(x, cache_k, *norms)):
         return None
     _check_attention(x, weights[:4], cache_k, cache_v, rows, slots, lengths, rope, n_heads)
     (M, dim), (_, Hkv, W, D), hidden = x.shape, cache_k.shape, weights[4][0].shape[0]
@@ -250,7 +250,7 @@ def block(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
 def feed_forward(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor | None:
     """w2 (silu(w1 x) * w3 x) for x (M, dim), in one call; weights: (w, scales) of w1, w3, w2. None where the
     kernels do not apply (see usable)."""
-    if not _fusable(x, weights):
+    if not usable_together(x, weights):
         return None
     (M, dim), hidden = x.shape, weights[0][0].shape[0]
     shapes = [tuple(w.shape) for w, _ in weights]

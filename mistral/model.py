@@ -58,11 +58,24 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     Linear, or mistral.quantize's Int8Linear and Bf16Linear: each has its weight in `weight`, and
     `scales` (None but for int8).
     """
-    weights = [layer.weight for layer in layers]
-    if len({w.dtype for w in weights}) == 1 and all(kernels.usable(x, w) for w in weights):
-        y = kernels.stacked(x, [(w, layer.scales) for layer, w in zip(layers, weights)])
-        return list(y.split_with_sizes([w.shape[0] for w in weights], dim=-1))
+    weights = kernel_weights(*layers)
+    if kernels.usable_together(x, weights):
+        y = kernels.stacked(x, weights)
+        return list(y.split_with_sizes([w.shape[0] for w, _ in weights], dim=-1))
     return [layer(x) for layer in layers]
+
+
+def kernel_weights(*layers: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The (weight, scales) pairs that mistral.kernels takes for these layers."""
+    return [(layer.weight, layer.scales) for layer in layers]
+
+
+def decode_cache_args(cache: CacheView, mask: BlockMask, freqs_cis: torch.Tensor) -> tuple:
+    """What kernels.attention and kernels.block take after the weights, for a decode step: the layer's
+    cache rows, each token's cache row and slot, the rows' valid lengths, and RoPE's cos and sin."""
+    rows, slots = cache.meta.write_at
+    return (cache.cache_k, cache.cache_v, rows, slots, mask.kv_lengths(freqs_cis.device),
+            torch.view_as_real(freqs_cis))
 
 
 class Linear(nn.Linear):
@@ -88,10 +101,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
         if cache is not None and cache.meta.decode:  # one token per row: on a CPU, what follows in one C call
-            rows, slots = cache.meta.write_at
-            weights = [(layer.weight, layer.scales) for layer in (self.wq, self.wk, self.wv, self.wo)]
-            fast = kernels.attention(x, weights, cache.cache_k, cache.cache_v, rows, slots, mask.kv_lengths(x.device),
-                                     torch.view_as_real(freqs_cis), self.n_heads)
+            fast = kernels.attention(x, kernel_weights(self.wq, self.wk, self.wv, self.wo),
+                                     *decode_cache_args(cache, mask, freqs_cis), self.n_heads)
             if fast is not None:
                 return fast
         S = x.shape[0]
@@ -111,7 +122,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decoding on a CPU, the same in one C call.
-        fast = kernels.feed_forward(x, [(layer.weight, layer.scales) for layer in (self.w1, self.w3, self.w2)])
+        fast = kernels.feed_forward(x, kernel_weights(self.w1, self.w3, self.w2))
         if fast is not None:
             return fast
         gate, up = linears(x, self.w1, self.w3)  # (S, hidden) each
@@ -140,13 +151,12 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def _decode_in_one_call(self, x, freqs_cis, mask, cache) -> torch.Tensor | None:
-        """forward() for one token per row on a CPU: the whole block in one C call (kernels.block), or None."""
+        """forward() for one token per row on a CPU: the whole block in one C call (kernels.block), or None.
+        Both norms are built with args.norm_eps, so the kernel takes one eps."""
         att, ffn = self.attention, self.feed_forward
-        layers = (att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w3, ffn.w2)
-        rows, slots = cache.meta.write_at
-        return kernels.block(x, (self.attention_norm.weight, self.ffn_norm.weight), self.attention_norm.eps,
-                             [(layer.weight, layer.scales) for layer in layers], cache.cache_k, cache.cache_v, rows,
-                             slots, mask.kv_lengths(x.device), torch.view_as_real(freqs_cis), att.n_heads)
+        weights = kernel_weights(att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w3, ffn.w2)
+        return kernels.block(x, (self.attention_norm.weight, self.ffn_norm.weight), self.attention_norm.eps, weights,
+                             *decode_cache_args(cache, mask, freqs_cis), att.n_heads)
 
 
 def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:
