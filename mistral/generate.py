@@ -109,13 +109,17 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
         logits = model(torch.tensor(inputs, device=model.device), seqlens, cache)  # (S, V)
         if len(scored) < len(inputs):
             logits = logits[torch.tensor(scored, device=logits.device)]  # (N, V)
-        targets = torch.tensor(targets, device=logits.device)  # (N,)
-        to_sample = targets < 0
-        if to_sample.any():
-            targets[to_sample] = sample(logits[to_sample], temperature, top_p, top_k, generator)
-        lps = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+        to_sample = [t < 0 for t in targets]
+        if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
+            targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+        else:
+            targets = torch.tensor(targets, device=logits.device)  # (N,)
+            if any(to_sample):
+                new = torch.tensor(to_sample, device=logits.device)
+                targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
+        lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
 
-        for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample.tolist()):
+        for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
             logprobs[b].append(lp)
             if new:
                 generated[b].append(tok)

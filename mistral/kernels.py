@@ -148,25 +148,62 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
 
 
 _TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # enum wtype of csrc/kernels.c
+_prepared: dict = {}  # what _prepare built, by everything it depends on
 
 
-def _pointers(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int):
-    """The C side of (w, scales) pairs of one dtype: (type, w pointers, scales pointers, kept), `slots` long
-    (absent matrices NULL). kept holds the tensors pointed to (contiguous copies where needed): keep it until the
-    call returns."""
+def _prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int, shapes: tuple | None = None):
+    """The C side of (w, scales) pairs: (type, w pointers, scales pointers, kept), the pointer arrays `slots` long
+    (absent matrices NULL), or None where the kernels do not take the weights: fp32, bf16 or int8, all of one dtype,
+    on a CPU, int8 with fp32 scales (N,). Asserts that w's shapes are `shapes`, when given. kept holds contiguous copies
+    of weights that were not: keep it until the call returns.
+
+    A decode step asks for the same weights at every layer of every step, and checking them costs more than a
+    small product, so the answer is kept, keyed by what it depends on: each tensor's address, dtype, shape and
+    contiguity (an answer with copies is not kept). Autograd is checked by the caller, at every call."""
+    key = (slots, shapes, *[(t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) if t is not None else None
+                            for pair in weights for t in pair])
+    if (hit := _prepared.get(key)) is not None:
+        return hit
     dtype = weights[0][0].dtype
     int8 = dtype == torch.int8
+    if not (dtype in _TYPES and all(w.dtype == dtype and w.ndim == 2 and w.device.type == "cpu" for w, _ in weights)
+            and all((s is not None) == int8 for _, s in weights)
+            and all(s.dtype == torch.float32 and s.shape == w.shape[:1] and s.device.type == "cpu"
+                    for w, s in weights if s is not None)):
+        return None
+    assert shapes is None or tuple(tuple(w.shape) for w, _ in weights) == shapes, (shapes, [w.shape for w, _ in weights])
     kept, ws, ss = [], (ctypes.c_void_p * slots)(), (ctypes.c_void_p * slots)()
     for j, (w, scales) in enumerate(weights):
-        assert w.dtype == dtype and (scales is not None) == int8, \
-            f"weights of one dtype, scales with int8 only: {dtype}, {w.dtype}, scales {scales is not None}"
         kept.append(w := w.contiguous())
         ws[j] = w.data_ptr()
         if int8:
-            assert scales.shape == w.shape[:1] and scales.dtype == torch.float32, f"int8 scales: {scales.dtype} {scales.shape}"
             kept.append(scales := scales.contiguous())
             ss[j] = scales.data_ptr()
-    return _TYPES[dtype], ws, ss, kept
+    copied = any(k is not t for k, t in zip(kept, (t for pair in weights for t in pair if t is not None)))
+    prepared = (_TYPES[dtype], ws, ss, kept if copied else [])
+    if not copied:
+        if len(_prepared) >= 4096:  # weights come and go (models loaded, converted, freed): start again
+            _prepared.clear()
+        _prepared[key] = prepared
+    return prepared
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    """x (M <= MAX_ROWS, K) fp32 on a CPU, and the kernels built."""
+    return (x.dtype == torch.float32 and x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu"
+            and _ready())
+
+
+def _grad_free(x: torch.Tensor, weights) -> bool:
+    """Nothing here needs autograd (the kernels keep no graph)."""
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w, _ in weights)))
+
+
+def _ready_args(x: torch.Tensor, weights, slots: int, shapes: tuple | None = None):
+    """_prepare's answer where the kernels take x and these weights, else None."""
+    if not (_rows_ok(x) and _grad_free(x, weights)):
+        return None
+    return _prepare(weights, slots, shapes)
 
 
 def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
@@ -176,8 +213,10 @@ def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
         raise RuntimeError("mistral.kernels could not be built (see the warning logged); check usable() first")
     assert 1 <= len(weights) <= 3, f"1 to 3 weight matrices, got {len(weights)}"
     assert all(w.shape[1] == x.shape[1] for w, _ in weights), f"x {tuple(x.shape)}, w {[tuple(w.shape) for w, _ in weights]}"
+    prepared = _prepare(weights, 3)
+    assert prepared is not None, f"weights of one dtype, scales with int8 only: {[(w.dtype, s is not None) for w, s in weights]}"
+    t, ws, ss, kept = prepared  # kept: alive until the call returns
     x = x.contiguous()
-    t, ws, ss, kept = _pointers(weights, 3)
     rows = [w.shape[0] for w, _ in weights]
     y = torch.empty(x.shape[0], sum(rows))
     _lib.matvec(t, x.data_ptr(), ws, ss, (ctypes.c_int64 * 3)(*rows), y.data_ptr(), *x.shape)
@@ -186,19 +225,26 @@ def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
 
 def usable_together(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
     """Whether stacked, attention, feed_forward and block take these: usable() for every weight, all of one dtype."""
-    dtype = weights[0][0].dtype
-    return all(w.dtype == dtype and usable(x, w) for w, _ in weights)
+    return _ready_args(x, weights, 3 if len(weights) <= 3 else len(weights)) is not None
 
 
-def _check_attention(x, weights, cache_k, cache_v, rows, slots, lengths, rope, n_heads) -> None:
-    (M, dim), (_, Hkv, W, D) = x.shape, cache_k.shape
-    shapes = [tuple(w.shape) for w, _ in weights]
-    assert shapes == [(n_heads * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, n_heads * D)], (x.shape, shapes)
-    assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_v.shape == cache_k.shape, "cache rows as stored"
+def _attention_shapes(dim: int, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple:
+    """The shapes of wq, wk, wv, wo."""
+    return ((n_heads * head_dim, dim), (n_kv_heads * head_dim, dim), (n_kv_heads * head_dim, dim), (dim, n_heads * head_dim))
+
+
+def _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope) -> bool:
+    """Whether the kernels take this cache (fp32 on a CPU); asserts that the step's arguments fit it."""
+    if not (cache_k.dtype == torch.float32 and cache_k.device.type == "cpu"):
+        return False
+    M, D = x.shape[0], cache_k.shape[3]
+    assert cache_v.dtype == cache_k.dtype and cache_v.shape == cache_k.shape, "cache_k and cache_v alike"
+    assert cache_k.is_contiguous() and cache_v.is_contiguous(), "cache rows as stored"
     assert rows.shape == slots.shape == lengths.shape == (M,) and rope.shape == (M, D // 2, 2), \
         (rows.shape, slots.shape, lengths.shape, rope.shape)
     assert rows.dtype == slots.dtype == lengths.dtype == torch.int64 and rope.dtype == torch.float32
     assert all(t.is_contiguous() for t in (rows, slots, lengths, rope)), "rows, slots, lengths and rope contiguous"
+    return True
 
 
 def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]], cache_k: torch.Tensor,
@@ -209,12 +255,12 @@ def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | 
     attends to that row's first lengths[m] slots. weights: (w, scales) of wq, wk, wv, wo; cache_k, cache_v
     (B, Hkv, W, D) fp32, this layer's; rope (M, D/2, 2) cos and sin (torch.view_as_real of freqs_cis).
     None where the kernels do not apply (see usable)."""
-    if not (usable_together(x, weights) and _plain(cache_k)):
-        return None
-    _check_attention(x, weights, cache_k, cache_v, rows, slots, lengths, rope, n_heads)
     (M, dim), (_, Hkv, W, D) = x.shape, cache_k.shape
+    prepared = _ready_args(x, weights, 4, _attention_shapes(dim, n_heads, Hkv, D))
+    if prepared is None or not _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope):
+        return None
+    t, ws, ss, kept = prepared  # kept: alive until the call returns
     x = x.contiguous()
-    t, ws, ss, kept = _pointers(weights, 4)  # kept: alive until the call returns
     qkv, heads = torch.empty(M * (2 * n_heads + 2 * Hkv) * D).split([M * (n_heads + 2 * Hkv) * D, M * n_heads * D])
     out = torch.empty(M, dim)
     _lib.attention(t, x.data_ptr(), ws, ss, cache_k.data_ptr(), cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(),
@@ -231,14 +277,15 @@ def block(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
         h = x + attention(rms_norm(x) * attention_norm);  out = h + feed_forward(rms_norm(h) * ffn_norm)
     norms: (attention_norm, ffn_norm) weights; weights: (w, scales) of wq, wk, wv, wo, w1, w3, w2. The rest as for
     attention, which is one step of it. None where the kernels do not apply (see usable)."""
-    if not (usable_together(x, weights) and _plain(x, cache_k, *norms)):
-        return None
-    _check_attention(x, weights[:4], cache_k, cache_v, rows, slots, lengths, rope, n_heads)
     (M, dim), (_, Hkv, W, D), hidden = x.shape, cache_k.shape, weights[4][0].shape[0]
-    assert [tuple(w.shape) for w, _ in weights[4:]] == [(hidden, dim), (hidden, dim), (dim, hidden)], weights[4:]
+    shapes = _attention_shapes(dim, n_heads, Hkv, D) + ((hidden, dim), (hidden, dim), (dim, hidden))
+    prepared = _ready_args(x, weights, 7, shapes)
+    if (prepared is None or not _plain(*norms) or not _grad_free(x, [(n, None) for n in norms])
+            or not _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope)):
+        return None
     assert norms[0].shape == norms[1].shape == (dim,) and all(n.is_contiguous() for n in norms), "norm weights (dim,)"
+    t, ws, ss, kept = prepared  # kept: alive until the call returns
     x = x.contiguous()
-    t, ws, ss, kept = _pointers(weights, 7)  # kept: alive until the call returns
     scratch = torch.empty(M * (2 * dim + (2 * n_heads + 2 * Hkv) * D + 3 * hidden))
     out = torch.empty(M, dim)
     _lib.block(t, x.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, ws, ss, cache_k.data_ptr(),
@@ -250,13 +297,12 @@ def block(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
 def feed_forward(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor | None:
     """w2 (silu(w1 x) * w3 x) for x (M, dim), in one call; weights: (w, scales) of w1, w3, w2. None where the
     kernels do not apply (see usable)."""
-    if not usable_together(x, weights):
-        return None
     (M, dim), hidden = x.shape, weights[0][0].shape[0]
-    shapes = [tuple(w.shape) for w, _ in weights]
-    assert shapes == [(hidden, dim), (hidden, dim), (dim, hidden)], (x.shape, shapes)
+    prepared = _ready_args(x, weights, 3, ((hidden, dim), (hidden, dim), (dim, hidden)))
+    if prepared is None:
+        return None
+    t, ws, ss, kept = prepared  # kept: alive until the call returns
     x = x.contiguous()
-    t, ws, ss, kept = _pointers(weights, 3)  # kept: alive until the call returns
     gate_up, act = torch.empty(M * 3 * hidden).split([M * 2 * hidden, M * hidden])
     out = torch.empty(M, dim)
     _lib.feed_forward(t, x.data_ptr(), ws, ss, gate_up.data_ptr(), act.data_ptr(), out.data_ptr(), M, dim, hidden)
