@@ -64,6 +64,23 @@ def test_stacked_matches_float64(dtype, M):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * K ** 0.5 * 2)
 
 
+def test_kept_pointers_follow_the_weights():
+    """The C side of a set of weights is kept between calls, keyed by address, dtype, shape and contiguity: a
+    weight that changes any of these under the same address (a narrower view, a transposed square, a
+    reinterpretation as another dtype) or in place gets its own numbers, not the kept ones."""
+    TOL = dict(rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, generator=gen)
+    w = torch.randn(8, 8, generator=gen)
+    for weight in (w, w[:5], w.t(), w, w.view(torch.int32).view(torch.float32)[:3]):
+        torch.testing.assert_close(kernels.stacked(x, [(weight, None)]).double(), reference(x, weight), **TOL)
+    w.mul_(-2)  # same tensor, new values: the kept pointer reads them
+    torch.testing.assert_close(kernels.stacked(x, [(w, None)]).double(), reference(x, w), **TOL)
+    raw = torch.randn(2, 16, generator=gen).bfloat16()  # 64 bytes: (2, 8) as fp32, or its first half as bf16
+    for weight in (raw.view(torch.float32), raw.view(-1)[:16].view(2, 8)):  # same address, shape and contiguity
+        torch.testing.assert_close(kernels.stacked(x, [(weight, None)]).double(), reference(x, weight), **TOL)
+
+
 def test_model_linears_equal_the_layers_side_by_side():
     """The fused decode products give each layer's own numbers, for every kind of layer quantize makes."""
     from mistral import quantize
