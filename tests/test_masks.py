@@ -47,10 +47,11 @@ def test_to_xformers_builds_the_same_mask(q, kv, padding):
     torch.testing.assert_close(ours.materialize()[:, cols], xformers_visible(bias, (ours.shape[0], len(cols))))
 
 
-def test_fallback_attention_equals_dense_softmax_with_materialized_mask():
+@pytest.mark.parametrize("window", [130, None])
+def test_fallback_attention_equals_dense_softmax_with_materialized_mask(window):
     """The tiled SDPA path against a plain masked softmax over the whole (small) packed batch."""
     torch.manual_seed(0)
-    mask = BlockMask((300, 1, 40), (300, 9, 45), 130)  # several query tiles, keys sliced per tile
+    mask = BlockMask((300, 1, 40), (300, 9, 45), window)  # several query tiles, keys sliced per tile
     S, Skv = mask.shape
     q, k, v = torch.randn(S, 4, 8), torch.randn(Skv, 2, 8), torch.randn(Skv, 2, 8)
     k4, v4 = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
