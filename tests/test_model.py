@@ -171,3 +171,5 @@ def test_moe_layer_matches_per_token_loop():
             want[t] += w * (ff.w2.weight @ (torch.nn.functional.silu(ff.w1.weight @ x[t]) * (ff.w3.weight @ x[t])))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want)
+        for t in range(x.shape[0]):  # one token alone: the decode path
+            torch.testing.assert_close(layer(x[t : t + 1]), want[t : t + 1])
