@@ -105,9 +105,9 @@ def _compile() -> ctypes.CDLL | None:
         lib.matvec.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 2
         lib.attention.argtypes = [ctypes.c_int] + [ptr] * 12 + [i64] * 6
         lib.feed_forward.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3
-        lib.block.argtypes = [ctypes.c_int] + [ptr] * 3 + [f32] + [ptr] * 10 + [i64] * 7
+        lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 10 + [i64] * 8
         lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
-        for fn in ("matvec", "attention", "feed_forward", "block", "rms_norm_f32"):
+        for fn in ("matvec", "attention", "feed_forward", "blocks", "rms_norm_f32"):
             getattr(lib, fn).restype = None
         return lib
     log.warning("compiling %s failed, decoding on CPU uses torch's slower products: %s", SOURCE.name, "; ".join(errors))
@@ -224,7 +224,7 @@ def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
 
 
 def usable_together(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
-    """Whether stacked, attention, feed_forward and block take these: usable() for every weight, all of one dtype."""
+    """Whether stacked, attention, feed_forward and blocks take these: usable() for every weight, all of one dtype."""
     return _ready_args(x, weights, 3 if len(weights) <= 3 else len(weights)) is not None
 
 
@@ -237,7 +237,7 @@ def _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope) -> bool:
     """Whether the kernels take this cache (fp32 on a CPU); asserts that the step's arguments fit it."""
     if not (cache_k.dtype == torch.float32 and cache_k.device.type == "cpu"):
         return False
-    M, D = x.shape[0], cache_k.shape[3]
+    M, D = x.shape[0], cache_k.shape[-1]
     assert cache_v.dtype == cache_k.dtype and cache_v.shape == cache_k.shape, "cache_k and cache_v alike"
     assert cache_k.is_contiguous() and cache_v.is_contiguous(), "cache rows as stored"
     assert rows.shape == slots.shape == lengths.shape == (M,) and rope.shape == (M, D // 2, 2), \
@@ -269,28 +269,32 @@ def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | 
     return out
 
 
-def block(x: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-          weights: list[tuple[torch.Tensor, torch.Tensor | None]], cache_k: torch.Tensor, cache_v: torch.Tensor,
-          rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, rope: torch.Tensor,
-          n_heads: int) -> torch.Tensor | None:
-    """A whole transformer block with a dense FFN at decode, in one call:
-        h = x + attention(rms_norm(x) * attention_norm);  out = h + feed_forward(rms_norm(h) * ffn_norm)
-    norms: (attention_norm, ffn_norm) weights; weights: (w, scales) of wq, wk, wv, wo, w1, w3, w2. The rest as for
-    attention, which is one step of it. None where the kernels do not apply (see usable)."""
-    (M, dim), (_, Hkv, W, D), hidden = x.shape, cache_k.shape, weights[4][0].shape[0]
-    shapes = _attention_shapes(dim, n_heads, Hkv, D) + ((hidden, dim), (hidden, dim), (dim, hidden))
-    prepared = _ready_args(x, weights, 7, shapes)
+def blocks(x: torch.Tensor, layers: list[tuple[tuple[torch.Tensor, torch.Tensor], list]], eps: float,
+           cache_k: torch.Tensor, cache_v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+           rope: torch.Tensor, n_heads: int) -> torch.Tensor | None:
+    """Dense transformer blocks at decode, one after another, in one call: for each (norms, weights) of layers,
+        h = x + attention(rms_norm(x) * norms[0]);  x = h + feed_forward(rms_norm(h) * norms[1])
+    and the last x is returned. weights: (w, scales) of wq, wk, wv, wo, w1, w3, w2; cache_k, cache_v (L, B, Hkv, W, D),
+    the layers' caches in order. The rest as for attention, which is one step of each. None where the kernels do
+    not apply (see usable)."""
+    L, ((M, dim), (_, _, Hkv, W, D)) = len(layers), (x.shape, cache_k.shape)
+    hidden = layers[0][1][4][0].shape[0]
+    shapes = (_attention_shapes(dim, n_heads, Hkv, D) + ((hidden, dim), (hidden, dim), (dim, hidden))) * L
+    norms = [n for pair, _ in layers for n in pair]
+    prepared = _ready_args(x, [wp for _, ws in layers for wp in ws], 7 * L, shapes)
     if (prepared is None or not _plain(*norms) or not _grad_free(x, [(n, None) for n in norms])
             or not _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope)):
         return None
-    assert norms[0].shape == norms[1].shape == (dim,) and all(n.is_contiguous() for n in norms), "norm weights (dim,)"
+    assert cache_k.shape[0] == L, f"{L} layers, a cache of {cache_k.shape[0]}"
+    assert all(n.shape == (dim,) and n.is_contiguous() for n in norms), "norm weights (dim,)"
     t, ws, ss, kept = prepared  # kept: alive until the call returns
     x = x.contiguous()
     scratch = torch.empty(M * (2 * dim + (2 * n_heads + 2 * Hkv) * D + 3 * hidden))
     out = torch.empty(M, dim)
-    _lib.block(t, x.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, ws, ss, cache_k.data_ptr(),
-               cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(), lengths.data_ptr(), rope.data_ptr(),
-               scratch.data_ptr(), out.data_ptr(), M, dim, n_heads, Hkv, D, W, hidden)
+    _lib.blocks(t, L, x.data_ptr(), (ctypes.c_void_p * (2 * L))(*[n.data_ptr() for n in norms]), eps, ws, ss,
+                cache_k.data_ptr(), cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(), lengths.data_ptr(),
+                rope.data_ptr(), scratch.data_ptr(), out.data_ptr(), M, dim, n_heads, Hkv, D, cache_k.shape[1], W,
+                hidden)
     return out
 
 

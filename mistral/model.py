@@ -13,7 +13,7 @@ from torch import nn
 from mistral import kernels
 from mistral.args import ModelArgs, MoeArgs  # noqa: F401  (re-exported: mistral.model.ModelArgs)
 from mistral.attention import BlockMask, attention
-from mistral.cache import CacheView, RotatingBufferCache
+from mistral.cache import CacheMetadata, CacheView, RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.moe import MoeLayer
 from mistral.rope import apply_rotary_emb, precompute_freqs_cis
@@ -67,15 +67,20 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
 
 def kernel_weights(*layers: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The (weight, scales) pairs that mistral.kernels takes for these layers."""
-    return [(layer.weight, layer.scales) for layer in layers]
+    return [(member(layer, "weight"), member(layer, "scales")) for layer in layers]
 
 
-def decode_cache_args(cache: CacheView, mask: BlockMask, freqs_cis: torch.Tensor) -> tuple:
-    """What kernels.attention and kernels.block take after the weights, for a decode step: the layer's
-    cache rows, each token's cache row and slot, the rows' valid lengths, and RoPE's cos and sin."""
-    rows, slots = cache.meta.write_at
-    return (cache.cache_k, cache.cache_v, rows, slots, mask.kv_lengths(freqs_cis.device),
-            torch.view_as_real(freqs_cis))
+def member(module: nn.Module, name: str):
+    """getattr(module, name), looked up where nn.Module keeps parameters, buffers and submodules first.
+
+    Those are not instance attributes: each plain access goes through nn.Module.__getattr__, a Python call of about
+    a microsecond, and a decode step on a CPU fetches a few hundred weights for its C kernels. The dicts are read in
+    the order __getattr__ reads them; anything else (Linear's class attribute `scales`) is a plain getattr.
+    """
+    for found in (module._parameters, module._buffers, module._modules):
+        if name in found:
+            return found[name]
+    return getattr(module, name)
 
 
 class Linear(nn.Linear):
@@ -101,8 +106,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
         if cache is not None and cache.meta.decode:  # one token per row: on a CPU, what follows in one C call
-            fast = kernels.attention(x, kernel_weights(self.wq, self.wk, self.wv, self.wo),
-                                     *decode_cache_args(cache, mask, freqs_cis), self.n_heads)
+            rows, slots = cache.meta.write_at
+            fast = kernels.attention(x, kernel_weights(self.wq, self.wk, self.wv, self.wo), cache.cache_k, cache.cache_v,
+                                     rows, slots, mask.kv_lengths(x.device), torch.view_as_real(freqs_cis), self.n_heads)
             if fast is not None:
                 return fast
         S = x.shape[0]
@@ -143,20 +149,18 @@ class TransformerBlock(nn.Module):
             self.feed_forward = MoeLayer(experts, gate, args.moe.num_experts_per_tok)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
-        if cache is not None and cache.meta.decode and isinstance(self.feed_forward, FeedForward):
-            fast = self._decode_in_one_call(x, freqs_cis, mask, cache)
-            if fast is not None:
-                return fast
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def _decode_in_one_call(self, x, freqs_cis, mask, cache) -> torch.Tensor | None:
-        """forward() for one token per row on a CPU: the whole block in one C call (kernels.block), or None.
-        Both norms are built with args.norm_eps, so the kernel takes one eps."""
-        att, ffn = self.attention, self.feed_forward
-        weights = kernel_weights(att.wq, att.wk, att.wv, att.wo, ffn.w1, ffn.w3, ffn.w2)
-        return kernels.block(x, (self.attention_norm.weight, self.ffn_norm.weight), self.attention_norm.eps, weights,
-                             *decode_cache_args(cache, mask, freqs_cis), att.n_heads)
+    def kernel_layer(self) -> tuple[tuple[torch.Tensor, torch.Tensor], list] | None:
+        """What kernels.blocks takes for this block: its norms' weights and (weight, scales) of wq, wk, wv, wo, w1,
+        w3, w2; None for an MoE block."""
+        att, ffn = member(self, "attention"), member(self, "feed_forward")
+        if not isinstance(ffn, FeedForward):
+            return None
+        linears = [member(att, n) for n in ("wq", "wk", "wv", "wo")] + [member(ffn, n) for n in ("w1", "w3", "w2")]
+        return ((member(member(self, "attention_norm"), "weight"), member(member(self, "ffn_norm"), "weight")),
+                kernel_weights(*linears))
 
 
 def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:
@@ -225,8 +229,12 @@ class Transformer(nn.Module):
         else:
             h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
             dist.recv(h, src=self.pipeline_rank - 1)
-        for local_i, layer in enumerate(self.layers.values()):
-            h = layer(h, freqs_cis, mask, None if cache is None else cache.layer(local_i, meta))
+        fast = None if cache is None or not meta.decode else self._decode_in_one_call(h, freqs_cis, meta, cache)
+        if fast is not None:
+            h = fast
+        else:
+            for local_i, layer in enumerate(self.layers.values()):
+                h = layer(h, freqs_cis, mask, None if cache is None else cache.layer(local_i, meta))
         if cache is not None:
             cache.advance(seqlens)
 
@@ -239,6 +247,18 @@ class Transformer(nn.Module):
             logits = self.output(self.norm(h)).float()
         dist.broadcast(logits, src=self.num_pipeline_ranks - 1)
         return logits
+
+    def _decode_in_one_call(self, h: torch.Tensor, freqs_cis: torch.Tensor, meta: CacheMetadata,
+                            cache: RotatingBufferCache) -> torch.Tensor | None:
+        """The layers' forward() for one token per row on a CPU: all of them in one C call (kernels.blocks), or None
+        (an MoE block, or where the kernels do not apply). The norms are built with args.norm_eps, so the kernel takes
+        one eps."""
+        layers = [layer.kernel_layer() for layer in self.layers.values()]
+        if not layers or None in layers:
+            return None
+        rows, slots = meta.write_at
+        return kernels.blocks(h, layers, self.args.norm_eps, cache.cache_k, cache.cache_v, rows, slots,
+                              meta.mask.kv_lengths(h.device), torch.view_as_real(freqs_cis), self.args.n_heads)
 
     @staticmethod
     def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,

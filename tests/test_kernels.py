@@ -209,29 +209,37 @@ def ffn64(x, weights):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_block_matches_float64(dtype):
-    """A whole block, h = x + attention(norm(x)); h + ffn(norm(h)), for rows out of order, one of them wrapped."""
-    gen = torch.Generator().manual_seed(7)
+@pytest.mark.parametrize("L", [1, 3])
+def test_blocks_match_float64(dtype, L):
+    """Whole blocks one after another, x = h + ffn(norm(h)) with h = x + attention(norm(x)), each layer with its own
+    weights, norms and cache, for rows out of order, one of them wrapped."""
+    gen = torch.Generator().manual_seed(7 + L)
     B, W, dim, H, Hkv, D, hidden = 4, 70, 48, 6, 2, 8, 131
     rows, lengths = torch.tensor([2, 0, 3]), torch.tensor([1, 65, W])
     slots = torch.where(lengths < W, lengths - 1, 11)
     positions = torch.where(lengths < W, lengths - 1, 2 * W + 11)
     x = torch.randn(len(rows), dim, generator=gen) * 3
-    norms = (torch.rand(dim, generator=gen) + 0.5, torch.rand(dim, generator=gen) + 0.5)
     shapes = [(H * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, H * D), (hidden, dim), (hidden, dim), (dim, hidden)]
-    weights = [weights_of(dtype, n, k, gen) for n, k in shapes]
-    weights = [(w, s / k**0.5) if s is not None else ((w.float() / k**0.5).to(dtype), None) for (w, s), (_, k) in
-               zip(weights, shapes)]  # unit-sized activations throughout
-    cache_k, cache_v = torch.randn(2, B, Hkv, W, D, generator=gen)
-    att, want_k, want_v = attention_reference(rms64(x, norms[0]), weights[:4], cache_k, cache_v, rows, slots, lengths,
-                                              positions, H)
-    h = x.double() + att
-    want = h + ffn64(rms64(h, norms[1]), weights[4:])
+    layers = []
+    for _ in range(L):
+        norms = (torch.rand(dim, generator=gen) + 0.5, torch.rand(dim, generator=gen) + 0.5)
+        weights = [weights_of(dtype, n, k, gen) for n, k in shapes]
+        weights = [(w, s / k**0.5) if s is not None else ((w.float() / k**0.5).to(dtype), None) for (w, s), (_, k) in
+                   zip(weights, shapes)]  # unit-sized activations throughout
+        layers.append((norms, weights))
+    cache_k, cache_v = torch.randn(2, L, B, Hkv, W, D, generator=gen)
+    want, want_k, want_v = x.double(), [], []
+    for (norms, weights), ck, cv in zip(layers, cache_k, cache_v):
+        att, k, v = attention_reference(rms64(want, norms[0]), weights[:4], ck, cv, rows, slots, lengths, positions, H)
+        h = want + att
+        want = h + ffn64(rms64(h, norms[1]), weights[4:])
+        want_k.append(k)
+        want_v.append(v)
     rope = torch.view_as_real(precompute_freqs_cis(D, positions, 1e4))
-    got = kernels.block(x, norms, 1e-5, weights, cache_k, cache_v, rows, slots, lengths, rope, H)
+    got = kernels.blocks(x, layers, 1e-5, cache_k, cache_v, rows, slots, lengths, rope, H)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
-    torch.testing.assert_close(cache_k.double(), want_k, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cache_v.double(), want_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache_k.double(), torch.stack(want_k), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cache_v.double(), torch.stack(want_v), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_kernels_decline_what_they_do_not_take():
@@ -247,10 +255,14 @@ def test_fused_kernels_decline_what_they_do_not_take():
     cache = torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16)
     one, rope = torch.zeros(1, dtype=torch.int64), torch.randn(1, 2, 2)
     assert kernels.attention(x[:1].detach(), att, cache, cache, one, one, one + 1, rope, 4) is None  # bf16 cache
-    norms = (torch.ones(8), torch.ones(8))
-    assert kernels.block(x[:1].detach(), norms, 1e-5, att + ffn, cache, cache, one, one, one + 1, rope, 4) is None
-    assert kernels.block(x[:1].detach(), (norms[0].double(), norms[1]), 1e-5, att + ffn, cache.float(), cache.float(),
-                         one, one, one + 1, rope, 4) is None  # fp32 norms only
+    norms, cache = (torch.ones(8), torch.ones(8)), cache[None]
+    assert kernels.blocks(x[:1].detach(), [(norms, att + ffn)], 1e-5, cache, cache, one, one, one + 1, rope, 4) is None
+    assert kernels.blocks(x[:1].detach(), [((norms[0].double(), norms[1]), att + ffn)], 1e-5, cache.float(),
+                          cache.float(), one, one, one + 1, rope, 4) is None  # fp32 norms only
+    layer = (norms, att + ffn)
+    assert kernels.blocks(x[:1].detach(), [layer, (norms, att + [(w.bfloat16(), s) for w, s in ffn])], 1e-5,
+                          cache.float().expand(2, -1, -1, -1, -1).contiguous(), cache.float().expand(2, -1, -1, -1, -1).contiguous(),
+                          one, one, one + 1, rope, 4) is None  # one weight dtype in all layers
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 16])

@@ -306,28 +306,33 @@ void feed_forward(int type, const float *x, const void *const *w, const float *c
     ffn_phases((enum wtype)type, x, w, s, gate_up, act, out, M, dim, hidden);
 }
 
-/* 5. A whole transformer block with a dense FFN at decode, in one parallel region:
-    h = x + attention(rms_norm(x) * attention_norm);  y = h + feed_forward(rms_norm(h) * ffn_norm)
-attention_norm and ffn_norm: the norms' weights (dim). w and s: wq, wk, wv, wo, w1, w3, w2 and their scales. y (M, dim) is
-written (x is not). scratch: M (2 dim + (2 H + 2 Hkv) D + 3 hidden) floats. The rest as for attention(). */
-void block(int type, const float *x, const float *attention_norm, const float *ffn_norm, float eps, const void *const *w, const float *const *s,
-           float *cache_k, float *cache_v, const int64_t *rows, const int64_t *slots, const int64_t *lengths,
-           const float *rope, float *scratch, float *y, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D,
-           int64_t W, int64_t hidden) {
+/* 5. The dense transformer blocks of a decode step, one after another, in one parallel region: for each layer l,
+    h = x + attention(rms_norm(x) * attention_norm[l]);  x = h + feed_forward(rms_norm(h) * ffn_norm[l])
+norms: attention_norm and ffn_norm of each layer, 2 L pointers to dim floats. w and s: wq, wk, wv, wo, w1, w3, w2 of
+each layer, 7 L of them, and their scales. cache_k, cache_v: (L, B, Hkv, W, D), the layers' caches one after another.
+y (M, dim) carries the running x from layer to layer and ends as the last layer's output (x is not written).
+scratch: M (2 dim + (2 H + 2 Hkv) D + 3 hidden) floats. The rest as for attention(). */
+void blocks(int type, int64_t L, const float *x, const float *const *norms, float eps, const void *const *w,
+            const float *const *s, float *cache_k, float *cache_v, const int64_t *rows, const int64_t *slots,
+            const int64_t *lengths, const float *rope, float *scratch, float *y, int64_t M, int64_t dim, int64_t H,
+            int64_t Hkv, int64_t D, int64_t B, int64_t W, int64_t hidden) {
     const enum wtype t = (enum wtype)type;
+    const int64_t layer = B * Hkv * W * D;  /* floats of one layer's cache_k */
     float *xn = scratch, *out = xn + M * dim, *qkv = out + M * dim, *heads = qkv + M * (H + 2 * Hkv) * D;
     float *gate_up = heads + M * H * D, *act = gate_up + M * 2 * hidden;
     #pragma omp parallel
-    {
+    for (int64_t l = 0; l < L; l++) {
+        const float *in = l == 0 ? x : y;
         #pragma omp single
-        rms_norm_f32(x, attention_norm, xn, M, dim, eps);
-        attention_phases(t, xn, w, s, cache_k, cache_v, rows, slots, lengths, rope, qkv, heads, out, M, dim, H, Hkv, D, W);
+        rms_norm_f32(in, norms[2 * l], xn, M, dim, eps);
+        attention_phases(t, xn, w + 7 * l, s + 7 * l, cache_k + l * layer, cache_v + l * layer, rows, slots, lengths,
+                         rope, qkv, heads, out, M, dim, H, Hkv, D, W);
         #pragma omp single
         {
-            for (int64_t i = 0; i < M * dim; i++) y[i] = x[i] + out[i];
-            rms_norm_f32(y, ffn_norm, xn, M, dim, eps);
+            for (int64_t i = 0; i < M * dim; i++) y[i] = in[i] + out[i];
+            rms_norm_f32(y, norms[2 * l + 1], xn, M, dim, eps);
         }
-        ffn_phases(t, xn, w + 4, s + 4, gate_up, act, out, M, dim, hidden);
+        ffn_phases(t, xn, w + 7 * l + 4, s + 7 * l + 4, gate_up, act, out, M, dim, hidden);
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * dim; i++) y[i] += out[i];
     }
