@@ -1,4 +1,4 @@
-"""The CPU kernels for decoding (csrc/kernels.c): few-row products, a layer's attention and FFN, RMSNorm.
+"""The CPU kernels for decoding (csrc/kernels.c): few-row products, a layer's attention and FFN, whole blocks, RMSNorm.
 
 Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
 read memory. On a CPU, MKL's product reaches about half of what the cores can stream together (it barely
@@ -6,8 +6,8 @@ uses the second of two cores); `matvec` here reaches the bandwidth (see csrc/ker
 What a decode step spends besides the products is dispatch: at one token, each torch operation (a RoPE
 multiply, a cache write, SDPA, silu) costs tens of microseconds in calls and temporaries for under a
 microsecond of arithmetic, and a layer has dozens. `attention` and `feed_forward` do all of a layer's
-attention, and all of its FFN, in one call each, and `block` a whole dense block; the model's torch code
-stays their definition.
+attention, and all of its FFN, in one call each, and `blocks` all the dense blocks of a step; the model's torch
+code stays their definition.
 
 The file is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU
 (-march=native), in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name

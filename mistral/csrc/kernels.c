@@ -1,4 +1,5 @@
-/* The CPU kernels of a decode step: few-row matrix products, a layer's attention and its SwiGLU FFN, RMSNorm.
+/* The CPU kernels of a decode step: few-row matrix products, a layer's attention and its SwiGLU FFN, RMSNorm, and
+whole dense blocks one after another.
 
 Each replaces torch calls that cost more in dispatch than in arithmetic at decode's sizes, or (the products)
 that read memory at half speed. mistral/kernels.py compiles and calls them; the model's torch code stays the
