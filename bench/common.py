@@ -68,14 +68,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def read_time(n_bytes: int, repeat: int = 7) -> float:
-    """Seconds to read n_bytes once from memory (best of `repeat` sums): the decode roofline."""
+def read_time(n_bytes: int, repeat: int = 7, reads: int = 1) -> float:
+    """Seconds to read n_bytes once from memory (sums over as many bytes): the decode roofline. The best of `repeat`
+    tries, each the mean of `reads` reads in a row: a figure compared with the mean step of a decode run should
+    average as long a stretch, since the best single read catches the machine's quietest instant and a run of
+    steps never does."""
     x = torch.ones(n_bytes // 4)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(reads):
+            x.sum()
+        best = min(best, (time.perf_counter() - t0) / reads)
     return best
 
 

@@ -1,11 +1,12 @@
 """Decode speed at the memory roofline: `python -m bench.decode`.
 
 Batch-1 decode must read every weight once per token, so the time of one read of the weights (a sum
-over as many bytes, measured in the same run) bounds it. Reports fp32 ms/token against that roofline
-and against HF transformers' generate on the same weights, three packed sequences against one, and
-the bf16-weight and int8 paths of mistral.quantize where present, and how much of an fp32 step is spent
-outside the C kernels (the per-step overhead). Every run and the roofline take turns,
-REPS times, and the best of each counts (the machine is shared; see interleaved_best).
+over as many bytes, measured in the same run, averaged over as many reads as a run has steps) bounds it.
+Reports fp32 ms/token against that roofline and against HF transformers' generate on the same weights,
+three packed sequences against one, the bf16-weight and int8 paths of mistral.quantize where present,
+and how much of an fp32 and of an int8 step is spent outside the C kernels (the per-step overhead; the
+rest gives the ratio int8 would reach with none). Every run and the roofline take turns, REPS times, and
+the best of each counts (the machine is shared; see interleaved_best).
 """
 import time
 
@@ -80,7 +81,7 @@ def main() -> None:
     model = random_model()
     n_bytes = weight_bytes(model)
     runs = {"fp32": lambda: ours_ms_per_token(model), "fp32 x3": lambda: ours_ms_per_token(model, batch=3),
-            "roofline": lambda: read_time(n_bytes, repeat=1) * 1e3}
+            "roofline": lambda: read_time(n_bytes, repeat=1, reads=STEPS) * 1e3}
     if kernels.available():
         runs["outside kernels"] = lambda: outside_kernels_ms_per_token(model)
     try:
@@ -91,6 +92,8 @@ def main() -> None:
     if quantize is not None:
         fast = {"bf16": _bf16(quantize, random_model()), "int8": _int8(quantize, random_model())}
         runs.update({name: (lambda m=m: ours_ms_per_token(m)) for name, m in fast.items()})
+        if kernels.available():
+            runs["int8 outside kernels"] = lambda: outside_kernels_ms_per_token(fast["int8"])
     hf = hf_model(model)
     if hf is not None:
         runs["hf"] = lambda: hf_ms_per_token(hf)
@@ -116,6 +119,12 @@ def main() -> None:
             ms = best[name]
             rows.append({"path": f"ours {label}, batch 1", "ms/token": ms, "tokens/s": 1e3 / ms, "x roofline": ms / roof})
             ratios[f"fp32 / {label} decode"] = fp32 / ms
+    if "int8 outside kernels" in best:
+        rows.append({"path": "ours int8 weights, time outside the C kernels", "ms/token": best["int8 outside kernels"],
+                     "x roofline": best["int8 outside kernels"] / roof})
+        # What int8 would gain with no overhead at all: the C kernels' time alone (best runs), fp32 against int8.
+        ratios["fp32 / int8 weights, C kernels only"] = ((fp32 - best["outside kernels"])
+                                                         / (best["int8"] - best["int8 outside kernels"]))
     print(f"weights {n_bytes / 1e6:.0f} MB fp32; one read of them takes {roof:.1f} ms "
           f"({n_bytes / roof / 1e6:.1f} GB/s): the batch-1 roofline")
     report("decode", rows, ratios, {"weights_bytes": n_bytes, "roofline_ms": roof, "prompt_len": PROMPT_LEN,
