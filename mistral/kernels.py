@@ -188,8 +188,9 @@ def _prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int
     return prepared
 
 
-def _rows_ok(x: torch.Tensor) -> bool:
-    """x (M <= MAX_ROWS, K) fp32 on a CPU, and the kernels built."""
+def takes_rows(x: torch.Tensor) -> bool:
+    """x (M <= MAX_ROWS, K) fp32 on a CPU, and the kernels built: the first test of every kernel, cheap enough to make
+    before gathering its weights."""
     return (x.dtype == torch.float32 and x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu"
             and _ready())
 
@@ -201,7 +202,7 @@ def _grad_free(x: torch.Tensor, weights) -> bool:
 
 def _ready_args(x: torch.Tensor, weights, slots: int, shapes: tuple | None = None):
     """_prepare's answer where the kernels take x and these weights, else None."""
-    if not (_rows_ok(x) and _grad_free(x, weights)):
+    if not (takes_rows(x) and _grad_free(x, weights)):
         return None
     return _prepare(weights, slots, shapes)
 

@@ -253,6 +253,8 @@ class Transformer(nn.Module):
         """The layers' forward() for one token per row on a CPU: all of them in one C call (kernels.blocks), or None
         (an MoE block, or where the kernels do not apply). The norms are built with args.norm_eps, so the kernel takes
         one eps."""
+        if not kernels.takes_rows(h):  # on CUDA, say: not worth gathering the weights
+            return None
         layers = [layer.kernel_layer() for layer in self.layers.values()]
         if not layers or None in layers:
             return None
