@@ -75,7 +75,9 @@ def member(module: nn.Module, name: str):
 
     Those are not instance attributes: each plain access goes through nn.Module.__getattr__, a Python call of about
     a microsecond, and a decode step on a CPU fetches a few hundred weights for its C kernels. The dicts are read in
-    the order __getattr__ reads them; anything else (Linear's class attribute `scales`) is a plain getattr.
+    the order __getattr__ reads them; anything else (Linear's class attribute `scales`) is a plain getattr. For the
+    names this package reads (submodules, weights, scales), none of which shadows a class attribute, that is
+    getattr's answer.
     """
     for found in (module._parameters, module._buffers, module._modules):
         if name in found:
@@ -154,7 +156,7 @@ class TransformerBlock(nn.Module):
 
     def kernel_layer(self) -> tuple[tuple[torch.Tensor, torch.Tensor], list] | None:
         """What kernels.blocks takes for this block: its norms' weights and (weight, scales) of wq, wk, wv, wo, w1,
-        w3, w2; None for an MoE block."""
+        w3, w2; None for an MoE block. Read with `member`: every decode step asks."""
         att, ffn = member(self, "attention"), member(self, "feed_forward")
         if not isinstance(ffn, FeedForward):
             return None
@@ -256,7 +258,7 @@ class Transformer(nn.Module):
         if not kernels.takes_rows(h):  # on CUDA, say: not worth gathering the weights
             return None
         layers = [layer.kernel_layer() for layer in self.layers.values()]
-        if not layers or None in layers:
+        if not layers or any(layer is None for layer in layers):
             return None
         rows, slots = meta.write_at
         return kernels.blocks(h, layers, self.args.norm_eps, cache.cache_k, cache.cache_v, rows, slots,
