@@ -133,10 +133,8 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether matvec(x, w) can run: x (M <= MAX_ROWS, K) fp32 and w (N, K) fp32/bf16/int8, on a CPU, no autograd."""
-    # Cheapest tests first: this runs before every linear of every decode step.
-    return (x.dtype == torch.float32 and x.ndim == 2 and 0 < x.shape[0] <= MAX_ROWS
-            and w.dtype in _WEIGHT_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _ready())
+    return (takes_rows(x) and w.dtype in _WEIGHT_DTYPES and w.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
