@@ -133,8 +133,7 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether matvec(x, w) can run: x (M <= MAX_ROWS, K) fp32 and w (N, K) fp32/bf16/int8, on a CPU, no autograd."""
-    return (takes_rows(x) and w.dtype in _WEIGHT_DTYPES and w.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+    return takes_rows(x) and w.dtype in _WEIGHT_DTYPES and w.device.type == "cpu" and _grad_free(x, [(w, None)])
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,8 +222,8 @@ def stacked(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
 
 
 def usable_together(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
-    """Whether stacked, attention, feed_forward and blocks take these: usable() for every weight, all of one dtype."""
-    return _ready_args(x, weights, 3 if len(weights) <= 3 else len(weights)) is not None
+    """Whether stacked takes these: usable() for every weight, all of one dtype."""
+    return _ready_args(x, weights, 3) is not None
 
 
 def _attention_shapes(dim: int, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple:
@@ -281,8 +280,7 @@ def blocks(x: torch.Tensor, layers: list[tuple[tuple[torch.Tensor, torch.Tensor]
     shapes = (_attention_shapes(dim, n_heads, Hkv, D) + ((hidden, dim), (hidden, dim), (dim, hidden))) * L
     norms = [n for pair, _ in layers for n in pair]
     prepared = _ready_args(x, [wp for _, ws in layers for wp in ws], 7 * L, shapes)
-    if (prepared is None or not _plain(*norms) or not _grad_free(x, [(n, None) for n in norms])
-            or not _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope)):
+    if prepared is None or not _plain(*norms) or not _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope):
         return None
     assert cache_k.shape[0] == L, f"{L} layers, a cache of {cache_k.shape[0]}"
     assert all(n.shape == (dim,) and n.is_contiguous() for n in norms), "norm weights (dim,)"

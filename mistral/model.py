@@ -85,6 +85,13 @@ def member(module: nn.Module, name: str):
     return getattr(module, name)
 
 
+def decode_step_args(meta: CacheMetadata, freqs_cis: torch.Tensor) -> tuple:
+    """What kernels.attention and kernels.blocks take after the cache, for a decode step: each token's cache row
+    and slot, the rows' valid lengths, and RoPE's cos and sin."""
+    rows, slots = meta.write_at
+    return rows, slots, meta.mask.kv_lengths(freqs_cis.device), torch.view_as_real(freqs_cis)
+
+
 class Linear(nn.Linear):
     """A bias-free nn.Linear (same parameters and keys) computed by `linear`."""
 
@@ -108,9 +115,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
         if cache is not None and cache.meta.decode:  # one token per row: on a CPU, what follows in one C call
-            rows, slots = cache.meta.write_at
             fast = kernels.attention(x, kernel_weights(self.wq, self.wk, self.wv, self.wo), cache.cache_k, cache.cache_v,
-                                     rows, slots, mask.kv_lengths(x.device), torch.view_as_real(freqs_cis), self.n_heads)
+                                     *decode_step_args(cache.meta, freqs_cis), self.n_heads)
             if fast is not None:
                 return fast
         S = x.shape[0]
@@ -160,9 +166,9 @@ class TransformerBlock(nn.Module):
         att, ffn = member(self, "attention"), member(self, "feed_forward")
         if not isinstance(ffn, FeedForward):
             return None
-        linears = [member(att, n) for n in ("wq", "wk", "wv", "wo")] + [member(ffn, n) for n in ("w1", "w3", "w2")]
+        projections = [member(att, n) for n in ("wq", "wk", "wv", "wo")] + [member(ffn, n) for n in ("w1", "w3", "w2")]
         return ((member(member(self, "attention_norm"), "weight"), member(member(self, "ffn_norm"), "weight")),
-                kernel_weights(*linears))
+                kernel_weights(*projections))
 
 
 def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:
@@ -260,9 +266,8 @@ class Transformer(nn.Module):
         layers = [layer.kernel_layer() for layer in self.layers.values()]
         if not layers or any(layer is None for layer in layers):
             return None
-        rows, slots = meta.write_at
-        return kernels.blocks(h, layers, self.args.norm_eps, cache.cache_k, cache.cache_v, rows, slots,
-                              meta.mask.kv_lengths(h.device), torch.view_as_real(freqs_cis), self.args.n_heads)
+        return kernels.blocks(h, layers, self.args.norm_eps, cache.cache_k, cache.cache_v,
+                              *decode_step_args(meta, freqs_cis), self.args.n_heads)
 
     @staticmethod
     def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
