@@ -42,6 +42,7 @@ def outside_kernels_ms_per_token(model) -> float:
     """What a step of ours_ms_per_token spends outside mistral.kernels's C calls (which do the products, the
     attention, the norms and the FFN): the embedding, RoPE's table, the cache's bookkeeping, the head's
     softmax, sampling, and the Python and torch dispatch around it all."""
+    assert kernels.available(), "the C kernels are not built"
     real, calls = kernels._lib, []  # calls: (start, seconds) of every C call
 
     class Timed:

@@ -3,6 +3,7 @@ from collections.abc import Callable
 
 import torch
 
+from mistral import kernels
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.model import Transformer
@@ -110,14 +111,19 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
         if len(scored) < len(inputs):
             logits = logits[torch.tensor(scored, device=logits.device)]  # (N, V)
         to_sample = [t < 0 for t in targets]
-        if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-            targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+        # A greedy decode step on a CPU: the C kernel picks each row's argmax and its log-softmax in one call.
+        picked = kernels.greedy(logits) if temperature == 0 and all(to_sample) else None
+        if picked is not None:
+            targets, lps = picked
         else:
-            targets = torch.tensor(targets, device=logits.device)  # (N,)
-            if any(to_sample):
-                new = torch.tensor(to_sample, device=logits.device)
-                targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
-        lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+            if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
+                targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+            else:
+                targets = torch.tensor(targets, device=logits.device)  # (N,)
+                if any(to_sample):
+                    new = torch.tensor(to_sample, device=logits.device)
+                    targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
+            lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
 
         for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
             logprobs[b].append(lp)

@@ -1,4 +1,5 @@
-"""The CPU kernels for decoding (csrc/kernels.c): few-row products, a layer's attention and FFN, whole blocks, RMSNorm.
+"""The CPU kernels for decoding (csrc/kernels.c): few-row products, a layer's attention and FFN, whole blocks, RMSNorm,
+and greedy picking (argmax and its log-softmax).
 
 Decoding reads every weight once per token, so its speed is the speed at which the matrix-vector products
 read memory. On a CPU, MKL's product reaches about half of what the cores can stream together (it barely
@@ -107,7 +108,8 @@ def _compile() -> ctypes.CDLL | None:
         lib.feed_forward.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3
         lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 10 + [i64] * 8
         lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
-        for fn in ("matvec", "attention", "feed_forward", "blocks", "rms_norm_f32"):
+        lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
+        for fn in ("matvec", "attention", "feed_forward", "blocks", "rms_norm_f32", "greedy"):
             getattr(lib, fn).restype = None
         return lib
     log.warning("compiling %s failed, decoding on CPU uses torch's slower products: %s", SOURCE.name, "; ".join(errors))
@@ -325,3 +327,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     y = torch.empty_like(x)
     _lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
     return y
+
+
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """logits (N, V) -> (argmax (N,) int64, its log-softmax (N,) fp32): what torch.argmax and log_softmax give (the
+    first index on ties, the first NaN if any), for up to MAX_ROWS rows of fp32 on a CPU; None elsewhere."""
+    if not (logits.ndim == 2 and 0 < logits.shape[0] <= MAX_ROWS and logits.shape[1] > 0 and _plain(logits)):
+        return None
+    logits = logits.contiguous()
+    index, logprob = torch.empty(logits.shape[0], dtype=torch.int64), torch.empty(logits.shape[0])
+    _lib.greedy(logits.data_ptr(), *logits.shape, index.data_ptr(), logprob.data_ptr())
+    return index, logprob

@@ -326,3 +326,51 @@ def test_a_damaged_cached_build_is_built_again(fresh_build, monkeypatch, tmp_pat
     assert (tmp_path / "b" / "mistral" / name).read_bytes() == (tmp_path / "a" / "mistral" / name).read_bytes()
     x, w = torch.randn(3, 16), torch.randn(8, 16)
     torch.testing.assert_close(kernels.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("V", [1, 5, 16, 17, 40, 1001, 32000])
+@pytest.mark.parametrize("M", [1, 3])
+def test_greedy_matches_argmax_and_float64_log_softmax(V, M):
+    """Each row's argmax and its log-softmax; the largest value also put at a later place in every row, in another
+    lane and in the tail, so that the first of equal maxima must win."""
+    gen = torch.Generator().manual_seed(V)
+    logits = torch.randn(M, V, generator=gen) * 4
+    for m in range(M):
+        top = logits[m].argmax()
+        logits[m, top::7] = logits[m, top]
+    logits[:, 1::5] = float("-inf")  # masked entries, as top-k leaves them
+    logits[:, 0] = logits.max(dim=1).values  # a tie with the first entry
+    index, logprob = kernels.greedy(logits)
+    assert torch.equal(index, logits.argmax(-1))
+    want = torch.log_softmax(logits.double(), -1).gather(1, index[:, None]).squeeze(1)
+    # fp32 sums of V terms (torch's own fp32 log_softmax is 6.5e-6 off at V = 32000)
+    torch.testing.assert_close(logprob.double(), want, rtol=0, atol=1e-6 if V <= 1001 else 1e-5)
+
+
+def test_greedy_log_softmax_over_even_spreads():
+    """Rows whose sum of exponentials is spread over many terms, with every fraction of a power of two: these
+    test e^x itself (random rows are dominated by their few largest terms)."""
+    for low in (-1.0, -5.0, -30.0, -100.0):
+        logits = torch.linspace(low, 0, 4001)[None]
+        index, logprob = kernels.greedy(logits)
+        want = torch.log_softmax(logits.double(), -1)[0, index]
+        torch.testing.assert_close(logprob.double(), want, rtol=0, atol=1e-6)
+
+
+def test_greedy_special_values_as_torch():
+    """NaN wins (its first place) and gives NaN; +inf, or a row of -inf, gives NaN as log_softmax does."""
+    nan, inf = float("nan"), float("inf")
+    rows = [[1.0] * 20 + [nan] + [2.0] * 20 + [nan], [0.0] * 17 + [inf] + [1.0] * 3, [-inf] * 19]
+    for row in rows:
+        logits = torch.tensor([row])
+        index, logprob = kernels.greedy(logits)
+        assert torch.equal(index, logits.argmax(-1)), row
+        want = torch.log_softmax(logits, -1)[0, index]
+        assert torch.isnan(logprob).all() and torch.isnan(want).all(), row
+
+
+def test_greedy_declines_what_it_does_not_take():
+    assert kernels.greedy(torch.randn(2, 8, dtype=torch.float64)) is None
+    assert kernels.greedy(torch.randn(kernels.MAX_ROWS + 1, 8)) is None
+    assert kernels.greedy(torch.randn(8)) is None
+    assert kernels.greedy(torch.randn(2, 0)) is None
