@@ -40,8 +40,8 @@ def ours_ms_per_token(model, batch: int = 1, steps: int = STEPS) -> float:
 
 def outside_kernels_ms_per_token(model) -> float:
     """What a step of ours_ms_per_token spends outside mistral.kernels's C calls (which do the products, the
-    attention, the norms and the FFN): the embedding, RoPE's table, the cache's bookkeeping, the head's
-    softmax, sampling, and the Python and torch dispatch around it all."""
+    attention with its RoPE, the norms, the FFN and the greedy pick): the embedding, the cache's bookkeeping,
+    gathering the weights for the kernels, and the Python and torch dispatch around it all."""
     assert kernels.available(), "the C kernels are not built"
     real, calls = kernels._lib, []  # calls: (start, seconds) of every C call
 

@@ -68,15 +68,8 @@ class BlockMask:
             return None
         key = ("padding", str(device))
         if key not in self._built:
-            lengths = self.kv_lengths(device)
+            lengths = torch.tensor(self.kv_seqlens, device=device)
             self._built[key] = (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
-        return self._built[key]
-
-    def kv_lengths(self, device) -> torch.Tensor:
-        """(B,) int64 kv_seqlens, built once per forward."""
-        key = ("lengths", str(device))
-        if key not in self._built:
-            self._built[key] = torch.tensor(self.kv_seqlens, dtype=torch.int64, device=device)
         return self._built[key]
 
     @property

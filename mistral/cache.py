@@ -37,6 +37,9 @@ class CacheMetadata:
     write_dst: torch.Tensor  # (N,) flat slot index row * W + position % W for each of them
     # decode: cache rows of the active sequences, or None when they are rows 0..n-1 and a view suffices
     rows: torch.Tensor | None = None
+    # decode: (4, n) int64, the new tokens' cache rows, slots, valid lengths (min(position + 1, W)) and positions;
+    # what the C kernels take (mistral.kernels), in one tensor
+    step: torch.Tensor | None = None
     # chunks: the packed keys are, per sequence, its unrotated cache followed by its new keys
     kv_cached_src: torch.Tensor | None = None  # (C,) flat slots to read, in position order
     kv_cached_dst: torch.Tensor | None = None  # (C,) where each lands in the packed keys
@@ -116,10 +119,11 @@ class RotatingBufferCache:
 
         active = [b for b, n in enumerate(seqlens) if n > 0]
         if active and all(seqlens[b] == 1 for b in active):
-            kv_seqlens = tuple(min(self.seq_pos[b] + 1, W) for b in active)
-            rows = None if active == list(range(len(active))) else tensor(active)
+            kv_seqlens = tuple(min(p + 1, W) for p in positions)
+            step = tensor([active, [p % W for p in positions], kv_seqlens, positions])
+            rows = None if active == list(range(len(active))) else step[0]
             mask = BlockMask((1,) * len(active), kv_seqlens, W, kv_padding=W)
-            return CacheMetadata(W, tensor(positions), mask, True, tensor(write_src), tensor(write_dst), rows=rows)
+            return CacheMetadata(W, step[3], mask, True, tensor(write_src), tensor(write_dst), rows=rows, step=step)
 
         cached_src, cached_dst, new_dst, kv_seqlens = [], [], [], []
         k = 0

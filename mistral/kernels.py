@@ -104,9 +104,9 @@ def _compile() -> ctypes.CDLL | None:
         # Without argtypes, ctypes would pass Python ints as 32-bit C ints.
         ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.matvec.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 2
-        lib.attention.argtypes = [ctypes.c_int] + [ptr] * 12 + [i64] * 6
+        lib.attention.argtypes = [ctypes.c_int] + [ptr] * 10 + [i64] * 6
         lib.feed_forward.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3
-        lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 10 + [i64] * 8
+        lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 8 + [i64] * 8
         lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
         lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
         for fn in ("matvec", "attention", "feed_forward", "blocks", "rms_norm_f32", "greedy"):
@@ -233,67 +233,64 @@ def _attention_shapes(dim: int, n_heads: int, n_kv_heads: int, head_dim: int) ->
     return ((n_heads * head_dim, dim), (n_kv_heads * head_dim, dim), (n_kv_heads * head_dim, dim), (dim, n_heads * head_dim))
 
 
-def _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope) -> bool:
-    """Whether the kernels take this cache (fp32 on a CPU); asserts that the step's arguments fit it."""
+def _cache_ok(x, cache_k, cache_v, step, rope, rope_shape) -> bool:
+    """Whether the kernels take this cache (fp32 on a CPU); asserts that the step's arguments fit it: step (4, M)
+    int64, rope fp32 of rope_shape, both contiguous."""
     if not (cache_k.dtype == torch.float32 and cache_k.device.type == "cpu"):
         return False
-    M, D = x.shape[0], cache_k.shape[-1]
     assert cache_v.dtype == cache_k.dtype and cache_v.shape == cache_k.shape, "cache_k and cache_v alike"
     assert cache_k.is_contiguous() and cache_v.is_contiguous(), "cache rows as stored"
-    assert rows.shape == slots.shape == lengths.shape == (M,) and rope.shape == (M, D // 2, 2), \
-        (rows.shape, slots.shape, lengths.shape, rope.shape)
-    assert rows.dtype == slots.dtype == lengths.dtype == torch.int64 and rope.dtype == torch.float32
-    assert all(t.is_contiguous() for t in (rows, slots, lengths, rope)), "rows, slots, lengths and rope contiguous"
+    assert step.shape == (4, x.shape[0]) and step.dtype == torch.int64, (step.shape, step.dtype)
+    assert rope.shape == rope_shape and rope.dtype == torch.float32, (rope.shape, rope.dtype)
+    assert step.is_contiguous() and rope.is_contiguous(), "step and rope contiguous"
     return True
 
 
 def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]], cache_k: torch.Tensor,
-              cache_v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
-              rope: torch.Tensor, n_heads: int) -> torch.Tensor | None:
-    """A layer's attention at decode, in one call: x (M, dim) the normalized new tokens, one per cache row rows[m]
-    -> (M, dim), wo's output. Writes each token's rotated key and its value into slot slots[m] of its row, then
-    attends to that row's first lengths[m] slots. weights: (w, scales) of wq, wk, wv, wo; cache_k, cache_v
-    (B, Hkv, W, D) fp32, this layer's; rope (M, D/2, 2) cos and sin (torch.view_as_real of freqs_cis).
-    None where the kernels do not apply (see usable)."""
+              cache_v: torch.Tensor, step: torch.Tensor, rope: torch.Tensor, n_heads: int) -> torch.Tensor | None:
+    """A layer's attention at decode, in one call: x (M, dim) the normalized new tokens -> (M, dim), wo's output.
+    step (4, M) int64 holds each token's cache row, slot, valid length and position (CacheMetadata.step): the
+    token's rotated key and its value go into its slot, then it attends to its row's first `length` slots.
+    weights: (w, scales) of wq, wk, wv, wo; cache_k, cache_v (B, Hkv, W, D) fp32, this layer's; rope (M, D/2, 2)
+    cos and sin (torch.view_as_real of freqs_cis). None where the kernels do not apply (see usable)."""
     (M, dim), (_, Hkv, W, D) = x.shape, cache_k.shape
     prepared = _ready_args(x, weights, 4, _attention_shapes(dim, n_heads, Hkv, D))
-    if prepared is None or not _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope):
+    if prepared is None or not _cache_ok(x, cache_k, cache_v, step, rope, (M, D // 2, 2)):
         return None
     t, ws, ss, kept = prepared  # kept: alive until the call returns
     x = x.contiguous()
     qkv, heads = torch.empty(M * (2 * n_heads + 2 * Hkv) * D).split([M * (n_heads + 2 * Hkv) * D, M * n_heads * D])
     out = torch.empty(M, dim)
-    _lib.attention(t, x.data_ptr(), ws, ss, cache_k.data_ptr(), cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(),
-                   lengths.data_ptr(), rope.data_ptr(), qkv.data_ptr(), heads.data_ptr(), out.data_ptr(),
-                   M, dim, n_heads, Hkv, D, W)
+    _lib.attention(t, x.data_ptr(), ws, ss, cache_k.data_ptr(), cache_v.data_ptr(), step.data_ptr(), rope.data_ptr(),
+                   qkv.data_ptr(), heads.data_ptr(), out.data_ptr(), M, dim, n_heads, Hkv, D, W)
     return out
 
 
 def blocks(x: torch.Tensor, layers: list[tuple[tuple[torch.Tensor, torch.Tensor], list]], eps: float,
-           cache_k: torch.Tensor, cache_v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
-           rope: torch.Tensor, n_heads: int) -> torch.Tensor | None:
+           cache_k: torch.Tensor, cache_v: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor,
+           n_heads: int) -> torch.Tensor | None:
     """Dense transformer blocks at decode, one after another, in one call: for each (norms, weights) of layers,
         h = x + attention(rms_norm(x) * norms[0]);  x = h + feed_forward(rms_norm(h) * norms[1])
     and the last x is returned. weights: (w, scales) of wq, wk, wv, wo, w1, w3, w2; cache_k, cache_v (L, B, Hkv, W, D),
-    the layers' caches in order. The rest as for attention, which is one step of each. None where the kernels do
-    not apply (see usable)."""
+    the layers' caches in order; inv_freq (D/2,) RoPE's frequencies (rope.inverse_frequencies), from which the
+    kernel computes each token's rotations at its position. The rest as for attention, which is one step of each.
+    None where the kernels do not apply (see usable)."""
     L, ((M, dim), (_, _, Hkv, W, D)) = len(layers), (x.shape, cache_k.shape)
     hidden = layers[0][1][4][0].shape[0]
     shapes = (_attention_shapes(dim, n_heads, Hkv, D) + ((hidden, dim), (hidden, dim), (dim, hidden))) * L
     norms = [n for pair, _ in layers for n in pair]
     prepared = _ready_args(x, [wp for _, ws in layers for wp in ws], 7 * L, shapes)
-    if prepared is None or not _plain(*norms) or not _cache_ok(x, cache_k, cache_v, rows, slots, lengths, rope):
+    if prepared is None or not _plain(*norms) or not _cache_ok(x, cache_k, cache_v, step, inv_freq, (D // 2,)):
         return None
     assert cache_k.shape[0] == L, f"{L} layers, a cache of {cache_k.shape[0]}"
     assert all(n.shape == (dim,) and n.is_contiguous() for n in norms), "norm weights (dim,)"
     t, ws, ss, kept = prepared  # kept: alive until the call returns
     x = x.contiguous()
-    scratch = torch.empty(M * (2 * dim + (2 * n_heads + 2 * Hkv) * D + 3 * hidden))
+    scratch = torch.empty(M * (2 * dim + (2 * n_heads + 2 * Hkv + 1) * D + 3 * hidden))
     out = torch.empty(M, dim)
     _lib.blocks(t, L, x.data_ptr(), (ctypes.c_void_p * (2 * L))(*[n.data_ptr() for n in norms]), eps, ws, ss,
-                cache_k.data_ptr(), cache_v.data_ptr(), rows.data_ptr(), slots.data_ptr(), lengths.data_ptr(),
-                rope.data_ptr(), scratch.data_ptr(), out.data_ptr(), M, dim, n_heads, Hkv, D, cache_k.shape[1], W,
-                hidden)
+                cache_k.data_ptr(), cache_v.data_ptr(), step.data_ptr(), inv_freq.data_ptr(), scratch.data_ptr(),
+                out.data_ptr(), M, dim, n_heads, Hkv, D, cache_k.shape[1], W, hidden)
     return out
 
 

@@ -16,7 +16,7 @@ from mistral.attention import BlockMask, attention
 from mistral.cache import CacheMetadata, CacheView, RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.moe import MoeLayer
-from mistral.rope import apply_rotary_emb, precompute_freqs_cis
+from mistral.rope import apply_rotary_emb, inverse_frequencies, precompute_freqs_cis
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,6 @@ def member(module: nn.Module, name: str):
     return getattr(module, name)
 
 
-def decode_step_args(meta: CacheMetadata, freqs_cis: torch.Tensor) -> tuple:
-    """What kernels.attention and kernels.blocks take after the cache, for a decode step: each token's cache row
-    and slot, the rows' valid lengths, and RoPE's cos and sin."""
-    rows, slots = meta.write_at
-    return rows, slots, meta.mask.kv_lengths(freqs_cis.device), torch.view_as_real(freqs_cis)
-
-
 class Linear(nn.Linear):
     """A bias-free nn.Linear (same parameters and keys) computed by `linear`."""
 
@@ -116,7 +109,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
         if cache is not None and cache.meta.decode:  # one token per row: on a CPU, what follows in one C call
             fast = kernels.attention(x, kernel_weights(self.wq, self.wk, self.wv, self.wo), cache.cache_k, cache.cache_v,
-                                     *decode_step_args(cache.meta, freqs_cis), self.n_heads)
+                                     cache.meta.step, torch.view_as_real(freqs_cis), self.n_heads)
             if fast is not None:
                 return fast
         S = x.shape[0]
@@ -229,7 +222,6 @@ class Transformer(nn.Module):
         else:
             meta = cache.get_input_metadata(seqlens)
             positions, mask = meta.positions, meta.mask
-        freqs_cis = precompute_freqs_cis(self.args.head_dim, positions, self.args.rope_theta)  # (S, D/2)
 
         S = input_ids.shape[0]
         if self.is_first:
@@ -237,10 +229,11 @@ class Transformer(nn.Module):
         else:
             h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
             dist.recv(h, src=self.pipeline_rank - 1)
-        fast = None if cache is None or not meta.decode else self._decode_in_one_call(h, freqs_cis, meta, cache)
+        fast = None if cache is None or not meta.decode else self._decode_in_one_call(h, meta, cache)
         if fast is not None:
             h = fast
         else:
+            freqs_cis = precompute_freqs_cis(self.args.head_dim, positions, self.args.rope_theta)  # (S, D/2)
             for local_i, layer in enumerate(self.layers.values()):
                 h = layer(h, freqs_cis, mask, None if cache is None else cache.layer(local_i, meta))
         if cache is not None:
@@ -256,18 +249,18 @@ class Transformer(nn.Module):
         dist.broadcast(logits, src=self.num_pipeline_ranks - 1)
         return logits
 
-    def _decode_in_one_call(self, h: torch.Tensor, freqs_cis: torch.Tensor, meta: CacheMetadata,
-                            cache: RotatingBufferCache) -> torch.Tensor | None:
+    def _decode_in_one_call(self, h: torch.Tensor, meta: CacheMetadata, cache: RotatingBufferCache) -> torch.Tensor | None:
         """The layers' forward() for one token per row on a CPU: all of them in one C call (kernels.blocks), or None
         (an MoE block, or where the kernels do not apply). The norms are built with args.norm_eps, so the kernel takes
-        one eps."""
+        one eps; RoPE's rotations are computed there, from the positions."""
         if not kernels.takes_rows(h):  # on CUDA, say: not worth gathering the weights
             return None
         layers = [layer.kernel_layer() for layer in self.layers.values()]
         if not layers or any(layer is None for layer in layers):
             return None
-        return kernels.blocks(h, layers, self.args.norm_eps, cache.cache_k, cache.cache_v,
-                              *decode_step_args(meta, freqs_cis), self.args.n_heads)
+        inv_freq = inverse_frequencies(self.args.head_dim, self.args.rope_theta, h.device)
+        return kernels.blocks(h, layers, self.args.norm_eps, cache.cache_k, cache.cache_v, meta.step, inv_freq,
+                              self.args.n_heads)
 
     @staticmethod
     def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,

@@ -9,12 +9,12 @@ import torch
 
 def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """positions (S,) int -> (S, D/2) complex64 unit rotations, computed in fp32 whatever the model dtype."""
-    angles = torch.outer(positions.to(torch.float32), _inv_freq(head_dim, theta, positions.device))  # (S, D/2)
+    angles = torch.outer(positions.to(torch.float32), inverse_frequencies(head_dim, theta, positions.device))  # (S, D/2)
     return torch.polar(torch.ones_like(angles), angles)
 
 
 @lru_cache(maxsize=64)
-def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """(D/2,) fp32 theta^(-2m/D). Built once per shape: every forward asks for it, and building it is most of
     what a decode step's RoPE costs. A normal tensor even when first asked for under inference_mode."""
     with torch.inference_mode(False):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mistral import kernels
 from mistral.model import linear
-from mistral.rope import precompute_freqs_cis
+from mistral.rope import inverse_frequencies, precompute_freqs_cis
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
 # fewer than 8 (and than 8 * U) inputs; N from 1 up.
@@ -178,7 +178,8 @@ def test_attention_matches_float64(dtype, H, Hkv, D):
         cache_k[r, :, n:], cache_v[r, :, n:] = float("nan"), float("nan")
     want, want_k, want_v = attention_reference(x, weights, cache_k, cache_v, rows, slots, lengths, positions, H)
     freqs = precompute_freqs_cis(D, positions, 1e4)
-    got = kernels.attention(x, weights, cache_k, cache_v, rows, slots, lengths, torch.view_as_real(freqs), H)
+    step = torch.stack([rows, slots, lengths, positions])
+    got = kernels.attention(x, weights, cache_k, cache_v, step, torch.view_as_real(freqs), H)
     # fp32 sums of products: error a few 1e-6 of the largest output. The model's RoPE angles are fp32 (as here):
     # at position 637 one ulp of the angle is 6e-5, so rotated keys there are good to about 1e-4.
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
@@ -235,8 +236,8 @@ def test_blocks_match_float64(dtype, L):
         want = h + ffn64(rms64(h, norms[1]), weights[4:])
         want_k.append(k)
         want_v.append(v)
-    rope = torch.view_as_real(precompute_freqs_cis(D, positions, 1e4))
-    got = kernels.blocks(x, layers, 1e-5, cache_k, cache_v, rows, slots, lengths, rope, H)
+    step = torch.stack([rows, slots, lengths, positions])
+    got = kernels.blocks(x, layers, 1e-5, cache_k, cache_v, step, inverse_frequencies(D, 1e4, x.device), H)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     torch.testing.assert_close(cache_k.double(), torch.stack(want_k), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cache_v.double(), torch.stack(want_v), rtol=1e-5, atol=1e-5)
@@ -253,16 +254,16 @@ def test_fused_kernels_decline_what_they_do_not_take():
     assert kernels.feed_forward(x.detach(), mixed) is None  # one weight dtype per call
     att = [weights_of(torch.float32, n, k, gen) for n, k in [(16, 8), (8, 8), (8, 8), (8, 16)]]
     cache = torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16)
-    one, rope = torch.zeros(1, dtype=torch.int64), torch.randn(1, 2, 2)
-    assert kernels.attention(x[:1].detach(), att, cache, cache, one, one, one + 1, rope, 4) is None  # bf16 cache
+    step, rope, inv_freq = torch.tensor([[0], [0], [1], [0]]), torch.randn(1, 2, 2), torch.ones(2)
+    assert kernels.attention(x[:1].detach(), att, cache, cache, step, rope, 4) is None  # bf16 cache
     norms, cache = (torch.ones(8), torch.ones(8)), cache[None]
-    assert kernels.blocks(x[:1].detach(), [(norms, att + ffn)], 1e-5, cache, cache, one, one, one + 1, rope, 4) is None
+    assert kernels.blocks(x[:1].detach(), [(norms, att + ffn)], 1e-5, cache, cache, step, inv_freq, 4) is None
     assert kernels.blocks(x[:1].detach(), [((norms[0].double(), norms[1]), att + ffn)], 1e-5, cache.float(),
-                          cache.float(), one, one, one + 1, rope, 4) is None  # fp32 norms only
+                          cache.float(), step, inv_freq, 4) is None  # fp32 norms only
     layer = (norms, att + ffn)
     assert kernels.blocks(x[:1].detach(), [layer, (norms, att + [(w.bfloat16(), s) for w, s in ffn])], 1e-5,
                           cache.float().expand(2, -1, -1, -1, -1).contiguous(), cache.float().expand(2, -1, -1, -1, -1).contiguous(),
-                          one, one, one + 1, rope, 4) is None  # one weight dtype in all layers
+                          step, inv_freq, 4) is None  # one weight dtype in all layers
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 16])

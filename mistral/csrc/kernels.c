@@ -173,9 +173,10 @@ void matvec(int t, const float *x, const void *const *w, const float *const *s, 
 }
 
 /* 2. A layer's attention at decode, from its normalized input x (M, dim) to the output projection. Row m of x is
-the one new token of cache row rows[m]: its query, key and value are one stacked product; query and key heads are
-rotated (RoPE); the key and value go into slot slots[m] of that row; the query attends to the row's first
-lengths[m] slots; wo projects the result. All in one parallel region: between phases the threads wait for each other
+the one new token of cache row rows[m], where step (4, M) holds rows, slots, lengths and positions one after
+another: its query, key and value are one stacked product; query and key heads are rotated (RoPE); the key and
+value go into slot slots[m] of that row; the query attends to the row's first lengths[m] slots; wo projects the
+result. All in one parallel region: between phases the threads wait for each other
 (the barrier at the end of each `omp for`) instead of being started again for each, as separate calls would.
 
 Attention reads the cache as stored, (B, Hkv, W, D) for this layer. Query head h reads kv head h / (H / Hkv)
@@ -237,14 +238,26 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
     }
 }
 
+/* RoPE's rotations for M tokens: rope (M, D/2, 2) the cos and sin of angle i of position p, p * inv_freq[i],
+computed in fp32 as mistral/rope.py computes it. */
+static void rope_table(const int64_t *positions, const float *inv_freq, float *rope, int64_t M, int64_t D) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < D / 2; i++) {
+            const float angle = (float)positions[m] * inv_freq[i];
+            rope[m * D + 2 * i] = cosf(angle);
+            rope[m * D + 2 * i + 1] = sinf(angle);
+        }
+}
+
 /* The phases, for the threads of an enclosing parallel region. w and s: wq, wk, wv, wo and their scales (int8
 only, else NULL). rope (M, D/2, 2): cos and sin of each token's angles. qkv (M, (H + 2 Hkv) D) and heads (M, H D):
 scratch. out (M, dim). */
 static void attention_phases(enum wtype t, const float *x, const void *const *w, const float *const *s,
-                             float *cache_k, float *cache_v, const int64_t *rows, const int64_t *slots,
-                             const int64_t *lengths, const float *rope, float *qkv, float *heads, float *out,
-                             int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t W) {
+                             float *cache_k, float *cache_v, const int64_t *step, const float *rope, float *qkv,
+                             float *heads, float *out, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D,
+                             int64_t W) {
     const int64_t nq = H * D, nk = Hkv * D, N = nq + 2 * nk, G = H / Hkv;
+    const int64_t *rows = step, *slots = step + M, *lengths = step + 2 * M;
     const stack st_qkv = {{w[0], w[1], w[2]}, {s[0], s[1], s[2]}, {nq, nk, nk}}, st_o = {{w[3]}, {s[3]}, {dim}};
     products(x, st_qkv, qkv, M, dim, t);  /* (M, N): the queries, keys and values of every token */
     #pragma omp for schedule(static)
@@ -268,11 +281,10 @@ static void attention_phases(enum wtype t, const float *x, const void *const *w,
 }
 
 void attention(int type, const float *x, const void *const *w, const float *const *s, float *cache_k, float *cache_v,
-               const int64_t *rows, const int64_t *slots, const int64_t *lengths, const float *rope, float *qkv,
-               float *heads, float *out, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t W) {
+               const int64_t *step, const float *rope, float *qkv, float *heads, float *out, int64_t M, int64_t dim,
+               int64_t H, int64_t Hkv, int64_t D, int64_t W) {
     #pragma omp parallel
-    attention_phases((enum wtype)type, x, w, s, cache_k, cache_v, rows, slots, lengths, rope, qkv, heads, out, M, dim,
-                     H, Hkv, D, W);
+    attention_phases((enum wtype)type, x, w, s, cache_k, cache_v, step, rope, qkv, heads, out, M, dim, H, Hkv, D, W);
 }
 
 /* 3. RMSNorm: y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, for the M rows of x (M, K). One thread: a row is
@@ -312,22 +324,24 @@ void feed_forward(int type, const float *x, const void *const *w, const float *c
 norms: attention_norm and ffn_norm of each layer, 2 L pointers to dim floats. w and s: wq, wk, wv, wo, w1, w3, w2 of
 each layer, 7 L of them, and their scales. cache_k, cache_v: (L, B, Hkv, W, D), the layers' caches one after another.
 y (M, dim) carries the running x from layer to layer and ends as the last layer's output (x is not written).
-scratch: M (2 dim + (2 H + 2 Hkv) D + 3 hidden) floats. The rest as for attention(). */
+inv_freq (D/2): RoPE's frequencies, from which each token's rotations are computed once for all layers. scratch:
+M (2 dim + (2 H + 2 Hkv + 1) D + 3 hidden) floats. The rest as for attention(). */
 void blocks(int type, int64_t L, const float *x, const float *const *norms, float eps, const void *const *w,
-            const float *const *s, float *cache_k, float *cache_v, const int64_t *rows, const int64_t *slots,
-            const int64_t *lengths, const float *rope, float *scratch, float *y, int64_t M, int64_t dim, int64_t H,
-            int64_t Hkv, int64_t D, int64_t B, int64_t W, int64_t hidden) {
+            const float *const *s, float *cache_k, float *cache_v, const int64_t *step, const float *inv_freq,
+            float *scratch, float *y, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t B, int64_t W,
+            int64_t hidden) {
     const enum wtype t = (enum wtype)type;
     const int64_t layer = B * Hkv * W * D;  /* floats of one layer's cache_k */
     float *xn = scratch, *out = xn + M * dim, *qkv = out + M * dim, *heads = qkv + M * (H + 2 * Hkv) * D;
-    float *gate_up = heads + M * H * D, *act = gate_up + M * 2 * hidden;
+    float *gate_up = heads + M * H * D, *act = gate_up + M * 2 * hidden, *rope = act + M * hidden;
+    rope_table(step + 3 * M, inv_freq, rope, M, D);
     #pragma omp parallel
     for (int64_t l = 0; l < L; l++) {
         const float *in = l == 0 ? x : y;
         #pragma omp single
         rms_norm_f32(in, norms[2 * l], xn, M, dim, eps);
-        attention_phases(t, xn, w + 7 * l, s + 7 * l, cache_k + l * layer, cache_v + l * layer, rows, slots, lengths,
-                         rope, qkv, heads, out, M, dim, H, Hkv, D, W);
+        attention_phases(t, xn, w + 7 * l, s + 7 * l, cache_k + l * layer, cache_v + l * layer, step, rope, qkv, heads,
+                         out, M, dim, H, Hkv, D, W);
         #pragma omp single
         {
             for (int64_t i = 0; i < M * dim; i++) y[i] = in[i] + out[i];
