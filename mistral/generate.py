@@ -83,55 +83,56 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     logprobs: list[list[float]] = [[] for _ in range(B)]
     finished = [max_tokens == 0] * B
 
-    while True:
-        inputs, seqlens = [], []
-        # Each packed token's logits predict one known token (the next prompt token) or a new sample
-        # (-1); the last token of a prompt when max_tokens == 0 predicts nothing and is not scored.
-        scored, owners, targets = [], [], []
-        for b, prompt in enumerate(prompts):
-            if fed[b] < len(prompt):
-                chunk = prompt[fed[b] : fed[b] + (chunk_size or len(prompt))]
-                nexts = prompt[fed[b] + 1 : fed[b] + len(chunk) + 1]
-                if fed[b] + len(chunk) == len(prompt) and not finished[b]:
-                    nexts = nexts + [-1]
-                fed[b] += len(chunk)
-            elif not finished[b]:
-                chunk, nexts = generated[b][-1:], [-1]
-            else:
-                chunk, nexts = [], []
-            scored.extend(range(len(inputs), len(inputs) + len(nexts)))
-            owners.extend([b] * len(nexts))
-            targets.extend(nexts)
-            inputs.extend(chunk)
-            seqlens.append(len(chunk))
-        if not inputs:
-            break
+    with model.steady():  # no weight changes while it runs: decode steps keep what they gather
+        while True:
+            inputs, seqlens = [], []
+            # Each packed token's logits predict one known token (the next prompt token) or a new sample
+            # (-1); the last token of a prompt when max_tokens == 0 predicts nothing and is not scored.
+            scored, owners, targets = [], [], []
+            for b, prompt in enumerate(prompts):
+                if fed[b] < len(prompt):
+                    chunk = prompt[fed[b] : fed[b] + (chunk_size or len(prompt))]
+                    nexts = prompt[fed[b] + 1 : fed[b] + len(chunk) + 1]
+                    if fed[b] + len(chunk) == len(prompt) and not finished[b]:
+                        nexts = nexts + [-1]
+                    fed[b] += len(chunk)
+                elif not finished[b]:
+                    chunk, nexts = generated[b][-1:], [-1]
+                else:
+                    chunk, nexts = [], []
+                scored.extend(range(len(inputs), len(inputs) + len(nexts)))
+                owners.extend([b] * len(nexts))
+                targets.extend(nexts)
+                inputs.extend(chunk)
+                seqlens.append(len(chunk))
+            if not inputs:
+                break
 
-        logits = model(torch.tensor(inputs, device=model.device), seqlens, cache)  # (S, V)
-        if len(scored) < len(inputs):
-            logits = logits[torch.tensor(scored, device=logits.device)]  # (N, V)
-        to_sample = [t < 0 for t in targets]
-        # A greedy decode step on a CPU: the C kernel picks each row's argmax and its log-softmax in one call.
-        picked = kernels.greedy(logits) if temperature == 0 and all(to_sample) else None
-        if picked is not None:
-            targets, lps = picked
-        else:
-            if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-                targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+            logits = model(torch.tensor(inputs, device=model.device), seqlens, cache)  # (S, V)
+            if len(scored) < len(inputs):
+                logits = logits[torch.tensor(scored, device=logits.device)]  # (N, V)
+            to_sample = [t < 0 for t in targets]
+            # A greedy decode step on a CPU: the C kernel picks each row's argmax and its log-softmax in one call.
+            picked = kernels.greedy(logits) if temperature == 0 and all(to_sample) else None
+            if picked is not None:
+                targets, lps = picked
             else:
-                targets = torch.tensor(targets, device=logits.device)  # (N,)
-                if any(to_sample):
-                    new = torch.tensor(to_sample, device=logits.device)
-                    targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
-            lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+                if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
+                    targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+                else:
+                    targets = torch.tensor(targets, device=logits.device)  # (N,)
+                    if any(to_sample):
+                        new = torch.tensor(to_sample, device=logits.device)
+                        targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
+                lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
 
-        for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
-            logprobs[b].append(lp)
-            if new:
-                generated[b].append(tok)
-                if on_token is not None:
-                    on_token(b, tok)
-                finished[b] = tok == eos_id or len(generated[b]) == max_tokens
+            for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
+                logprobs[b].append(lp)
+                if new:
+                    generated[b].append(tok)
+                    if on_token is not None:
+                        on_token(b, tok)
+                    finished[b] = tok == eos_id or len(generated[b]) == max_tokens
     return generated, logprobs
 
 

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -266,31 +267,71 @@ def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | 
     return out
 
 
-def blocks(x: torch.Tensor, layers: list[tuple[tuple[torch.Tensor, torch.Tensor], list]], eps: float,
-           cache_k: torch.Tensor, cache_v: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor,
-           n_heads: int) -> torch.Tensor | None:
-    """Dense transformer blocks at decode, one after another, in one call: for each (norms, weights) of layers,
-        h = x + attention(rms_norm(x) * norms[0]);  x = h + feed_forward(rms_norm(h) * norms[1])
-    and the last x is returned. weights: (w, scales) of wq, wk, wv, wo, w1, w3, w2; cache_k, cache_v (L, B, Hkv, W, D),
-    the layers' caches in order; inv_freq (D/2,) RoPE's frequencies (rope.inverse_frequencies), from which the
-    kernel computes each token's rotations at its position. The rest as for attention, which is one step of each.
-    None where the kernels do not apply (see usable)."""
-    L, ((M, dim), (_, _, Hkv, W, D)) = len(layers), (x.shape, cache_k.shape)
-    hidden = layers[0][1][4][0].shape[0]
-    shapes = (_attention_shapes(dim, n_heads, Hkv, D) + ((hidden, dim), (hidden, dim), (dim, hidden))) * L
-    norms = [n for pair, _ in layers for n in pair]
-    prepared = _ready_args(x, [wp for _, ws in layers for wp in ws], 7 * L, shapes)
-    if prepared is None or not _plain(*norms) or not _cache_ok(x, cache_k, cache_v, step, inv_freq, (D // 2,)):
+class BlocksPlan(NamedTuple):
+    """What kernels.blocks needs of a model's dense layers, gathered and checked once (plan_blocks)."""
+    type: int  # enum wtype
+    ws: ctypes.Array  # 7 L pointers: wq, wk, wv, wo, w1, w3, w2 of each layer
+    ss: ctypes.Array  # their scales (int8), else NULL
+    norms: ctypes.Array  # 2 L pointers: attention_norm and ffn_norm of each layer
+    kept: list  # the tensors behind the pointers, alive as long as the plan
+    layers: int
+    dim: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    needs_grad: bool  # a weight requires grad: decline where autograd is on
+
+
+def plan_blocks(layers: list[tuple[tuple[torch.Tensor, torch.Tensor], list]], eps: float, n_heads: int,
+                n_kv_heads: int, head_dim: int) -> BlocksPlan | None:
+    """The plan for kernels.blocks of these layers: for each, (norms, weights) = ((attention_norm, ffn_norm) weights,
+    (w, scales) of wq, wk, wv, wo, w1, w3, w2), as TransformerBlock.kernel_layer gives them. None where the kernels do
+    not take them (see usable; the norms fp32 (dim,)). The plan keeps pointers into the tensors: it is valid while
+    none of them is replaced (an in-place change is fine; the kernel reads the values at each call)."""
+    if not layers or not _ready():
         return None
-    assert cache_k.shape[0] == L, f"{L} layers, a cache of {cache_k.shape[0]}"
-    assert all(n.shape == (dim,) and n.is_contiguous() for n in norms), "norm weights (dim,)"
-    t, ws, ss, kept = prepared  # kept: alive until the call returns
+    dim, hidden = layers[0][0][0].shape[0], layers[0][1][4][0].shape[0]
+    shapes = (_attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ((hidden, dim), (hidden, dim), (dim, hidden)))
+    weights = [wp for _, ws in layers for wp in ws]
+    norms = [n.contiguous() for pair, _ in layers for n in pair]
+    if not all(n.dtype == torch.float32 and n.device.type == "cpu" and n.shape == (dim,) for n in norms):
+        return None
+    if any(tuple(w.shape) != shape for (w, _), shape in zip(weights, shapes * len(layers))):
+        return None
+    prepared = _prepare(weights, 7 * len(layers))
+    if prepared is None:
+        return None
+    t, ws, ss, kept = prepared
+    needs_grad = any(w.requires_grad for w, _ in weights) or any(n.requires_grad for n in norms)
+    return BlocksPlan(t, ws, ss, (ctypes.c_void_p * len(norms))(*[n.data_ptr() for n in norms]),
+                      [*kept, *norms, *(t for pair in weights for t in pair if t is not None)], len(layers), dim,
+                      hidden, n_heads, n_kv_heads, head_dim, eps, needs_grad)
+
+
+def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor, cache_v: torch.Tensor, step: torch.Tensor,
+           inv_freq: torch.Tensor) -> torch.Tensor | None:
+    """Dense transformer blocks at decode, one after another, in one call: for the plan's layers, each
+        h = x + attention(rms_norm(x) * attention_norm);  x = h + feed_forward(rms_norm(h) * ffn_norm)
+    and the last x is returned. cache_k, cache_v (L, B, Hkv, W, D), the layers' caches in order; inv_freq (D/2,)
+    RoPE's frequencies (rope.inverse_frequencies), from which the kernel computes each token's rotations at its
+    position. The rest as for attention, which is one step of each. None where the kernels do not apply (see
+    usable)."""
+    if not takes_rows(x) or (torch.is_grad_enabled() and (plan.needs_grad or x.requires_grad)):
+        return None
+    if not _cache_ok(x, cache_k, cache_v, step, inv_freq, (plan.head_dim // 2,)):
+        return None
+    (M, dim), (L, B, Hkv, W, D) = x.shape, cache_k.shape
+    assert (L, dim, Hkv, D) == (plan.layers, plan.dim, plan.n_kv_heads, plan.head_dim), \
+        f"the plan is for {plan.layers} layers of dim {plan.dim}, {plan.n_kv_heads} kv heads of {plan.head_dim}"
+    H, hidden = plan.n_heads, plan.hidden
     x = x.contiguous()
-    scratch = torch.empty(M * (2 * dim + (2 * n_heads + 2 * Hkv + 1) * D + 3 * hidden))
+    scratch = torch.empty(M * (2 * dim + (2 * H + 2 * Hkv + 1) * D + 3 * hidden))
     out = torch.empty(M, dim)
-    _lib.blocks(t, L, x.data_ptr(), (ctypes.c_void_p * (2 * L))(*[n.data_ptr() for n in norms]), eps, ws, ss,
-                cache_k.data_ptr(), cache_v.data_ptr(), step.data_ptr(), inv_freq.data_ptr(), scratch.data_ptr(),
-                out.data_ptr(), M, dim, n_heads, Hkv, D, cache_k.shape[1], W, hidden)
+    _lib.blocks(plan.type, L, x.data_ptr(), plan.norms, plan.eps, plan.ws, plan.ss, cache_k.data_ptr(),
+                cache_v.data_ptr(), step.data_ptr(), inv_freq.data_ptr(), scratch.data_ptr(), out.data_ptr(), M, dim,
+                H, Hkv, D, B, W, hidden)
     return out
 
 

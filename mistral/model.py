@@ -3,6 +3,7 @@
 Letters: S packed tokens, H heads, Hkv kv heads, D head_dim, V vocab.
 """
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -192,6 +193,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in self.layer_ids})
         self.norm = RMSNorm(args.dim, args.norm_eps) if self.is_last else None
         self.output = Linear(args.dim, args.vocab_size) if self.is_last else None
+        self._plan: kernels.BlocksPlan | None = None  # kept by steady(); see _decode_in_one_call
+        self._steady = False
 
     @property
     def n_local_layers(self) -> int:
@@ -249,18 +252,36 @@ class Transformer(nn.Module):
         dist.broadcast(logits, src=self.num_pipeline_ranks - 1)
         return logits
 
+    @contextmanager
+    def steady(self):
+        """Within this, no weight of the model is replaced: decode steps reuse what they gathered of the weights for
+        the C kernels (kernels.plan_blocks) instead of gathering and checking some 60 tensors again at every step,
+        which costs about 0.3 ms of a ~5 ms step. generate_ids runs in it. Changing weights in place is fine."""
+        self._steady, self._plan = True, None
+        try:
+            yield self
+        finally:
+            self._steady, self._plan = False, None
+
     def _decode_in_one_call(self, h: torch.Tensor, meta: CacheMetadata, cache: RotatingBufferCache) -> torch.Tensor | None:
         """The layers' forward() for one token per row on a CPU: all of them in one C call (kernels.blocks), or None
         (an MoE block, or where the kernels do not apply). The norms are built with args.norm_eps, so the kernel takes
         one eps; RoPE's rotations are computed there, from the positions."""
         if not kernels.takes_rows(h):  # on CUDA, say: not worth gathering the weights
             return None
-        layers = [layer.kernel_layer() for layer in self.layers.values()]
-        if not layers or any(layer is None for layer in layers):
-            return None
+        plan = self._plan
+        if plan is None:
+            layers = [layer.kernel_layer() for layer in self.layers.values()]
+            if any(layer is None for layer in layers):
+                return None
+            plan = kernels.plan_blocks(layers, self.args.norm_eps, self.args.n_heads, self.args.n_kv_heads,
+                                       self.args.head_dim)
+            if plan is None:
+                return None
+            if self._steady:
+                self._plan = plan
         inv_freq = inverse_frequencies(self.args.head_dim, self.args.rope_theta, h.device)
-        return kernels.blocks(h, layers, self.args.norm_eps, cache.cache_k, cache.cache_v, meta.step, inv_freq,
-                              self.args.n_heads)
+        return kernels.blocks(h, plan, cache.cache_k, cache.cache_v, meta.step, inv_freq)
 
     @staticmethod
     def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,

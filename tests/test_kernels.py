@@ -237,7 +237,8 @@ def test_blocks_match_float64(dtype, L):
         want_k.append(k)
         want_v.append(v)
     step = torch.stack([rows, slots, lengths, positions])
-    got = kernels.blocks(x, layers, 1e-5, cache_k, cache_v, step, inverse_frequencies(D, 1e4, x.device), H)
+    plan = kernels.plan_blocks(layers, 1e-5, H, Hkv, D)
+    got = kernels.blocks(x, plan, cache_k, cache_v, step, inverse_frequencies(D, 1e4, x.device))
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     torch.testing.assert_close(cache_k.double(), torch.stack(want_k), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cache_v.double(), torch.stack(want_v), rtol=1e-5, atol=1e-5)
@@ -257,13 +258,16 @@ def test_fused_kernels_decline_what_they_do_not_take():
     step, rope, inv_freq = torch.tensor([[0], [0], [1], [0]]), torch.randn(1, 2, 2), torch.ones(2)
     assert kernels.attention(x[:1].detach(), att, cache, cache, step, rope, 4) is None  # bf16 cache
     norms, cache = (torch.ones(8), torch.ones(8)), cache[None]
-    assert kernels.blocks(x[:1].detach(), [(norms, att + ffn)], 1e-5, cache, cache, step, inv_freq, 4) is None
-    assert kernels.blocks(x[:1].detach(), [((norms[0].double(), norms[1]), att + ffn)], 1e-5, cache.float(),
-                          cache.float(), step, inv_freq, 4) is None  # fp32 norms only
+    plan = kernels.plan_blocks([(norms, att + ffn)], 1e-5, 4, 2, 4)
+    assert plan is not None and kernels.blocks(x[:1].detach(), plan, cache, cache, step, inv_freq) is None  # bf16 cache
+    with torch.enable_grad():  # autograd needs torch's ops
+        assert kernels.blocks(x[:1].requires_grad_(), plan, cache.float(), cache.float(), step, inv_freq) is None
+        grad_plan = kernels.plan_blocks([(norms, att + ffn[:2] + [(ffn[2][0].requires_grad_(), None)])], 1e-5, 4, 2, 4)
+        assert kernels.blocks(x[:1].detach(), grad_plan, cache.float(), cache.float(), step, inv_freq) is None
+    assert kernels.plan_blocks([((norms[0].double(), norms[1]), att + ffn)], 1e-5, 4, 2, 4) is None  # fp32 norms only
+    assert kernels.plan_blocks([(norms, att + ffn)], 1e-5, 2, 2, 8) is None  # weights of other shapes
     layer = (norms, att + ffn)
-    assert kernels.blocks(x[:1].detach(), [layer, (norms, att + [(w.bfloat16(), s) for w, s in ffn])], 1e-5,
-                          cache.float().expand(2, -1, -1, -1, -1).contiguous(), cache.float().expand(2, -1, -1, -1, -1).contiguous(),
-                          step, inv_freq, 4) is None  # one weight dtype in all layers
+    assert kernels.plan_blocks([layer, (norms, att + [(w.bfloat16(), s) for w, s in ffn])], 1e-5, 4, 2, 4) is None
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 16])

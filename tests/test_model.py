@@ -143,6 +143,27 @@ def test_dense_decode_runs_the_blocks_in_one_kernel_call(monkeypatch):
         answers.clear()
         generate_ids([[1, 2, 3], [4, 5]], model, max_tokens=5)  # one pre-fill step, then 4 decode steps
         assert len(answers) == 4 and all(a is not None for a in answers)
+        assert model._plan is None  # generate's steady() kept the plan for its own steps only
+
+
+def test_weights_replaced_between_generations_are_used(monkeypatch):
+    """generate keeps the gathered weights for its own steps only: a weight replaced afterwards (a new tensor, not
+    changed in place) is what the next generation reads, as torch's own layers read it."""
+    from mistral.generate import generate_ids
+
+    model = random_model(CONFIGS["gqa"])
+    prompts = [[1, 2, 3], [4, 5]]
+    generate_ids(prompts, model, max_tokens=6)
+    for block in model.layers.values():
+        w2 = block.feed_forward.w2
+        w2.weight = torch.nn.Parameter(torch.randn_like(w2.weight) * 0.3, requires_grad=False)
+    got = generate_ids(prompts, model, max_tokens=6)
+    monkeypatch.setattr(kernels, "_lib", None)  # torch's layers only
+    monkeypatch.setattr(kernels, "_tried", True)
+    want = generate_ids(prompts, model, max_tokens=6)
+    assert got[0] == want[0]
+    for lps, want_lps in zip(got[1], want[1]):
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), rtol=0, atol=1e-5)
 
 
 def _params(model):
