@@ -159,11 +159,28 @@ def _prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int
 
     A decode step asks for the same weights at every layer of every step, and checking them costs more than a
     small product, so the answer is kept, keyed by what it depends on: each tensor's address, dtype, shape and
-    contiguity (an answer with copies is not kept). Autograd is checked by the caller, at every call."""
+    contiguity (an answer with copies is not kept). Autograd is checked by the caller, at every call. A list that
+    takes attributes (KeptWeights: one whose tensors its owner promises not to replace) keeps its answer itself, and
+    skips even building that key."""
+    if (own := getattr(weights, "prepared", None)) is not None and own[0] == (slots, shapes):
+        return own[1]
     key = (slots, shapes, *[(t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) if t is not None else None
                             for pair in weights for t in pair])
-    if (hit := _prepared.get(key)) is not None:
-        return hit
+    if (hit := _prepared.get(key)) is None:
+        hit = _prepare_new(weights, slots, shapes, key)
+    if isinstance(weights, KeptWeights) and hit is not None and not hit[3]:
+        weights.prepared = ((slots, shapes), hit)
+    return hit
+
+
+class KeptWeights(list):
+    """(weight, scales) pairs whose tensors are not replaced while the list lives (see model.steady): _prepare's
+    answer for them is kept on the list."""
+    prepared: tuple | None = None
+
+
+def _prepare_new(weights, slots: int, shapes: tuple | None, key: tuple):
+    """_prepare's answer the first time: checked, built, and kept under key."""
     dtype = weights[0][0].dtype
     int8 = dtype == torch.int8
     if not (dtype in _TYPES and all(w.dtype == dtype and w.ndim == 2 and w.device.type == "cpu" for w, _ in weights)

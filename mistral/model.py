@@ -66,9 +66,18 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     return [layer(x) for layer in layers]
 
 
+_kept: dict | None = None  # while a model is steady(): kernel_weights' answers, by the layers asked about
+
+
 def kernel_weights(*layers: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The (weight, scales) pairs that mistral.kernels takes for these layers."""
-    return [(member(layer, "weight"), member(layer, "scales")) for layer in layers]
+    """The (weight, scales) pairs that mistral.kernels takes for these layers; the same list again while the model
+    is steady() (so the kernels' check of it is kept as well)."""
+    if _kept is not None and (kept := _kept.get(layers)) is not None:
+        return kept
+    weights = [(member(layer, "weight"), member(layer, "scales")) for layer in layers]
+    if _kept is not None:
+        weights = _kept[layers] = kernels.KeptWeights(weights)
+    return weights
 
 
 def member(module: nn.Module, name: str):
@@ -257,11 +266,14 @@ class Transformer(nn.Module):
         """Within this, no weight of the model is replaced: decode steps reuse what they gathered of the weights for
         the C kernels (kernels.plan_blocks) instead of gathering and checking some 60 tensors again at every step,
         which costs about 0.3 ms of a ~5 ms step. generate_ids runs in it. Changing weights in place is fine."""
+        global _kept
+        outer, _kept = _kept, {}
         self._steady, self._plan = True, None
         try:
             yield self
         finally:
             self._steady, self._plan = False, None
+            _kept = outer
 
     def _decode_in_one_call(self, h: torch.Tensor, meta: CacheMetadata, cache: RotatingBufferCache) -> torch.Tensor | None:
         """The layers' forward() for one token per row on a CPU: all of them in one C call (kernels.blocks), or None
