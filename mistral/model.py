@@ -66,7 +66,9 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     return [layer(x) for layer in layers]
 
 
-_kept: dict | None = None  # while a model is steady(): kernel_weights' answers, by the layers asked about
+# While a model is steady(): what its decode steps gathered of the weights for the C kernels. kernel_weights' lists by
+# the layers asked about, and the blocks plan by the model.
+_kept: dict | None = None
 
 
 def kernel_weights(*layers: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -202,8 +204,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in self.layer_ids})
         self.norm = RMSNorm(args.dim, args.norm_eps) if self.is_last else None
         self.output = Linear(args.dim, args.vocab_size) if self.is_last else None
-        self._plan: kernels.BlocksPlan | None = None  # kept by steady(); see _decode_in_one_call
-        self._steady = False
 
     @property
     def n_local_layers(self) -> int:
@@ -268,11 +268,9 @@ class Transformer(nn.Module):
         which costs about 0.3 ms of a ~5 ms step. generate_ids runs in it. Changing weights in place is fine."""
         global _kept
         outer, _kept = _kept, {}
-        self._steady, self._plan = True, None
         try:
             yield self
         finally:
-            self._steady, self._plan = False, None
             _kept = outer
 
     def _decode_in_one_call(self, h: torch.Tensor, meta: CacheMetadata, cache: RotatingBufferCache) -> torch.Tensor | None:
@@ -281,7 +279,7 @@ class Transformer(nn.Module):
         one eps; RoPE's rotations are computed there, from the positions."""
         if not kernels.takes_rows(h):  # on CUDA, say: not worth gathering the weights
             return None
-        plan = self._plan
+        plan = None if _kept is None else _kept.get(self)
         if plan is None:
             layers = [layer.kernel_layer() for layer in self.layers.values()]
             if any(layer is None for layer in layers):
@@ -290,8 +288,8 @@ class Transformer(nn.Module):
                                        self.args.head_dim)
             if plan is None:
                 return None
-            if self._steady:
-                self._plan = plan
+            if _kept is not None:
+                _kept[self] = plan
         inv_freq = inverse_frequencies(self.args.head_dim, self.args.rope_theta, h.device)
         return kernels.blocks(h, plan, cache.cache_k, cache.cache_v, meta.step, inv_freq)
 

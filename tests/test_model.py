@@ -4,6 +4,7 @@ import torch
 from helpers import random_model, tiny_params
 from oracle import oracle_logits
 
+import mistral.model
 from mistral import kernels
 from mistral.cache import RotatingBufferCache
 from mistral.moe import MoeLayer
@@ -143,7 +144,7 @@ def test_dense_decode_runs_the_blocks_in_one_kernel_call(monkeypatch):
         answers.clear()
         generate_ids([[1, 2, 3], [4, 5]], model, max_tokens=5)  # one pre-fill step, then 4 decode steps
         assert len(answers) == 4 and all(a is not None for a in answers)
-        assert model._plan is None  # generate's steady() kept the plan for its own steps only
+        assert mistral.model._kept is None  # generate's steady() kept the plan for its own steps only
 
 
 def test_weights_replaced_between_generations_are_used(monkeypatch):
