@@ -7,8 +7,8 @@ uses the second of two cores); `matvec` here reaches the bandwidth (see csrc/ker
 What a decode step spends besides the products is dispatch: at one token, each torch operation (a RoPE
 multiply, a cache write, SDPA, silu) costs tens of microseconds in calls and temporaries for under a
 microsecond of arithmetic, and a layer has dozens. `attention` and `feed_forward` do all of a layer's
-attention, and all of its FFN, in one call each, and `blocks` all the dense blocks of a step; the model's torch
-code stays their definition.
+attention, and all of its FFN, in one call each, and `blocks` all the blocks of a step, dense or mixtures of
+experts; the model's torch code stays their definition.
 
 The file is compiled on first use with the system's C compiler (`$CC`, else `cc`), for this CPU
 (-march=native), in about a second, and kept in ~/.cache/mistral (or $XDG_CACHE_HOME/mistral) under a name
@@ -107,7 +107,7 @@ def _compile() -> ctypes.CDLL | None:
         lib.matvec.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 2
         lib.attention.argtypes = [ctypes.c_int] + [ptr] * 10 + [i64] * 6
         lib.feed_forward.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3
-        lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 8 + [i64] * 8
+        lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 3 + [i64] * 2 + [ptr] * 7 + [i64] * 8
         lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
         lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
         for fn in ("matvec", "attention", "feed_forward", "blocks", "rms_norm_f32", "greedy"):
@@ -284,12 +284,21 @@ def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | 
     return out
 
 
+class KernelLayer(NamedTuple):
+    """A transformer block as kernels.blocks takes it (TransformerBlock.kernel_layer)."""
+    norms: tuple[torch.Tensor, torch.Tensor]  # the weights of attention_norm and ffn_norm
+    weights: list  # (w, scales) of wq, wk, wv, wo, then w1, w3, w2 of each expert: one for a dense FFN
+    router: torch.Tensor | None = None  # (E, dim): a mixture of the E experts, else None
+    top_k: int = 1  # experts per token
+
+
 class BlocksPlan(NamedTuple):
-    """What kernels.blocks needs of a model's dense layers, gathered and checked once (plan_blocks)."""
+    """What kernels.blocks needs of a model's layers, gathered and checked once (plan_blocks)."""
     type: int  # enum wtype
-    ws: ctypes.Array  # 7 L pointers: wq, wk, wv, wo, w1, w3, w2 of each layer
+    ws: ctypes.Array  # (4 + 3 E) L pointers: wq, wk, wv, wo, then w1, w3, w2 of each expert, for each layer
     ss: ctypes.Array  # their scales (int8), else NULL
     norms: ctypes.Array  # 2 L pointers: attention_norm and ffn_norm of each layer
+    routers: ctypes.Array | None  # L pointers to the routers (E, dim) of a mixture of experts; None for dense FFNs
     kept: list  # the tensors behind the pointers, alive as long as the plan
     layers: int
     dim: int
@@ -297,44 +306,57 @@ class BlocksPlan(NamedTuple):
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    experts: int  # E: 1 for dense FFNs
+    top_k: int  # K, experts per token
     eps: float
     needs_grad: bool  # a weight requires grad: decline where autograd is on
 
 
-def plan_blocks(layers: list[tuple[tuple[torch.Tensor, torch.Tensor], list]], eps: float, n_heads: int,
-                n_kv_heads: int, head_dim: int) -> BlocksPlan | None:
-    """The plan for kernels.blocks of these layers: for each, (norms, weights) = ((attention_norm, ffn_norm) weights,
-    (w, scales) of wq, wk, wv, wo, w1, w3, w2), as TransformerBlock.kernel_layer gives them. None where the kernels do
-    not take them (see usable; the norms fp32 (dim,)). The plan keeps pointers into the tensors: it is valid while
-    none of them is replaced (an in-place change is fine; the kernel reads the values at each call)."""
+def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads: int,
+                head_dim: int) -> BlocksPlan | None:
+    """The plan for kernels.blocks of these layers (KernelLayer, or tuples of its fields), all dense or all mixtures of
+    as many experts. None where the kernels do not take them (see usable; the norms and routers fp32 on a CPU). The
+    plan keeps pointers into the tensors: it is valid while none of them is replaced (an in-place change is fine; the
+    kernel reads the values at each call)."""
     if not layers or not _ready():
         return None
-    dim, hidden = layers[0][0][0].shape[0], layers[0][1][4][0].shape[0]
-    shapes = (_attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ((hidden, dim), (hidden, dim), (dim, hidden)))
-    weights = [wp for _, ws in layers for wp in ws]
-    norms = [n.contiguous() for pair, _ in layers for n in pair]
+    layers = [KernelLayer(*layer) for layer in layers]
+    first = layers[0]
+    dim, hidden, top_k = first.norms[0].shape[0], first.weights[4][0].shape[0], first.top_k
+    experts = 1 if first.router is None else first.router.shape[0]
+    if not all((layer.router is None) == (first.router is None) and layer.top_k == top_k
+               and len(layer.weights) == 4 + 3 * experts for layer in layers) or not 1 <= top_k <= experts:
+        return None
+    shapes = _attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ((hidden, dim), (hidden, dim), (dim, hidden)) * experts
+    weights = [wp for layer in layers for wp in layer.weights]
+    norms = [n.contiguous() for layer in layers for n in layer.norms]
+    routers = [r.contiguous() for layer in layers if layer.router is not None for r in [layer.router]]
     if not all(n.dtype == torch.float32 and n.device.type == "cpu" and n.shape == (dim,) for n in norms):
+        return None
+    if not all(r.dtype == torch.float32 and r.device.type == "cpu" and r.shape == (experts, dim) for r in routers):
         return None
     if any(tuple(w.shape) != shape for (w, _), shape in zip(weights, shapes * len(layers))):
         return None
-    prepared = _prepare(weights, 7 * len(layers))
+    prepared = _prepare(weights, len(shapes) * len(layers))
     if prepared is None:
         return None
     t, ws, ss, kept = prepared
-    needs_grad = any(w.requires_grad for w, _ in weights) or any(n.requires_grad for n in norms)
+    needs_grad = any(t.requires_grad for t in [w for w, _ in weights] + norms + routers)
     return BlocksPlan(t, ws, ss, (ctypes.c_void_p * len(norms))(*[n.data_ptr() for n in norms]),
-                      [*kept, *norms, *(t for pair in weights for t in pair if t is not None)], len(layers), dim,
-                      hidden, n_heads, n_kv_heads, head_dim, eps, needs_grad)
+                      (ctypes.c_void_p * len(routers))(*[r.data_ptr() for r in routers]) if routers else None,
+                      [*kept, *norms, *routers, *(t for pair in weights for t in pair if t is not None)], len(layers),
+                      dim, hidden, n_heads, n_kv_heads, head_dim, experts, top_k, eps, needs_grad)
 
 
 def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor, cache_v: torch.Tensor, step: torch.Tensor,
            inv_freq: torch.Tensor) -> torch.Tensor | None:
-    """Dense transformer blocks at decode, one after another, in one call: for the plan's layers, each
-        h = x + attention(rms_norm(x) * attention_norm);  x = h + feed_forward(rms_norm(h) * ffn_norm)
-    and the last x is returned. cache_k, cache_v (L, B, Hkv, W, D), the layers' caches in order; inv_freq (D/2,)
-    RoPE's frequencies (rope.inverse_frequencies), from which the kernel computes each token's rotations at its
-    position. The rest as for attention, which is one step of each. None where the kernels do not apply (see
-    usable)."""
+    """Transformer blocks at decode, one after another, in one call: for the plan's layers, each
+        h = x + attention(rms_norm(x) * attention_norm);  x = h + ffn(rms_norm(h) * ffn_norm)
+    and the last x is returned. ffn is a SwiGLU feed-forward, or a mixture of experts computed as MoeLayer does (each
+    token's top_k experts by router logit, weighted by the softmax of those logits). cache_k, cache_v (L, B, Hkv, W,
+    D), the layers' caches in order; inv_freq (D/2,) RoPE's frequencies (rope.inverse_frequencies), from which the
+    kernel computes each token's rotations at its position. The rest as for attention, which is one step of each.
+    None where the kernels do not apply (see usable)."""
     if not takes_rows(x) or (torch.is_grad_enabled() and (plan.needs_grad or x.requires_grad)):
         return None
     if not _cache_ok(x, cache_k, cache_v, step, inv_freq, (plan.head_dim // 2,)):
@@ -342,13 +364,14 @@ def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor, cache_v: to
     (M, dim), (L, B, Hkv, W, D) = x.shape, cache_k.shape
     assert (L, dim, Hkv, D) == (plan.layers, plan.dim, plan.n_kv_heads, plan.head_dim), \
         f"the plan is for {plan.layers} layers of dim {plan.dim}, {plan.n_kv_heads} kv heads of {plan.head_dim}"
-    H, hidden = plan.n_heads, plan.hidden
+    H, hidden, E = plan.n_heads, plan.hidden, plan.experts
     x = x.contiguous()
-    scratch = torch.empty(M * (2 * dim + (2 * H + 2 * Hkv + 1) * D + 3 * hidden))
+    scratch = torch.empty(M * (4 * dim + (2 * H + 2 * Hkv + 1) * D + 3 * hidden + 2 * E))
+    routing = torch.empty(E * (M + 1), dtype=torch.int64)
     out = torch.empty(M, dim)
-    _lib.blocks(plan.type, L, x.data_ptr(), plan.norms, plan.eps, plan.ws, plan.ss, cache_k.data_ptr(),
-                cache_v.data_ptr(), step.data_ptr(), inv_freq.data_ptr(), scratch.data_ptr(), out.data_ptr(), M, dim,
-                H, Hkv, D, B, W, hidden)
+    _lib.blocks(plan.type, L, x.data_ptr(), plan.norms, plan.eps, plan.ws, plan.ss, plan.routers, E, plan.top_k,
+                cache_k.data_ptr(), cache_v.data_ptr(), step.data_ptr(), inv_freq.data_ptr(), scratch.data_ptr(),
+                routing.data_ptr(), out.data_ptr(), M, dim, H, Hkv, D, B, W, hidden)
     return out
 
 

@@ -165,15 +165,23 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def kernel_layer(self) -> tuple[tuple[torch.Tensor, torch.Tensor], list] | None:
-        """What kernels.blocks takes for this block: its norms' weights and (weight, scales) of wq, wk, wv, wo, w1,
-        w3, w2; None for an MoE block. Read with `member`: every decode step asks."""
+    def kernel_layer(self) -> kernels.KernelLayer | None:
+        """What kernels.blocks takes for this block: its norms' weights, (weight, scales) of wq, wk, wv, wo and then of
+        w1, w3, w2 of its FFN or of each expert, and an MoE block's router and experts per token; None for an FFN of
+        another kind. Read with `member`: every decode step outside steady() asks."""
         att, ffn = member(self, "attention"), member(self, "feed_forward")
-        if not isinstance(ffn, FeedForward):
+        if isinstance(ffn, FeedForward):
+            ffns, router, top_k = [ffn], None, 1
+        elif isinstance(ffn, MoeLayer) and isinstance(gate := member(ffn, "gate"), nn.Linear):
+            ffns, router, top_k = list(member(ffn, "experts")), member(gate, "weight"), ffn.num_experts_per_tok
+            if not all(isinstance(expert, FeedForward) for expert in ffns):
+                return None
+        else:
             return None
-        projections = [member(att, n) for n in ("wq", "wk", "wv", "wo")] + [member(ffn, n) for n in ("w1", "w3", "w2")]
-        return ((member(member(self, "attention_norm"), "weight"), member(member(self, "ffn_norm"), "weight")),
-                kernel_weights(*projections))
+        projections = [member(att, n) for n in ("wq", "wk", "wv", "wo")]
+        projections += [member(f, n) for f in ffns for n in ("w1", "w3", "w2")]
+        norms = (member(member(self, "attention_norm"), "weight"), member(member(self, "ffn_norm"), "weight"))
+        return kernels.KernelLayer(norms, kernel_weights(*projections), router, top_k)
 
 
 def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:
@@ -275,7 +283,7 @@ class Transformer(nn.Module):
 
     def _decode_in_one_call(self, h: torch.Tensor, meta: CacheMetadata, cache: RotatingBufferCache) -> torch.Tensor | None:
         """The layers' forward() for one token per row on a CPU: all of them in one C call (kernels.blocks), or None
-        (an MoE block, or where the kernels do not apply). The norms are built with args.norm_eps, so the kernel takes
+        where the kernels do not apply. The norms are built with args.norm_eps, so the kernel takes
         one eps; RoPE's rotations are computed there, from the positions."""
         if not kernels.takes_rows(h):  # on CUDA, say: not worth gathering the weights
             return None

@@ -209,33 +209,65 @@ def ffn64(x, weights):
     return (gate * torch.sigmoid(gate) * up) @ w2.T
 
 
+def moe64(x, router, weights, top_k):
+    """A mixture of experts in float64, token by token: the top_k experts by router logit, weighted by the softmax of
+    their logits. Returns (out, chosen): the experts each token took, as sets."""
+    out, chosen = torch.zeros_like(x, dtype=torch.float64), []
+    for m, logits in enumerate(x.double() @ router.double().T):
+        top = logits.topk(top_k + 1 if top_k < len(logits) else top_k)
+        if top_k < len(logits):  # the data must choose clearly: fp32 and float64 sums differ in the last digits
+            assert top.values[top_k - 1] - top.values[top_k] > 1e-4, "pick another seed: two logits nearly tie"
+        experts = top.indices[:top_k].tolist()
+        for p, e in zip(top.values[:top_k].softmax(-1), experts):
+            out[m] += p * ffn64(x[m : m + 1], weights[3 * e : 3 * e + 3])[0]
+        chosen.append(set(experts))
+    return out, chosen
+
+
+# Dense blocks, and mixtures of experts: 8 experts of which each of the 3 tokens takes 2 (so an expert runs on some of
+# the rows, gathered, or on none), and 3 of which each takes all 3 (every expert on every row, in place).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("L", [1, 3])
-def test_blocks_match_float64(dtype, L):
+@pytest.mark.parametrize("moe", [None, (8, 2), (3, 3)], ids=["dense", "8-experts-top-2", "3-experts-top-3"])
+def test_blocks_match_float64(dtype, L, moe):
     """Whole blocks one after another, x = h + ffn(norm(h)) with h = x + attention(norm(x)), each layer with its own
     weights, norms and cache, for rows out of order, one of them wrapped."""
     gen = torch.Generator().manual_seed(7 + L)
     B, W, dim, H, Hkv, D, hidden = 4, 70, 48, 6, 2, 8, 131
+    E, top_k = moe or (1, 1)
     rows, lengths = torch.tensor([2, 0, 3]), torch.tensor([1, 65, W])
     slots = torch.where(lengths < W, lengths - 1, 11)
     positions = torch.where(lengths < W, lengths - 1, 2 * W + 11)
     x = torch.randn(len(rows), dim, generator=gen) * 3
-    shapes = [(H * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, H * D), (hidden, dim), (hidden, dim), (dim, hidden)]
+    shapes = [(H * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, H * D)] + [(hidden, dim), (hidden, dim), (dim, hidden)] * E
     layers = []
     for _ in range(L):
         norms = (torch.rand(dim, generator=gen) + 0.5, torch.rand(dim, generator=gen) + 0.5)
         weights = [weights_of(dtype, n, k, gen) for n, k in shapes]
         weights = [(w, s / k**0.5) if s is not None else ((w.float() / k**0.5).to(dtype), None) for (w, s), (_, k) in
                    zip(weights, shapes)]  # unit-sized activations throughout
-        layers.append((norms, weights))
+        router = torch.randn(E, dim, generator=gen) / dim**0.5 if moe else None
+        layers.append(kernels.KernelLayer(norms, weights, router, top_k))
     cache_k, cache_v = torch.randn(2, L, B, Hkv, W, D, generator=gen)
-    want, want_k, want_v = x.double(), [], []
-    for (norms, weights), ck, cv in zip(layers, cache_k, cache_v):
-        att, k, v = attention_reference(rms64(want, norms[0]), weights[:4], ck, cv, rows, slots, lengths, positions, H)
+    want, want_k, want_v, counts = x.double(), [], [], []  # counts: how many tokens took each expert, by layer
+    for layer, ck, cv in zip(layers, cache_k, cache_v):
+        att, k, v = attention_reference(rms64(want, layer.norms[0]), layer.weights[:4], ck, cv, rows, slots, lengths,
+                                        positions, H)
         h = want + att
-        want = h + ffn64(rms64(h, norms[1]), weights[4:])
+        if moe:
+            ffn, chosen = moe64(rms64(h, layer.norms[1]), layer.router, layer.weights[4:], top_k)
+            counts.append([sum(e in c for c in chosen) for e in range(E)])
+        else:
+            ffn = ffn64(rms64(h, layer.norms[1]), layer.weights[4:])
+        want = h + ffn
         want_k.append(k)
         want_v.append(v)
+    if moe == (8, 2):  # the kernel's loop over experts meets an expert taken by some tokens (gathered) and by none
+        assert all(any(0 < n < len(rows) for n in c) and 0 in c for c in counts), counts
+    for layer, count in zip(layers, counts):  # an expert no token took is never read: NaN weights change nothing
+        for e in (e for e, n in enumerate(count) if n == 0):
+            for w, s in layer.weights[4 + 3 * e : 4 + 3 * e + 3]:
+                (s if s is not None else w).fill_(float("nan"))
     step = torch.stack([rows, slots, lengths, positions])
     plan = kernels.plan_blocks(layers, 1e-5, H, Hkv, D)
     got = kernels.blocks(x, plan, cache_k, cache_v, step, inverse_frequencies(D, 1e4, x.device))

@@ -125,9 +125,10 @@ def test_decode_far_past_window_matches_oracle_every_step(name, cpu_ops):
                 torch.testing.assert_close(logits[i], want, msg=lambda m: f"row {b} at position {fed[b] - 1}: {m}")
 
 
-def test_dense_decode_runs_the_blocks_in_one_kernel_call(monkeypatch):
-    """On a CPU with the kernels built, each decode step of a dense model (fp32 and int8 weights) runs all its blocks
-    in one C call. A decline would still give the right logits, only slower, so this is checked here."""
+@pytest.mark.parametrize("name", ["gqa", "moe"])
+def test_decode_runs_the_blocks_in_one_kernel_call(monkeypatch, name):
+    """On a CPU with the kernels built, each decode step of a dense or MoE model (fp32, int8 and bf16 weights) runs all
+    its blocks in one C call. A decline would still give the right logits, only slower, so this is checked here."""
     from mistral import quantize
     from mistral.generate import generate_ids
 
@@ -140,7 +141,8 @@ def test_dense_decode_runs_the_blocks_in_one_kernel_call(monkeypatch):
         return answers[-1]
 
     monkeypatch.setattr(kernels, "blocks", counted)
-    for model in (random_model(CONFIGS["gqa"]), quantize.quantize_int8(random_model(CONFIGS["gqa"]))):
+    for convert in (lambda m: m, quantize.quantize_int8, lambda m: quantize.bf16_weight_only(m.bfloat16())):
+        model = convert(random_model(CONFIGS[name]))
         answers.clear()
         generate_ids([[1, 2, 3], [4, 5]], model, max_tokens=5)  # one pre-fill step, then 4 decode steps
         assert len(answers) == 4 and all(a is not None for a in answers)

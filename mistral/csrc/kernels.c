@@ -1,5 +1,5 @@
-/* The CPU kernels of a decode step: few-row matrix products, a layer's attention and its SwiGLU FFN, RMSNorm, and
-whole dense blocks one after another.
+/* The CPU kernels of a decode step: few-row matrix products, a layer's attention and its SwiGLU FFN, RMSNorm, a
+mixture of experts, and whole blocks one after another.
 
 Each replaces torch calls that cost more in dispatch than in arithmetic at decode's sizes, or (the products)
 that read memory at half speed. mistral/kernels.py compiles and calls them; the model's torch code stays the
@@ -319,41 +319,111 @@ void feed_forward(int type, const float *x, const void *const *w, const float *c
     ffn_phases((enum wtype)type, x, w, s, gate_up, act, out, M, dim, hidden);
 }
 
-/* 5. The dense transformer blocks of a decode step, one after another, in one parallel region: for each layer l,
-    h = x + attention(rms_norm(x) * attention_norm[l]);  x = h + feed_forward(rms_norm(h) * ffn_norm[l])
-norms: attention_norm and ffn_norm of each layer, 2 L pointers to dim floats. w and s: wq, wk, wv, wo, w1, w3, w2 of
-each layer, 7 L of them, and their scales. cache_k, cache_v: (L, B, Hkv, W, D), the layers' caches one after another.
-y (M, dim) carries the running x from layer to layer and ends as the last layer's output (x is not written).
-inv_freq (D/2): RoPE's frequencies, from which each token's rotations are computed once for all layers. scratch:
-M (2 dim + (2 H + 2 Hkv + 1) D + 3 hidden) floats. The rest as for attention(). */
+/* 5. A mixture of experts at decode (Mixtral's FFN), for the threads of an enclosing parallel region: out (M, dim) is,
+for each row of x (M, dim), the sum of its K chosen experts' SwiGLU FFNs, weighted by a softmax over their router
+logits, as mistral/moe.py computes it. router (E, dim) fp32; w and s: w1, w3, w2 of each expert, 3 E of them.
+
+A row's experts are the K largest of its E logits (the lower index first among equal ones); their weights are the
+softmax of those K logits alone. Each expert runs once per step, on the rows that chose it gathered together, and an
+expert no row chose is never read: decode reads only the active parameters. Each row's sum is taken in increasing
+expert order, from zero. Scratch: logits and weights (M, E); members (E, M) int64, the rows that chose each expert, and
+count (E); gathered and ye (M, dim); gate_up and act as for ffn_phases. */
+static void route(const float *logits, int64_t M, int64_t E, int64_t K, float *weights, int64_t *members,
+                  int64_t *count) {
+    for (int64_t e = 0; e < E; e++) count[e] = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float *l = logits + m * E;
+        float *wm = weights + m * E, sum = 0;
+        int64_t picked[K];
+        for (int64_t k = 0; k < K; k++) {  /* the k-th largest; of equal ones the lower index (torch.topk leaves that open) */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t j = 0; j < k; j++) taken |= picked[j] == e;
+                if (!taken && (best < 0 || l[e] > l[best])) best = e;
+            }
+            picked[k] = best;
+        }
+        for (int64_t k = 0; k < K; k++) sum += wm[picked[k]] = expf(l[picked[k]] - l[picked[0]]);
+        for (int64_t k = 0; k < K; k++) wm[picked[k]] /= sum;
+        for (int64_t e = 0; e < E; e++)  /* in increasing order, so each expert's rows are in increasing order */
+            for (int64_t k = 0; k < K; k++)
+                if (picked[k] == e) members[e * M + count[e]++] = m;
+    }
+}
+
+static void moe_phases(enum wtype t, const float *x, const float *router, const void *const *w, const float *const *s,
+                       float *logits, float *weights, int64_t *members, int64_t *count, float *gathered, float *ye,
+                       float *gate_up, float *act, float *out, int64_t M, int64_t dim, int64_t hidden, int64_t E,
+                       int64_t K) {
+    const stack st_router = {{router}, {NULL}, {E}};
+    products(x, st_router, logits, M, dim, F32);  /* (M, E) */
+    #pragma omp single
+    {
+        route(logits, M, E, K, weights, members, count);
+        for (int64_t i = 0; i < M * dim; i++) out[i] = 0;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t Me = count[e], *rows = members + e * M;
+        if (Me == 0) continue;
+        const float *xe = x;  /* every row chose e: they are x's rows, in order */
+        if (Me < M) {
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < Me * dim; i++) gathered[i] = x[rows[i / dim] * dim + i % dim];
+            xe = gathered;
+        }
+        ffn_phases(t, xe, w + 3 * e, s + 3 * e, gate_up, act, ye, Me, dim, hidden);
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < Me * dim; i++) {
+            const int64_t m = rows[i / dim];
+            out[m * dim + i % dim] += weights[m * E + e] * ye[i];
+        }
+    }
+}
+
+/* 6. The transformer blocks of a decode step, one after another, in one parallel region: for each layer l,
+    h = x + attention(rms_norm(x) * attention_norm[l]);  x = h + ffn(rms_norm(h) * ffn_norm[l])
+where ffn is a SwiGLU feed-forward, or with routers a mixture of E experts of which each token takes K.
+norms: attention_norm and ffn_norm of each layer, 2 L pointers to dim floats. w and s: for each layer wq, wk, wv, wo
+and then w1, w3, w2 of each expert (one for a dense FFN, E = 1), 4 + 3 E pointers a layer, and their scales.
+routers: NULL for dense layers, else L pointers to (E, dim) fp32. cache_k, cache_v: (L, B, Hkv, W, D), the layers'
+caches one after another. y (M, dim) carries the running x from layer to layer and ends as the last layer's output (x
+is not written). inv_freq (D/2): RoPE's frequencies, from which each token's rotations are computed once for all
+layers. scratch: M (4 dim + (2 H + 2 Hkv + 1) D + 3 hidden + 2 E) floats; routing: E (M + 1) int64. The rest as
+for attention(). */
 void blocks(int type, int64_t L, const float *x, const float *const *norms, float eps, const void *const *w,
-            const float *const *s, float *cache_k, float *cache_v, const int64_t *step, const float *inv_freq,
-            float *scratch, float *y, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t B, int64_t W,
-            int64_t hidden) {
+            const float *const *s, const float *const *routers, int64_t E, int64_t K, float *cache_k, float *cache_v,
+            const int64_t *step, const float *inv_freq, float *scratch, int64_t *routing, float *y, int64_t M,
+            int64_t dim, int64_t H, int64_t Hkv, int64_t D, int64_t B, int64_t W, int64_t hidden) {
     const enum wtype t = (enum wtype)type;
-    const int64_t layer = B * Hkv * W * D;  /* floats of one layer's cache_k */
+    const int64_t layer = B * Hkv * W * D, P = 4 + 3 * E;  /* floats of one layer's cache_k; pointers of a layer */
     float *xn = scratch, *out = xn + M * dim, *qkv = out + M * dim, *heads = qkv + M * (H + 2 * Hkv) * D;
     float *gate_up = heads + M * H * D, *act = gate_up + M * 2 * hidden, *rope = act + M * hidden;
+    float *logits = rope + M * D, *weights = logits + M * E, *gathered = weights + M * E, *ye = gathered + M * dim;
     rope_table(step + 3 * M, inv_freq, rope, M, D);
     #pragma omp parallel
     for (int64_t l = 0; l < L; l++) {
         const float *in = l == 0 ? x : y;
         #pragma omp single
         rms_norm_f32(in, norms[2 * l], xn, M, dim, eps);
-        attention_phases(t, xn, w + 7 * l, s + 7 * l, cache_k + l * layer, cache_v + l * layer, step, rope, qkv, heads,
+        attention_phases(t, xn, w + P * l, s + P * l, cache_k + l * layer, cache_v + l * layer, step, rope, qkv, heads,
                          out, M, dim, H, Hkv, D, W);
         #pragma omp single
         {
             for (int64_t i = 0; i < M * dim; i++) y[i] = in[i] + out[i];
             rms_norm_f32(y, norms[2 * l + 1], xn, M, dim, eps);
         }
-        ffn_phases(t, xn, w + 7 * l + 4, s + 7 * l + 4, gate_up, act, out, M, dim, hidden);
+        if (routers)
+            moe_phases(t, xn, routers[l], w + P * l + 4, s + P * l + 4, logits, weights, routing, routing + E * M,
+                       gathered, ye, gate_up, act, out, M, dim, hidden, E, K);
+        else
+            ffn_phases(t, xn, w + P * l + 4, s + P * l + 4, gate_up, act, out, M, dim, hidden);
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * dim; i++) y[i] += out[i];
     }
 }
 
-/* 6. Greedy decoding's last step: for each of the M rows of logits x (M, V), the index of its largest entry (the
+/* 7. Greedy decoding's last step: for each of the M rows of logits x (M, V), the index of its largest entry (the
 first, on ties; the first NaN, if any, as torch.argmax) and that entry's log-softmax, x[i] - log(sum_j e^(x[j])).
 Torch's own argmax and log_softmax take 40-90 us each on one row of 32000 (their reductions with an index do not
 vectorize); this is one pass for the maximum and one for the sum. */
