@@ -33,8 +33,10 @@ class CacheMetadata:
     # True when every sequence in the step brings exactly one token: the new key is written first and
     # attention reads the slots in place, in rotated order (one query sees all of them anyway).
     decode: bool
-    write_src: torch.Tensor  # (N,) which new tokens are written: the last min(q_len, W) of each sequence
-    write_dst: torch.Tensor  # (N,) flat slot index row * W + position % W for each of them
+    # chunks: which new tokens are written, the last min(q_len, W) of each sequence (N,), and where: their flat slot
+    # indices row * W + position % W (N,). None at decode, where every new token is written and `step` says where.
+    write_src: torch.Tensor | None = None
+    write_dst: torch.Tensor | None = None
     # decode: cache rows of the active sequences, or None when they are rows 0..n-1 and a view suffices
     rows: torch.Tensor | None = None
     # decode: (4, n) int64, the new tokens' cache rows, slots, valid lengths (min(position + 1, W)) and positions;
@@ -48,6 +50,9 @@ class CacheMetadata:
     # The buffers are (B, Hkv, W, D) per layer, so flat slot indices are used as (row, slot) pairs.
     @cached_property
     def write_at(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (row, slot) each written key goes to."""
+        if self.decode:
+            return self.step[0], self.step[1]
         return self.write_dst // self.window, self.write_dst % self.window
 
     @cached_property
@@ -94,7 +99,8 @@ class RotatingBufferCache:
 
         The query at position 6 of row 1 sees positions 3..6: the cached key at position 2 is in its
         packed keys but masked, at distance exactly W. Had every row brought one token, `decode` would be
-        set: the new keys are written first and the mask is BlockMask(kv_padding=W) over the raw slots.
+        set: the new keys are written first, to the rows and slots held in `step`, and the mask is
+        BlockMask(kv_padding=W) over the raw slots.
         """
         B, W = len(seqlens), self.window
         if B > self.max_batch_size:
@@ -107,6 +113,15 @@ class RotatingBufferCache:
         def tensor(xs):
             return torch.tensor(xs, dtype=torch.long, device=device)
 
+        active = [b for b, n in enumerate(seqlens) if n > 0]
+        if active and all(seqlens[b] == 1 for b in active):
+            positions = [self.seq_pos[b] for b in active]
+            kv_seqlens = tuple(min(p + 1, W) for p in positions)
+            step = tensor([active, [p % W for p in positions], kv_seqlens, positions])
+            rows = None if active == list(range(len(active))) else step[0]
+            mask = BlockMask((1,) * len(active), kv_seqlens, W, kv_padding=W)
+            return CacheMetadata(W, step[3], mask, True, rows=rows, step=step)
+
         positions, write_src, write_dst = [], [], []
         s = 0
         for b, n in enumerate(seqlens):
@@ -116,15 +131,6 @@ class RotatingBufferCache:
             write_src.extend(range(s + n - kept, s + n))
             write_dst.extend(b * W + q % W for q in range(p + n - kept, p + n))
             s += n
-
-        active = [b for b, n in enumerate(seqlens) if n > 0]
-        if active and all(seqlens[b] == 1 for b in active):
-            kv_seqlens = tuple(min(p + 1, W) for p in positions)
-            step = tensor([active, [p % W for p in positions], kv_seqlens, positions])
-            rows = None if active == list(range(len(active))) else step[0]
-            mask = BlockMask((1,) * len(active), kv_seqlens, W, kv_padding=W)
-            return CacheMetadata(W, step[3], mask, True, tensor(write_src), tensor(write_dst), rows=rows, step=step)
-
         cached_src, cached_dst, new_dst, kv_seqlens = [], [], [], []
         k = 0
         for b, n in enumerate(seqlens):
@@ -135,7 +141,7 @@ class RotatingBufferCache:
             kv_seqlens.append(len(slots) + n)
             k += len(slots) + n
         mask = BlockMask(tuple(seqlens), tuple(kv_seqlens), W)
-        meta = CacheMetadata(W, tensor(positions), mask, False, tensor(write_src), tensor(write_dst))
+        meta = CacheMetadata(W, tensor(positions), mask, False, write_src=tensor(write_src), write_dst=tensor(write_dst))
         if cached_src:
             meta.kv_cached_src, meta.kv_cached_dst, meta.kv_new_dst = tensor(cached_src), tensor(cached_dst), tensor(new_dst)
         return meta

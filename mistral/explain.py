@@ -84,8 +84,8 @@ def walk(prompt_lens: list[int], window: int, chunk_size: int | None = None, dec
         for b, (_, _, _, kv) in zip(active, meta.mask.blocks):
             key_seq += [b] * (meta.mask.kv_padding or kv)  # decode: each sequence owns W raw slots
         written = [set() for _ in range(B)]
-        for dst in meta.write_dst.tolist():
-            written[dst // W].add(dst % W)
+        for row, slot in zip(*(t.tolist() for t in meta.write_at)):
+            written[row].add(slot)
         steps.append(Step(
             seqlens=seqlens, seen=seen, meta=meta, mask=meta.mask.materialize(),
             query_seq=[b for b in active for _ in range(seqlens[b])], query_pos=meta.positions.tolist(),

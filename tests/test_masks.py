@@ -89,7 +89,7 @@ def test_decode_metadata_reads_slots_in_place():
     meta = cache.get_input_metadata([1, 0, 1])
     assert meta.decode
     assert meta.positions.tolist() == [2, 4]
-    assert meta.write_dst.tolist() == [0 * 4 + 2, 2 * 4 + 0]
+    assert [t.tolist() for t in meta.write_at] == [[0, 2], [2, 0]]  # (rows, slots) of the new keys
     assert meta.rows.tolist() == [0, 2]
     assert meta.mask == BlockMask((1, 1), (3, 4), 4, kv_padding=4)
 
