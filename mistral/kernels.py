@@ -322,6 +322,8 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
         return None
     layers = [KernelLayer(*layer) for layer in layers]
     first = layers[0]
+    if len(first.weights) < 7:
+        return None
     dim, hidden, top_k = first.norms[0].shape[0], first.weights[4][0].shape[0], first.top_k
     experts = 1 if first.router is None else first.router.shape[0]
     if not all((layer.router is None) == (first.router is None) and layer.top_k == top_k
@@ -330,7 +332,7 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
     shapes = _attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ((hidden, dim), (hidden, dim), (dim, hidden)) * experts
     weights = [wp for layer in layers for wp in layer.weights]
     norms = [n.contiguous() for layer in layers for n in layer.norms]
-    routers = [r.contiguous() for layer in layers if layer.router is not None for r in [layer.router]]
+    routers = [layer.router.contiguous() for layer in layers if layer.router is not None]
     if not all(n.dtype == torch.float32 and n.device.type == "cpu" and n.shape == (dim,) for n in norms):
         return None
     if not all(r.dtype == torch.float32 and r.device.type == "cpu" and r.shape == (experts, dim) for r in routers):
@@ -341,7 +343,7 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
     if prepared is None:
         return None
     t, ws, ss, kept = prepared
-    needs_grad = any(t.requires_grad for t in [w for w, _ in weights] + norms + routers)
+    needs_grad = any(x.requires_grad for x in [w for w, _ in weights] + norms + routers)
     return BlocksPlan(t, ws, ss, (ctypes.c_void_p * len(norms))(*[n.data_ptr() for n in norms]),
                       (ctypes.c_void_p * len(routers))(*[r.data_ptr() for r in routers]) if routers else None,
                       [*kept, *norms, *routers, *(t for pair in weights for t in pair if t is not None)], len(layers),

@@ -300,6 +300,14 @@ def test_fused_kernels_decline_what_they_do_not_take():
     assert kernels.plan_blocks([(norms, att + ffn)], 1e-5, 2, 2, 8) is None  # weights of other shapes
     layer = (norms, att + ffn)
     assert kernels.plan_blocks([layer, (norms, att + [(w.bfloat16(), s) for w, s in ffn])], 1e-5, 4, 2, 4) is None
+    router = torch.randn(2, 8)
+    moe = kernels.KernelLayer(norms, att + ffn + ffn, router, 2)  # 2 experts, both taken
+    assert kernels.plan_blocks([moe, moe], 1e-5, 4, 2, 4) is not None
+    assert kernels.plan_blocks([moe, layer], 1e-5, 4, 2, 4) is None  # dense and MoE blocks mixed
+    assert kernels.plan_blocks([moe._replace(top_k=3)], 1e-5, 4, 2, 4) is None  # more experts per token than experts
+    assert kernels.plan_blocks([moe._replace(weights=att + ffn)], 1e-5, 4, 2, 4) is None  # one expert's weights of 2
+    assert kernels.plan_blocks([moe._replace(router=router.bfloat16())], 1e-5, 4, 2, 4) is None  # fp32 routers only
+    assert kernels.plan_blocks([moe._replace(router=router[:, :4])], 1e-5, 4, 2, 4) is None  # router (E, dim)
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 16])
