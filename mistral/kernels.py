@@ -131,12 +131,12 @@ def _ready() -> bool:
     return _lib is not None or (not _tried and available())
 
 
-_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the weight dtypes taken: enum wtype of csrc/kernels.c
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether matvec(x, w) can run: x (M <= MAX_ROWS, K) fp32 and w (N, K) fp32/bf16/int8, on a CPU, no autograd."""
-    return takes_rows(x) and w.dtype in _WEIGHT_DTYPES and w.device.type == "cpu" and _grad_free(x, [(w, None)])
+    return takes_rows(x) and w.dtype in _TYPES and w.device.type == "cpu" and _grad_free(x, [(w, None)])
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,7 +147,6 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
     return stacked(x, [(w, scales)])
 
 
-_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # enum wtype of csrc/kernels.c
 _prepared: dict = {}  # what _prepare built, by everything it depends on
 
 
@@ -329,7 +328,8 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
     if not all((layer.router is None) == (first.router is None) and layer.top_k == top_k
                and len(layer.weights) == 4 + 3 * experts for layer in layers) or not 1 <= top_k <= experts:
         return None
-    shapes = _attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ((hidden, dim), (hidden, dim), (dim, hidden)) * experts
+    ffn_shapes = ((hidden, dim), (hidden, dim), (dim, hidden))
+    shapes = _attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ffn_shapes * experts
     weights = [wp for layer in layers for wp in layer.weights]
     norms = [n.contiguous() for layer in layers for n in layer.norms]
     routers = [layer.router.contiguous() for layer in layers if layer.router is not None]
