@@ -283,6 +283,21 @@ def attention(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | 
     return out
 
 
+def feed_forward(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor | None:
+    """w2 (silu(w1 x) * w3 x) for x (M, dim), in one call; weights: (w, scales) of w1, w3, w2. None where the
+    kernels do not apply (see usable)."""
+    (M, dim), hidden = x.shape, weights[0][0].shape[0]
+    prepared = _ready_args(x, weights, 3, ((hidden, dim), (hidden, dim), (dim, hidden)))
+    if prepared is None:
+        return None
+    t, ws, ss, kept = prepared  # kept: alive until the call returns
+    x = x.contiguous()
+    gate_up, act = torch.empty(M * 3 * hidden).split([M * 2 * hidden, M * hidden])
+    out = torch.empty(M, dim)
+    _lib.feed_forward(t, x.data_ptr(), ws, ss, gate_up.data_ptr(), act.data_ptr(), out.data_ptr(), M, dim, hidden)
+    return out
+
+
 class KernelLayer(NamedTuple):
     """A transformer block as kernels.blocks takes it (TransformerBlock.kernel_layer)."""
     norms: tuple[torch.Tensor, torch.Tensor]  # the weights of attention_norm and ffn_norm
@@ -374,21 +389,6 @@ def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor, cache_v: to
     _lib.blocks(plan.type, L, x.data_ptr(), plan.norms, plan.eps, plan.ws, plan.ss, plan.routers, E, plan.top_k,
                 cache_k.data_ptr(), cache_v.data_ptr(), step.data_ptr(), inv_freq.data_ptr(), scratch.data_ptr(),
                 routing.data_ptr(), out.data_ptr(), M, dim, H, Hkv, D, B, W, hidden)
-    return out
-
-
-def feed_forward(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor | None:
-    """w2 (silu(w1 x) * w3 x) for x (M, dim), in one call; weights: (w, scales) of w1, w3, w2. None where the
-    kernels do not apply (see usable)."""
-    (M, dim), hidden = x.shape, weights[0][0].shape[0]
-    prepared = _ready_args(x, weights, 3, ((hidden, dim), (hidden, dim), (dim, hidden)))
-    if prepared is None:
-        return None
-    t, ws, ss, kept = prepared  # kept: alive until the call returns
-    x = x.contiguous()
-    gate_up, act = torch.empty(M * 3 * hidden).split([M * 2 * hidden, M * hidden])
-    out = torch.empty(M, dim)
-    _lib.feed_forward(t, x.data_ptr(), ws, ss, gate_up.data_ptr(), act.data_ptr(), out.data_ptr(), M, dim, hidden)
     return out
 
 
