@@ -11,6 +11,7 @@ import fire
 import torch
 import torch.distributed as dist
 
+from mistral import checkpoint
 from mistral.errors import MistralError
 from mistral.generate import check_options, generate, generate_ids  # noqa: F401  (re-exported)
 from mistral.model import Transformer
@@ -42,12 +43,13 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
         _init_pipeline(num_pipeline_ranks, device)
     if not folder.is_dir():
         raise MistralError(f"model folder {str(folder)!r} does not exist")
-    tokenizer = Tokenizer(folder / "tokenizer.model")  # before reading gigabytes of weights
+    tokenizer = Tokenizer.from_folder(folder)  # before reading gigabytes of weights
     start = time.perf_counter()
     model = Transformer.from_folder(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
                                     device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype)
     if tokenizer.n_words != model.args.vocab_size:
-        raise MistralError(f"{folder / 'tokenizer.model'} has {tokenizer.n_words} tokens but params.json says "
+        config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
+        raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
                            f"vocab_size={model.args.vocab_size}: the tokenizer belongs to another model")
     from mistral import quantize as fast
 

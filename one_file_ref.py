@@ -186,9 +186,18 @@ def load(folder: Path) -> tuple[Transformer, SentencePieceProcessor]:
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return model.eval(), load_tokenizer(folder)
+
+
+def load_tokenizer(folder: Path) -> SentencePieceProcessor:
+    """The folder's sentencepiece file: tokenizer.model, or tokenizer.model.v3 and the like. Plain text only."""
+    files = sorted(folder.glob("tokenizer.model*"))
+    if not files:
+        hint = "; tekken.json needs the package (python -m main demo)" if (folder / "tekken.json").exists() else ""
+        raise SystemExit(f"error: {folder} has no sentencepiece tokenizer.model*{hint}")
     tokenizer = SentencePieceProcessor()
-    tokenizer.Load(str(folder / "tokenizer.model"))
-    return model.eval(), tokenizer
+    tokenizer.Load(str(files[-1]))
+    return tokenizer
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ Two layouts load without a conversion step:
     hf       config.json (model_type mistral or mixtral) + model.safetensors | model-0000i-of-0000N.safetensors
 
 Everything that knows Hugging Face names lives in this file: the model only ever sees native keys.
-Either way, tokenizer.model in the same folder is the tokenizer.
+Either way, the tokenizer is in the same folder (mistral/tokenizer.py says under which names).
 
 Weights are read with ordinary file reads straight into the tensors the model keeps (safetensors and
 torch-zip files both store each tensor as one contiguous run of little-endian bytes). Reading through an
@@ -41,6 +41,8 @@ _PROGRESS_MIN_BYTES = 1 << 30
 
 _NATIVE_PATTERNS = ("consolidated.safetensors", "consolidated-*-of-*.safetensors", "consolidated.00.pth")
 _HF_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors")
+# What mistral.tokenizer reads, in either layout.
+TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "tokenizer.model.v*")
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -99,7 +101,7 @@ def layout(folder: Path) -> str:
     if has_config:
         return "hf"
     raise MistralError(f"{folder} has no params.json or config.json; a model folder holds one of them, "
-                       "the weights and tokenizer.model")
+                       "the weights and a tokenizer")
 
 
 def read_args(folder: Path) -> ModelArgs:
@@ -542,7 +544,7 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
     """Write the model in folder src to the new folder dst, in layout `to`: "native" or "hf".
 
     native: params.json + consolidated.safetensors. hf: config.json + model.safetensors that transformers'
-    MistralForCausalLM / MixtralForCausalLM.from_pretrained loads. tokenizer.model is copied along. Tensors
+    MistralForCausalLM / MixtralForCausalLM.from_pretrained loads. The tokenizer files are copied along. Tensors
     keep their stored dtype and pass through memory one at a time.
     """
     src, dst = Path(src), Path(dst)
@@ -563,6 +565,7 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
             (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             tensors = {hf_name(n): (s, rope_heads(n, args)) for n, s in plan.items()}
             _write_safetensors(dst / "model.safetensors", tensors, progress)
-    if (src / "tokenizer.model").is_file():
-        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    for name in TOKENIZER_FILES:
+        for path in src.glob(name):
+            shutil.copyfile(path, dst / path.name)
     return dst

@@ -1,39 +1,205 @@
+"""The tokenizer of a model folder, and the chat format of its version, as Mistral's own mistral_common reads them.
+
+The official downloads name the file by its version:
+
+    tekken.json           tiktoken-style BPE (Mistral NeMo, Mistral Small 2501, Ministral, Pixtral); its version is inside
+    tokenizer.model.vN    sentencepiece, version N: v3 for Mistral 7B v0.3, Mixtral 8x22B, Codestral, Mathstral; v7, ...
+    tokenizer.model       sentencepiece, version 1 (Mistral 7B v0.1/v0.2, Mixtral 8x7B)
+
+The version decides the chat format: v1 writes `[INST]` and `[/INST]` as plain text, v2 and later have control
+tokens for them, v7 and later put the system prompt in `[SYSTEM_PROMPT]` tokens at the start where v2 and v3 prepend
+it to the last user message (v1: to the first). `encode_chat` leaves all of that to mistral_common, so the ids are
+exactly the ones the models were trained on.
+
+Plain text goes through sentencepiece itself for .model files (which is what mistral_common does with them) and
+through mistral_common for tekken; mistral_common is imported only when tekken or a chat needs it.
+"""
+import hashlib
+import logging
+import re
+import tempfile
+from functools import cached_property
 from pathlib import Path
 
 from sentencepiece import SentencePieceProcessor
 
 from mistral.errors import MistralError
 
+log = logging.getLogger(__name__)
+
+# The sentencepiece versions mistral_common knows, in its own spelling (tokenizer.model.v7m1 is v7, multimodal m1).
+_VERSIONED = re.compile(r".*\.model\.(v\d+)(m\d+)?")
+ROLES = ("system", "user", "assistant")
+# What encode_chat puts in place of an answer given as ids, to find where its ids go.
+_PLACEHOLDER = "x"
+
+
+def find(folder: Path) -> Path:
+    """The one tokenizer file of a model folder (native or Hugging Face layout).
+
+    Several names holding the same tokenizer (Hugging Face copies of Mistral 7B v0.3 carry tokenizer.model and
+    tokenizer.model.v3, byte for byte the same) count as one, and the versioned name is the one read.
+    """
+    folder = Path(folder)
+    found = ([folder / "tekken.json"] if (folder / "tekken.json").is_file() else []) + sorted(
+        p for p in folder.glob("tokenizer.model.v*") if p.is_file())
+    if (folder / "tokenizer.model").is_file():
+        found.append(folder / "tokenizer.model")
+    if not found:
+        if (folder / "tokenizer.json").is_file():
+            raise MistralError(f"{folder} has only tokenizer.json, a Hugging Face tokenizer, which this library does "
+                               "not read; copy in the tekken.json or tokenizer.model.vN of the model it was made from")
+        raise MistralError(f"{folder} has no tokenizer: looked for tekken.json, tokenizer.model.vN and tokenizer.model")
+    distinct = {}
+    for path in found:  # the versioned names come first, so each distinct tokenizer keeps its most specific name
+        distinct.setdefault(hashlib.sha256(path.read_bytes()).digest(), path)
+    if len(distinct) > 1:
+        a, b = list(distinct.values())[:2]
+        raise MistralError(f"{folder} holds two different tokenizers, {a.name} and {b.name}; "
+                           "keep the one that came with these weights")
+    return next(iter(distinct.values()))
+
 
 class Tokenizer:
-    """A sentencepiece tokenizer.model, as shipped with the native checkpoints."""
+    """A tekken.json or a sentencepiece tokenizer.model[.vN]: encode, decode, and the chat format of its version."""
 
-    def __init__(self, model_path: Path | str):
-        model_path = Path(model_path)
-        if not model_path.is_file():
-            raise MistralError(f"tokenizer {str(model_path)!r} does not exist; a model folder holds tokenizer.model")
-        self._model = SentencePieceProcessor()
+    def __init__(self, path: Path | str):
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise MistralError(f"tokenizer {str(path)!r} does not exist; a model folder holds tekken.json, "
+                               "tokenizer.model.vN or tokenizer.model")
+        self._sp = self._tekken = None
+        if path.suffix == ".json":
+            self.version = None  # read from the file, below
+            try:
+                self._tekken = self._mistral_common.instruct_tokenizer.tokenizer
+            except Exception as e:  # mistral_common raises many kinds: JSON, pydantic, assertions
+                raise MistralError(f"{path} is not a tekken tokenizer mistral_common can read ({e})") from None
+            self.version = self._tekken.version.value
+            return
+        self._sp = SentencePieceProcessor()
         try:
-            self._model.Load(str(model_path))
+            self._sp.Load(str(path))
         except (OSError, RuntimeError) as e:
-            raise MistralError(f"{model_path} is not a sentencepiece model ({e})") from None
-        assert self._model.vocab_size() == self._model.get_piece_size()
+            raise MistralError(f"{path} is not a sentencepiece model ({e})") from None
+        assert self._sp.vocab_size() == self._sp.get_piece_size()
+        if m := _VERSIONED.fullmatch(path.name):
+            self.version = m[1]
+        elif path.name.endswith(".model"):
+            self.version = self._version_from_pieces()
+        else:
+            raise MistralError(f"cannot tell the version of {path.name}: name it tokenizer.model.vN, as the official "
+                               "downloads do (tokenizer.model alone is v1)")
+
+    @staticmethod
+    def from_folder(folder: Path | str) -> "Tokenizer":
+        return Tokenizer(find(Path(folder)))
+
+    def _version_from_pieces(self) -> str:
+        """v1, unless the file has the control tokens of a later version: a tokenizer.model.v3 renamed, say. Read as
+        v1, its [INST] would be encoded as plain text, a prompt format the model never saw."""
+        controls = {self._sp.id_to_piece(i) for i in range(min(self._sp.vocab_size(), 1000)) if self._sp.IsControl(i)}
+        if "[INST]" not in controls:
+            return "v1"
+        version = "v7" if "[SYSTEM_PROMPT]" in controls else "v3" if "[IMG]" in controls else "v2"
+        log.warning("warning: %s has the control tokens of a %s tokenizer, not of v1 as its name says; reading it as "
+                    "%s (rename it %s.%s to say so)", self.path, version, version, self.path.name, version)
+        return version
 
     @property
     def n_words(self) -> int:
-        return self._model.vocab_size()
+        return self._sp.vocab_size() if self._sp is not None else self._tekken.n_words
 
     @property
     def bos_id(self) -> int:
-        return self._model.bos_id()
+        return self._sp.bos_id() if self._sp is not None else self._tekken.bos_id
 
     @property
     def eos_id(self) -> int:
-        return self._model.eos_id()
+        return self._sp.eos_id() if self._sp is not None else self._tekken.eos_id
 
     def encode(self, s: str, bos: bool = True) -> list[int]:
-        ids = self._model.encode(s)
-        return [self.bos_id, *ids] if bos else ids
+        """Plain text, without any chat template: for completion."""
+        if self._sp is not None:
+            ids = self._sp.encode(s)
+            return [self.bos_id, *ids] if bos else ids
+        return self._tekken.encode(s, bos=bos, eos=False)
 
     def decode(self, ids: list[int]) -> str:
-        return self._model.decode(ids)
+        """Text of ids, leaving out control tokens (BOS, EOS, [INST], ...)."""
+        return self._sp.decode(ids) if self._sp is not None else self._tekken.decode(ids)
+
+    @cached_property
+    def _mistral_common(self):
+        """mistral_common's MistralTokenizer for this file. A tokenizer.model whose version was read from its pieces is
+        offered to mistral_common under the versioned name, since mistral_common takes the version from the name."""
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        if self.version is None or _VERSIONED.fullmatch(self.path.name) or self.version == "v1":
+            return MistralTokenizer.from_file(str(self.path))
+        with tempfile.TemporaryDirectory() as tmp:
+            alias = Path(tmp) / f"tokenizer.model.{self.version}"
+            alias.symlink_to(self.path.resolve())
+            return MistralTokenizer.from_file(str(alias))  # sentencepiece has read the whole file by now
+
+    def encode_chat(self, messages: list[dict], answer_ids: list[list[int]] | None = None) -> list[int]:
+        """The ids of a conversation, exactly as mistral_common's encode_chat_completion gives them.
+
+        messages: {"role": "system" | "user" | "assistant", "content": str} dicts, ending with a user message. BOS comes
+        once; each assistant message ends with EOS; where the system prompt goes and which template tokens surround
+        each message depends on the version. answer_ids, when given, are the assistant messages' ids (without their
+        EOS), in order, to use instead of encoding their content again: what a model sampled need not be what its
+        decoded text encodes to.
+        """
+        _check_messages(messages)
+        n_answers = sum(m["role"] == "assistant" for m in messages)
+        if answer_ids is None:
+            return self._encode_chat(messages)
+        if len(answer_ids) != n_answers:
+            raise MistralError(f"{len(answer_ids)} answer_ids for {n_answers} assistant messages")
+        # Each assistant message is encoded as its text's ids and then EOS, and EOS appears nowhere else: so with a
+        # placeholder for every answer, each EOS is preceded by the placeholder's ids, which are swapped for the answer's.
+        ids = self._encode_chat([{**m, "content": _PLACEHOLDER} if m["role"] == "assistant" else m for m in messages])
+        stand_in = self._placeholder_ids
+        out, start = [], 0
+        eos_at = [i for i, t in enumerate(ids) if t == self.eos_id]
+        assert len(eos_at) == n_answers, (eos_at, n_answers)
+        for i, answer in zip(eos_at, answer_ids):
+            assert ids[i - len(stand_in) : i] == stand_in, (ids, stand_in)
+            out += ids[start : i - len(stand_in)] + list(answer)
+            start = i
+        return out + ids[start:]
+
+    @cached_property
+    def _placeholder_ids(self) -> list[int]:
+        """The ids _PLACEHOLDER is encoded to as an assistant message: what lies between a user message and EOS."""
+        user = {"role": "user", "content": "a"}
+        with_answer = self._encode_chat([user, {"role": "assistant", "content": _PLACEHOLDER}, user])
+        return with_answer[len(self._encode_chat([user])) : with_answer.index(self.eos_id)]
+
+    def _encode_chat(self, messages: list[dict]) -> list[int]:
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+        try:
+            return self._mistral_common.encode_chat_completion(request).tokens
+        except MistralCommonException as e:
+            raise MistralError(f"mistral_common cannot encode this conversation: {e}") from None
+
+
+def _check_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise MistralError("a chat is a non-empty list of {'role': ..., 'content': ...} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise MistralError(f"message {i} must be a dict with exactly the keys 'role' and 'content', got {m!r}")
+        if m["role"] not in ROLES:
+            raise MistralError(f"message {i} has role {m['role']!r}; the roles are {', '.join(ROLES)}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise MistralError(f"message {i} ({m['role']}) needs some text as its content, got {m['content']!r}")
+    if messages[-1]["role"] != "user":
+        raise MistralError(f"a chat ends with a user message, the one to answer; this one ends with "
+                           f"{messages[-1]['role']!r}")
