@@ -1,9 +1,14 @@
-"""The rolling buffer KV cache: every sequence keeps the keys/values of its last W positions only.
+"""The rolling buffer KV cache: every sequence keeps the keys/values of its last N positions only.
 
-Position p of sequence b lives in slot p % W of row b, so the buffer never grows: after W positions
-each new one overwrites the oldest. Reading the slots back in position order is `unrotate`.
+Each row has N slots, and position p of sequence b lives in slot p % N of row b. With N equal to the model's
+window W, the buffer never grows: after W positions each new one overwrites the oldest, which no query will
+read again. Reading the slots back in position order is `unrotate`.
 
-Letters: B batch rows, W window (slots per row), Hkv kv heads, D head_dim, S packed new tokens.
+N is the cache's and W the model's. A run that never reaches W positions needs fewer slots (N < W), and may
+grow them as it goes; a model without a window needs one slot per position it will ever see. More slots
+than W would keep keys that the decode step, which reads every valid slot, must not see: refused.
+
+Letters: B batch rows, N slots per row, W the model's window, Hkv kv heads, D head_dim, S packed new tokens.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,32 +19,32 @@ from mistral.attention import BlockMask
 from mistral.errors import MistralError
 
 
-def unrotate(n_seen: int, window: int) -> list[int]:
+def unrotate(n_seen: int, slots: int) -> list[int]:
     """Slots of one row in position order, oldest first, after `n_seen` positions were written.
 
-    n_seen=6, window=4: positions 2,3,4,5 are cached, in slots 2,3,0,1  ->  [2, 3, 0, 1]
-    n_seen=3, window=4: positions 0,1,2 in slots 0,1,2                  ->  [0, 1, 2]
+    n_seen=6, slots=4: positions 2,3,4,5 are cached, in slots 2,3,0,1  ->  [2, 3, 0, 1]
+    n_seen=3, slots=4: positions 0,1,2 in slots 0,1,2                  ->  [0, 1, 2]
     """
-    return [p % window for p in range(max(0, n_seen - window), n_seen)]
+    return [p % slots for p in range(max(0, n_seen - slots), n_seen)]
 
 
 @dataclass
 class CacheMetadata:
     """Everything a forward pass needs to know about its step, computed once and shared by all layers."""
 
-    window: int  # W, slots per row
+    slots: int  # N, slots per row
     positions: torch.Tensor  # (S,) absolute position of every new token, for RoPE
     mask: BlockMask  # what each new token attends to
     # True when every sequence in the step brings exactly one token: the new key is written first and
     # attention reads the slots in place, in rotated order (one query sees all of them anyway).
     decode: bool
-    # chunks: which new tokens are written, the last min(q_len, W) of each sequence (N,), and where: their flat slot
-    # indices row * W + position % W (N,). None at decode, where every new token is written and `step` says where.
+    # chunks: which new tokens are written, the last min(q_len, N) of each sequence, and where: their flat slot
+    # indices row * N + position % N. None at decode, where every new token is written and `step` says where.
     write_src: torch.Tensor | None = None
     write_dst: torch.Tensor | None = None
     # decode: cache rows of the active sequences, or None when they are rows 0..n-1 and a view suffices
     rows: torch.Tensor | None = None
-    # decode: (4, n) int64, the new tokens' cache rows, slots, valid lengths (min(position + 1, W)) and positions;
+    # decode: (4, n) int64, the new tokens' cache rows, slots, valid lengths (min(position + 1, N)) and positions;
     # what the C kernels take (mistral.kernels), in one tensor
     step: torch.Tensor | None = None
     # chunks: the packed keys are, per sequence, its unrotated cache followed by its new keys
@@ -47,27 +52,28 @@ class CacheMetadata:
     kv_cached_dst: torch.Tensor | None = None  # (C,) where each lands in the packed keys
     kv_new_dst: torch.Tensor | None = None  # (S,) where each new key lands; None if nothing was cached
 
-    # The buffers are (B, Hkv, W, D) per layer, so flat slot indices are used as (row, slot) pairs.
+    # The buffers are (B, Hkv, N, D) per layer, so flat slot indices are used as (row, slot) pairs.
     @cached_property
     def write_at(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (row, slot) each written key goes to."""
         if self.decode:
             return self.step[0], self.step[1]
-        return self.write_dst // self.window, self.write_dst % self.window
+        return self.write_dst // self.slots, self.write_dst % self.slots
 
     @cached_property
     def read_at(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv_cached_src // self.window, self.kv_cached_src % self.window
+        return self.kv_cached_src // self.slots, self.kv_cached_src % self.slots
 
 
 class RotatingBufferCache:
-    def __init__(self, n_layers: int, max_batch_size: int, sliding_window: int, n_kv_heads: int, head_dim: int,
+    def __init__(self, n_layers: int, max_batch_size: int, slots: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        assert sliding_window > 0 and max_batch_size > 0, (sliding_window, max_batch_size)
-        self.window = sliding_window
+        """slots: N per row; the model's window W for a run that may go past it, fewer for one that never will."""
+        assert slots > 0 and max_batch_size > 0, (slots, max_batch_size)
+        self.slots = slots
         self.max_batch_size = max_batch_size
         # Each row's keys are contiguous per head, which is what attention over the raw slots wants.
-        shape = (n_layers, max_batch_size, n_kv_heads, sliding_window, head_dim)  # (L, B, Hkv, W, D)
+        shape = (n_layers, max_batch_size, n_kv_heads, slots, head_dim)  # (L, B, Hkv, N, D)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.seq_pos = [0] * max_batch_size  # positions seen so far, per row
@@ -81,33 +87,74 @@ class RotatingBufferCache:
         """Forget every sequence. The buffers are not cleared: no slot is read before it is written."""
         self.seq_pos = [0] * self.max_batch_size
 
-    def get_input_metadata(self, seqlens: list[int]) -> CacheMetadata:
-        """Metadata for a step in which row b brings seqlens[b] new tokens (0: nothing this step).
+    def check_room(self, row: int, n_seen: int, window: int | None) -> None:
+        """Refuse to let row `row` reach n_seen positions if that would overwrite a key still in the model's window."""
+        if n_seen > self.slots and (window is None or self.slots < window):
+            limit = "the model has no sliding window" if window is None else f"fewer than the window of {window}"
+            raise MistralError(f"sequence {row} would reach {n_seen} positions but the cache holds {self.slots} "
+                               f"({limit}): build or grow it to hold the longest sequence")
 
-        Worked example, W=4, three rows that have seen seq_pos=[0, 6, 3] positions, seqlens=[5, 1, 2]:
+    def can_rewind(self, row: int) -> bool:
+        """Whether row `row` still holds every position it has seen: it never wrapped, so no slot was overwritten."""
+        return self.seq_pos[row] <= self.slots
+
+    def rewind(self, row: int, n_seen: int) -> None:
+        """Forget positions n_seen.. of row `row`, to continue it from there (a conversation taking another turn)."""
+        if not 0 <= n_seen <= self.seq_pos[row]:
+            raise MistralError(f"cannot rewind row {row} to {n_seen} positions: it has seen {self.seq_pos[row]}")
+        if n_seen < self.seq_pos[row] and not self.can_rewind(row):
+            raise MistralError(f"row {row} has wrapped around its {self.slots} slots: positions before "
+                               f"{self.seq_pos[row] - self.slots} are gone, so it cannot go back to {n_seen}")
+        self.seq_pos[row] = n_seen
+
+    def grow(self, slots: int) -> None:
+        """Give every row `slots` slots. Only while no row has wrapped: each position p then sits in slot p, and stays
+        there, since p < the old N <= the new N."""
+        if slots < self.slots or not all(self.can_rewind(b) for b in range(self.max_batch_size)):
+            raise MistralError(f"cannot grow a cache of {self.slots} slots to {slots} once a row has wrapped")
+        if slots == self.slots:
+            return
+        for name in ("cache_k", "cache_v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], slots, old.shape[4])  # (L, B, Hkv, N', D)
+            new[:, :, :, : self.slots] = old
+            setattr(self, name, new)
+        self.slots = slots
+
+    def get_input_metadata(self, seqlens: list[int], window: int | None) -> CacheMetadata:
+        """Metadata for a step in which row b brings seqlens[b] new tokens (0: nothing this step), for a model whose
+        sliding window is `window` (None: it has none, and attends to every earlier position).
+
+        Worked example, a window of 4 and N=4 slots, three rows that have seen seq_pos=[0, 6, 3] positions,
+        seqlens=[5, 1, 2]:
         row 0 starts its prompt with 5 tokens (more than W), row 1 decodes one token, row 2 adds a chunk of 2.
 
             positions      [0 1 2 3 4 | 6 | 3 4]            absolute position of each new token
             cached keys    row0: none; row1: positions 2..5 in slots [2, 3, 0, 1]; row2: 0..2 in [0, 1, 2]
-            kv_cached_src  [6 7 4 5 | 8 9 10]                flat slots, row * W + slot
+            kv_cached_src  [6 7 4 5 | 8 9 10]                flat slots, row * N + slot
             packed keys    [n n n n n | c c c c n | c c c n n]   c cached, n new: kv_seqlens [5, 5, 5]
             kv_cached_dst  [5 6 7 8 | 10 11 12]
             kv_new_dst     [0 1 2 3 4 | 9 | 13 14]
             mask           BlockMask(q_seqlens=(5, 1, 2), kv_seqlens=(5, 5, 5), window=4)
-            write_src      [1 2 3 4 | 5 | 6 7]               row 0 writes only its last W=4 tokens
+            write_src      [1 2 3 4 | 5 | 6 7]               row 0 writes only its last N=4 tokens
             write_dst      [1 2 3 0 | 6 | 11 8]              position 4 of row 0 overwrites position 0
 
         The query at position 6 of row 1 sees positions 3..6: the cached key at position 2 is in its
         packed keys but masked, at distance exactly W. Had every row brought one token, `decode` would be
         set: the new keys are written first, to the rows and slots held in `step`, and the mask is
-        BlockMask(kv_padding=W) over the raw slots.
+        BlockMask(kv_padding=N) over the raw slots.
         """
-        B, W = len(seqlens), self.window
+        B, N = len(seqlens), self.slots
         if B > self.max_batch_size:
             raise MistralError(f"a batch of {B} sequences does not fit a cache built for {self.max_batch_size}; "
                                "pass a larger max_batch_size")
         if any(n < 0 for n in seqlens):
             raise MistralError(f"seqlens must be >= 0, got {seqlens}")
+        if window is not None and N > window:
+            raise MistralError(f"the cache has {N} slots per row but the model's window is {window}: "
+                               f"build it with at most {window}")
+        for b, n in enumerate(seqlens):
+            self.check_room(b, self.seq_pos[b] + n, window)
         device = self.cache_k.device
 
         def tensor(xs):
@@ -116,32 +163,32 @@ class RotatingBufferCache:
         active = [b for b, n in enumerate(seqlens) if n > 0]
         if active and all(seqlens[b] == 1 for b in active):
             positions = [self.seq_pos[b] for b in active]
-            kv_seqlens = tuple(min(p + 1, W) for p in positions)
-            step = tensor([active, [p % W for p in positions], kv_seqlens, positions])
+            kv_seqlens = tuple(min(p + 1, N) for p in positions)
+            step = tensor([active, [p % N for p in positions], kv_seqlens, positions])
             rows = None if active == list(range(len(active))) else step[0]
-            mask = BlockMask((1,) * len(active), kv_seqlens, W, kv_padding=W)
-            return CacheMetadata(W, step[3], mask, True, rows=rows, step=step)
+            mask = BlockMask((1,) * len(active), kv_seqlens, window, kv_padding=N)
+            return CacheMetadata(N, step[3], mask, True, rows=rows, step=step)
 
         positions, write_src, write_dst = [], [], []
         s = 0
         for b, n in enumerate(seqlens):
             p = self.seq_pos[b]
             positions.extend(range(p, p + n))
-            kept = min(n, W)
+            kept = min(n, N)
             write_src.extend(range(s + n - kept, s + n))
-            write_dst.extend(b * W + q % W for q in range(p + n - kept, p + n))
+            write_dst.extend(b * N + q % N for q in range(p + n - kept, p + n))
             s += n
         cached_src, cached_dst, new_dst, kv_seqlens = [], [], [], []
         k = 0
         for b, n in enumerate(seqlens):
-            slots = unrotate(self.seq_pos[b], W) if n else []
-            cached_src.extend(b * W + slot for slot in slots)
+            slots = unrotate(self.seq_pos[b], N) if n else []
+            cached_src.extend(b * N + slot for slot in slots)
             cached_dst.extend(range(k, k + len(slots)))
             new_dst.extend(range(k + len(slots), k + len(slots) + n))
             kv_seqlens.append(len(slots) + n)
             k += len(slots) + n
-        mask = BlockMask(tuple(seqlens), tuple(kv_seqlens), W)
-        meta = CacheMetadata(W, tensor(positions), mask, False, write_src=tensor(write_src), write_dst=tensor(write_dst))
+        mask = BlockMask(tuple(seqlens), tuple(kv_seqlens), window)
+        meta = CacheMetadata(N, tensor(positions), mask, False, write_src=tensor(write_src), write_dst=tensor(write_dst))
         if cached_src:
             meta.kv_cached_src, meta.kv_cached_dst, meta.kv_new_dst = tensor(cached_src), tensor(cached_dst), tensor(new_dst)
         return meta
@@ -159,12 +206,12 @@ class CacheView:
     """One layer's slice of the cache, for one step."""
 
     def __init__(self, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: CacheMetadata):
-        assert cache_k.ndim == 4 and cache_k.shape[2] == meta.window, cache_k.shape  # (B, Hkv, W, D)
+        assert cache_k.ndim == 4 and cache_k.shape[2] == meta.slots, cache_k.shape  # (B, Hkv, N, D)
         self.cache_k, self.cache_v, self.meta = cache_k, cache_v, meta
 
     def update(self, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's new keys/values xk, xv (S, Hkv, D) and return the keys/values the step
-        attends to: packed (Skv, Hkv, D) for chunks, the cache rows (B, Hkv, W, D) for decode."""
+        attends to: packed (Skv, Hkv, D) for chunks, the cache rows (B, Hkv, N, D) for decode."""
         meta = self.meta
         rows, slots = meta.write_at
         if meta.decode:

@@ -69,12 +69,12 @@ def schedule(prompt_lens: list[int], chunk_size: int | None, decode_steps: int) 
 def walk(prompt_lens: list[int], window: int, chunk_size: int | None = None, decode_steps: int = 0) -> list[Step]:
     """Run the schedule through a real RotatingBufferCache and record every step."""
     B, W = len(prompt_lens), window
-    cache = RotatingBufferCache(n_layers=1, max_batch_size=B, sliding_window=W, n_kv_heads=1, head_dim=1)
+    cache = RotatingBufferCache(n_layers=1, max_batch_size=B, slots=W, n_kv_heads=1, head_dim=1)
     cache.cache_k.fill_(EMPTY)
     steps = []
     for seqlens in schedule(prompt_lens, chunk_size, decode_steps):
         seen = list(cache.seq_pos)
-        meta = cache.get_input_metadata(seqlens)
+        meta = cache.get_input_metadata(seqlens, W)
         new = meta.positions.float().view(-1, 1, 1)  # (S, Hkv, D): each new key is its own position
         keys, _ = cache.layer(0, meta).update(new, new)  # (Skv, Hkv, D), laid out as meta.mask says
         cache.advance(seqlens)

@@ -54,8 +54,8 @@ def check_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
 @torch.inference_mode()
 def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
-                 generator: torch.Generator | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
+                 cache: RotatingBufferCache | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every prompt token after the first, then every generated token. Each step
@@ -63,6 +63,11 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     sampled token, so a row that ends pre-fill early starts decoding while the others still pre-fill.
     A row that samples eos_id stops there (the EOS is its last token) and takes no further compute.
     on_token(row, token) is called for every generated token as soon as it is sampled.
+
+    With a cache, prompt b continues the sequence in row b of it (a conversation's next turn, say); its last
+    generated token is not fed, so the cache then holds each row's prompt and all of its completion but that token.
+    Without one, a cache is built with as many slots as the longest row can reach, or the model's window if that is
+    fewer.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     if not prompts:
@@ -74,10 +79,17 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                            f"{model.max_batch_size}; pass a larger max_batch_size")
 
     B, args = len(prompts), model.args
-    # Without a sliding window the "window" is the longest sequence: the buffer then never wraps.
-    window = args.sliding_window or max(len(p) for p in prompts) + max_tokens
-    cache = RotatingBufferCache(model.n_local_layers, B, window, args.n_kv_heads, args.head_dim,
-                                device=model.device, dtype=model.dtype)
+    # The positions each row will have fed: its prompt and every generated token but the last.
+    reach = [len(p) + max(max_tokens - 1, 0) for p in prompts]
+    if cache is None:
+        slots = min(max(reach), args.sliding_window or max(reach))  # past the window the buffer rolls
+        cache = RotatingBufferCache(model.n_local_layers, B, slots, args.n_kv_heads, args.head_dim,
+                                    device=model.device, dtype=model.dtype)
+    else:
+        if B > cache.max_batch_size:
+            raise MistralError(f"{B} prompts but the cache has {cache.max_batch_size} rows")
+        for b, n in enumerate(reach):
+            cache.check_room(b, cache.seq_pos[b] + n, args.sliding_window)
     fed = [0] * B  # prompt tokens fed so far, per row
     generated: list[list[int]] = [[] for _ in range(B)]
     logprobs: list[list[float]] = [[] for _ in range(B)]

@@ -240,7 +240,7 @@ class Transformer(nn.Module):
             positions = torch.cat([torch.arange(n) for n in seqlens]).to(self.device)
             mask, meta = BlockMask(tuple(seqlens), tuple(seqlens), self.args.sliding_window), None
         else:
-            meta = cache.get_input_metadata(seqlens)
+            meta = cache.get_input_metadata(seqlens, self.args.sliding_window)
             positions, mask = meta.positions, meta.mask
 
         S = input_ids.shape[0]

@@ -72,7 +72,7 @@ def test_unrotate():
 def test_metadata_worked_example_in_docstring():
     cache = RotatingBufferCache(1, 3, 4, 1, 1)
     cache.seq_pos = [0, 6, 3]
-    meta = cache.get_input_metadata([5, 1, 2])
+    meta = cache.get_input_metadata([5, 1, 2], 4)
     assert not meta.decode
     assert meta.positions.tolist() == [0, 1, 2, 3, 4, 6, 3, 4]
     assert meta.kv_cached_src.tolist() == [6, 7, 4, 5, 8, 9, 10]
@@ -86,7 +86,7 @@ def test_metadata_worked_example_in_docstring():
 def test_decode_metadata_reads_slots_in_place():
     cache = RotatingBufferCache(1, 3, 4, 1, 1)
     cache.seq_pos = [2, 9, 4]
-    meta = cache.get_input_metadata([1, 0, 1])
+    meta = cache.get_input_metadata([1, 0, 1], 4)
     assert meta.decode
     assert meta.positions.tolist() == [2, 4]
     assert [t.tolist() for t in meta.write_at] == [[0, 2], [2, 0]]  # (rows, slots) of the new keys

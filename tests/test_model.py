@@ -7,6 +7,7 @@ from oracle import oracle_logits
 import mistral.model
 from mistral import kernels
 from mistral.cache import RotatingBufferCache
+from mistral.errors import MistralError
 from mistral.moe import MoeLayer
 from mistral.model import FeedForward
 
@@ -218,3 +219,86 @@ def test_moe_layer_matches_per_token_loop():
         torch.testing.assert_close(layer(x), want)
         for t in range(x.shape[0]):  # one token alone: the decode path
             torch.testing.assert_close(layer(x[t : t + 1]), want[t : t + 1])
+
+
+def test_a_cache_with_more_slots_than_the_window_is_refused():
+    """The mask takes W from the model, the slot arithmetic N from the cache. With N > W a decode step would read
+    keys older than the window (every valid slot is attended), so such a cache is refused, not run."""
+    model = random_model(CONFIGS["gqa"])
+    cache = RotatingBufferCache(model.n_local_layers, 1, W + 3, model.args.n_kv_heads, model.args.head_dim)
+    with torch.no_grad(), pytest.raises(MistralError, match=f"8 slots per row but the model's window is {W}"):
+        model(torch.tensor(PROMPTS[0][:3]), [3], cache)
+
+
+@pytest.mark.parametrize("name", ["gqa", "no_window"])
+def test_fewer_slots_than_the_window_until_full_then_a_clear_error(name, cpu_ops):
+    """A cache of N < W slots (or of N positions for a model without a window) serves a sequence of up to N
+    positions exactly, in chunks and at decode, and refuses the position that would overwrite a key still needed."""
+    model = random_model(tiny_params(sliding_window=40) if name == "gqa" else CONFIGS[name])
+    seq, n = PROMPTS[2][:12], 12
+    cache = RotatingBufferCache(model.n_local_layers, 1, n, model.args.n_kv_heads, model.args.head_dim)
+    outs = []
+    with torch.no_grad():
+        for a, b in [(0, 4), (4, 9), (9, 10), (10, 11), (11, 12)]:  # chunks, then decode steps
+            outs.append(model(torch.tensor(seq[a:b]), [b - a], cache))
+        torch.testing.assert_close(torch.cat(outs), expected(model, [seq]))
+        with pytest.raises(MistralError, match="would reach 13 positions but the cache holds 12"):
+            model(torch.tensor([1]), [1], cache)
+
+
+@pytest.mark.parametrize("name", ["gqa", "no_window"])
+def test_a_grown_cache_goes_on_exactly(name, cpu_ops):
+    """Grown from 6 slots to W (or to 40 without a window) after 6 positions, a row decodes on past W: every logit as
+    the oracle's."""
+    model = random_model(CONFIGS[name] if name == "no_window" else tiny_params(sliding_window=9))
+    seq = PROMPTS[2]
+    cache = RotatingBufferCache(model.n_local_layers, 2, 6, model.args.n_kv_heads, model.args.head_dim)
+    with torch.no_grad():
+        outs = [model(torch.tensor(seq[:6]), [6, 0], cache)]
+        cache.grow(model.args.sliding_window or 40)
+        outs.append(model(torch.tensor(seq[6:8]), [2, 0], cache))
+        outs += [model(torch.tensor([t]), [1, 0], cache) for t in seq[8:]]
+    torch.testing.assert_close(torch.cat(outs), expected(model, [seq]))
+
+
+def test_growing_a_wrapped_cache_is_refused():
+    cache = RotatingBufferCache(1, 2, 4, 1, 2)
+    cache.seq_pos = [3, 5]
+    with pytest.raises(MistralError, match="once a row has wrapped"):
+        cache.grow(8)
+
+
+@pytest.mark.parametrize("name", ["gqa", "no_window"])
+def test_a_rewound_row_continues_as_a_fresh_forward(name, cpu_ops):
+    """Row 0 is cut back from W positions to 2 and fed other tokens, while row 1 decodes on: their logits are those of
+    the sequences as they now stand. Once row 0 has wrapped, it cannot go back."""
+    model = random_model(CONFIGS[name])
+    a, b, other = PROMPTS[3][:W], PROMPTS[0][:4], [20, 21, 22]
+    cache = RotatingBufferCache(model.n_local_layers, 2, W, model.args.n_kv_heads, model.args.head_dim)
+    with torch.no_grad():
+        model(torch.tensor(a + b), [W, 4], cache)  # row 0 fills its W slots, without wrapping
+        cache.rewind(0, 2)
+        got = model(torch.tensor(other + b[:1]), [3, 1], cache)
+        torch.testing.assert_close(got, torch.cat([expected(model, [a[:2] + other])[2:],
+                                                   expected(model, [b + b[:1]])[4:]]))
+        if name == "gqa":
+            model(torch.tensor([9, 9]), [2, 0], cache)  # 7 positions in 5 slots
+            with pytest.raises(MistralError, match="has wrapped around its 5 slots"):
+                cache.rewind(0, 5)
+
+
+def test_generate_sizes_the_cache_to_what_the_run_reaches(monkeypatch):
+    """min(W, the longest prompt plus max_tokens - 1): a few slots for a short run, W for a long one."""
+    from mistral import generate as gen
+
+    sizes = []
+    real = gen.RotatingBufferCache
+
+    def spy(*args, **kwargs):
+        sizes.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "RotatingBufferCache", spy)
+    for params, max_tokens in [(CONFIGS["gqa"], 1), (CONFIGS["gqa"], 20), (CONFIGS["no_window"], 20)]:
+        gen.generate_ids([[1, 2], [3]], random_model(params), max_tokens=max_tokens)
+    assert sizes == [2, W, 21]
