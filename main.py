@@ -1,4 +1,4 @@
-"""Command line: `python -m main demo|interactive|explain|convert`. Run `python -m main --help`."""
+"""Command line: `python -m main demo|interactive|chat|explain|convert`. Run `python -m main --help`."""
 import logging
 import os
 import resource
@@ -12,12 +12,15 @@ import torch
 import torch.distributed as dist
 
 from mistral import checkpoint
+from mistral.chat import Chat, Turn
 from mistral.errors import MistralError
 from mistral.generate import check_options, generate, generate_ids  # noqa: F401  (re-exported)
 from mistral.model import Transformer
 from mistral.tokenizer import Tokenizer
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "mistral" / "assets"
+# A chat's answers end at EOS, or are cut off after this many tokens.
+CHAT_MAX_TOKENS = 256
 DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", "Now is the winter of our"]
 # If a pipeline rank dies, the others give up after this long instead of waiting forever.
 PIPELINE_TIMEOUT = timedelta(minutes=5)
@@ -146,9 +149,10 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
                 instruct: bool = False) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
 
-    Ctrl-C stops the generation under way; a second Ctrl-C, at the prompt, exits. Under pipeline ranks
-    Ctrl-C ends every rank at once, since the ranks would stop at different points of the loop. --instruct
-    wraps each prompt as [INST] ... [/INST] for instruction-tuned models.
+    Each line stands alone: it is completed as text, or with --instruct answered as a one-message chat in the
+    format of the model's tokenizer (`chat` keeps the conversation). A stats line follows each answer on stderr.
+    Ctrl-C stops the generation under way; a second Ctrl-C, at the prompt, exits. Under pipeline ranks Ctrl-C
+    ends every rank at once, since the ranks would stop at different points of the loop.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     _check_seed(seed)
@@ -159,22 +163,30 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     rejected = 0
     while True:
         try:
-            prompt = _read_prompt("> " if tty else "")
+            prompt, problem = _read_line("> " if tty else "")
         except KeyboardInterrupt:
             print(file=sys.stderr)
             break
         if prompt is None:
             break
-        if not prompt.strip():
-            _info("error: empty prompt; type some text (Ctrl-D to quit)")
+        if problem is None and not prompt.strip():
+            problem = "empty prompt; type some text (Ctrl-D to quit)"
+        if problem is not None:
+            _info(f"error: {problem}")
             rejected += 1
             continue
-        ids = instruct_ids(tokenizer, prompt) if instruct else tokenizer.encode(prompt, bos=True)
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if instruct else tokenizer.encode(prompt)
         stream = _Stream(tokenizer, prompt_text="" if instruct else prompt)
+        times = []
+
+        def on_token(row: int, token: int) -> None:
+            times.append(time.perf_counter())
+            stream.add(token)
+
+        start = time.perf_counter()
         try:
             generate_ids([ids], model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator,
-                         on_token=lambda row, token: stream.add(token))
+                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator, on_token=on_token)
         except KeyboardInterrupt:
             if dist.is_initialized():
                 raise
@@ -182,28 +194,105 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
             _info("[stopped]")
             continue
         stream.end()
+        end = time.perf_counter()
+        first = times[0] if times else end
+        _info(Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first,
+                   len(ids) + len(times)).stats())
     if rejected:
         sys.exit(1)
 
 
-def _read_prompt(marker: str) -> str | None:
-    """The next prompt, read on the printing rank and broadcast to the others; None at end of input."""
-    line = None
+CHAT_COMMANDS = {"/reset": "start the conversation over (the system prompt stays)",
+                 "/system TEXT": "set the system prompt (/system alone: none)",
+                 "/help": "this list"}
+
+
+def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS, temperature: float = 0.0,
+         top_p: float = 0.8, top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
+         device: str = "auto", dtype: str = "auto", quantize: str | None = None, context: int | None = None) -> None:
+    """Talk with an instruction-tuned model: each line is a user message, the answer streams, and the
+    conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer
+    on stderr.
+
+    /reset starts over, /system TEXT sets the system prompt, /help lists them. Ctrl-C stops an answer and keeps
+    what it had said; a second Ctrl-C, at the prompt, exits, as does end of input (Ctrl-D). --context N bounds a
+    conversation of a model without a sliding window (default 32768 tokens; the oldest turns are dropped to fit).
+    """
+    check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    _check_seed(seed)
+    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks,
+                            device=device, dtype=dtype, quantize=quantize)
+    talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
+    tty = sys.stdin.isatty()
+    while True:
+        try:
+            line, problem = _read_line("> " if tty else "")
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        if line is None:
+            break
+        if problem is None and not line.strip():
+            problem = "empty message; type some text (/help lists the commands, Ctrl-D quits)"
+        if problem is None and line.startswith("/"):
+            problem = _chat_command(talk, line)
+            if problem is None:
+                continue
+        if problem is not None:
+            _info(f"error: {problem}")
+            continue
+        stream = _Stream(tokenizer, prompt_text="")
+        try:
+            turn = talk.say(line, on_token=stream.add)
+        except MistralError as e:  # this message cannot be sent (too long for the context); the session goes on
+            _info(f"error: {e}")
+            continue
+        stream.end()
+        if turn.stopped:
+            if dist.is_initialized():
+                raise KeyboardInterrupt
+            _info("[stopped: the answer so far is kept]" if turn.answer else "[stopped: this message is forgotten]")
+        _info(turn.stats())
+
+
+def _chat_command(talk: Chat, line: str) -> str | None:
+    """Carry out a /command; returns what is wrong with it, or None."""
+    name, _, text = line.partition(" ")
+    if name == "/reset" and not text.strip():
+        talk.reset()
+        _info("[a new conversation]")
+    elif name == "/system":
+        talk.system = text.strip() or None
+        _info(f"[system prompt: {talk.system!r}]" if talk.system else "[no system prompt]")
+    elif name == "/help" and not text.strip():
+        _info("\n".join(f"{cmd:14} {what}" for cmd, what in CHAT_COMMANDS.items()))
+    else:
+        return f"unknown command {line.split()[0]!r}; the commands are {', '.join(c.split()[0] for c in CHAT_COMMANDS)}"
+    return None
+
+
+def _read_line(marker: str) -> tuple[str | None, str | None]:
+    """(the next line, what is wrong with it), read on the printing rank and broadcast to the others; the line is
+    None at end of input. A line that is not UTF-8 is not guessed at: it comes with its problem instead."""
+    got = (None, None)
     if _is_printing_rank():
         if marker:
             print(marker, end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        line = line.rstrip("\n") if line else None
+        stdin = getattr(sys.stdin, "buffer", None)
+        raw = stdin.readline() if stdin is not None else sys.stdin.readline().encode()
+        if raw:
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            try:
+                got = (raw.decode("utf-8"), None)
+            except UnicodeDecodeError as e:
+                got = ("", f"that line is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                           "nothing was sent")
     if dist.is_initialized():
-        box = [line]
+        box = [got]
         dist.broadcast_object_list(box, src=0)
-        line = box[0]
-    return line
-
-
-def instruct_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """`<s>[INST] prompt [/INST]`: BOS as a token, one space inside each side of the tags."""
-    return [tokenizer.bos_id, *tokenizer.encode(f"[INST] {prompt.strip()} [/INST]", bos=False)]
+        got = box[0]
+    return got
 
 
 class _Stream:
@@ -247,7 +336,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     try:
-        fire.Fire({"demo": demo, "interactive": interactive, "explain": explain, "convert": convert})
+        fire.Fire({"demo": demo, "interactive": interactive, "chat": chat, "explain": explain, "convert": convert})
         if dist.is_initialized():
             # Every rank done before any tears its connections down: a gloo rank whose peer closes first
             # can abort ("terminate called without an active exception").

@@ -94,15 +94,31 @@ def test_interactive_answers_piped_prompts_and_exits_at_eof(model_folder, monkey
     assert lines[0] == texts[0]
 
 
-def test_interactive_instruct_wraps_the_prompt(model_folder, monkeypatch, capsys):
-    from mistral.tokenizer import Tokenizer
+def test_interactive_instruct_sends_the_chat_encoding(model_folder, monkeypatch, capsys):
+    """--instruct: each line is a one-message chat, encoded by mistral_common as the tokenizer's version says (here v1:
+    `<s>[INST] To be [/INST]`, the tags as text), with nothing stripped from what was typed."""
+    from mistral_common.protocol.instruct.messages import UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    tok = Tokenizer(model_folder / "tokenizer.model")
-    ids = main.instruct_ids(tok, "  To be ")
-    assert ids[0] == tok.bos_id and ids[1:] == tok.encode("[INST] To be [/INST]", bos=False)
+    sent = []
+    real = main.generate_ids
+    monkeypatch.setattr(main, "generate_ids", lambda prompts, *a, **k: (sent.append(prompts[0]), real(prompts, *a, **k))[1])
     code, out, err = run_inprocess(monkeypatch, capsys,
-                                   ["interactive", str(model_folder), "--max_tokens", "3", "--instruct"], "To be\n")
+                                   ["interactive", str(model_folder), "--max_tokens", "3", "--instruct"], " To be \n")
     assert code == 0 and len(out.splitlines()) == 1, err
+    reference = MistralTokenizer.from_file(str(model_folder / "tokenizer.model"))
+    want = reference.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=" To be ")])).tokens
+    assert sent == [want]
+
+
+def test_interactive_prints_a_stats_line_after_each_answer(model_folder, monkeypatch, capsys):
+    code, out, err = run_inprocess(monkeypatch, capsys, ["interactive", str(model_folder), "--max_tokens", "4"],
+                                   "To be\nThe slings\n")
+    stats = [line for line in err.splitlines() if line.startswith("prefill ")]
+    assert code == 0 and len(stats) == 2, err
+    assert __import__("re").fullmatch(r"prefill \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), decode 3 tokens in [\d.]+ s "
+                                      r"\([\d,.]+ tokens/s\), context \d+ tokens", stats[0]), stats[0]
 
 
 def test_interactive_rejects_an_empty_prompt_and_carries_on(model_folder, monkeypatch, capsys):

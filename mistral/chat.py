@@ -1,0 +1,172 @@
+"""A conversation kept in the rolling cache: each turn pre-fills only what is new.
+
+The ids of a conversation are what mistral_common's encode_chat_completion gives for it, with each answer as the ids
+the model sampled (not its text encoded again) and the EOS that closes every assistant message. After turn k the cache
+holds those ids but the last sampled token; turn k + 1 pre-fills from there: that token, the EOS, and the new user
+message with its template tokens. Where the encoding of the earlier turns changes (a new system prompt; v2 and v3,
+which put the system prompt in the last user message, move it at every turn), the cache is cut back to the first id
+that differs, as long as it has not wrapped around its window; otherwise the whole conversation is pre-filled again.
+Either way the ids in the cache are exactly the conversation's, so the logits are those of a fresh forward over it.
+
+With a sliding window the conversation goes on for as long as it likes. Without one, every id stays in the cache, so
+a conversation is bounded (`context`): the oldest turns are dropped when the next one would not fit.
+"""
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mistral.cache import RotatingBufferCache
+from mistral.errors import MistralError
+from mistral.generate import check_options, generate_ids
+from mistral.model import Transformer
+from mistral.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Tokens a conversation may hold without a sliding window, unless the caller says otherwise.
+DEFAULT_CONTEXT = 32768
+
+
+@dataclass
+class Turn:
+    """What one answer took: the new ids pre-filled, and the tokens after the first, each a decode step."""
+
+    answer: list[int]  # the sampled ids, without a final EOS
+    prefilled: int
+    prefill_s: float  # to the first token
+    decoded: int
+    decode_s: float
+    context: int  # ids the conversation holds now, the answer and its EOS included
+    stopped: bool = False  # by Ctrl-C: the answer is what was sampled until then (nothing, during pre-fill)
+
+    def stats(self) -> str:
+        return (f"prefill {self.prefilled} tokens in {self.prefill_s:.2f} s "
+                f"({self.prefilled / max(self.prefill_s, 1e-9):,.1f} tokens/s), decode {self.decoded} tokens in "
+                f"{self.decode_s:.2f} s ({self.decoded / max(self.decode_s, 1e-9):,.1f} tokens/s), "
+                f"context {self.context} tokens")
+
+
+class Chat:
+    """One conversation with a model, its turns in row 0 of a cache of its own."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None,
+                 generator: torch.Generator | None = None, context: int | None = None):
+        check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+        if max_tokens < 1:
+            raise MistralError(f"a chat answers: max_tokens must be at least 1, got {max_tokens}")
+        window = model.args.sliding_window
+        if context is not None and window is not None:
+            raise MistralError(f"this model has a sliding window of {window} tokens, so its conversations have no "
+                               "length limit: leave out context")
+        if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context <= 0):
+            raise MistralError(f"context must be a positive number of tokens, got {context!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            chunk_size=chunk_size, generator=generator)
+        self.limit = None if window is not None else context or DEFAULT_CONTEXT  # None: no limit
+        self.system: str | None = None
+        self.turns: list[tuple[str, list[int]]] = []  # (user message, answer ids), oldest first
+        self.fed: list[int] = []  # the ids whose keys and values the cache holds, in order
+        self.cache: RotatingBufferCache | None = None
+        self.context = 0  # ids of the conversation so far, each answer's EOS included
+
+    def reset(self) -> None:
+        """Start over: no turns; the system prompt stays. (The cache is cut back at the next turn.)"""
+        self.turns, self.context = [], 0
+
+    def messages(self, user: str) -> list[dict]:
+        """The conversation so far and then `user`, as encode_chat takes it."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for said, answer in self.turns:
+            # The content of an answer only stands in for its ids (encode_chat's answer_ids), but must not be empty.
+            out += [{"role": "user", "content": said}, {"role": "assistant", "content": "-"}]
+        return out + [{"role": "user", "content": user}]
+
+    def ids(self, user: str) -> list[int]:
+        """The conversation's ids with `user` as its next message."""
+        return self.tokenizer.encode_chat(self.messages(user), [answer for _, answer in self.turns])
+
+    def say(self, user: str, on_token=None) -> Turn:
+        """Answer `user`, streaming each sampled id to on_token(id). Ctrl-C stops the answer: what was sampled is kept
+        as the answer (closed by EOS at the next turn, as any answer), and a turn stopped before its first token is
+        forgotten."""
+        target = self._fit(user)
+        max_tokens = self.options["max_tokens"]
+        kept = 0  # how much of the cache is the start of target
+        while kept < min(len(target), len(self.fed)) and target[kept] == self.fed[kept]:
+            kept += 1
+        self._make_room(len(target) + max(max_tokens - 1, 0))
+        if kept < len(self.fed):
+            if not self.cache.can_rewind(0):
+                kept = 0
+                self.cache.reset()
+            self.cache.rewind(0, kept)
+            self.fed = self.fed[:kept]
+        new = target[kept:]
+
+        sampled, times = [], []
+
+        def took(row: int, token: int) -> None:
+            times.append(time.perf_counter())
+            sampled.append(token)
+            if on_token is not None:
+                on_token(token)
+
+        start, stopped = time.perf_counter(), False
+        try:
+            generate_ids([new], self.model, eos_id=self.tokenizer.eos_id, on_token=took, cache=self.cache,
+                         **self.options)
+        except KeyboardInterrupt:
+            stopped = True
+        end = time.perf_counter()
+        n_cached = self.cache.seq_pos[0]
+        if stopped and not sampled:
+            # Stopped in pre-fill: the chunk under way may have overwritten slots of the positions before it, unless
+            # the whole turn fits without wrapping.
+            self.fed = target[:n_cached] if len(target) <= self.cache.slots else []
+            if not self.fed:
+                self.cache.reset()
+            return Turn([], n_cached - kept, end - start, 0, 0.0, self.context, stopped=True)
+        # Every sampled id but the last went through the model (a decode step stopped midway wrote only its own slot).
+        assert n_cached == len(target) + len(sampled) - 1 or stopped, (n_cached, len(target), len(sampled))
+        self.fed = (target + sampled)[:n_cached]
+        answer = sampled[:-1] if sampled[-1] == self.tokenizer.eos_id else sampled
+        self.turns.append((user, answer))
+        self.context = len(target) + len(answer) + 1
+        first = times[0] if times else end
+        return Turn(answer, len(new), first - start, len(sampled) - 1, end - first, self.context, stopped=stopped)
+
+    def _fit(self, user: str) -> list[int]:
+        """The ids of the conversation with `user` next, after dropping the oldest turns if it would not fit."""
+        target = self.ids(user)
+        if self.limit is None:
+            return target
+        budget = self.limit - self.options["max_tokens"] - 1  # room for the longest answer and its EOS
+        dropped = 0
+        while len(target) > budget and self.turns:
+            self.turns.pop(0)
+            dropped += 1
+            target = self.ids(user)
+        if len(target) > budget:
+            raise MistralError(f"this message is {len(target)} tokens with the template, and with max_tokens "
+                               f"{self.options['max_tokens']} it would not fit the conversation's limit of "
+                               f"{self.limit} tokens (the model has no sliding window): send less, or raise context")
+        if dropped:
+            log.warning("[the conversation would pass its limit of %d tokens (the model has no sliding window): "
+                        "dropped the oldest %d turn%s]", self.limit, dropped, "s" * (dropped > 1))
+        return target
+
+    def _make_room(self, reach: int) -> None:
+        """A cache with slots for `reach` positions, or the window's worth: grown in doublings, up to that."""
+        args = self.model.args
+        most = args.sliding_window or self.limit
+        if self.cache is None:
+            self.cache = RotatingBufferCache(self.model.n_local_layers, 1, min(max(reach, 256), most), args.n_kv_heads,
+                                             args.head_dim, device=self.model.device, dtype=self.model.dtype)
+        elif self.cache.slots < min(reach, most):
+            if not self.cache.can_rewind(0):  # cannot happen: a row wraps only once its cache has the window's slots
+                raise AssertionError((self.cache.slots, self.cache.seq_pos))
+            self.cache.grow(min(max(reach, 2 * self.cache.slots), most))

@@ -1,0 +1,216 @@
+"""A conversation kept in the cache: every turn's logits equal a fresh forward over the whole conversation's ids, which
+are mistral_common's encoding with the sampled answers in place; and the chat command as a user meets it."""
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mistral_common
+import pytest
+import torch
+from helpers import random_model, save_folder, tiny_params
+
+from mistral.chat import Chat
+from mistral.errors import MistralError
+from mistral.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(mistral_common.__file__).parent / "data"
+FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3",
+         "v7": "mistral_instruct_tokenizer_241114.model.v7", "tekken": "tekken_240718.json"}
+VOCAB = {"v1": 32000, "v3": 32768, "v7": 32768, "tekken": 131072}
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {name: Tokenizer(DATA / file) for name, file in FILES.items()}
+
+
+class Recorder:
+    """Every forward's logits, in order: the rows for the ids fed at each step."""
+
+    def __init__(self, model):
+        self.steps = []
+        model.register_forward_hook(lambda module, inputs, out: self.steps.append((inputs[0].tolist(), out.clone())))
+
+    def since(self, n: int) -> tuple[list[int], torch.Tensor]:
+        ids = [t for step_ids, _ in self.steps[n:] for t in step_ids]
+        return ids, torch.cat([logits for _, logits in self.steps[n:]])
+
+
+def make(version, tokenizers, window, max_tokens=6, **options):
+    model = random_model(tiny_params(vocab_size=VOCAB[version], sliding_window=window, rope_theta=1e4))
+    talk = Chat(model, tokenizers[version], max_tokens=max_tokens, **options)
+    return model, talk, Recorder(model)
+
+
+def check_turn(model, talk, rec, user, reuse=True):
+    """Say `user`: the turn feeds the conversation's ids from where the cache stops matching them, and every logit of
+    the turn equals the fresh forward's over the whole conversation. reuse: the cache matched all of them, so only the
+    new ids were pre-filled (the last sampled id, the answer's EOS, the message with its template)."""
+    before, start = list(talk.fed), len(rec.steps)
+    turn = talk.say(user)
+    last = talk.turns.pop()  # the conversation as this turn saw it (older turns may have been dropped to fit)
+    target = talk.ids(user)
+    talk.turns.append(last)
+    fed, got = rec.since(start)
+    kept = len(talk.fed) - len(fed)
+    assert fed == (target + turn.answer)[kept : len(talk.fed)] and talk.fed == (target + turn.answer)[: len(talk.fed)]
+    assert turn.prefilled == len(target) - kept
+    if reuse:
+        assert kept == len(before) and target[:kept] == before
+    with torch.no_grad():
+        fresh = model(torch.tensor(talk.fed), [len(talk.fed)])  # (n, V): the whole conversation in one packed pass
+    torch.testing.assert_close(got, fresh[kept:])
+    return turn
+
+
+@pytest.mark.parametrize("version", ["v1", "v3", "v7", "tekken"])
+def test_turn_two_on_the_kept_cache_is_a_fresh_forward(version, tokenizers):
+    model, talk, rec = make(version, tokenizers, window=None)
+    turn1 = check_turn(model, talk, rec, "Hello there")
+    check_turn(model, talk, rec, "And then?")
+    expected = tokenizers[version].encode_chat([{"role": "user", "content": "Hello there"},
+                                                {"role": "assistant", "content": "-"},
+                                                {"role": "user", "content": "And then?"}], [turn1.answer])
+    assert talk.fed[: len(expected)] == expected
+
+
+def test_an_answer_cut_off_or_ended_gets_the_eos_where_mistral_common_puts_it(tokenizers):
+    model, talk, rec = make("v7", tokenizers, window=None, max_tokens=3)
+    talk.say("Hello")
+    (_, answer), eos = talk.turns[0], tokenizers["v7"].eos_id
+    assert len(answer) == 3 and eos not in answer  # cut off by max_tokens
+    ids = talk.ids("More")
+    hello = tokenizers["v7"].encode_chat([{"role": "user", "content": "Hello"}])
+    more = tokenizers["v7"].encode_chat([{"role": "user", "content": "More"}])[1:]  # without BOS
+    assert ids == hello + answer + [eos] + more
+
+
+@pytest.mark.parametrize("version", ["v1", "v7"])
+def test_a_conversation_past_the_window_goes_on_exactly(version, tokenizers):
+    model, talk, rec = make(version, tokenizers, window=6, max_tokens=4)
+    for user in ["Hello", "Tell me more", "Why?", "Once more, from the start"]:
+        check_turn(model, talk, rec, user)
+    assert talk.cache.slots == 6 and talk.cache.seq_pos[0] > 4 * 6
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_turn_two_prefilled_in_chunks(chunk, tokenizers):
+    model, talk, rec = make("v3", tokenizers, window=7, max_tokens=5, chunk_size=chunk)
+    check_turn(model, talk, rec, "Hello there, how are you?")
+    check_turn(model, talk, rec, "And then what happened?")
+
+
+@pytest.mark.parametrize("window", [None, 64, 6])
+def test_a_system_prompt_that_moves_each_turn(window, tokenizers):
+    """v3 puts the system prompt in the last user message, so each turn changes the one before: the cache is cut back
+    to where the ids differ (or, once it has wrapped, the whole conversation is pre-filled again), and stays exact."""
+    model, talk, rec = make("v3", tokenizers, window=window, max_tokens=4)
+    talk.system = "Answer in verse."
+    turns = [check_turn(model, talk, rec, user, reuse=False) for user in ["Hello", "And then?", "Why?"]]
+    whole = turns[2].context - len(turns[2].answer) - 1  # the third turn's conversation ids
+    if window == 6:  # wrapped: every turn reads the whole conversation again
+        assert turns[2].prefilled == whole
+    else:  # cut back to the previous user message, whose system prompt moved to the new one
+        assert turns[2].prefilled < whole - len(turns[0].answer)
+
+
+def test_a_new_system_prompt_mid_conversation(tokenizers):
+    model, talk, rec = make("v7", tokenizers, window=None)
+    check_turn(model, talk, rec, "Hello")
+    talk.system = "Be brief."
+    turn = check_turn(model, talk, rec, "Again", reuse=False)
+    assert turn.prefilled > len(tokenizers["v7"].encode("Again", bos=False)) + 4  # read again from the start
+
+
+def test_ctrl_c_keeps_the_answer_so_far_or_forgets_a_turn_in_prefill(tokenizers):
+    model, talk, rec = make("v7", tokenizers, window=8, max_tokens=6)
+    check_turn(model, talk, rec, "Hello")
+    seen = []
+
+    def stop_after_two(token):
+        seen.append(token)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    turn = talk.say("Go on", on_token=stop_after_two)
+    assert turn.stopped and turn.answer == seen and talk.turns[-1] == ("Go on", seen)
+    check_turn(model, talk, rec, "And?")
+
+    def interrupt(module, inputs, out):
+        raise KeyboardInterrupt
+
+    hook = model.register_forward_hook(interrupt)
+    turn = talk.say("This one is stopped in pre-fill")
+    hook.remove()
+    assert turn.stopped and turn.answer == [] and talk.turns[-1][0] == "And?"
+    check_turn(model, talk, rec, "Still there?", reuse=False)
+
+
+def test_without_a_window_the_oldest_turns_are_dropped_to_fit(tokenizers, caplog):
+    model, talk, rec = make("v7", tokenizers, window=None, max_tokens=4, context=40)
+    with caplog.at_level(logging.WARNING):
+        for user in ["Hello there", "Tell me more", "Why is that so?", "Once more"]:
+            turn = check_turn(model, talk, rec, user, reuse=False)
+            assert turn.context <= 40
+    assert "dropped the oldest" in caplog.text and len(talk.turns) < 4
+    with pytest.raises(MistralError, match="would not fit the conversation's limit of 40 tokens"):
+        talk.say("word " * 60)
+
+
+def test_chat_options_are_checked(tokenizers):
+    model = random_model(tiny_params(vocab_size=32768))
+    with pytest.raises(MistralError, match="has a sliding window of 5 tokens"):
+        Chat(model, tokenizers["v3"], max_tokens=4, context=100)
+    with pytest.raises(MistralError, match="max_tokens must be at least 1"):
+        Chat(model, tokenizers["v3"], max_tokens=0)
+
+
+# --- the command, as a user runs it ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for version, official in [("v3", "tokenizer.model.v3"), ("tekken", "tekken.json")]:
+        folder = save_folder(random_model(tiny_params(vocab_size=VOCAB[version])), tmp_path_factory.mktemp(version))
+        shutil.copy(DATA / FILES[version], folder / official)
+        out[version] = folder
+    return out
+
+
+def run_chat(args, stdin: bytes):
+    proc = subprocess.run([sys.executable, "-m", "main", "chat", *args], cwd=ROOT, input=stdin, capture_output=True,
+                          timeout=300)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+STATS = r"prefill \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), decode \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), " \
+        r"context \d+ tokens"
+
+
+@pytest.mark.parametrize("where", ["shipped", "v3", "tekken"])
+def test_chat_answers_each_line_with_a_stats_line(where, folders):
+    args = [] if where == "shipped" else [str(folders[where]), "--max_tokens", "8"]
+    code, out, err = run_chat(args, b"Hello\nAnd then?\n")
+    assert code == 0, err
+    import re
+
+    stats = [line for line in err.splitlines() if re.fullmatch(STATS, line)]
+    assert len(stats) == 2, err
+    contexts = [int(re.search(r"context (\d+)", line)[1]) for line in stats]
+    assert contexts[1] > contexts[0]
+    assert "Traceback" not in err
+
+
+def test_bad_lines_get_one_line_each_and_the_session_goes_on(folders):
+    code, out, err = run_chat([str(folders["v3"]), "--max_tokens", "3"],
+                              b"Hello\n\n   \n/frobnicate\n\xff\xfeabc\n/reset\n/system Be brief.\nAgain\n")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert sum(line.startswith("error: empty message") for line in lines) == 2
+    assert sum("unknown command '/frobnicate'" in line for line in lines) == 1
+    assert sum("not valid UTF-8 (byte 0xff at offset 0); nothing was sent" in line for line in lines) == 1
+    assert "[a new conversation]" in err and "[system prompt: 'Be brief.']" in err
+    assert sum(line.startswith("prefill ") for line in lines) == 2 and "Traceback" not in err
