@@ -26,18 +26,15 @@ DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", 
 PIPELINE_TIMEOUT = timedelta(minutes=5)
 
 
-QUANTIZE = (None, "int8")
-
-
 def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
          quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a folder (the shipped model when model_path is None).
 
-    quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32).
-    A bf16 model on CPU keeps bf16 weights but computes in fp32: CPUs without bf16 arithmetic run bf16
-    matrix products several times slower than fp32.
+    quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), quantized
+    from the file as it is read. On a CPU, weights keep the checkpoint's dtype unless --dtype says otherwise,
+    and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16 matrix products several times slower.
     """
-    if quantize not in QUANTIZE:
+    if quantize not in (None, "int8"):
         raise MistralError(f"unknown --quantize {quantize!r}; the choice is int8 (or leave it out)")
     folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
     if not isinstance(num_pipeline_ranks, int) or num_pipeline_ranks < 1:
@@ -48,25 +45,26 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
         raise MistralError(f"model folder {str(folder)!r} does not exist")
     tokenizer = Tokenizer.from_folder(folder)  # before reading gigabytes of weights
     start = time.perf_counter()
-    model = Transformer.from_folder(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
-                                    device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype)
+    model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
+                                  device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
+                                  quantize=quantize)
     if tokenizer.n_words != model.args.vocab_size:
         config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
         raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
                            f"vocab_size={model.args.vocab_size}: the tokenizer belongs to another model")
-    from mistral import quantize as fast
-
-    label = str(model.dtype).removeprefix("torch.")
-    if quantize == "int8":
-        fast.quantize_int8(model)
-        label = f"int8 weights, {label} activations"
-    elif model.device.type == "cpu" and model.dtype == torch.bfloat16:
-        fast.bf16_weight_only(model)
-        label = "bf16 weights, fp32 arithmetic"
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     _info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
-          f"{model.device}, {label}, in {time.perf_counter() - start:.1f} s")
+          f"{model.device}, {_describe(model)}, in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
+
+
+def _describe(model: Transformer) -> str:
+    """The weights' and the activations' dtypes: "int8 weights, fp32 arithmetic", say."""
+    def name(dtype: torch.dtype) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}[dtype]
+
+    weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
+    return f"{weights} weights, {name(model.dtype)} arithmetic"
 
 
 def _init_pipeline(num_pipeline_ranks: int, device: str) -> None:

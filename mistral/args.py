@@ -30,6 +30,9 @@ class ModelArgs:
     rope_theta: float | None = None
     # None: a dense SwiGLU feed-forward in every layer; set: a sparse mixture of experts instead.
     moe: MoeArgs | None = None
+    # None: the weights are floats, as released. "int8": a folder `python -m main quantize` wrote, whose linear weights
+    # are int8 with one fp32 scale per output feature, under "<name>.weight" and "<name>.scales" (mistral/quantize.py).
+    quantization: str | None = None
 
     def __post_init__(self):
         if isinstance(self.moe, dict):
@@ -49,6 +52,9 @@ class ModelArgs:
                 f"params.json: moe.num_experts_per_tok ({self.moe.num_experts_per_tok}) must be between 1 "
                 f"and moe.num_experts ({self.moe.num_experts})"
             )
+        if self.quantization not in (None, "int8"):
+            raise MistralError(f"params.json: 'quantization' is {self.quantization!r}; this library reads 'int8' "
+                               "(or none)")
         if self.rope_theta is None:
             self.rope_theta = 1e4 if self.sliding_window is not None else 1e6
             log.info("params.json has no rope_theta: using %g (sliding_window is %s)", self.rope_theta, self.sliding_window)

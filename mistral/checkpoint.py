@@ -16,10 +16,13 @@ import ctypes
 import json
 import logging
 import math
+import mmap
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,9 @@ from tqdm import tqdm
 
 from mistral.args import ModelArgs, MoeArgs
 from mistral.errors import MistralError
+
+if TYPE_CHECKING:
+    from mistral.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +66,15 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """None or "auto": bf16 on cuda, fp32 on cpu. Refuses what the device cannot run at a usable speed."""
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device,
+                  stored: torch.dtype = torch.float32) -> torch.dtype:
+    """None or "auto": bf16 on cuda; on cpu the weights' stored dtype, fp16 becoming fp32 (a CPU runs fp16 hundreds of
+    times slower), so a checkpoint is never expanded on its way into memory. Refuses what the device cannot run at a
+    usable speed."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return stored if stored in (torch.float32, torch.bfloat16) else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise MistralError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
@@ -227,7 +238,7 @@ class _Stored:
     shape: tuple[int, ...]
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8}
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
@@ -279,7 +290,7 @@ def _index_safetensors(path: Path) -> dict[str, _Stored]:
         for name, info in header.items():
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise MistralError(f"{name!r} in {path.name} is stored as {info['dtype']}; this library reads "
-                                   "F32, F16 and BF16 weights only")
+                                   "F32, F16 and BF16 weights (and I8 in the folders `quantize` writes)")
             dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
             if start < 0 or end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
@@ -418,8 +429,6 @@ def _locate(name: str, shape: tuple[int, ...], args: ModelArgs, kind: str,
 
 def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
     """Native key -> its bytes, for the whole model, after checking the files hold exactly that model."""
-    from mistral.model import Transformer
-
     kind = layout(folder)
     config_name = "params.json" if kind == "native" else "config.json"
     stored = _index(weight_files(folder, kind))
@@ -427,8 +436,8 @@ def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
         # Older transformers saved RoPE's inv_freq buffer; it is derived from the config, not learned.
         stored = {k: v for k, v in stored.items() if not k.endswith("rotary_emb.inv_freq")}
     fused = kind == "hf" and any(k.endswith(".mlp.experts.gate_up_proj") for k in stored)
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+    as_built = _meta_state(args)
+    shapes = {name: tuple(t.shape) for name, t in as_built.items()}
     located = {name: _locate(name, shape, args, kind, fused) for name, shape in shapes.items()}
     expected = {key: shape for key, shape, _ in located.values()}
 
@@ -446,6 +455,11 @@ def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
         if stored[key].shape != shape:
             raise MistralError(f"{key!r} in {stored[key].path.name} has shape {list(stored[key].shape)} but "
                                f"{config_name} implies {list(shape)}: the weights do not match it")
+    if args.quantization is not None:  # then the names are native, and int8 weights must be int8, scales fp32
+        for name, t in as_built.items():
+            if t.dtype in (torch.int8, torch.float32) and (t.dtype == torch.int8) != (stored[name].dtype == torch.int8):
+                raise MistralError(f"{name!r} in {stored[name].path.name} is {stored[name].dtype}, but a "
+                                   f"{args.quantization} folder keeps it as {t.dtype}: the weights do not match it")
 
     plan = {}
     for name, (key, _, elements) in located.items():
@@ -453,6 +467,27 @@ def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
         plan[name] = _Source(key, where.path, where.offset + elements * where.dtype.itemsize, where.dtype,
                              shapes[name], rope_heads(name, args) if kind == "hf" else 0)
     return plan
+
+
+def _meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The state dict of the whole model on the meta device: its names, shapes and, in a quantized folder, dtypes."""
+    from mistral import quantize
+    from mistral.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    if args.quantization is not None:
+        quantize.prepare(model, args.quantization, torch.bfloat16, torch.float32)
+    return model.state_dict()
+
+
+def _stored_dtype(plan: dict[str, _Source]) -> torch.dtype:
+    """The float dtype that holds most of the weights' bytes."""
+    total: dict[torch.dtype, int] = {}
+    for source in plan.values():
+        if source.dtype.is_floating_point:
+            total[source.dtype] = total.get(source.dtype, 0) + source.nbytes
+    return max(total, key=total.get)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,18 +538,105 @@ def _progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=total < _PROGRESS_MIN_BYTES)
 
 
-def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read the tensors named in `wanted` (this rank's state dict), each converted on its own to dtype.
+def _mapped(source: _Source, maps: dict) -> torch.Tensor:
+    """A native tensor as it lies in its file, mapped rather than read: the page cache is then the only copy, and a
+    second start finds it there. Copy-on-write (MAP_PRIVATE): nothing done to the tensor reaches the file."""
+    if source.path not in maps:
+        with open(source.path, "rb") as f:
+            maps[source.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    count = math.prod(source.shape)
+    return torch.frombuffer(maps[source.path], dtype=source.dtype, count=count, offset=source.offset).view(source.shape)
 
-    The whole folder is checked against `args` first, but only the wanted tensors are read: under
-    pipeline parallelism each rank reads its own layers.
+
+def _quantized(source: _Source, device: torch.device, progress: tqdm,
+               staging: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float matrix of the file as (int8 weight, fp32 scales), quantized a block of rows at a time as it is read:
+    the full-precision matrix is never held. (Rows in HF's RoPE order are read whole first, to put them in ours.)"""
+    from mistral.quantize import int8_rows
+
+    if source.rope_heads:
+        return tuple(t.to(device) for t in int8_rows(_read(source, torch.device("cpu"), torch.float32, progress)))
+    N, K = source.shape
+    q, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
+    rows = max(1, _CHUNK_BYTES // (K * source.dtype.itemsize))
+    with open(source.path, "rb", buffering=0) as f:
+        f.seek(source.offset)
+        for start in range(0, N, rows):
+            block = staging[: min(rows, N - start) * K * source.dtype.itemsize].view(source.dtype).view(-1, K)
+            _read_exactly(f, _bytes(block), source, progress)
+            q[start : start + len(block)], scales[start : start + len(block)] = int8_rows(block)
+    return q.to(device), scales.to(device)
+
+
+def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor], device: torch.device,
+                 plan: dict[str, _Source] | None = None) -> dict[str, torch.Tensor]:
+    """Read the tensors named in `wanted` (this rank's state dict on the meta device, in the dtypes its modules keep).
+
+    A tensor kept as stored is mapped from its file on a CPU; one of another dtype is converted _CHUNK_BYTES at a
+    time; an int8 weight the file has as floats is quantized as it is read, its scales with it. The whole folder is
+    checked against `args` first, but only the wanted tensors are read: under pipeline parallelism each rank reads
+    its own layers.
     """
     folder = Path(folder)
-    plan = _plan(folder, args)
+    plan = _plan(folder, args) if plan is None else plan
     staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
-    with _progress(sum(plan[n].nbytes for n in wanted), f"loading {folder.name}") as progress:
-        return {name: _read(plan[name], device, dtype, progress, staging) for name in wanted}
+    maps: dict[Path, mmap.mmap] = {}
+
+    def as_stored(name: str) -> bool:
+        source = plan[name]
+        return device.type == "cpu" and wanted[name].dtype == source.dtype and not source.rope_heads
+
+    out = {}
+    to_read = sum(plan[n].nbytes for n in wanted if n in plan and not as_stored(n))
+    with _progress(to_read, f"loading {folder.name}") as progress:
+        for name, like in wanted.items():
+            if name not in plan:  # the scales of a weight quantized while loading: made with it, below
+                assert name.endswith(".scales") and like.dtype == torch.float32, name
+                continue
+            if like.dtype == torch.int8 and plan[name].dtype != torch.int8:
+                out[name], out[name.removesuffix("weight") + "scales"] = _quantized(plan[name], device, progress,
+                                                                                     staging)
+            elif as_stored(name):
+                out[name] = _mapped(plan[name], maps)
+            else:
+                out[name] = _read(plan[name], device, like.dtype, progress, staging)
+    return out
+
+
+def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
+               device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+               quantize: str | None = None) -> "Transformer":
+    """The model of a native or Hugging Face folder, ready to run.
+
+    device: cuda when available, else cpu. dtype: on CUDA the activations' and weights' (auto: bf16); on a CPU the
+    weights' (auto: as stored, so a bf16 checkpoint stays bf16 in memory), while activations and arithmetic are fp32
+    there whatever the weights (no CPU here has bf16 arithmetic at speed). quantize="int8": int8 linear weights,
+    quantized from the file one block of rows at a time; a folder `quantize` wrote is int8 already. Weights kept as
+    stored are mapped from the file. Under pipeline parallelism each rank builds and reads only its own layers.
+    """
+    from mistral import quantize as formats
+    from mistral.model import Transformer
+
+    folder, device = Path(folder), resolve_device(device)
+    if quantize not in (None, "int8"):
+        raise MistralError(f"unknown quantize {quantize!r}; the choice is int8 (or leave it out)")
+    args = read_args(folder)
+    if args.quantization is not None and quantize not in (None, args.quantization):
+        raise MistralError(f"{folder} holds {args.quantization} weights already; leave out --quantize")
+    plan = _plan(folder, args)
+    dtype = resolve_dtype(dtype, device, stored=_stored_dtype(plan))
+    rank = 0
+    if num_pipeline_ranks > 1:
+        rank = pipeline_rank(num_pipeline_ranks)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    compute = torch.float32 if device.type == "cpu" else dtype
+    linears = args.quantization or quantize or ("bf16" if compute != dtype else "float")
+    with torch.device("meta"):
+        model = Transformer(args, rank, num_pipeline_ranks, max_batch_size)
+    formats.prepare(model, linears, embeddings=dtype, compute=compute)
+    model.load_state_dict(load_weights(folder, args, model.state_dict(), device, plan), assign=True, strict=True)
+    return model.eval()
 
 
 def _write_safetensors(path: Path, tensors: dict[str, tuple[_Source, int]], progress: tqdm) -> None:

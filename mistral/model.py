@@ -303,26 +303,10 @@ class Transformer(nn.Module):
 
     @staticmethod
     def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
-                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Transformer":
-        """Load a native folder (params.json + consolidated.*) or a Hugging Face one (config.json + model*.safetensors).
-
-        device defaults to cuda when available, else cpu; dtype to bf16 on cuda and fp32 on cpu. The
-        model is built on the meta device, so weights are read once, straight into their final tensors.
-        Under pipeline parallelism, each rank builds and reads only its own layers.
-        """
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    quantize: str | None = None) -> "Transformer":
+        """Load a native folder (params.json + consolidated.*) or a Hugging Face one (config.json + model*.safetensors):
+        mistral.checkpoint.load_model, which says what device, dtype and quantize choose."""
         from mistral import checkpoint
 
-        device = checkpoint.resolve_device(device)
-        dtype = checkpoint.resolve_dtype(dtype, device)
-        folder = Path(folder)
-        args = checkpoint.read_args(folder)
-        rank = 0
-        if num_pipeline_ranks > 1:
-            rank = checkpoint.pipeline_rank(num_pipeline_ranks)
-            if device.type == "cuda":
-                device = torch.device("cuda", torch.cuda.current_device())
-        with torch.device("meta"):
-            model = Transformer(args, rank, num_pipeline_ranks, max_batch_size)
-        state = checkpoint.load_weights(folder, args, model.state_dict(), device, dtype)
-        model.load_state_dict(state, assign=True, strict=True)
-        return model.eval()
+        return checkpoint.load_model(folder, max_batch_size, num_pipeline_ranks, device, dtype, quantize)

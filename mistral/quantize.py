@@ -29,6 +29,7 @@ Letters: M rows (tokens), N output features, K input features.
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mistral import kernels
@@ -70,6 +71,14 @@ def _few_rows(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = No
     return y if x.ndim == 2 else y.view(*x.shape[:-1], -1)
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization of w (N, K): scale = max|w| / 127 per row, q = round(w / scale).
+    Each row stands alone, so a matrix can be quantized a block of rows at a time (straight from the file)."""
+    w = w.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (N,)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
 class Int8Linear(nn.Module):
     """A bias-free nn.Linear with int8 weights: y = (x @ weight.T) * scales, one scale per output feature."""
 
@@ -82,11 +91,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "Int8Linear":
-        """Symmetric per-output-channel quantization: scale = max|w| / 127 per row, weight = round(w / scale)."""
-        w = linear.weight.detach().float()  # (N, K)
-        scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (N,)
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales)
+        return cls(*int8_rows(linear.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _few_rows(x, self.weight, self.scales)
@@ -127,6 +132,17 @@ class Bf16Linear(nn.Module):
         return f"in_features={K}, out_features={N}"
 
 
+class Bf16Embedding(nn.Module):
+    """nn.Embedding's table kept in bf16, its rows handed out in fp32: the activations' dtype on a CPU."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (V, dim) bf16
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
 def _replace_linears(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> None:
     """Swap every weight matrix of the layers and the head (nn.Linear or Bf16Linear) for make(it), except
     the MoE routers."""
@@ -139,6 +155,33 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -
             if isinstance(child, (nn.Linear, Bf16Linear)):
                 assert getattr(child, "bias", None) is None, f"{name} has a bias; the model's linears have none"
                 setattr(module, name, make(child))
+
+
+def prepare(model: nn.Module, linears: str, embeddings: torch.dtype, compute: torch.dtype) -> nn.Module:
+    """Give a model built on the meta device the modules of a weight format, before its weights are read into them.
+
+    linears: "int8" (Int8Linear), "bf16" with fp32 compute (Bf16Linear), or "float" (as built, in `compute`).
+    embeddings: the table's dtype; bf16 under fp32 compute makes it a Bf16Embedding. Every other parameter (norms,
+    MoE routers) gets dtype `compute`, the activations'. How the weights get there is mistral.checkpoint's business.
+    """
+    assert linears in ("int8", "bf16", "float"), linears
+
+    def meta(shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    if linears == "int8":
+        _replace_linears(model, lambda lin: Int8Linear(meta(lin.weight.shape, torch.int8),
+                                                       meta(lin.weight.shape[:1], torch.float32)))
+    elif linears == "bf16":
+        _replace_linears(model, lambda lin: Bf16Linear(meta(lin.weight.shape, torch.bfloat16)))
+    table = getattr(model, "tok_embeddings", None)
+    if isinstance(table, nn.Embedding) and embeddings == torch.bfloat16 and compute == torch.float32:
+        model.tok_embeddings = Bf16Embedding(meta(table.weight.shape, torch.bfloat16))
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            dtype = embeddings if isinstance(module, nn.Embedding) else compute
+            setattr(module, name, nn.Parameter(meta(p.shape, dtype), requires_grad=False))
+    return model
 
 
 @torch.no_grad()
