@@ -1,9 +1,10 @@
-"""Command line: `python -m main demo|interactive|chat|explain|convert`. Run `python -m main --help`."""
+"""Command line: `python -m main demo|interactive|chat|explain|convert|quantize`. Run `python -m main --help`."""
 import logging
 import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from mistral import checkpoint
-from mistral.chat import Chat, Turn
+from mistral.args import ModelArgs
+from mistral.chat import DEFAULT_CONTEXT, Chat, Turn
 from mistral.errors import MistralError
 from mistral.generate import check_options, generate, generate_ids  # noqa: F401  (re-exported)
 from mistral.model import Transformer
@@ -21,14 +23,20 @@ from mistral.tokenizer import Tokenizer
 SHIPPED_MODEL = Path(__file__).resolve().parent / "mistral" / "assets"
 # A chat's answers end at EOS, or are cut off after this many tokens.
 CHAT_MAX_TOKENS = 256
+# What the memory check before loading assumes of a prompt it has not seen yet (interactive, chat).
+TYPICAL_PROMPT = 512
 DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", "Now is the winter of our"]
 # If a pipeline rank dies, the others give up after this long instead of waiting forever.
 PIPELINE_TIMEOUT = timedelta(minutes=5)
 
 
 def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
-         quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
+         quantize: str | None = None,
+         needs: Callable[[ModelArgs, Tokenizer], tuple[int, int]] | None = None) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a folder (the shipped model when model_path is None).
+
+    needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
+    that cannot fit in memory is refused before any weight is read.
 
     quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), quantized
     from the file as it is read. On a CPU, weights keep the checkpoint's dtype unless --dtype says otherwise,
@@ -44,10 +52,11 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     if not folder.is_dir():
         raise MistralError(f"model folder {str(folder)!r} does not exist")
     tokenizer = Tokenizer.from_folder(folder)  # before reading gigabytes of weights
+    slots, prefill = (0, 512) if needs is None else needs(checkpoint.read_args(folder), tokenizer)
     start = time.perf_counter()
     model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
                                   device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
-                                  quantize=quantize)
+                                  quantize=quantize, cache_slots=slots, prefill_tokens=prefill)
     if tokenizer.n_words != model.args.vocab_size:
         config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
         raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
@@ -65,6 +74,11 @@ def _describe(model: Transformer) -> str:
 
     weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
     return f"{weights} weights, {name(model.dtype)} arithmetic"
+
+
+def _slots(args: ModelArgs, reach: int) -> int:
+    """Cache slots per row for sequences of up to `reach` positions: past the window the buffer rolls."""
+    return min(reach, args.sliding_window or reach)
 
 
 def _init_pipeline(num_pipeline_ranks: int, device: str) -> None:
@@ -115,8 +129,13 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     _check_seed(seed)
+
+    def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
+        longest = max(len(tokenizer.encode(p)) for p in DEMO_PROMPTS)
+        return _slots(args, longest + max_tokens), min(chunk_size or longest, longest)
+
     model, tokenizer = load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
-                            device=device, dtype=dtype, quantize=quantize)
+                            device=device, dtype=dtype, quantize=quantize, needs=needs)
     encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
     first_token_at = {}
 
@@ -154,8 +173,9 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     _check_seed(seed)
-    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks,
-                            device=device, dtype=dtype, quantize=quantize)
+    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
+                            dtype=dtype, quantize=quantize,
+                            needs=lambda args, _: (_slots(args, TYPICAL_PROMPT + max_tokens), chunk_size or TYPICAL_PROMPT))
     generator = _generator(seed, model.device)
     tty = sys.stdin.isatty()
     rejected = 0
@@ -218,8 +238,11 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS, tempe
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     _check_seed(seed)
-    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks,
-                            device=device, dtype=dtype, quantize=quantize)
+    # A conversation may fill the window, or the context of a model without one.
+    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
+                            dtype=dtype, quantize=quantize,
+                            needs=lambda args, _: (args.sliding_window or context or DEFAULT_CONTEXT,
+                                                   chunk_size or TYPICAL_PROMPT))
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
     tty = sys.stdin.isatty()
@@ -330,11 +353,17 @@ def convert(src: str, dst: str, to: str = "native") -> None:
     run(Path(src), Path(dst), to=to)
 
 
+def quantize(src: str, dst: str, to: str = "int8") -> None:
+    """Write the model folder SRC to the new folder DST with int8 weights, which every command loads as they are."""
+    checkpoint.quantize(Path(src), Path(dst), to=to)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     try:
-        fire.Fire({"demo": demo, "interactive": interactive, "chat": chat, "explain": explain, "convert": convert})
+        fire.Fire({"demo": demo, "interactive": interactive, "chat": chat, "explain": explain, "convert": convert,
+                   "quantize": quantize})
         if dist.is_initialized():
             # Every rank done before any tears its connections down: a gloo rank whose peer closes first
             # can abort ("terminate called without an active exception").

@@ -13,15 +13,19 @@ torch-zip files both store each tensor as one contiguous run of little-endian by
 mmap would leave the file's pages resident too, so peak memory would approach twice the weights.
 """
 import ctypes
+import dataclasses
 import json
 import logging
 import math
 import mmap
+import os
 import re
 import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -469,12 +473,28 @@ def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
     return plan
 
 
+@contextmanager
+def _on_meta():
+    """Build modules on the meta device without drawing their initial weights: the file has them, and on meta the
+    draw (nn.Embedding's normal_) costs torch's first import of its compiler, about 2 s of every start."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
     """The state dict of the whole model on the meta device: its names, shapes and, in a quantized folder, dtypes."""
     from mistral import quantize
     from mistral.model import Transformer
 
-    with torch.device("meta"):
+    with _on_meta():
         model = Transformer(args)
     if args.quantization is not None:
         quantize.prepare(model, args.quantization, torch.bfloat16, torch.float32)
@@ -482,10 +502,10 @@ def _meta_state(args: ModelArgs) -> dict[str, torch.Tensor]:
 
 
 def _stored_dtype(plan: dict[str, _Source]) -> torch.dtype:
-    """The float dtype that holds most of the weights' bytes."""
+    """The float dtype that holds most of the weights' bytes (an int8 folder's scales aside)."""
     total: dict[torch.dtype, int] = {}
-    for source in plan.values():
-        if source.dtype.is_floating_point:
+    for name, source in plan.items():
+        if source.dtype.is_floating_point and not name.endswith(".scales"):
             total[source.dtype] = total.get(source.dtype, 0) + source.nbytes
     return max(total, key=total.get)
 
@@ -605,7 +625,7 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
 
 def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
                device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-               quantize: str | None = None) -> "Transformer":
+               quantize: str | None = None, cache_slots: int = 0, prefill_tokens: int = 512) -> "Transformer":
     """The model of a native or Hugging Face folder, ready to run.
 
     device: cuda when available, else cpu. dtype: on CUDA the activations' and weights' (auto: bf16); on a CPU the
@@ -613,6 +633,10 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     there whatever the weights (no CPU here has bf16 arithmetic at speed). quantize="int8": int8 linear weights,
     quantized from the file one block of rows at a time; a folder `quantize` wrote is int8 already. Weights kept as
     stored are mapped from the file. Under pipeline parallelism each rank builds and reads only its own layers.
+
+    Before any weight is read, what the run will need (the weights as they will be kept, a cache of cache_slots
+    per row for max_batch_size rows, and the work space of pre-filling prefill_tokens at a time) is compared with
+    the memory available, and a run that cannot fit is refused in one line that says what would.
     """
     from mistral import quantize as formats
     from mistral.model import Transformer
@@ -631,25 +655,95 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
     compute = torch.float32 if device.type == "cpu" else dtype
-    linears = args.quantization or quantize or ("bf16" if compute != dtype else "float")
-    with torch.device("meta"):
-        model = Transformer(args, rank, num_pipeline_ranks, max_batch_size)
-    formats.prepare(model, linears, embeddings=dtype, compute=compute)
+
+    def built(dtype: torch.dtype, quantize: str | None) -> "Transformer":
+        linears = args.quantization or quantize or ("bf16" if compute != dtype else "float")
+        with _on_meta():
+            model = Transformer(args, rank, num_pipeline_ranks, max_batch_size)
+        return formats.prepare(model, linears, embeddings=dtype, compute=compute)
+
+    model = built(dtype, quantize)
+    need = Memory.of(model, compute, cache_slots, prefill_tokens)
+    free = memory_available(device)
+    if need.total > free:
+        others = [(flag, Memory.of(built(*how), compute, cache_slots, prefill_tokens).total)
+                  for flag, how in (("--dtype bf16", (torch.bfloat16, None)), ("--quantize int8", (dtype, "int8")))
+                  if how != (dtype, quantize) and args.quantization is None]
+        fits = [f"{flag} needs {gb(total)}" for flag, total in others if total <= free]
+        if need.cache > need.weights / 4:
+            fits.append(f"fewer rows or a shorter run would shrink the cache ({gb(need.cache)})")
+        raise MistralError(f"this run needs about {gb(need.total)} ({need}) but {gb(free)} is available on "
+                           f"{device.type}: {'; '.join(fits) or 'no option of this library fits it here'}")
     model.load_state_dict(load_weights(folder, args, model.state_dict(), device, plan), assign=True, strict=True)
     return model.eval()
 
 
-def _write_safetensors(path: Path, tensors: dict[str, tuple[_Source, int]], progress: tqdm) -> None:
-    """Write tensors one at a time, so converting never holds more than one in memory.
+def gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:,.1f} GB"
 
-    tensors: output name -> (its source, heads whose rows to put in HF RoPE order, 0 for none). Each tensor
-    keeps its stored dtype.
-    """
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes a run needs: the weights as kept, the KV cache, and the largest temporaries of a forward."""
+
+    weights: int
+    cache: int
+    work: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.work
+
+    @staticmethod
+    def of(model: "Transformer", compute: torch.dtype, cache_slots: int, prefill_tokens: int) -> "Memory":
+        """For a model on the meta device, whose tensors have the dtypes they will be loaded in."""
+        args, size = model.args, compute.itemsize
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        cache = 2 * model.n_local_layers * model.max_batch_size * cache_slots * args.n_kv_heads * args.head_dim * size
+        S, H, D = prefill_tokens, args.n_heads, args.head_dim
+        # A pre-fill step of S tokens: the residual and the norm's output, q/k/v and attention's output, the FFN's
+        # gate, up and their product; SDPA's scores for a tile of 256 queries; a block of weights converted for a
+        # product (16 MiB); the logits of the rows that are sampled, and their softmax.
+        activations = S * (2 * args.dim + (2 * H + 2 * args.n_kv_heads) * D + 3 * args.hidden_dim) * size
+        scores = 256 * (256 + (args.sliding_window or S)) * H * 4
+        logits = 2 * model.max_batch_size * args.vocab_size * 4
+        return Memory(weights, cache, activations + scores + (16 << 20) + logits)
+
+    def __str__(self) -> str:
+        return f"weights {gb(self.weights)}, cache {gb(self.cache)}, work space {gb(self.work)}"
+
+
+def memory_available(device: torch.device) -> int:
+    """Bytes a new allocation can take without the kernel killing something: MemAvailable (free memory and the
+    page cache that can be dropped), or less where a cgroup (a container) caps this process; a GPU's free memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # not Linux: nothing to go by, so nothing is refused
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+# A tensor to write: its dtype, its shape, and what makes it (called once, when its turn comes).
+_Entry = tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def _write_safetensors(path: Path, tensors: dict[str, _Entry]) -> None:
+    """Write tensors one at a time, each made just before it is written, so that writing never holds more than one."""
     header, end = {}, 0
-    for name, (source, _) in tensors.items():
-        header[name] = {"dtype": _SAFETENSORS_NAMES[source.dtype], "shape": list(source.shape),
-                        "data_offsets": [end, end + source.nbytes]}
-        end += source.nbytes
+    for name, (dtype, shape, _) in tensors.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
+        end += nbytes
     # transformers refuses safetensors files without format metadata.
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header).encode()
@@ -657,9 +751,39 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[_Source, int]], prog
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for source, heads in tensors.values():
-            t = _read(source, torch.device("cpu"), source.dtype, progress)
-            f.write(_bytes(to_hf_rope_order(t, heads).contiguous() if heads else t))
+        for name, (dtype, shape, make) in tensors.items():
+            t = make()
+            assert t.dtype == dtype and tuple(t.shape) == shape, (name, t.dtype, t.shape)
+            f.write(_bytes(t.contiguous()))
+
+
+@contextmanager
+def _new_folder(dst: Path):
+    """A temporary folder beside dst, renamed to dst once everything is written: a failure leaves nothing behind."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise MistralError(f"{dst} already exists and is not an empty folder; pick a new destination")
+    if not dst.parent.is_dir():
+        raise MistralError(f"{dst.parent} is not a folder, so {dst.name} cannot be made in it")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    except OSError as e:
+        raise MistralError(f"cannot write in {dst.parent} ({e.strerror})") from None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the folder gets the mode any new folder would
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise MistralError(f"writing {dst} failed ({e.strerror}); nothing was left behind") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_tokenizers(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        for path in src.glob(name):
+            shutil.copyfile(path, dst / path.name)
 
 
 def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
@@ -673,21 +797,62 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
     if to not in ("native", "hf"):
         raise MistralError(f"unknown target layout {to!r}; use native or hf")
     args = read_args(src)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise MistralError(f"{dst} already exists and is not an empty folder; pick a new destination")
+    if to == "hf" and args.quantization is not None:
+        raise MistralError(f"{src} holds {args.quantization} weights, which transformers' Mistral models do not "
+                           "read; convert the float folder it was made from")
     plan = _plan(src, args)
-    dst.mkdir(parents=True, exist_ok=True)
-    with _progress(sum(s.nbytes for s in plan.values()), f"converting {src.name}") as progress:
+    cpu = torch.device("cpu")
+    with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"converting {src.name}") as progress:
         if to == "native":
             params = {k: v for k, v in asdict(args).items() if v is not None}
-            (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-            _write_safetensors(dst / "consolidated.safetensors", {n: (s, 0) for n, s in plan.items()}, progress)
+            (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+            tensors = {n: (s.dtype, s.shape, lambda s=s: _read(s, cpu, s.dtype, progress)) for n, s in plan.items()}
+            _write_safetensors(tmp / "consolidated.safetensors", tensors)
         else:
             config = hf_config_from_args(args, plan["tok_embeddings.weight"].dtype)
-            (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            tensors = {hf_name(n): (s, rope_heads(n, args)) for n, s in plan.items()}
-            _write_safetensors(dst / "model.safetensors", tensors, progress)
-    for name in TOKENIZER_FILES:
-        for path in src.glob(name):
-            shutil.copyfile(path, dst / path.name)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+            def hf_order(source: _Source, heads: int) -> torch.Tensor:
+                t = _read(source, cpu, source.dtype, progress)
+                return to_hf_rope_order(t, heads) if heads else t
+
+            tensors = {hf_name(n): (s.dtype, s.shape, lambda s=s, n=n: hf_order(s, rope_heads(n, args)))
+                       for n, s in plan.items()}
+            _write_safetensors(tmp / "model.safetensors", tensors)
+        _copy_tokenizers(src, tmp)
+    return dst
+
+
+def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
+    """Write the model in folder src (native or HF) to the new native folder dst with int8 linear weights, which every
+    command then loads without quantizing again: params.json says "quantization": "int8", and consolidated.safetensors
+    holds each linear's int8 "<name>.weight" and fp32 "<name>.scales" (mistral/quantize.py says how they are made)
+    beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read."""
+    src, dst = Path(src), Path(dst)
+    if to != "int8":
+        raise MistralError(f"unknown quantization {to!r}; the choice is int8")
+    args = read_args(src)
+    if args.quantization is not None:
+        raise MistralError(f"{src} holds {args.quantization} weights already")
+    plan = _plan(src, args)
+    quantized = dataclasses.replace(args, quantization=to)
+    cpu, staging, made = torch.device("cpu"), torch.empty(_CHUNK_BYTES, dtype=torch.uint8), {}
+    with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"quantizing {src.name}") as progress:
+        def int8(name: str) -> torch.Tensor:
+            q, made[name.removesuffix("weight") + "scales"] = _quantized(plan[name], cpu, progress, staging)
+            return q
+
+        tensors = {}
+        for name, like in _meta_state(quantized).items():
+            if like.dtype == torch.int8:
+                tensors[name] = (torch.int8, tuple(like.shape), lambda name=name: int8(name))
+            elif name.endswith(".scales"):
+                tensors[name] = (torch.float32, tuple(like.shape), lambda name=name: made.pop(name))
+            else:
+                source = plan[name]
+                tensors[name] = (source.dtype, source.shape, lambda s=source: _read(s, cpu, s.dtype, progress))
+        params = {k: v for k, v in asdict(quantized).items() if v is not None}
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        _write_safetensors(tmp / "consolidated.safetensors", tensors)
+        _copy_tokenizers(src, tmp)
     return dst

@@ -55,10 +55,12 @@ def check_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
 def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
-                 cache: RotatingBufferCache | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 cache: RotatingBufferCache | None = None,
+                 prompt_logprobs: bool = False) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
-    logprobs[b] scores every prompt token after the first, then every generated token. Each step
+    logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first
+    too (which costs the output head at every prompt position, where sampling needs it at the last). Each step
     feeds every unfinished row either its next prompt chunk (at most chunk_size tokens) or its last
     sampled token, so a row that ends pre-fill early starts decoding while the others still pre-fill.
     A row that samples eos_id stops there (the EOS is its last token) and takes no further compute.
@@ -119,10 +121,13 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                 seqlens.append(len(chunk))
             if not inputs:
                 break
+            if not prompt_logprobs:  # only the positions that sample
+                scored, owners, targets = ([x for x, t in zip(xs, targets) if t < 0] for xs in (scored, owners, targets))
 
-            logits = model(torch.tensor(inputs, device=model.device), seqlens, cache)  # (S, V)
-            if len(scored) < len(inputs):
-                logits = logits[torch.tensor(scored, device=logits.device)]  # (N, V)
+            rows = None if len(scored) == len(inputs) else scored
+            logits = model(torch.tensor(inputs, device=model.device), seqlens, cache, rows=rows)  # (N, V)
+            if not scored:  # every row was in the middle of its prompt
+                continue
             to_sample = [t < 0 for t in targets]
             # A greedy decode step on a CPU: the C kernel picks each row's argmax and its log-softmax in one call.
             picked = kernels.greedy(logits) if temperature == 0 and all(to_sample) else None
@@ -150,12 +155,15 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
 
 def generate(prompts: list[str], model: Transformer, tokenizer: Tokenizer, *, max_tokens: int,
              temperature: float = 0.0, top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None,
-             eos_id: int | None = None, generator: torch.Generator | None = None) -> tuple[list[str], list[list[float]]]:
+             eos_id: int | None = None, generator: torch.Generator | None = None,
+             prompt_logprobs: bool = False) -> tuple[list[str], list[list[float]]]:
     """Complete text prompts. Returns (texts, logprobs): texts[i] is prompt plus completion, decoded
-    together; logprobs[i] scores every prompt token after the first, then every generated token."""
+    together; logprobs[i] scores every generated token (with prompt_logprobs, every prompt token after the
+    first before them)."""
     if any(not p for p in prompts):
         raise MistralError("empty prompt: every prompt needs some text")
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]
     generated, logprobs = generate_ids(encoded, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                       top_k=top_k, chunk_size=chunk_size, eos_id=eos_id, generator=generator)
+                                       top_k=top_k, chunk_size=chunk_size, eos_id=eos_id, generator=generator,
+                                       prompt_logprobs=prompt_logprobs)
     return [tokenizer.decode(p + g) for p, g in zip(encoded, generated)], logprobs

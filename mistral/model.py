@@ -225,15 +225,23 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None = None,
+                rows: list[int] | None = None) -> torch.Tensor:
         """input_ids (S,): the sequences of the batch packed back to back, seqlens[b] tokens each.
 
         Without a cache, every sequence starts at position 0. With one, row b of the cache continues
-        sequence b, and seqlens[b] may be 0. Returns (S, V) fp32 logits on every pipeline rank.
+        sequence b, and seqlens[b] may be 0. Returns fp32 logits on every pipeline rank: (S, V), or (N, V) for
+        the N packed positions in `rows`. Generation needs the logits of a prompt's last token only, and the
+        output head is the largest product there is (V x dim per position).
         """
         seqlens = [int(n) for n in seqlens]
         if input_ids.ndim != 1 or input_ids.shape[0] != sum(seqlens):
             raise MistralError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
+        S = input_ids.shape[0]
+        if rows is not None and not all(0 <= r < S for r in rows):
+            raise MistralError(f"rows must be positions of the {S} packed tokens, got {rows}")
+        if S == 0:  # nothing to run: every row of the cache sits this step out
+            return torch.empty(0, self.args.vocab_size, device=self.device)
         if cache is None:
             if any(n <= 0 for n in seqlens):
                 raise MistralError(f"without a cache every sequence needs at least one token, got seqlens {seqlens}")
@@ -243,7 +251,6 @@ class Transformer(nn.Module):
             meta = cache.get_input_metadata(seqlens, self.args.sliding_window)
             positions, mask = meta.positions, meta.mask
 
-        S = input_ids.shape[0]
         if self.is_first:
             h = self.tok_embeddings(input_ids)  # (S, dim)
         else:
@@ -259,14 +266,16 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(seqlens)
 
-        if self.num_pipeline_ranks == 1:
-            return self.output(self.norm(h)).float()
-        if not self.is_last:
-            dist.send(h, dst=self.pipeline_rank + 1)
-            logits = torch.empty(S, self.args.vocab_size, device=self.device, dtype=torch.float32)
+        if not self.is_last or rows == []:
+            if not self.is_last:
+                dist.send(h, dst=self.pipeline_rank + 1)
+            logits = torch.empty(S if rows is None else len(rows), self.args.vocab_size, device=self.device)
         else:
-            logits = self.output(self.norm(h)).float()
-        dist.broadcast(logits, src=self.num_pipeline_ranks - 1)
+            if rows is not None:
+                h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]  # (N, dim)
+            logits = self.output(self.norm(h)).float()  # (N, V)
+        if self.num_pipeline_ranks > 1:
+            dist.broadcast(logits, src=self.num_pipeline_ranks - 1)
         return logits
 
     @contextmanager

@@ -28,15 +28,24 @@ def tokenizers():
 
 
 class Recorder:
-    """Every forward's logits, in order: the rows for the ids fed at each step."""
+    """Every forward, in order: the ids it was fed, and the logits it gave for which of them."""
 
     def __init__(self, model):
         self.steps = []
-        model.register_forward_hook(lambda module, inputs, out: self.steps.append((inputs[0].tolist(), out.clone())))
 
-    def since(self, n: int) -> tuple[list[int], torch.Tensor]:
-        ids = [t for step_ids, _ in self.steps[n:] for t in step_ids]
-        return ids, torch.cat([logits for _, logits in self.steps[n:]])
+        def record(module, args, kwargs, out):
+            rows = kwargs.get("rows")
+            self.steps.append((args[0].tolist(), list(range(len(args[0]))) if rows is None else rows, out.clone()))
+
+        model.register_forward_hook(record, with_kwargs=True)
+
+    def since(self, n: int) -> tuple[list[int], list[int], torch.Tensor]:
+        """The ids fed since step n, which of them have logits (counted from the first), and those logits."""
+        ids, rows = [], []
+        for step_ids, step_rows, _ in self.steps[n:]:
+            rows += [len(ids) + r for r in step_rows]
+            ids += step_ids
+        return ids, rows, torch.cat([logits for _, _, logits in self.steps[n:]])
 
 
 def make(version, tokenizers, window, max_tokens=6, **options):
@@ -54,7 +63,7 @@ def check_turn(model, talk, rec, user, reuse=True):
     last = talk.turns.pop()  # the conversation as this turn saw it (older turns may have been dropped to fit)
     target = talk.ids(user)
     talk.turns.append(last)
-    fed, got = rec.since(start)
+    fed, rows, got = rec.since(start)
     kept = len(talk.fed) - len(fed)
     assert fed == (target + turn.answer)[kept : len(talk.fed)] and talk.fed == (target + turn.answer)[: len(talk.fed)]
     assert turn.prefilled == len(target) - kept
@@ -62,12 +71,13 @@ def check_turn(model, talk, rec, user, reuse=True):
         assert kept == len(before) and target[:kept] == before
     with torch.no_grad():
         fresh = model(torch.tensor(talk.fed), [len(talk.fed)])  # (n, V): the whole conversation in one packed pass
-    torch.testing.assert_close(got, fresh[kept:])
+    assert rows[-1] == len(fed) - 1  # the last token fed was sampled from
+    torch.testing.assert_close(got, fresh[kept:][rows])
     return turn
 
 
 @pytest.mark.parametrize("version", ["v1", "v3", "v7", "tekken"])
-def test_turn_two_on_the_kept_cache_is_a_fresh_forward(version, tokenizers):
+def test_turn_two_on_the_kept_cache_is_a_fresh_forward(version, tokenizers, every_logit):
     model, talk, rec = make(version, tokenizers, window=None)
     turn1 = check_turn(model, talk, rec, "Hello there")
     check_turn(model, talk, rec, "And then?")
@@ -88,8 +98,19 @@ def test_an_answer_cut_off_or_ended_gets_the_eos_where_mistral_common_puts_it(to
     assert ids == hello + answer + [eos] + more
 
 
+@pytest.fixture
+def every_logit(monkeypatch):
+    """Turns compute the logits of every position they feed (prompt_logprobs), not only where they sample: so the
+    tests compare all of them with the fresh forward's."""
+    import functools
+
+    import mistral.chat
+
+    monkeypatch.setattr(mistral.chat, "generate_ids", functools.partial(mistral.chat.generate_ids, prompt_logprobs=True))
+
+
 @pytest.mark.parametrize("version", ["v1", "v7"])
-def test_a_conversation_past_the_window_goes_on_exactly(version, tokenizers):
+def test_a_conversation_past_the_window_goes_on_exactly(version, tokenizers, every_logit):
     model, talk, rec = make(version, tokenizers, window=6, max_tokens=4)
     for user in ["Hello", "Tell me more", "Why?", "Once more, from the start"]:
         check_turn(model, talk, rec, user)
@@ -97,7 +118,7 @@ def test_a_conversation_past_the_window_goes_on_exactly(version, tokenizers):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7])
-def test_turn_two_prefilled_in_chunks(chunk, tokenizers):
+def test_turn_two_prefilled_in_chunks(chunk, tokenizers, every_logit):
     model, talk, rec = make("v3", tokenizers, window=7, max_tokens=5, chunk_size=chunk)
     check_turn(model, talk, rec, "Hello there, how are you?")
     check_turn(model, talk, rec, "And then what happened?")

@@ -26,10 +26,15 @@ def rescore(model, prompts, generated):
 @pytest.mark.parametrize("chunk_size", [None, 1, W - 1, W, W + 1, 3 * W])
 def test_greedy_output_rescored_in_one_pass(chunk_size, moe):
     model = random_model(tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2} if moe else None))
-    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=3 * W, chunk_size=chunk_size)
+    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=3 * W, chunk_size=chunk_size, prompt_logprobs=True)
     for p, g, lp, want in zip(PROMPTS, generated, logprobs, rescore(model, PROMPTS, generated)):
         assert len(g) == 3 * W and len(lp) == len(p) - 1 + len(g)
         torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)
+    # Without prompt logprobs the head runs only where a token is sampled: the same tokens, the same scores of them.
+    again, sampled_only = generate_ids(PROMPTS, model, max_tokens=3 * W, chunk_size=chunk_size)
+    assert again == generated
+    for p, lp, full in zip(PROMPTS, sampled_only, logprobs):
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(full[len(p) - 1 :]), rtol=0, atol=1e-5)
     # Greedy: each generated token is the argmax of what the one-pass model predicts there.
     for p, g in zip(PROMPTS, generated):
         with torch.no_grad():
@@ -47,14 +52,15 @@ class CountingModel:
     """Wraps a model and records the seqlens of every forward."""
 
     def __init__(self, model):
-        self.model, self.calls = model, []
+        self.model, self.calls, self.rows = model, [], []
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, ids, seqlens, cache):
+    def __call__(self, ids, seqlens, cache, rows=None):
         self.calls.append(list(seqlens))
-        return self.model(ids, seqlens, cache)
+        self.rows.append(rows)
+        return self.model(ids, seqlens, cache, rows=rows)
 
 
 def test_eos_stops_its_row_and_leaves_the_others_running():
@@ -66,14 +72,16 @@ def test_eos_stops_its_row_and_leaves_the_others_running():
     generated, logprobs = generate_ids(PROMPTS, counting, max_tokens=10, eos_id=free[0][k])
     assert generated[0] == free[0][: k + 1]  # up to and including the EOS
     assert generated[1:] == free[1:]
-    assert len(logprobs[0]) == len(PROMPTS[0]) - 1 + k + 1
+    assert len(logprobs[0]) == k + 1
+    # The pre-fill computes the head for each prompt's last position only.
+    assert counting.rows[0] == [len(PROMPTS[0]) - 1, len(PROMPTS[0]) + len(PROMPTS[1]) - 1, sum(map(len, PROMPTS)) - 1]
     # Once row 0 has emitted EOS, it brings nothing to any later forward.
     assert [c[0] for c in counting.calls] == [len(PROMPTS[0])] + [1] * k + [0] * (9 - k)
 
 
 def test_max_tokens_zero_scores_the_prompt_only():
     model = random_model(tiny_params())
-    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=0, chunk_size=4)
+    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=0, chunk_size=4, prompt_logprobs=True)
     assert generated == [[], [], []]
     for lp, want in zip(logprobs, rescore(model, PROMPTS, generated)):
         torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)
@@ -81,7 +89,7 @@ def test_max_tokens_zero_scores_the_prompt_only():
 
 def test_model_without_sliding_window():
     model = random_model(tiny_params(sliding_window=None, rope_theta=None))
-    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=8, chunk_size=3)
+    generated, logprobs = generate_ids(PROMPTS, model, max_tokens=8, chunk_size=3, prompt_logprobs=True)
     for lp, want in zip(logprobs, rescore(model, PROMPTS, generated)):
         torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)
 

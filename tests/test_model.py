@@ -302,3 +302,22 @@ def test_generate_sizes_the_cache_to_what_the_run_reaches(monkeypatch):
     for params, max_tokens in [(CONFIGS["gqa"], 1), (CONFIGS["gqa"], 20), (CONFIGS["no_window"], 20)]:
         gen.generate_ids([[1, 2], [3]], random_model(params), max_tokens=max_tokens)
     assert sizes == [2, W, 21]
+
+
+@pytest.mark.parametrize("name", ["gqa", "moe"])
+def test_logits_of_chosen_rows_are_those_of_the_full_forward(name):
+    """rows= computes the head for those packed positions only (the last token of each prompt, say): the same
+    numbers as the full forward's rows, with and without a cache; a step in which no row brings anything returns
+    no logits."""
+    model = random_model(CONFIGS[name])
+    ids, lens = torch.tensor(sum(PROMPTS, [])), [len(p) for p in PROMPTS]
+    last = [sum(lens[: b + 1]) - 1 for b in range(len(lens))]
+    with torch.no_grad():
+        full = model(ids, lens)
+        torch.testing.assert_close(model(ids, lens, rows=last), full[last], rtol=0, atol=1e-6)
+        cache = RotatingBufferCache(model.n_local_layers, 4, W, model.args.n_kv_heads, model.args.head_dim)
+        torch.testing.assert_close(model(ids, lens, cache, rows=[0, 5, 20]), full[[0, 5, 20]], rtol=0, atol=1e-6)
+        nothing = model(torch.tensor([], dtype=torch.long), [0, 0, 0, 0], cache)
+        assert nothing.shape == (0, model.args.vocab_size) and cache.seq_pos == lens
+        with pytest.raises(MistralError, match="rows must be positions of the 4 packed tokens"):
+            model(torch.tensor([1, 2, 3, 4]), [1, 1, 1, 1], cache, rows=[4])

@@ -1,0 +1,148 @@
+"""How weights get from the file into memory: mapped when kept as stored, quantized to int8 as they are read, saved as
+int8 folders that load again as they are, and the dtype a CPU picks on its own."""
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_model, save_folder, tiny_params
+
+from mistral import checkpoint, quantize
+from mistral.errors import MistralError
+
+ROOT = Path(__file__).resolve().parent.parent
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+SEQ = torch.tensor([3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1])
+
+
+def folder_of(tmp_path, dtype=torch.bfloat16, layout="native", **params):
+    model = random_model(tiny_params(**params)).to(dtype)
+    folder = save_folder(model, tmp_path / "native")
+    return checkpoint.convert(folder, tmp_path / "hf", to="hf") if layout == "hf" else folder
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(SEQ, [len(SEQ)])
+
+
+def mapped_files() -> list[tuple[int, int, str]]:
+    """(start, end, path) of every file mapping of this process."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out.append((start, end, fields[5]))
+    return out
+
+
+def test_weights_kept_as_stored_are_mapped_from_the_file(tmp_path):
+    """A bf16 folder on a CPU keeps its matrices and embeddings in bf16, and they are the file's pages, not a copy;
+    writing to one does not reach the file (copy-on-write)."""
+    folder = folder_of(tmp_path)
+    model = checkpoint.load_model(folder, device="cpu")
+    weights = [model.tok_embeddings.weight, model.layers["0"].attention.wq.weight, model.output.weight]
+    maps = mapped_files()
+    for w in weights:
+        assert w.dtype == torch.bfloat16
+        assert any(a <= w.data_ptr() < b and path.endswith("consolidated.safetensors") for a, b, path in maps), w.shape
+    before = (folder / "consolidated.safetensors").read_bytes()
+    with torch.no_grad():
+        weights[1].zero_()
+    assert (folder / "consolidated.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("stored, weights, table", [(torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                                     (torch.float32, torch.float32, torch.float32),
+                                                     (torch.float16, torch.float32, torch.float32)])
+def test_auto_on_a_cpu_never_expands_a_checkpoint(stored, weights, table, tmp_path):
+    """auto keeps the stored dtype (fp16, which a CPU runs hundreds of times slower, becomes fp32); the norms and the
+    arithmetic are fp32 whatever the weights."""
+    model = checkpoint.load_model(folder_of(tmp_path, stored), device="cpu")
+    assert model.layers["1"].feed_forward.w2.weight.dtype == weights and model.tok_embeddings.weight.dtype == table
+    assert model.layers["1"].ffn_norm.weight.dtype == torch.float32 and model.dtype == torch.float32
+    assert logits(model).dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout, params", [("native", {}), ("hf", {}), ("native", {"moe": MOE}),
+                                            ("hf", {"moe": MOE})])
+def test_int8_from_the_file_is_quantizing_the_loaded_model(layout, params, tmp_path, monkeypatch):
+    """Quantized a block of rows at a time as it is read (blocks far smaller than a matrix here), every int8 weight and
+    scale is exactly what quantizing the whole loaded model gives, and so are the logits; in the native layout no
+    matrix is ever read whole in float (HF's wq and wk are, to put their rows in RoPE order first)."""
+    folder = folder_of(tmp_path, torch.float32, layout, **params)
+    whole = quantize.quantize_int8(checkpoint.load_model(folder, device="cpu"))
+    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 300)
+    read = []
+    real = checkpoint._read
+    monkeypatch.setattr(checkpoint, "_read", lambda source, *a: read.append(source.key) or real(source, *a))
+    streamed = checkpoint.load_model(folder, device="cpu", quantize="int8")
+    assert streamed.state_dict().keys() == whole.state_dict().keys()
+    for name, t in whole.state_dict().items():
+        torch.testing.assert_close(streamed.state_dict()[name], t, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(logits(streamed), logits(whole), atol=0, rtol=0)
+    floats_read_whole = [k for k in read if k.endswith("weight") and "norm" not in k and "embed" not in k]
+    assert all(("q_proj" in k or "k_proj" in k) for k in floats_read_whole) if layout == "hf" else not floats_read_whole
+
+
+def test_a_quantized_folder_loads_again_as_it_is(tmp_path, monkeypatch):
+    src = folder_of(tmp_path, torch.bfloat16, moe=MOE)
+    dst = checkpoint.quantize(src, tmp_path / "int8")
+    params = json.loads((dst / "params.json").read_text())
+    assert params["quantization"] == "int8" and not list(tmp_path.glob(".*partial"))
+    monkeypatch.setattr(checkpoint, "_quantized", lambda *a: pytest.fail("a saved int8 folder was quantized again"))
+    again = checkpoint.load_model(dst, device="cpu")
+    monkeypatch.undo()
+    direct = checkpoint.load_model(src, device="cpu", quantize="int8")
+    for name, t in direct.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], t, atol=0, rtol=0, msg=name)
+    w = again.layers["0"].attention.wk.weight
+    assert w.dtype == torch.int8 and any(a <= w.data_ptr() < b and p.endswith("int8/consolidated.safetensors")
+                                         for a, b, p in mapped_files())
+    assert checkpoint.load_model(dst, device="cpu", quantize="int8").state_dict().keys() == direct.state_dict().keys()
+    with pytest.raises(MistralError, match="holds int8 weights already"):
+        checkpoint.quantize(dst, tmp_path / "twice")
+    with pytest.raises(MistralError, match="which transformers' Mistral models do not read"):
+        checkpoint.convert(dst, tmp_path / "hf-of-int8", to="hf")
+    native = checkpoint.convert(dst, tmp_path / "copy")  # an int8 folder copies as it is
+    torch.testing.assert_close(logits(checkpoint.load_model(native, device="cpu")), logits(again), atol=0, rtol=0)
+
+
+def test_an_int8_folder_whose_weights_are_not_int8_is_refused(tmp_path):
+    src = folder_of(tmp_path)
+    params = json.loads((src / "params.json").read_text())
+    (src / "params.json").write_text(json.dumps({**params, "quantization": "int8"}))
+    with pytest.raises(MistralError, match="lack 'layers.0.attention.wq.scales'"):
+        checkpoint.load_model(src, device="cpu")
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    src = folder_of(tmp_path)
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_safetensors", full_disk)
+    for write in (lambda dst: checkpoint.quantize(src, dst), lambda dst: checkpoint.convert(src, dst, to="hf")):
+        with pytest.raises(MistralError, match="No space left on device.*nothing was left behind"):
+            write(tmp_path / "out")
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_quantize_command_writes_what_demo_quantize_runs(tmp_path):
+    src = folder_of(tmp_path, torch.bfloat16, vocab_size=320)
+    from conftest import train_tokenizer
+
+    (src / "tokenizer.model").write_bytes(train_tokenizer(320))
+    made = subprocess.run([sys.executable, "-m", "main", "quantize", str(src), str(tmp_path / "q"), "--to", "int8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    runs = [subprocess.run([sys.executable, "-m", "main", "demo", *args, "--max_tokens", "6"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+            for args in ([str(tmp_path / "q")], [str(src), "--quantize", "int8"])]
+    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, (runs[0].stderr, runs[1].stderr)
+    assert "int8 weights, fp32 arithmetic" in runs[0].stderr
