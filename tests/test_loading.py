@@ -1,6 +1,7 @@
 """How weights get from the file into memory: mapped when kept as stored, quantized to int8 as they are read, saved as
 int8 folders that load again as they are, and the dtype a CPU picks on its own."""
 import errno
+import re
 import json
 import subprocess
 import sys
@@ -146,3 +147,34 @@ def test_the_quantize_command_writes_what_demo_quantize_runs(tmp_path):
             for args in ([str(tmp_path / "q")], [str(src), "--quantize", "int8"])]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, (runs[0].stderr, runs[1].stderr)
     assert "int8 weights, fp32 arithmetic" in runs[0].stderr
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, capsys):
+    """The estimate covers the weights as they will be kept, the cache and the work space; the one line says what
+    each needs, what is free, and which flag would fit."""
+    folder = folder_of(tmp_path, torch.float32, sliding_window=None, rope_theta=None, dim=256, hidden_dim=512,
+                       n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=320)
+    from conftest import train_tokenizer
+
+    (folder / "tokenizer.model").write_bytes(train_tokenizer(320))
+    monkeypatch.setattr(checkpoint, "_read", lambda *a: pytest.fail("a weight was read"))
+    monkeypatch.setattr(checkpoint, "_mapped", lambda *a: pytest.fail("a weight was mapped"))
+    import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["main", "demo", str(folder), *args])
+        with pytest.raises(SystemExit) as e:
+            main.main()
+        return e.value.code, capsys.readouterr().err
+
+    # A batch whose cache cannot fit: three rows of a billion positions each, without a window.
+    code, err = run("--max_tokens", str(10**9))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"this run needs about [\d,.]+ GB \(weights 0\.0 GB, cache [\d,]+\.\d GB, work space [\d.]+ GB\) "
+                     r"but [\d,.]+ GB is available on cpu: .*fewer rows or a shorter run would shrink the cache", err)
+    # Weights that fit only as int8: the line says so.
+    fp32 = 4 * sum(t.numel() for t in random_model(tiny_params(dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2,
+                                                               head_dim=32, vocab_size=320)).state_dict().values())
+    monkeypatch.setattr(checkpoint, "memory_available", lambda device: fp32 // 2 + (20 << 20))
+    code, err = run("--max_tokens", "4")
+    assert code == 2 and "--quantize int8 needs" in err and "--dtype bf16 needs" in err, err
