@@ -2,7 +2,8 @@
 
 1. A 1024-token prompt through one forward pass (logits for every token, as both sides compute them),
    ours against HF transformers on the same weights, in fp32 and with bf16 weights, taking turns, best of
-   REPS each.
+   REPS each; and the same prompt to its first generated token (generate_ids against HF's generate), where
+   each side computes the output head for the last position only.
 2. With --long: 2k and 16k-token prompts, pre-filled in chunks of 2048 through the rolling cache, each
    in a fresh process that reports its time and peak memory. With a window of W=256 the work per
    token is constant, so 16k should cost 8x 2k. HF runs the same prompts for contrast.
@@ -16,6 +17,7 @@ import torch
 
 from bench.common import PARAMS, hf_model, interleaved_best, random_model, report, setup, timed
 from mistral.cache import RotatingBufferCache
+from mistral.generate import generate_ids
 
 PROMPT = 1024
 REPS = 5
@@ -80,10 +82,12 @@ def main(long: bool) -> None:
     model = random_model()
     ids = torch.randint(3, PARAMS["vocab_size"], (PROMPT,))
     rows, ratios = [], {}
-    runs = {"fp32": timed(lambda: ours_prefill(model, ids))}
+    runs = {"fp32": timed(lambda: ours_prefill(model, ids)),
+            "first token": timed(lambda: generate_ids([ids.tolist()], model, max_tokens=1))}
     hf = hf_model(model)
     if hf is not None:
         runs["hf"] = timed(lambda: hf_prefill(hf, ids))
+        runs["hf first token"] = timed(lambda: hf.generate(ids[None], max_new_tokens=1, do_sample=False))
     try:
         from mistral import quantize
     except ImportError:
@@ -98,7 +102,12 @@ def main(long: bool) -> None:
         hf_s = best["hf"]
         rows.append({"run": f"HF transformers fp32, {PROMPT} tokens", "seconds": hf_s, "tokens/s": PROMPT / hf_s})
         ratios["prefill ours / HF (fp32)"] = hf_s / fp32
-        del hf, runs["hf"]
+        rows.append({"run": f"ours, {PROMPT} tokens to the first token", "seconds": best["first token"],
+                     "tokens/s": PROMPT / best["first token"]})
+        rows.append({"run": f"HF generate, {PROMPT} tokens to the first token", "seconds": best["hf first token"],
+                     "tokens/s": PROMPT / best["hf first token"]})
+        ratios["first token ours / HF"] = best["hf first token"] / best["first token"]
+        del hf, runs["hf"], runs["hf first token"]
     if quantize is not None:
         with torch.inference_mode():
             err = (fast(ids, [PROMPT]) - model(ids, [PROMPT])).abs().max().item()

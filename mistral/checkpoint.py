@@ -579,12 +579,14 @@ def _quantized(source: _Source, device: torch.device, progress: tqdm,
     N, K = source.shape
     q, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
     rows = max(1, _CHUNK_BYTES // (K * source.dtype.itemsize))
+    scratch = torch.empty(rows, K)  # (rows, K) fp32, reused by every block: fresh pages for each would cost more
     with open(source.path, "rb", buffering=0) as f:
         f.seek(source.offset)
         for start in range(0, N, rows):
-            block = staging[: min(rows, N - start) * K * source.dtype.itemsize].view(source.dtype).view(-1, K)
+            n = min(rows, N - start)
+            block = staging[: n * K * source.dtype.itemsize].view(source.dtype).view(n, K)
             _read_exactly(f, _bytes(block), source, progress)
-            q[start : start + len(block)], scales[start : start + len(block)] = int8_rows(block)
+            _, scales[start : start + n] = int8_rows(block, out=q[start : start + n], scratch=scratch[:n])
     return q.to(device), scales.to(device)
 
 

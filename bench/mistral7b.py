@@ -1,0 +1,177 @@
+"""Mistral 7B on this machine: memory, load time, pre-fill and decode for each way of loading it.
+
+    python -m bench.mistral7b            # builds the random 7B folder first if it is not there (~2 min, 14.5 GB)
+
+The checkpoint is random but Mistral-7B-shaped: Mistral-7B-v0.1's params.json, 14.5 GB of bf16 in four
+consolidated-0000i-of-00004.safetensors shards, and the real v1 tokenizer (from mistral_common's wheel). It is
+written, seeded, to $MISTRAL_BENCH_DIR (default ~/.cache/mistral-bench), outside the repository, with an int8
+copy made by `python -m main quantize` beside it.
+
+Each path runs in a fresh process, so its peak RSS is its own: `defaults` (the bf16 weights mapped from the file,
+fp32 arithmetic), `--quantize int8` (quantized from the file as it loads) and the int8 folder. For each: load time
+from a cold page cache (the files' pages dropped with posix_fadvise) and a warm one, pre-fill of a 63- and a
+512-token prompt (time to the first token), decode at batch 1, and the peak RSS of `python -m main demo` with those
+flags. The memory bandwidth (a sum over 4 GB) and fp32 MKL products of one layer's shapes at 63 and 512 rows are
+measured in the same run: pre-fill can be no faster than those products (it is compute-bound), decode no faster
+than the bandwidth over the bytes of weights a token reads.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import ROOT, interleaved_best, read_time, report, setup, timed
+
+PARAMS = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+          "norm_eps": 1e-05, "vocab_size": 32000, "sliding_window": 4096, "rope_theta": 10000.0}
+HOME = Path(os.environ.get("MISTRAL_BENCH_DIR", Path.home() / ".cache" / "mistral-bench"))
+FOLDER, INT8 = HOME / "mistral-7b-random", HOME / "mistral-7b-random-int8"
+PATHS = {"defaults": (FOLDER, []), "--quantize int8": (FOLDER, ["--quantize", "int8"]), "int8 folder": (INT8, [])}
+PROMPTS = (63, 512)
+DECODE_STEPS = 8
+
+
+def build() -> None:
+    """The random folder, one shard at a time (a few GB of memory), a layer's tensors drawn in order from one seed."""
+    from safetensors.torch import save_file
+
+    import mistral_common
+    from mistral.model import ModelArgs, Transformer
+
+    tmp = FOLDER.with_name(FOLDER.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs.from_dict(dict(PARAMS))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    names = list(shapes)
+    shards = [names[i * len(names) // 4 : (i + 1) * len(names) // 4] for i in range(4)]
+    gen = torch.Generator().manual_seed(0)
+    for i, shard in enumerate(shards, 1):
+        state = {}
+        for name in shard:
+            shape = shapes[name]
+            if name.endswith("norm.weight"):
+                state[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:  # std 1/sqrt(fan-in): activations keep their scale through the layers, as trained weights do
+                state[name] = (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(torch.bfloat16)
+        save_file(state, str(tmp / f"consolidated-{i:05d}-of-00004.safetensors"))
+        print(f"  shard {i} of 4 written", file=sys.stderr, flush=True)
+    (tmp / "params.json").write_text(json.dumps(PARAMS, indent=2))
+    (tmp / "tokenizer.model").write_bytes((Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
+                                          .read_bytes())
+    tmp.rename(FOLDER)
+
+
+def drop_page_cache(folder: Path) -> None:
+    """Evict a folder's files from the page cache, so the next read of them comes from the disk."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def child(folder: str, flags: list[str]) -> None:
+    """One path in a process of its own: load, pre-fill each prompt, decode; prints a JSON line."""
+    import main
+    from mistral.generate import generate_ids
+
+    setup()
+    quantize = flags[flags.index("--quantize") + 1] if "--quantize" in flags else None
+    t0 = time.perf_counter()
+    model, tokenizer = main.load(folder, max_batch_size=1, num_pipeline_ranks=1, device="cpu", dtype="auto",
+                                 quantize=quantize, needs=lambda args, _: (max(PROMPTS) + DECODE_STEPS, max(PROMPTS)))
+    out = {"load s": time.perf_counter() - t0, "weights": main._describe(model)}
+    prompt = [tokenizer.bos_id] + [(7 * i + 11) % 30000 + 100 for i in range(max(PROMPTS))]
+    for n in PROMPTS:
+        times = []
+        t1 = time.perf_counter()
+        generate_ids([prompt[:n]], model, max_tokens=1, on_token=lambda row, tok: times.append(time.perf_counter()))
+        out[f"prefill {n} tokens/s"] = n / (times[0] - t1)
+        # Mapped weights are read from the disk by the first forward that touches them, not by the load.
+        out.setdefault("first token s", times[0] - t0)
+    times = []
+    generate_ids([prompt[:8]], model, max_tokens=DECODE_STEPS + 1,
+                 on_token=lambda row, tok: times.append(time.perf_counter()))
+    out["decode tokens/s"] = DECODE_STEPS / (times[-1] - times[0])
+    out["peak RSS GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(json.dumps(out), flush=True)
+
+
+def run_child(folder: Path, flags: list[str]) -> dict:
+    done = subprocess.run([sys.executable, "-m", "bench.mistral7b", "--child", str(folder), *flags], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def demo_peak_rss(folder: Path, flags: list[str]) -> tuple[float, str]:
+    """Peak RSS (GB) of `python -m main demo FOLDER FLAGS`, as a new user runs it, and how it ended."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run([sys.executable, "-m", "main", "demo", str(folder), *flags], cwd=ROOT, capture_output=True,
+                          text=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    return (peak / 1e6 if peak > before else float("nan")), ("ok" if done.returncode == 0 else last)
+
+
+def fp32_products(rows: int) -> float:
+    """Tokens/s that fp32 MKL products alone allow at `rows` rows: one layer's seven products, times 32, and the
+    head, with random fp32 weights of those shapes."""
+    D, I, KV = PARAMS["dim"], PARAMS["hidden_dim"], PARAMS["n_kv_heads"] * PARAMS["head_dim"]
+    layer = [torch.randn(n, k) * 0.01 for n, k in ((D, D), (KV, D), (KV, D), (D, D), (I, D), (I, D), (D, I))]
+    x, h = torch.randn(rows, D), torch.randn(rows, I)
+
+    def one_layer():
+        for w in layer:
+            torch.nn.functional.linear(h if w.shape[1] == I else x, w)
+
+    best = interleaved_best({"layer": timed(one_layer)}, reps=3)["layer"]
+    head = interleaved_best({"head": timed(lambda: torch.nn.functional.linear(x[-1:], torch.randn(32000, D)))}, 1)
+    return rows / (best * PARAMS["n_layers"] + head["head"])
+
+
+def main_bench() -> None:
+    setup()
+    if not FOLDER.exists():
+        print(f"writing the random 7B folder to {FOLDER} (about 2 minutes, 14.5 GB)", file=sys.stderr)
+        build()
+    if not INT8.exists():
+        subprocess.run([sys.executable, "-m", "main", "quantize", str(FOLDER), str(INT8)], cwd=ROOT, check=True)
+    bandwidth = 4e9 / read_time(int(4e9), repeat=3)
+    products = {n: fp32_products(n) for n in PROMPTS}
+    rows, notes = [], {"bandwidth GB/s": bandwidth / 1e9, "fp32 products tokens/s": products}
+    for name, (folder, flags) in PATHS.items():
+        drop_page_cache(folder)
+        cold = run_child(folder, flags)
+        warm = run_child(folder, flags)
+        rss, ended = demo_peak_rss(folder, flags)
+        row = {"path": name, "weights": warm.get("weights", ""), "load cold s": cold.get("load s", float("nan")),
+               "to 1st token cold s": cold.get("first token s", float("nan")),
+               "load warm s": warm.get("load s", float("nan")),
+               "to 1st token warm s": warm.get("first token s", float("nan"))}
+        for key in ("prefill 63 tokens/s", "prefill 512 tokens/s", "decode tokens/s", "peak RSS GB"):
+            row[key] = warm.get(key, float("nan"))
+        row["demo peak RSS GB"], row["demo"] = rss, ended
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    rss, ended = demo_peak_rss(FOLDER, ["--dtype", "fp32"])
+    notes["demo --dtype fp32"] = ended
+    ratios = {}
+    for row in rows:
+        for n in PROMPTS:
+            ratios[f"{row['path']} prefill {n} / fp32 products"] = row[f"prefill {n} tokens/s"] / products[n]
+    report("mistral7b", rows, ratios, notes)
+    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s; fp32 products allow "
+          + ", ".join(f"{products[n]:.2f} tokens/s at {n} rows" for n in PROMPTS))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2], sys.argv[3:])
+    else:
+        main_bench()
