@@ -51,16 +51,17 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
         _init_pipeline(num_pipeline_ranks, device)
     if not folder.is_dir():
         raise MistralError(f"model folder {str(folder)!r} does not exist")
-    tokenizer = Tokenizer.from_folder(folder)  # before reading gigabytes of weights
-    slots, prefill = (0, 512) if needs is None else needs(checkpoint.read_args(folder), tokenizer)
+    # The tokenizer and the config, checked against each other before gigabytes of weights are read.
+    tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder)
+    if tokenizer.n_words != args.vocab_size:
+        config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
+        raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
+                           f"vocab_size={args.vocab_size}: the tokenizer belongs to another model")
+    slots, prefill = (0, TYPICAL_PROMPT) if needs is None else needs(args, tokenizer)
     start = time.perf_counter()
     model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
                                   device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
                                   quantize=quantize, cache_slots=slots, prefill_tokens=prefill)
-    if tokenizer.n_words != model.args.vocab_size:
-        config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
-        raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
-                           f"vocab_size={model.args.vocab_size}: the tokenizer belongs to another model")
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     _info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
           f"{model.device}, {_describe(model)}, in {time.perf_counter() - start:.1f} s")

@@ -17,6 +17,7 @@ than the bandwidth over the bytes of weights a token reads.
 """
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -110,13 +111,13 @@ def run_child(folder: Path, flags: list[str]) -> dict:
 
 
 def demo_peak_rss(folder: Path, flags: list[str]) -> tuple[float, str]:
-    """Peak RSS (GB) of `python -m main demo FOLDER FLAGS`, as a new user runs it, and how it ended."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Peak RSS (GB) of `python -m main demo FOLDER FLAGS`, as a new user runs it (from the demo's own summary
+    line), and how it ended."""
     done = subprocess.run([sys.executable, "-m", "main", "demo", str(folder), *flags], cwd=ROOT, capture_output=True,
                           text=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     last = (done.stderr.strip().splitlines() or [""])[-1]
-    return (peak / 1e6 if peak > before else float("nan")), ("ok" if done.returncode == 0 else last)
+    found = re.search(r"peak memory ([\d,]+) MB", last)
+    return (float(found[1].replace(",", "")) / 1e3 if found else float("nan")), ("ok" if done.returncode == 0 else last)
 
 
 def fp32_products(rows: int) -> float:
