@@ -3,7 +3,7 @@
     python -m bench.kernels
 
 For each weight shape of the benchmark model (dim 768, hidden 2048, 12 heads x 64, 4 kv heads, vocab
-32000), at M = 1 and M = 3 rows: ms per call and GB/s of weight bytes for mistral.kernels's kernel on fp32,
+32000), at M = 1 and M = 3 rows: ms per call and GB/s of weight bytes for mistral.cpu.kernels's kernel on fp32,
 bf16 (Bf16Linear) and int8 (Int8Linear) weights, and for contrast torch's own: fp32 F.linear (MKL), eager
 bf16 F.linear, and torch._weight_int8pack_mm (what Int8Linear falls back to without the kernel). Every call reads a different copy of its weights, 128 MB of copies per
 kernel, so the weights come from memory as they do in a real decode and not from the 32 MB L3 cache.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import interleaved_best
-from mistral import kernels
+from mistral.cpu import CpuDecoder, kernels
 from mistral.cache import RotatingBufferCache
 from mistral.model import ModelArgs, Transformer
 from mistral.quantize import Bf16Linear, Int8Linear, bf16_weight_only, quantize_int8
@@ -105,13 +105,16 @@ def time_kernels(M: int) -> dict:
 
 
 def decode_time(model: Transformer, rows: int, steps: int = 16, prompt: int = 64) -> float:
-    """ms per decode step of `rows` sequences after a `prompt`-token pre-fill each, one run."""
+    """ms per decode step of `rows` sequences after a `prompt`-token pre-fill each, one run, each step on the CPU
+    engine as generate runs it (a forward per step, without generate's sampling)."""
     cache = RotatingBufferCache(model.n_local_layers, rows, PARAMS["sliding_window"], PARAMS["n_kv_heads"],
                                 PARAMS["head_dim"], dtype=model.dtype)
     model(torch.randint(0, PARAMS["vocab_size"], (rows * prompt,)), [prompt] * rows, cache)
+    decoder = CpuDecoder.of(model)
+    assert decoder is not None, "the CPU engine does not take this model"
     t = time.perf_counter()
     for _ in range(steps):
-        model(torch.randint(0, PARAMS["vocab_size"], (rows,)), [1] * rows, cache)
+        decoder.step(torch.randint(0, PARAMS["vocab_size"], (rows,)), [1] * rows, cache)
     return (time.perf_counter() - t) / steps * 1e3
 
 

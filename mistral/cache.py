@@ -45,7 +45,7 @@ class CacheMetadata:
     # decode: cache rows of the active sequences, or None when they are rows 0..n-1 and a view suffices
     rows: torch.Tensor | None = None
     # decode: (4, n) int64, the new tokens' cache rows, slots, valid lengths (min(position + 1, N)) and positions;
-    # what the C kernels take (mistral.kernels), in one tensor
+    # what the CPU engine's kernels take (mistral/cpu), in one tensor
     step: torch.Tensor | None = None
     # chunks: the packed keys are, per sequence, its unrotated cache followed by its new keys
     kv_cached_src: torch.Tensor | None = None  # (C,) flat slots to read, in position order

@@ -1,10 +1,14 @@
-"""The generation loop: chunked pre-fill of packed prompts, then decoding, one forward per step."""
+"""The generation loop: chunked pre-fill of packed prompts, then decoding, one forward per step.
+
+It is also the one place that decides what runs each step: a decode step goes to the CPU engine (mistral/cpu) where
+there is one and it takes the step, everything else to the model.
+"""
 from collections.abc import Callable
 
 import torch
 
-from mistral import kernels
 from mistral.cache import RotatingBufferCache
+from mistral.cpu import CpuDecoder
 from mistral.errors import MistralError
 from mistral.model import Transformer
 from mistral.tokenizer import Tokenizer
@@ -55,8 +59,8 @@ def check_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
 def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
-                 cache: RotatingBufferCache | None = None,
-                 prompt_logprobs: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+                 cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
+                 engine: bool = True) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first
@@ -69,7 +73,7 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     With a cache, prompt b continues the sequence in row b of it (a conversation's next turn, say); its last
     generated token is not fed, so the cache then holds each row's prompt and all of its completion but that token.
     Without one, a cache is built with as many slots as the longest row can reach, or the model's window if that is
-    fewer.
+    fewer. engine=False runs every step on the model, in torch.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     if not prompts:
@@ -97,59 +101,63 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     logprobs: list[list[float]] = [[] for _ in range(B)]
     finished = [max_tokens == 0] * B
 
-    with model.steady():  # no weight changes while it runs: decode steps keep what they gather
-        while True:
-            inputs, seqlens = [], []
-            # Each packed token's logits predict one known token (the next prompt token) or a new sample
-            # (-1); the last token of a prompt when max_tokens == 0 predicts nothing and is not scored.
-            scored, owners, targets = [], [], []
-            for b, prompt in enumerate(prompts):
-                if fed[b] < len(prompt):
-                    chunk = prompt[fed[b] : fed[b] + (chunk_size or len(prompt))]
-                    nexts = prompt[fed[b] + 1 : fed[b] + len(chunk) + 1]
-                    if fed[b] + len(chunk) == len(prompt) and not finished[b]:
-                        nexts = nexts + [-1]
-                    fed[b] += len(chunk)
-                elif not finished[b]:
-                    chunk, nexts = generated[b][-1:], [-1]
-                else:
-                    chunk, nexts = [], []
-                scored.extend(range(len(inputs), len(inputs) + len(nexts)))
-                owners.extend([b] * len(nexts))
-                targets.extend(nexts)
-                inputs.extend(chunk)
-                seqlens.append(len(chunk))
-            if not inputs:
-                break
-            if not prompt_logprobs:  # only the positions that sample
-                scored, owners, targets = ([x for x, t in zip(xs, targets) if t < 0] for xs in (scored, owners, targets))
-
-            rows = None if len(scored) == len(inputs) else scored
-            logits = model(torch.tensor(inputs, device=model.device), seqlens, cache, rows=rows)  # (N, V)
-            if not scored:  # every row was in the middle of its prompt
-                continue
-            to_sample = [t < 0 for t in targets]
-            # A greedy decode step on a CPU: the C kernel picks each row's argmax and its log-softmax in one call.
-            picked = kernels.greedy(logits) if temperature == 0 and all(to_sample) else None
-            if picked is not None:
-                targets, lps = picked
+    # Built for this generation: it gathers the weights once, so a weight replaced later needs a new one.
+    decoder = CpuDecoder.of(model) if engine else None
+    while True:
+        inputs, seqlens = [], []
+        # Each packed token's logits predict one known token (the next prompt token) or a new sample
+        # (-1); the last token of a prompt when max_tokens == 0 predicts nothing and is not scored.
+        scored, owners, targets = [], [], []
+        for b, prompt in enumerate(prompts):
+            if fed[b] < len(prompt):
+                chunk = prompt[fed[b] : fed[b] + (chunk_size or len(prompt))]
+                nexts = prompt[fed[b] + 1 : fed[b] + len(chunk) + 1]
+                if fed[b] + len(chunk) == len(prompt) and not finished[b]:
+                    nexts = nexts + [-1]
+                fed[b] += len(chunk)
+            elif not finished[b]:
+                chunk, nexts = generated[b][-1:], [-1]
             else:
-                if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-                    targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
-                else:
-                    targets = torch.tensor(targets, device=logits.device)  # (N,)
-                    if any(to_sample):
-                        new = torch.tensor(to_sample, device=logits.device)
-                        targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
-                lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+                chunk, nexts = [], []
+            scored.extend(range(len(inputs), len(inputs) + len(nexts)))
+            owners.extend([b] * len(nexts))
+            targets.extend(nexts)
+            inputs.extend(chunk)
+            seqlens.append(len(chunk))
+        if not inputs:
+            break
+        if not prompt_logprobs:  # only the positions that sample
+            scored, owners, targets = ([x for x, t in zip(xs, targets) if t < 0] for xs in (scored, owners, targets))
 
-            for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
-                logprobs[b].append(lp)
-                if new:
-                    generated[b].append(tok)
-                    if on_token is not None:
-                        on_token(b, tok)
-                    finished[b] = tok == eos_id or len(generated[b]) == max_tokens
+        rows = None if len(scored) == len(inputs) else scored
+        ids = torch.tensor(inputs, device=model.device)
+        logits = decoder.step(ids, seqlens, cache, rows) if decoder is not None else None
+        if logits is None:
+            logits = model(ids, seqlens, cache, rows=rows)  # (N, V)
+        if not scored:  # every row was in the middle of its prompt
+            continue
+        to_sample = [t < 0 for t in targets]
+        # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
+        picked = decoder.greedy(logits) if decoder is not None and temperature == 0 and all(to_sample) else None
+        if picked is not None:
+            targets, lps = picked
+        else:
+            if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
+                targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+            else:
+                targets = torch.tensor(targets, device=logits.device)  # (N,)
+                if any(to_sample):
+                    new = torch.tensor(to_sample, device=logits.device)
+                    targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
+            lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+
+        for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
+            logprobs[b].append(lp)
+            if new:
+                generated[b].append(tok)
+                if on_token is not None:
+                    on_token(b, tok)
+                finished[b] = tok == eos_id or len(generated[b]) == max_tokens
     return generated, logprobs
 
 

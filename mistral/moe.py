@@ -16,21 +16,10 @@ class MoeLayer(nn.Module):
         router_logits = self.gate(x)  # (S, E)
         top_logits, chosen = torch.topk(router_logits, self.num_experts_per_tok, dim=-1)  # (S, K)
         weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)  # (S, K)
-        if x.shape[0] == 1:  # one token (batch-1 decode): the same sum, without gathering and scattering rows
-            return self._one_token(x, weights[0].tolist(), chosen[0].tolist())
         out = torch.zeros_like(x)
         # Loop over experts, not tokens: an expert no token chose is never read, which is what makes
         # decoding a sparse model cost only its active parameters.
         for e in torch.unique(chosen).tolist():
             token_idx, slot = torch.where(chosen == e)
             out.index_add_(0, token_idx, weights[token_idx, slot, None] * self.experts[e](x[token_idx]))
-        return out
-
-    def _one_token(self, x: torch.Tensor, weights: list[float], chosen: list[int]) -> torch.Tensor:
-        """x (1, dim), its K weights (x's dtype, as Python floats) and experts -> (1, dim), summed in increasing
-        expert order as forward's loop."""
-        out = None
-        for slot in sorted(range(len(chosen)), key=chosen.__getitem__):
-            y = self.experts[chosen[slot]](x).mul_(weights[slot])
-            out = y if out is None else out.add_(y)
         return out

@@ -15,14 +15,13 @@ hardware bf16 (the 2-core AVX2 machine this was measured on) torch's eager kerne
 bf16 `F.linear` rounds the activations to bf16, multiplies matrices 7x slower than fp32 (pre-fill), and
 collapses (5-20x slower) when another process takes a core from one of its two threads.
 
-So for up to kernels.MAX_ROWS rows on a CPU, both modules call mistral.kernels's kernel, which reads the
-int8 or bf16 weights as they are stored, converts them in registers and computes in fp32. For more rows
-(pre-fill), the weight is converted to the activation dtype block by block and multiplied by `F.linear`:
-the conversion is paid once per call and amortized over the rows. Off the CPU (CUDA) that is the only path:
+So decode steps on a CPU go to mistral/cpu's engine, which reads the int8 or bf16 weights of these modules as
+they are stored, converts them in registers and computes in fp32. The modules' own forward, below, is torch:
+the weight is converted to the activation dtype a block of rows at a time and multiplied by `F.linear`, the
+conversion paid once per call and amortized over the rows (pre-fill). Off the CPU (CUDA) that is the only path:
 the point of int8 there is memory. (`torch._weight_int8pack_mm` gained a CUDA kernel in 2025, pytorch PR
-159325; it is not used because it could not be checked: this work had no GPU.) Where the kernel could not be
-compiled, few rows go to `torch._weight_int8pack_mm` (int8, bf16-rounded inputs and outputs) or to the
-conversion path (bf16).
+159325; it is not used because it could not be checked: this work had no GPU.) A few rows of int8 on a CPU
+without the engine (no compiler) go to `torch._weight_int8pack_mm` (int8, bf16-rounded inputs and outputs).
 
 Letters: M rows (tokens), N output features, K input features.
 """
@@ -32,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral import kernels
-from mistral.model import linear  # the model's own product, so converted weights give its exact numbers
 from mistral.moe import MoeLayer
 
 CONVERT_BLOCK_BYTES = 16 << 20  # see _converted_linear
+# Up to this many rows, torch._weight_int8pack_mm beats converting an int8 weight to multiply it.
+FEW_ROWS = 16
 
 
 def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,30 +52,16 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
 
     def product(block: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         if s is None:
-            return linear(x, block.to(x.dtype))
+            return F.linear(x, block.to(x.dtype))
         if scale_outputs:
-            return linear(x, block.to(x.dtype)).mul_(s.to(x.dtype))
-        return linear(x, block.float().mul_(s[:, None]).to(x.dtype))
+            return F.linear(x, block.to(x.dtype)).mul_(s.to(x.dtype))
+        return F.linear(x, block.float().mul_(s[:, None]).to(x.dtype))
 
     rows = w.shape[0] if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (w.shape[1] * 4))
     if rows >= w.shape[0]:
         return product(w, scales)
     blocks = zip(w.split(rows), scales.split(rows) if scales is not None else [None] * -(-w.shape[0] // rows))
     return torch.cat([product(b, s) for b, s in blocks], dim=-1)  # (M, N)
-
-
-def _few_rows(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., K) @ (w * scales).T by mistral.kernels, in x's dtype, or None where that kernel does not apply.
-    Decode on a CPU, the hot path: fp32 rows (M, K) go straight to the kernel, with nothing to convert."""
-    if x.device.type != "cpu":
-        return None
-    x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])  # (M, K)
-    x32 = x2 if x2.dtype == torch.float32 else x2.float()
-    if not kernels.usable(x32, w):
-        return None
-    y = kernels.matvec(x32, w, scales)
-    y = y if x.dtype == torch.float32 else y.to(x.dtype)
-    return y if x.ndim == 2 else y.view(*x.shape[:-1], -1)
 
 
 def int8_rows(w: torch.Tensor, out: torch.Tensor | None = None,
@@ -107,12 +92,9 @@ class Int8Linear(nn.Module):
         return cls(*int8_rows(linear.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _few_rows(x, self.weight, self.scales)
-        if y is not None:
-            return y
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
-        if (x2.shape[0] <= kernels.MAX_ROWS and x2.device.type == "cpu" and K % 8 == 0
+        if (x2.shape[0] <= FEW_ROWS and x2.device.type == "cpu" and K % 8 == 0
                 and not (torch.is_grad_enabled() and x2.requires_grad)):  # torch 2.13's CPU kernel reads out of bounds for other K
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
             return y.to(x.dtype).view(*lead, -1)
@@ -134,9 +116,6 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())  # (N, K) bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _few_rows(x, self.weight)
-        if y is not None:
-            return y
         *lead, K = x.shape
         return _converted_linear(x.reshape(-1, K), self.weight).view(*lead, -1)
 

@@ -45,3 +45,21 @@ def save_folder(model: Transformer, folder: Path, fmt: str = "safetensors") -> P
     else:
         torch.save(state, folder / "consolidated.00.pth")
     return folder
+
+
+def engine_first(model):
+    """What generate runs each step: a decode step on mistral.cpu's engine where it takes it, anything else on the
+    model. Skips the test where the engine cannot be built (no C compiler)."""
+    import pytest
+
+    from mistral.cpu import CpuDecoder
+
+    decoder = CpuDecoder.of(model)
+    if decoder is None:
+        pytest.skip("no C compiler: the engine cannot be built here")
+
+    def forward(ids, seqlens, cache=None, rows=None):
+        logits = decoder.step(ids, seqlens, cache, rows)
+        return model(ids, seqlens, cache, rows=rows) if logits is None else logits
+
+    return forward

@@ -12,6 +12,7 @@ import torch
 from helpers import random_model, save_folder, tiny_params
 
 from mistral.chat import Chat
+from mistral.cpu import CpuDecoder, kernels
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
 
@@ -28,16 +29,22 @@ def tokenizers():
 
 
 class Recorder:
-    """Every forward, in order: the ids it was fed, and the logits it gave for which of them."""
+    """Every step, in order, on the model or on the CPU engine: the ids it was fed, and the logits it gave for which of
+    them."""
 
     def __init__(self, model):
-        self.steps = []
+        self.steps, self.on_engine = [], 0
 
         def record(module, args, kwargs, out):
             rows = kwargs.get("rows")
             self.steps.append((args[0].tolist(), list(range(len(args[0]))) if rows is None else rows, out.clone()))
 
         model.register_forward_hook(record, with_kwargs=True)
+        model.engine_steps = self  # see engine_steps below
+
+    def engine(self, ids, rows, out):
+        self.on_engine += 1
+        self.steps.append((ids.tolist(), list(range(len(ids))) if rows is None else rows, out.clone()))
 
     def since(self, n: int) -> tuple[list[int], list[int], torch.Tensor]:
         """The ids fed since step n, which of them have logits (counted from the first), and those logits."""
@@ -46,6 +53,21 @@ class Recorder:
             rows += [len(ids) + r for r in step_rows]
             ids += step_ids
         return ids, rows, torch.cat([logits for _, _, logits in self.steps[n:]])
+
+
+@pytest.fixture(autouse=True)
+def engine_steps(monkeypatch):
+    """The decode steps the CPU engine takes, recorded as the model's forwards are."""
+    real = CpuDecoder.step
+
+    def step(self, ids, seqlens, cache, rows=None):
+        out = real(self, ids, seqlens, cache, rows)
+        recorder = getattr(self.model, "engine_steps", None)
+        if out is not None and recorder is not None:
+            recorder.engine(ids, rows, out)
+        return out
+
+    monkeypatch.setattr(CpuDecoder, "step", step)
 
 
 def make(version, tokenizers, window, max_tokens=6, **options):
@@ -81,6 +103,7 @@ def test_turn_two_on_the_kept_cache_is_a_fresh_forward(version, tokenizers, ever
     model, talk, rec = make(version, tokenizers, window=None)
     turn1 = check_turn(model, talk, rec, "Hello there")
     check_turn(model, talk, rec, "And then?")
+    assert rec.on_engine > 0 or not kernels.available()  # the decode steps ran on the CPU engine
     expected = tokenizers[version].encode_chat([{"role": "user", "content": "Hello there"},
                                                 {"role": "assistant", "content": "-"},
                                                 {"role": "user", "content": "And then?"}], [turn1.answer])

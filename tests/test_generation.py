@@ -69,7 +69,7 @@ def test_eos_stops_its_row_and_leaves_the_others_running():
     # The EOS: a token that row 0 emits (not first, for the first time) and the other rows never do.
     k = next(k for k in range(1, 9) if free[0][k] not in free[0][:k] + free[1] + free[2])
     counting = CountingModel(model)
-    generated, logprobs = generate_ids(PROMPTS, counting, max_tokens=10, eos_id=free[0][k])
+    generated, logprobs = generate_ids(PROMPTS, counting, max_tokens=10, eos_id=free[0][k], engine=False)
     assert generated[0] == free[0][: k + 1]  # up to and including the EOS
     assert generated[1:] == free[1:]
     assert len(logprobs[0]) == k + 1

@@ -1,15 +1,17 @@
-"""The CPU decode kernels (mistral/kernels.py, csrc/kernels.c) against float64 computations by torch."""
+"""The CPU decode kernels (mistral/cpu/kernels.py and kernels.c) against float64 computations by torch, and where
+the compiled library may come from."""
+import ctypes
 import logging
+import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mistral import kernels
-from mistral.model import linear
-from mistral.rope import inverse_frequencies, precompute_freqs_cis
+from mistral.cpu import kernels
+from mistral.rope import inverse_frequencies
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
 # fewer than 8 (and than 8 * U) inputs; N from 1 up.
@@ -59,43 +61,21 @@ def test_stacked_matches_float64(dtype, M):
     for rows, K in [((4, 1), 16), ((12, 4, 4), 24), ((7, 1, 33), 131)]:
         x = torch.randn(M, K, generator=gen)
         parts = [weights_of(dtype, N, K, gen) for N in rows]
-        got = kernels.stacked(x, parts)
+        got = kernels.stacked(x, kernels.prepare(parts, 3))
         want = torch.cat([reference(x, w, s) for w, s in parts], dim=-1)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * K ** 0.5 * 2)
 
 
-def test_kept_pointers_follow_the_weights():
-    """The C side of a set of weights is kept between calls, keyed by address, dtype, shape and contiguity: a
-    weight that changes any of these under the same address (a narrower view, a transposed square, a
-    reinterpretation as another dtype) or in place gets its own numbers, not the kept ones."""
-    TOL = dict(rtol=1e-5, atol=1e-5)
+def test_prepared_pointers_read_the_values_at_each_call():
+    """A plan keeps pointers, not values: a weight changed in place is read as it now is."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 8, generator=gen)
-    w = torch.randn(8, 8, generator=gen)
-    for weight in (w, w[:5], w.t(), w, w.view(torch.int32).view(torch.float32)[:3]):
-        torch.testing.assert_close(kernels.stacked(x, [(weight, None)]).double(), reference(x, weight), **TOL)
-    w.mul_(-2)  # same tensor, new values: the kept pointer reads them
-    torch.testing.assert_close(kernels.stacked(x, [(w, None)]).double(), reference(x, w), **TOL)
-    raw = torch.randn(2, 16, generator=gen).bfloat16()  # 64 bytes: (2, 8) as fp32, or its first half as bf16
-    for weight in (raw.view(torch.float32), raw.view(-1)[:16].view(2, 8)):  # same address, shape and contiguity
-        torch.testing.assert_close(kernels.stacked(x, [(weight, None)]).double(), reference(x, weight), **TOL)
-
-
-def test_model_linears_equal_the_layers_side_by_side():
-    """The fused decode products give each layer's own numbers, for every kind of layer quantize makes."""
-    from mistral import quantize
-    from mistral.model import Linear, linears
-
-    torch.manual_seed(0)
-    plain = [Linear(40, n) for n in (24, 8, 8)]
-    kinds = {"fp32": plain, "int8": [quantize.Int8Linear.from_linear(layer) for layer in plain],
-             "bf16": [quantize.Bf16Linear(layer.weight) for layer in plain]}
-    with torch.no_grad():
-        for name, layers in kinds.items():
-            for M in (1, 3, 17):  # 17 rows: no kernel, torch's products
-                x = torch.randn(M, 40)
-                got, want = linears(x, *layers), [layer(x) for layer in layers]
-                assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want)), (name, M)
+    x, w = torch.randn(2, 8, generator=gen), torch.randn(8, 8, generator=gen)
+    prepared = kernels.prepare([(w, None)], 3)
+    torch.testing.assert_close(kernels.stacked(x, prepared).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+    w.mul_(-2)
+    torch.testing.assert_close(kernels.stacked(x, prepared).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+    # A transposed square is copied (kept with the pointers), so the product is of the matrix as seen.
+    torch.testing.assert_close(kernels.matvec(x, w.t()).double(), reference(x, w.t()), rtol=1e-5, atol=1e-5)
 
 
 def test_non_contiguous_inputs():
@@ -103,18 +83,6 @@ def test_non_contiguous_inputs():
     x = torch.randn(40, 3, generator=gen).T  # (3, 40), strided
     w = torch.randn(40, 50, generator=gen).T  # (50, 40), strided
     torch.testing.assert_close(kernels.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-4)
-
-
-def test_model_linear_uses_it_and_agrees_with_f_linear(monkeypatch):
-    calls = []
-    real = kernels.matvec
-    monkeypatch.setattr(kernels, "matvec", lambda x, w, s=None: calls.append(x.shape) or real(x, w, s))
-    gen = torch.Generator().manual_seed(1)
-    w = torch.randn(96, 80, generator=gen)
-    for M in (1, 3, 16, 17):
-        x = torch.randn(M, 80, generator=gen)
-        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    assert calls == [(1, 80), (3, 80), (16, 80)]  # 17 rows: a matrix product (MKL) is faster
 
 
 def test_not_used_where_it_does_not_apply():
@@ -158,47 +126,6 @@ def attention_reference(x, weights, cache_k, cache_v, rows, slots, lengths, posi
     return heads.view(len(rows), H * D) @ wo.T, ck, cv
 
 
-# Lengths around the kernel's blocks of 64 keys (one key, a block exactly, one past it, several) and a full row
-# whose new key lands mid-row (the buffer has wrapped); tokens in another order than the cache rows. Head groups
-# of 3 (the benchmark model), 4 and 6 query heads per kv head, and none shared.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("H, Hkv, D", [(12, 4, 64), (8, 2, 128), (4, 4, 20), (6, 1, 8)])
-def test_attention_matches_float64(dtype, H, Hkv, D):
-    gen = torch.Generator().manual_seed(H * D)
-    B, W, dim = 7, 200, 48
-    rows = torch.tensor([3, 0, 6, 1, 4, 2])  # row 5 has no token this step
-    lengths = torch.tensor([1, 63, 64, 65, 130, W])
-    slots = torch.where(lengths < W, lengths - 1, 37)
-    positions = torch.where(lengths < W, lengths - 1, 3 * W + 37)
-    x = torch.randn(len(rows), dim, generator=gen) / dim**0.5  # queries, keys, values of about unit size
-    weights = [weights_of(dtype, n, k, gen) for n, k in [(H * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, H * D)]]
-    cache_k, cache_v = torch.randn(2, B, Hkv, W, D, generator=gen)
-    cache_k[:, :, W // 2 :] *= 2  # later keys score higher: earlier blocks' sums get rescaled
-    for r, n in zip(rows.tolist(), lengths.tolist()):  # slots past a row's length are never read
-        cache_k[r, :, n:], cache_v[r, :, n:] = float("nan"), float("nan")
-    want, want_k, want_v = attention_reference(x, weights, cache_k, cache_v, rows, slots, lengths, positions, H)
-    freqs = precompute_freqs_cis(D, positions, 1e4)
-    step = torch.stack([rows, slots, lengths, positions])
-    got = kernels.attention(x, weights, cache_k, cache_v, step, torch.view_as_real(freqs), H)
-    # fp32 sums of products: error a few 1e-6 of the largest output. The model's RoPE angles are fp32 (as here):
-    # at position 637 one ulp of the angle is 6e-5, so rotated keys there are good to about 1e-4.
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
-    torch.testing.assert_close(cache_k.double(), want_k, rtol=1e-5, atol=1e-4, equal_nan=True)
-    torch.testing.assert_close(cache_v.double(), want_v, rtol=1e-5, atol=1e-5, equal_nan=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("M", [1, 3, 16])
-def test_feed_forward_matches_float64(dtype, M):
-    gen = torch.Generator().manual_seed(M)
-    for dim, hidden in [(8, 24), (40, 131), (768, 2048)]:
-        x = torch.randn(M, dim, generator=gen) * 2  # gates far into both tails of silu
-        weights = [weights_of(dtype, n, k, gen) for n, k in [(hidden, dim), (hidden, dim), (dim, hidden)]]
-        want = ffn64(x, weights)
-        got = kernels.feed_forward(x, weights)
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
 def rms64(x, w, eps=1e-5):
     return x.double() / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.double()
 
@@ -232,8 +159,21 @@ def moe64(x, router, weights, top_k):
 def test_blocks_match_float64(dtype, L, moe):
     """Whole blocks one after another, x = h + ffn(norm(h)) with h = x + attention(norm(x)), each layer with its own
     weights, norms and cache, for rows out of order, one of them wrapped."""
+    check_blocks(dtype, L, moe, 6, 2, 8)
+
+
+# Head groups of 3 (the benchmark model), 4 and 6 query heads per kv head, and none shared; head_dim 20 leaves a tail.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("H, Hkv, D", [(12, 4, 64), (8, 2, 128), (4, 4, 20), (6, 1, 8)])
+def test_blocks_attention_of_every_head_shape(dtype, H, Hkv, D):
+    check_blocks(dtype, 1, None, H, Hkv, D)
+
+
+def check_blocks(dtype, L, moe, H, Hkv, D):
+    """Cache lengths around the kernel's blocks of 64 keys (one key, a block and one past it) and a full row whose new
+    key lands mid-row (the buffer has wrapped); tokens in another order than the cache rows."""
     gen = torch.Generator().manual_seed(7 + L)
-    B, W, dim, H, Hkv, D, hidden = 4, 70, 48, 6, 2, 8, 131
+    B, W, dim, hidden = 4, 70, 48, 131
     E, top_k = moe or (1, 1)
     rows, lengths = torch.tensor([2, 0, 3]), torch.tensor([1, 65, W])
     slots = torch.where(lengths < W, lengths - 1, 11)
@@ -276,30 +216,28 @@ def test_blocks_match_float64(dtype, L, moe):
     torch.testing.assert_close(cache_v.double(), torch.stack(want_v), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_kernels_decline_what_they_do_not_take():
+def test_what_the_kernels_decline():
     gen = torch.Generator().manual_seed(0)
     ffn = [weights_of(torch.float32, n, k, gen) for n, k in [(24, 8), (24, 8), (8, 24)]]
     x = torch.randn(2, 8)
-    assert kernels.feed_forward(x.bfloat16(), ffn) is None  # fp32 activations only
-    assert kernels.feed_forward(torch.randn(17, 8), ffn) is None  # more rows than decode: torch's products
-    assert kernels.feed_forward(x.requires_grad_(), ffn) is None  # autograd needs torch's ops
-    mixed = [ffn[0], (ffn[1][0].bfloat16(), None), ffn[2]]
-    assert kernels.feed_forward(x.detach(), mixed) is None  # one weight dtype per call
+    assert not kernels.takes_rows(x.bfloat16())  # fp32 activations only
+    assert not kernels.takes_rows(torch.randn(17, 8))  # more rows than decode: torch's products
+    assert not kernels.takes_rows(x.clone().requires_grad_())  # autograd needs torch's ops
+    assert kernels.prepare([ffn[0], (ffn[1][0].bfloat16(), None), ffn[2]]) is None  # one weight dtype per call
+    assert kernels.prepare([(ffn[0][0].to(torch.int8), None)]) is None  # int8 weights come with their scales
+    cache = torch.zeros(1, 1, 2, 4, 4)
+    assert kernels.takes_cache(cache, cache) and not kernels.takes_cache(cache.bfloat16(), cache.bfloat16())
     att = [weights_of(torch.float32, n, k, gen) for n, k in [(16, 8), (8, 8), (8, 8), (8, 16)]]
-    cache = torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16)
-    step, rope, inv_freq = torch.tensor([[0], [0], [1], [0]]), torch.randn(1, 2, 2), torch.ones(2)
-    assert kernels.attention(x[:1].detach(), att, cache, cache, step, rope, 4) is None  # bf16 cache
-    norms, cache = (torch.ones(8), torch.ones(8)), cache[None]
-    plan = kernels.plan_blocks([(norms, att + ffn)], 1e-5, 4, 2, 4)
-    assert plan is not None and kernels.blocks(x[:1].detach(), plan, cache, cache, step, inv_freq) is None  # bf16 cache
-    with torch.enable_grad():  # autograd needs torch's ops
-        assert kernels.blocks(x[:1].requires_grad_(), plan, cache.float(), cache.float(), step, inv_freq) is None
-        grad_plan = kernels.plan_blocks([(norms, att + ffn[:2] + [(ffn[2][0].requires_grad_(), None)])], 1e-5, 4, 2, 4)
-        assert kernels.blocks(x[:1].detach(), grad_plan, cache.float(), cache.float(), step, inv_freq) is None
+    norms = (torch.ones(8), torch.ones(8))
+    assert not kernels.plan_blocks([(norms, att + ffn)], 1e-5, 4, 2, 4).needs_grad
+    needs_grad = kernels.plan_blocks([(norms, att + ffn[:2] + [(ffn[2][0].clone().requires_grad_(), None)])], 1e-5, 4,
+                                     2, 4)
+    assert needs_grad.needs_grad  # the engine declines it where autograd is on
     assert kernels.plan_blocks([((norms[0].double(), norms[1]), att + ffn)], 1e-5, 4, 2, 4) is None  # fp32 norms only
     assert kernels.plan_blocks([(norms, att + ffn)], 1e-5, 2, 2, 8) is None  # weights of other shapes
     layer = (norms, att + ffn)
     assert kernels.plan_blocks([layer, (norms, att + [(w.bfloat16(), s) for w, s in ffn])], 1e-5, 4, 2, 4) is None
+    assert kernels.plan_blocks([(norms, att + ffn[:2])], 1e-5, 4, 2, 4) is None  # a weight list too short
     router = torch.randn(2, 8)
     moe = kernels.KernelLayer(norms, att + ffn + ffn, router, 2)  # 2 experts, both taken
     assert kernels.plan_blocks([moe, moe], 1e-5, 4, 2, 4) is not None
@@ -326,35 +264,81 @@ def test_rms_norm_declines_what_it_does_not_take():
     assert kernels.rms_norm(x[:2].double(), w.double(), 1e-5) is None
 
 
-def test_without_a_compiler_torch_products_are_used(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_tried", False)
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """The kernels as in a new process: nothing loaded yet (and the real build loaded again afterwards)."""
+    kernels.load.cache_clear()
+    yield
+    monkeypatch.undo()
+    kernels.load.cache_clear()
+
+
+def test_without_a_compiler_torch_is_used(fresh_build, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     x, w = torch.randn(2, 16), torch.randn(8, 16)
-    with caplog.at_level(logging.WARNING, logger="mistral.kernels"):
+    with caplog.at_level(logging.WARNING, logger="mistral.cpu.kernels"):
         assert not kernels.available()
-        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert "no-such-compiler" in caplog.text
-    assert not kernels.usable(x, w)
+    assert not kernels.usable(x, w) and not kernels.takes_rows(x)
 
 
-@pytest.fixture
-def fresh_build(monkeypatch):
-    """matvec as in a new process: nothing loaded yet."""
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_tried", False)
-
-
-def test_unusable_cache_folder_builds_in_the_temporary_folder(fresh_build, monkeypatch, tmp_path):
+def test_a_cache_folder_that_cannot_be_made_builds_privately(fresh_build, monkeypatch, tmp_path):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # ~/.cache/mistral cannot be made under a file
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert kernels.available()
-    assert [p.suffix for p in (tmp_path / "tmp").iterdir()] == [".so"]
+    assert list((tmp_path / "tmp").iterdir()) == []  # built in a private folder of its own, removed once loaded
     x, w = torch.randn(2, 16), torch.randn(8, 16)
     torch.testing.assert_close(kernels.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+def _planted(tmp_path, marker) -> bytes:
+    """A shared library that, once loaded, writes the file `marker`: what another local user could plant."""
+    src = tmp_path / "planted.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void planted(void) '
+                   f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    subprocess.run([os.environ.get("CC") or "cc", "-shared", "-fPIC", str(src), "-o", str(tmp_path / "planted.so")],
+                   check=True)
+    return (tmp_path / "planted.so").read_bytes()
+
+
+def _build_name() -> str:
+    """The name a build gets (the first set of flags), which anyone can compute."""
+    import hashlib
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    key = hashlib.sha256(b"\0".join([kernels.SOURCE.read_bytes(), cc.encode(), " ".join(kernels.FLAG_SETS[0]).encode(),
+                                     kernels._cpu_id().encode()]))
+    return f"kernels-{key.hexdigest()[:16]}.so"
+
+
+def test_a_library_planted_in_a_shared_folder_is_never_loaded(fresh_build, monkeypatch, tmp_path):
+    """With the home folder unwritable and TMPDIR a folder everyone can write, earlier versions built into, and loaded
+    from, $TMPDIR/kernels-<hash>.so: another user who put a file there first ran code in our process. And a cache folder
+    that others can write is not a safe place either."""
+    marker = tmp_path / "planted-code-ran"
+    planted = _planted(tmp_path, marker)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / _build_name()).write_bytes(planted)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    assert kernels.available() and not marker.exists()
+    # A cache folder others may write to: not used, its planted file not loaded.
+    kernels.load.cache_clear()
+    (tmp_path / "open" / "mistral").mkdir(parents=True)
+    (tmp_path / "open" / "mistral").chmod(0o777)
+    (tmp_path / "open" / "mistral" / _build_name()).write_bytes(planted)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "open"))
+    assert kernels.available() and not marker.exists()
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    torch.testing.assert_close(kernels.matvec(x, w).double(), reference(x, w), rtol=1e-5, atol=1e-5)
+    ctypes.CDLL(str(tmp_path / "planted.so"))  # the planted library is a real one: it would have run, had it been loaded
+    assert marker.exists()
 
 
 def test_a_damaged_cached_build_is_built_again(fresh_build, monkeypatch, tmp_path):
@@ -365,8 +349,7 @@ def test_a_damaged_cached_build_is_built_again(fresh_build, monkeypatch, tmp_pat
     (tmp_path / "b" / "mistral").mkdir(parents=True)
     (tmp_path / "b" / "mistral" / name).write_bytes(b"not a shared library")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_tried", False)
+    kernels.load.cache_clear()
     assert kernels.available()
     assert (tmp_path / "b" / "mistral" / name).read_bytes() == (tmp_path / "a" / "mistral" / name).read_bytes()
     x, w = torch.randn(3, 16), torch.randn(8, 16)

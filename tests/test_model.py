@@ -1,11 +1,9 @@
 """Logits on every path (packed, cached, chunked, decode) against the naive oracle in tests/oracle.py."""
 import pytest
 import torch
-from helpers import random_model, tiny_params
+from helpers import engine_first, random_model, tiny_params
 from oracle import oracle_logits
 
-import mistral.model
-from mistral import kernels
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.moe import MoeLayer
@@ -22,9 +20,10 @@ def expected(model, seqs):
     return torch.cat([oracle_logits(model.state_dict(), p, s) for s in seqs]).float()
 
 
-def run_schedule(model, seqs, schedule, window=W):
-    """Feed seqs through a cache, step k giving row b the next schedule(b, k) tokens.
-    Returns each sequence's logits, concatenated in packed order."""
+def run_schedule(model, seqs, schedule, window=W, forward=None):
+    """Feed seqs through a cache, step k giving row b the next schedule(b, k) tokens, each step through forward (the
+    model, unless said). Returns each sequence's logits, concatenated in packed order."""
+    forward = forward or model
     cache = RotatingBufferCache(model.n_local_layers, len(seqs), window, model.args.n_kv_heads, model.args.head_dim)
     fed, outs = [0] * len(seqs), [[] for _ in seqs]
     for step in range(10_000):
@@ -32,7 +31,7 @@ def run_schedule(model, seqs, schedule, window=W):
         if not any(lens):
             break
         ids = torch.tensor([t for b, s in enumerate(seqs) for t in s[fed[b] : fed[b] + lens[b]]])
-        logits = model(ids, lens, cache)
+        logits = forward(ids, lens, cache)
         for b, part in enumerate(logits.split(lens)):
             outs[b].append(part)
         fed = [f + n for f, n in zip(fed, lens)]
@@ -48,14 +47,12 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(params=["C kernels", "torch only"])
-def cpu_ops(request, monkeypatch):
-    """Decode on a CPU runs mistral.kernels where they are built; "torch only" is the path of a machine
-    without a C compiler (and, for attention, of CUDA without xformers): SDPA, F.rms_norm, F.linear."""
-    if request.param == "torch only":
-        monkeypatch.setattr(kernels, "_lib", None)
-        monkeypatch.setattr(kernels, "_tried", True)
-    return request.param
+@pytest.fixture(params=["engine", "torch only"])
+def cpu_ops(request):
+    """cpu_ops(model): what runs each step. "engine": decode steps on mistral.cpu's engine, every other step on the
+    model, as generate dispatches them; "torch only": the model, as on a machine without a C compiler (and, for
+    attention, CUDA without xformers): SDPA, F.rms_norm, F.linear."""
+    return (lambda model: model) if request.param == "torch only" else engine_first
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -101,7 +98,7 @@ def test_ragged_batch_mixes_prefill_chunks_and_decode(cpu_ops):
 
     seqs = [p + p[:6] for p in PROMPTS]  # long enough to decode past W after the first 8 tokens
     with torch.no_grad():
-        got = run_schedule(model, seqs, schedule)
+        got = run_schedule(model, seqs, schedule, forward=cpu_ops(model))
     torch.testing.assert_close(got, expected(model, seqs))
 
 
@@ -113,45 +110,22 @@ def test_decode_far_past_window_matches_oracle_every_step(name, cpu_ops):
     seqs = [[(7 * i + 3) % 64 for i in range(2 + 3 * W)], [(5 * i + 1) % 64 for i in range(3 + 4 * W)]]
     prompt = [2, 3]
     cache = RotatingBufferCache(model.n_local_layers, 3, W, model.args.n_kv_heads, model.args.head_dim)
+    forward = cpu_ops(model)
     with torch.no_grad():
         model(torch.tensor(seqs[0][:2] + seqs[1][:3]), [2, 3], cache)
         fed = list(prompt)
         while fed[1] < len(seqs[1]):
             rows = [b for b in range(2) if fed[b] < len(seqs[b])]
             lens = [1 if b in rows else 0 for b in range(2)]
-            logits = model(torch.tensor([seqs[b][fed[b]] for b in rows]), lens, cache)
+            logits = forward(torch.tensor([seqs[b][fed[b]] for b in rows]), lens, cache)
             for i, b in enumerate(rows):
                 fed[b] += 1
                 want = oracle_logits(model.state_dict(), _params(model), seqs[b][: fed[b]])[-1].float()
                 torch.testing.assert_close(logits[i], want, msg=lambda m: f"row {b} at position {fed[b] - 1}: {m}")
 
 
-@pytest.mark.parametrize("name", ["gqa", "moe"])
-def test_decode_runs_the_blocks_in_one_kernel_call(monkeypatch, name):
-    """On a CPU with the kernels built, each decode step of a dense or MoE model (fp32, int8 and bf16 weights) runs all
-    its blocks in one C call. A decline would still give the right logits, only slower, so this is checked here."""
-    from mistral import quantize
-    from mistral.generate import generate_ids
-
-    if not kernels.available():
-        pytest.skip("no C compiler: the kernels cannot be built here")
-    real, answers = kernels.blocks, []
-
-    def counted(*args):
-        answers.append(real(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(kernels, "blocks", counted)
-    for convert in (lambda m: m, quantize.quantize_int8, lambda m: quantize.bf16_weight_only(m.bfloat16())):
-        model = convert(random_model(CONFIGS[name]))
-        answers.clear()
-        generate_ids([[1, 2, 3], [4, 5]], model, max_tokens=5)  # one pre-fill step, then 4 decode steps
-        assert len(answers) == 4 and all(a is not None for a in answers)
-        assert mistral.model._kept is None  # generate's steady() kept the plan for its own steps only
-
-
-def test_weights_replaced_between_generations_are_used(monkeypatch):
-    """generate keeps the gathered weights for its own steps only: a weight replaced afterwards (a new tensor, not
+def test_weights_replaced_between_generations_are_used():
+    """generate's engine gathers the weights for its own steps only: a weight replaced afterwards (a new tensor, not
     changed in place) is what the next generation reads, as torch's own layers read it."""
     from mistral.generate import generate_ids
 
@@ -162,9 +136,7 @@ def test_weights_replaced_between_generations_are_used(monkeypatch):
         w2 = block.feed_forward.w2
         w2.weight = torch.nn.Parameter(torch.randn_like(w2.weight) * 0.3, requires_grad=False)
     got = generate_ids(prompts, model, max_tokens=6)
-    monkeypatch.setattr(kernels, "_lib", None)  # torch's layers only
-    monkeypatch.setattr(kernels, "_tried", True)
-    want = generate_ids(prompts, model, max_tokens=6)
+    want = generate_ids(prompts, model, max_tokens=6, engine=False)  # torch's layers only
     assert got[0] == want[0]
     for lps, want_lps in zip(got[1], want[1]):
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), rtol=0, atol=1e-5)
@@ -235,15 +207,16 @@ def test_fewer_slots_than_the_window_until_full_then_a_clear_error(name, cpu_ops
     """A cache of N < W slots (or of N positions for a model without a window) serves a sequence of up to N
     positions exactly, in chunks and at decode, and refuses the position that would overwrite a key still needed."""
     model = random_model(tiny_params(sliding_window=40) if name == "gqa" else CONFIGS[name])
+    forward = cpu_ops(model)
     seq, n = PROMPTS[2][:12], 12
     cache = RotatingBufferCache(model.n_local_layers, 1, n, model.args.n_kv_heads, model.args.head_dim)
     outs = []
     with torch.no_grad():
         for a, b in [(0, 4), (4, 9), (9, 10), (10, 11), (11, 12)]:  # chunks, then decode steps
-            outs.append(model(torch.tensor(seq[a:b]), [b - a], cache))
+            outs.append(forward(torch.tensor(seq[a:b]), [b - a], cache))
         torch.testing.assert_close(torch.cat(outs), expected(model, [seq]))
         with pytest.raises(MistralError, match="would reach 13 positions but the cache holds 12"):
-            model(torch.tensor([1]), [1], cache)
+            forward(torch.tensor([1]), [1], cache)
 
 
 @pytest.mark.parametrize("name", ["gqa", "no_window"])
@@ -251,13 +224,14 @@ def test_a_grown_cache_goes_on_exactly(name, cpu_ops):
     """Grown from 6 slots to W (or to 40 without a window) after 6 positions, a row decodes on past W: every logit as
     the oracle's."""
     model = random_model(CONFIGS[name] if name == "no_window" else tiny_params(sliding_window=9))
+    forward = cpu_ops(model)
     seq = PROMPTS[2]
     cache = RotatingBufferCache(model.n_local_layers, 2, 6, model.args.n_kv_heads, model.args.head_dim)
     with torch.no_grad():
         outs = [model(torch.tensor(seq[:6]), [6, 0], cache)]
         cache.grow(model.args.sliding_window or 40)
         outs.append(model(torch.tensor(seq[6:8]), [2, 0], cache))
-        outs += [model(torch.tensor([t]), [1, 0], cache) for t in seq[8:]]
+        outs += [forward(torch.tensor([t]), [1, 0], cache) for t in seq[8:]]
     torch.testing.assert_close(torch.cat(outs), expected(model, [seq]))
 
 
@@ -278,7 +252,7 @@ def test_a_rewound_row_continues_as_a_fresh_forward(name, cpu_ops):
     with torch.no_grad():
         model(torch.tensor(a + b), [W, 4], cache)  # row 0 fills its W slots, without wrapping
         cache.rewind(0, 2)
-        got = model(torch.tensor(other + b[:1]), [3, 1], cache)
+        got = cpu_ops(model)(torch.tensor(other + b[:1]), [3, 1], cache)
         torch.testing.assert_close(got, torch.cat([expected(model, [a[:2] + other])[2:],
                                                    expected(model, [b + b[:1]])[4:]]))
         if name == "gqa":

@@ -4,7 +4,8 @@ tiny models against fp32, packed, chunked and through generate_ids.
 Error bounds used below, for y = x @ W.T over K inputs and B = |x| @ |W|.T (the sum of |x_k w_k|):
 - fp32 arithmetic: |error| <= K * 2^-24 * B (the classical bound for a K-term dot product), taken as
   K * 2^-23 * B to cover the final multiplication by the scale as well.
-- torch._weight_int8pack_mm (the int8 path for few rows where mistral.kernels's kernel is not built) rounds x, the scales and y to bf16, each a
+- torch._weight_int8pack_mm (Int8Linear's own path for few rows, where the CPU engine does not run) rounds x, the scales
+  and y to bf16, each a
   relative error of at most 2^-9: |error| <= 3 * 2^-9 * B, taken as 2^-7 * B.
 And for whole models, int8 against fp32: logits within 0.1 of the logits' standard deviation. Measured on
 these tiny models: 4-8% at most (per-channel int8 of K = 32 inputs is about 0.6% off per dot product, and
@@ -15,10 +16,10 @@ import copy
 
 import pytest
 import torch
-from helpers import random_model, tiny_params
+from helpers import engine_first, random_model, tiny_params
 from torch import nn
 
-from mistral import kernels, quantize
+from mistral import quantize
 from mistral.cache import RotatingBufferCache
 from mistral.generate import generate_ids
 from mistral.moe import MoeLayer
@@ -59,13 +60,6 @@ def random_linear(n: int, k: int) -> nn.Linear:
     return nn.Linear(k, n, bias=False).requires_grad_(False)
 
 
-@pytest.fixture
-def no_kernel(monkeypatch):
-    """As on a machine where mistral.kernels's kernel could not be compiled."""
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_tried", True)
-
-
 def test_quantization_is_symmetric_per_output_channel():
     lin = random_linear(16, 64)
     q = Int8Linear.from_linear(lin)
@@ -76,22 +70,14 @@ def test_quantization_is_symmetric_per_output_channel():
 
 
 @pytest.mark.parametrize("M", [1, 3, 16, 37])
-def test_int8_linear_without_the_kernel(M, no_kernel):
-    """M <= 16: torch._weight_int8pack_mm, bf16 rounding; M = 37: fp32 F.linear on the int8 weights."""
+def test_int8_linear(M):
+    """M <= 16: torch._weight_int8pack_mm, bf16 rounding; M = 37: fp32 F.linear on the int8 weights. (Decode steps on a
+    CPU run the engine's kernel instead: tests/test_kernels.py.)"""
     q = Int8Linear.from_linear(random_linear(48, 64))
     x = torch.randn(M, 64)
-    atol = bf16_atol(x, dequantized(q)) if M <= kernels.MAX_ROWS else fp32_atol(x, dequantized(q))
+    atol = bf16_atol(x, dequantized(q)) if M <= quantize.FEW_ROWS else fp32_atol(x, dequantized(q))
     with torch.no_grad():
         assert_int8_close(q, x, atol)
-
-
-@pytest.mark.parametrize("M", [1, 3, 16, 37])
-def test_int8_linear(M):
-    """The kernel (M <= 16) and the converted weights (M = 37) are fp32 arithmetic on the exact int8 weights."""
-    q = Int8Linear.from_linear(random_linear(40, 44))
-    x = torch.randn(M, 44)
-    with torch.no_grad():
-        assert_int8_close(q, x, fp32_atol(x, dequantized(q)))
 
 
 @pytest.mark.parametrize("M", [1, 3, 16, 37])
@@ -109,7 +95,7 @@ def test_many_rows_convert_the_weights_in_blocks(monkeypatch):
     assert_both_fp32_close(random_linear(23, 44), torch.randn(37, 44))
 
 
-def test_odd_sizes_without_the_kernel(no_kernel):
+def test_odd_sizes():
     """K = 10 does not fit torch._weight_int8pack_mm's 8-wide kernel: F.linear on converted weights then."""
     assert_both_fp32_close(random_linear(7, 10), torch.randn(2, 10))
 
@@ -121,15 +107,17 @@ def test_autograd_inputs_take_the_plain_path():
     torch.testing.assert_close(x.grad, (dequantized(q).sum(0) + b.weight.double().sum(0)).float().expand(2, -1))
 
 
-def run_chunked(model, seqs, chunk):
-    """Feed seqs through a cache, `chunk` tokens per row and step; each sequence's logits, in packed order."""
+def run_chunked(model, seqs, chunk, forward=None):
+    """Feed seqs through a cache, `chunk` tokens per row and step, each step through forward (the model, unless
+    said); each sequence's logits, in packed order."""
+    forward = forward or model
     cache = RotatingBufferCache(model.n_local_layers, len(seqs), model.args.sliding_window, model.args.n_kv_heads,
                                 model.args.head_dim, dtype=model.dtype)
     fed, outs = [0] * len(seqs), [[] for _ in seqs]
     while any(f < len(s) for f, s in zip(fed, seqs)):
         lens = [min(chunk, len(s) - f) for f, s in zip(fed, seqs)]
         ids = torch.tensor([t for b, s in enumerate(seqs) for t in s[fed[b] : fed[b] + lens[b]]])
-        for b, part in enumerate(model(ids, lens, cache).split(lens)):
+        for b, part in enumerate(forward(ids, lens, cache).split(lens)):
             outs[b].append(part)
         fed = [f + n for f, n in zip(fed, lens)]
     return torch.cat([torch.cat(o) for o in outs])
@@ -142,7 +130,7 @@ def packed(model):
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_quantize_int8_model(moe):
-    """Packed (F.linear on int8 weights) and one token per step (the kernel) against fp32."""
+    """Packed (F.linear on int8 weights) and one token per step (the engine's kernel) against fp32."""
     model = random_model(tiny_params(moe=moe))
     q = quantize_int8(copy.deepcopy(model))
     assert isinstance(q.output, Int8Linear) and isinstance(q.layers["1"].attention.wk, Int8Linear)
@@ -154,18 +142,18 @@ def test_quantize_int8_model(moe):
     atol = 0.1 * want.std().item()
     torch.testing.assert_close(packed(q), want, rtol=0, atol=atol)
     with torch.no_grad():
-        torch.testing.assert_close(run_chunked(q, PROMPTS, 1), want, rtol=0, atol=atol)
+        torch.testing.assert_close(run_chunked(q, PROMPTS, 1, engine_first(q)), want, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_quantize_int8_generate_chunked(moe, monkeypatch):
     """With every row count on F.linear (fp32 on the int8 weights), chunking changes only the summation
     order: the same tokens, each the argmax of a one-pass forward over the whole text."""
-    monkeypatch.setattr(kernels, "MAX_ROWS", 0)
+    monkeypatch.setattr(quantize, "FEW_ROWS", 0)
     q = quantize_int8(random_model(tiny_params(moe=moe)))
-    want, want_lp = generate_ids(PROMPTS, q, max_tokens=8)
+    want, want_lp = generate_ids(PROMPTS, q, max_tokens=8, engine=False)
     for chunk_size in (1, 2, 6):
-        got, got_lp = generate_ids(PROMPTS, q, max_tokens=8, chunk_size=chunk_size)
+        got, got_lp = generate_ids(PROMPTS, q, max_tokens=8, chunk_size=chunk_size, engine=False)
         assert got == want
         for a, b in zip(got_lp, want_lp):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)
@@ -216,18 +204,18 @@ def dequantized_model(model, q):
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_kernel_in_a_model(moe):
-    """The kernel's int8 and bf16 paths inside a model, one token per step and in generate_ids, against fp32 models with
-    the same (bf16-rounded or dequantized) weights: fp32 arithmetic, only the summation order differs."""
+    """The engine's int8 and bf16 paths, one token per step and in generate_ids, against fp32 models with the same
+    (bf16-rounded or dequantized) weights on torch alone: fp32 arithmetic, only the summation order differs."""
     model = random_model(tiny_params(moe=moe, **K44))
     b, b_ref = bf16_weight_only(copy.deepcopy(model).bfloat16()), rounded_to_bf16(model)
     q = quantize_int8(copy.deepcopy(model))
     q_ref = dequantized_model(model, q)
     for fast, slow in ((b, b_ref), (q, q_ref)):
         with torch.no_grad():
-            torch.testing.assert_close(run_chunked(fast, PROMPTS, 1), run_chunked(slow, PROMPTS, 1),
+            torch.testing.assert_close(run_chunked(fast, PROMPTS, 1, engine_first(fast)), run_chunked(slow, PROMPTS, 1),
                                        rtol=1e-5, atol=1e-5)
         got, got_lp = generate_ids(PROMPTS, fast, max_tokens=8, chunk_size=2)
-        want, want_lp = generate_ids(PROMPTS, slow, max_tokens=8, chunk_size=2)
+        want, want_lp = generate_ids(PROMPTS, slow, max_tokens=8, chunk_size=2, engine=False)
         assert got == want
         for x, y in zip(got_lp, want_lp):
             torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-4)

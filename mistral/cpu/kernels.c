@@ -1,9 +1,10 @@
 /* The CPU kernels of a decode step: few-row matrix products, a layer's attention and its SwiGLU FFN, RMSNorm, a
-mixture of experts, and whole blocks one after another.
+mixture of experts, whole blocks one after another (the one entry point a step calls), and greedy picking.
 
 Each replaces torch calls that cost more in dispatch than in arithmetic at decode's sizes, or (the products)
-that read memory at half speed. mistral/kernels.py compiles and calls them; the model's torch code stays the
-definition, and tests/test_kernels.py checks each kernel against a float64 computation.
+that read memory at half speed. mistral/cpu/kernels.py compiles and calls them for the engine in
+mistral/cpu/decoder.py; the model's torch code (mistral/model.py) stays the definition, and tests/test_kernels.py checks
+each kernel against a float64 computation.
 
 1. Few-row matrix products: y (M, N) = x (M, K) @ w (N, K)^T, for M from 1 to 16, of up to three w at once.
 
@@ -280,13 +281,6 @@ static void attention_phases(enum wtype t, const float *x, const void *const *w,
     products(heads, st_o, out, M, nq, t);
 }
 
-void attention(int type, const float *x, const void *const *w, const float *const *s, float *cache_k, float *cache_v,
-               const int64_t *step, const float *rope, float *qkv, float *heads, float *out, int64_t M, int64_t dim,
-               int64_t H, int64_t Hkv, int64_t D, int64_t W) {
-    #pragma omp parallel
-    attention_phases((enum wtype)type, x, w, s, cache_k, cache_v, step, rope, qkv, heads, out, M, dim, H, Hkv, D, W);
-}
-
 /* 3. RMSNorm: y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, for the M rows of x (M, K). One thread: a row is
 a few KB. */
 void rms_norm_f32(const float *x, const float *w, float *y, int64_t M, int64_t K, float eps) {
@@ -311,12 +305,6 @@ static void ffn_phases(enum wtype t, const float *x, const void *const *w, const
         act[i] = g / (1 + expf(-g)) * gate_up[m * 2 * hidden + hidden + j];
     }
     products(act, st_2, out, M, hidden, t);
-}
-
-void feed_forward(int type, const float *x, const void *const *w, const float *const *s, float *gate_up, float *act,
-                  float *out, int64_t M, int64_t dim, int64_t hidden) {
-    #pragma omp parallel
-    ffn_phases((enum wtype)type, x, w, s, gate_up, act, out, M, dim, hidden);
 }
 
 /* 5. A mixture of experts at decode (Mixtral's FFN), for the threads of an enclosing parallel region: out (M, dim) is,
@@ -390,7 +378,7 @@ routers: NULL for dense layers, else L pointers to (E, dim) fp32. cache_k, cache
 caches one after another. y (M, dim) carries the running x from layer to layer and ends as the last layer's output (x
 is not written). inv_freq (D/2): RoPE's frequencies, from which each token's rotations are computed once for all
 layers. scratch: M (4 dim + (2 H + 2 Hkv + 1) D + 3 hidden + 2 E) floats; routing: E (M + 1) int64. The rest as
-for attention(). */
+for attention_phases (W: the cache's slots per row). */
 void blocks(int type, int64_t L, const float *x, const float *const *norms, float eps, const void *const *w,
             const float *const *s, const float *const *routers, int64_t E, int64_t K, float *cache_k, float *cache_v,
             const int64_t *step, const float *inv_freq, float *scratch, int64_t *routing, float *y, int64_t M,

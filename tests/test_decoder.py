@@ -1,0 +1,105 @@
+"""The CPU decode engine (mistral/cpu/decoder.py) against the torch model it was built from: the same step on the same
+cache gives the same logits and leaves the same cache; what it declines it leaves untouched."""
+import copy
+
+import pytest
+import torch
+from helpers import random_model, tiny_params
+
+from mistral import quantize
+from mistral.cache import RotatingBufferCache
+from mistral.cpu import CpuDecoder, kernels
+from mistral.generate import generate_ids
+from mistral.model import ModelArgs, Transformer
+
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8,
+           "bf16": lambda m: quantize.bf16_weight_only(m.bfloat16())}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    if not kernels.available():
+        pytest.skip("no C compiler: the engine cannot be built here")
+
+
+def prefilled(model, prompts):
+    cache = RotatingBufferCache(model.n_local_layers, len(prompts), model.args.sliding_window or 32,
+                                model.args.n_kv_heads, model.args.head_dim)
+    with torch.no_grad():
+        model(torch.tensor(sum(prompts, [])), [len(p) for p in prompts], cache)
+    return cache
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("params", [tiny_params(), tiny_params(moe=MOE), tiny_params(sliding_window=None)],
+                         ids=["dense", "moe", "no-window"])
+def test_a_step_is_the_models_step(params, fmt, monkeypatch):
+    """Every decode step past the window, rows dropping out, some rows' logits only: the engine's logits and cache
+    equal the torch model's, within fp32 rounding (int8 on torch's fp32 path, not _weight_int8pack_mm's bf16)."""
+    monkeypatch.setattr(quantize, "FEW_ROWS", 0)
+    model = FORMATS[fmt](random_model(params))
+    decoder = CpuDecoder.of(model)
+    assert decoder is not None
+    prompts = [[3, 9, 27], [5, 6, 7, 8, 9, 10, 11], [1]]
+    ours = prefilled(model, prompts)
+    theirs = copy.deepcopy(ours)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for step in range(12):
+            seqlens = [1, 1, 0] if step % 4 == 3 else [0, 1, 1] if step % 4 == 1 else [1, 1, 1]
+            ids = torch.randint(0, 64, (sum(seqlens),), generator=gen)
+            rows = None if step % 3 else [sum(seqlens) - 1]
+            got = decoder.step(ids, seqlens, ours, rows)
+            want = model(ids, seqlens, theirs, rows=rows)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
+            assert ours.seq_pos == theirs.seq_pos
+    torch.testing.assert_close(ours.cache_k, theirs.cache_k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.cache_v, theirs.cache_v, rtol=1e-4, atol=1e-4)
+
+
+def test_what_it_declines_it_leaves_untouched():
+    model = random_model(tiny_params())
+    decoder = CpuDecoder.of(model)
+    cache = prefilled(model, [[1, 2], [3]])
+    before = (list(cache.seq_pos), cache.cache_k.clone())
+    for ids, seqlens, c in [(torch.tensor([4, 5]), [2, 0], cache),  # a chunk, not a decode step
+                            (torch.tensor([4]), [1], None),  # no cache
+                            (torch.tensor([4] * 17), [1] * 17, cache),  # more rows than the kernels take
+                            (torch.tensor([4, 5]), [1, 1], copy.deepcopy(cache).to(dtype=torch.bfloat16))]:
+        assert decoder.step(ids, seqlens, c) is None
+    assert cache.seq_pos == before[0] and torch.equal(cache.cache_k, before[1])
+    with torch.enable_grad():  # autograd needs torch's ops
+        grad = random_model(tiny_params()).requires_grad_()
+        assert CpuDecoder.of(grad).step(torch.tensor([4, 5]), [1, 1], prefilled(grad, [[1], [2]])) is None
+
+
+def test_models_it_does_not_take():
+    args = ModelArgs.from_dict(tiny_params())
+    with torch.device("meta"):
+        assert CpuDecoder.of(Transformer(args)) is None  # not on a CPU
+    assert CpuDecoder.of(Transformer(args, pipeline_rank=1, num_pipeline_ranks=2)) is None  # one rank of several
+    model = random_model(tiny_params())
+    model.layers["0"].feed_forward = torch.nn.Identity()  # a block of a kind the kernels do not know
+    assert CpuDecoder.of(model) is None
+
+
+@pytest.mark.parametrize("params", [tiny_params(), tiny_params(moe=MOE)], ids=["dense", "moe"])
+def test_generate_runs_every_decode_step_in_one_blocks_call(monkeypatch, params):
+    """On a CPU with the kernels built, each decode step of a dense or MoE model (fp32, int8 and bf16 weights) runs all
+    its blocks in one C call. A decline would still give the right logits, only slower, so this is checked here."""
+    real, calls = kernels.blocks, []
+    monkeypatch.setattr(kernels, "blocks", lambda *a: calls.append(1) or real(*a))
+    for convert in FORMATS.values():
+        calls.clear()
+        generate_ids([[1, 2, 3], [4, 5]], convert(random_model(params)), max_tokens=5)  # a pre-fill, then 4 decodes
+        assert len(calls) == 4
+
+
+def test_greedy_is_argmax_and_log_softmax():
+    decoder = CpuDecoder.of(random_model(tiny_params()))
+    logits = torch.randn(3, 64)
+    index, logprob = decoder.greedy(logits)
+    assert torch.equal(index, logits.argmax(-1))
+    want = torch.log_softmax(logits.double(), -1).gather(1, index[:, None]).squeeze(1)
+    torch.testing.assert_close(logprob.double(), want, rtol=0, atol=1e-6)
