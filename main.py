@@ -178,18 +178,8 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
                             dtype=dtype, quantize=quantize,
                             needs=lambda args, _: (_slots(args, TYPICAL_PROMPT + max_tokens), chunk_size or TYPICAL_PROMPT))
     generator = _generator(seed, model.device)
-    tty = sys.stdin.isatty()
     rejected = 0
-    while True:
-        try:
-            prompt, problem = _read_line("> " if tty else "")
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            break
-        if prompt is None:
-            break
-        if problem is None and not prompt.strip():
-            problem = "empty prompt; type some text (Ctrl-D to quit)"
+    for prompt, problem in _lines("empty prompt; type some text (Ctrl-D to quit)"):
         if problem is not None:
             _info(f"error: {problem}")
             rejected += 1
@@ -246,17 +236,7 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS, tempe
                                                    chunk_size or TYPICAL_PROMPT))
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
-    tty = sys.stdin.isatty()
-    while True:
-        try:
-            line, problem = _read_line("> " if tty else "")
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            break
-        if line is None:
-            break
-        if problem is None and not line.strip():
-            problem = "empty message; type some text (/help lists the commands, Ctrl-D quits)"
+    for line, problem in _lines("empty message; type some text (/help lists the commands, Ctrl-D quits)"):
         if problem is None and line.startswith("/"):
             problem = _chat_command(talk, line)
             if problem is None:
@@ -292,6 +272,21 @@ def _chat_command(talk: Chat, line: str) -> str | None:
     else:
         return f"unknown command {line.split()[0]!r}; the commands are {', '.join(c.split()[0] for c in CHAT_COMMANDS)}"
     return None
+
+
+def _lines(empty: str):
+    """Each line typed or piped in, with what is wrong with it (None: nothing; `empty` for a blank line), until end of
+    input, or Ctrl-C at the prompt."""
+    tty = sys.stdin.isatty()
+    while True:
+        try:
+            line, problem = _read_line("> " if tty else "")
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return
+        if line is None:
+            return
+        yield line, (empty if problem is None and not line.strip() else problem)
 
 
 def _read_line(marker: str) -> tuple[str | None, str | None]:

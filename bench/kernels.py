@@ -32,7 +32,7 @@ from bench.common import interleaved_best
 from mistral.cpu import CpuDecoder, kernels
 from mistral.cache import RotatingBufferCache
 from mistral.model import ModelArgs, Transformer
-from mistral.quantize import Bf16Linear, Int8Linear, bf16_weight_only, quantize_int8
+from mistral.quantize import Int8Linear, bf16_weight_only, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "kernels.json"
@@ -75,9 +75,10 @@ def make_calls(name: str, N: int, K: int, M: int) -> list:
             w, xb = w.bfloat16(), x.bfloat16()
             calls.append(lambda w=w: F.linear(xb, w))
         elif name == "bf16 kernel":
-            calls.append(lambda f=Bf16Linear(w): f(x))
+            calls.append(lambda w=w.bfloat16(): kernels.matvec(x, w))
         elif name == "int8 kernel":
-            calls.append(lambda f=Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False)): f(x))
+            q = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False))
+            calls.append(lambda q=q: kernels.matvec(x, q.weight, q.scales))
         else:
             q = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False))
             xb, scales = x.bfloat16(), q.scales.bfloat16()

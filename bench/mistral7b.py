@@ -11,14 +11,14 @@ Each path runs in a fresh process, so its peak RSS is its own: `defaults` (the b
 fp32 arithmetic), `--quantize int8` (quantized from the file as it loads) and the int8 folder. For each: load time
 from a cold page cache (the files' pages dropped with posix_fadvise) and a warm one, pre-fill of a 63- and a
 512-token prompt (time to the first token), decode at batch 1, and the peak RSS of `python -m main demo` with those
-flags. The memory bandwidth (a sum over 4 GB) and fp32 MKL products of one layer's shapes at 63 and 512 rows are
-measured in the same run: pre-fill can be no faster than those products (it is compute-bound), decode no faster
-than the bandwidth over the bytes of weights a token reads.
+flags. The memory bandwidth (a sum over 4 GB) is measured in the same run: decode can be no faster than it allows over
+the bytes of weights a token reads. Pre-fill is compute-bound, so each pre-fill is set against fp32 MKL products of
+the model's shapes at as many rows (one layer's seven products times 32, and the head's row), timed in the same process
+just before and just after it, the faster of the two: what fp32 products alone allow in that minute.
 """
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -86,19 +86,23 @@ def child(folder: str, flags: list[str]) -> None:
     model, tokenizer = main.load(folder, max_batch_size=1, num_pipeline_ranks=1, device="cpu", dtype="auto",
                                  quantize=quantize, needs=lambda args, _: (max(PROMPTS) + DECODE_STEPS, max(PROMPTS)))
     out = {"load s": time.perf_counter() - t0, "weights": main._describe(model)}
+    # What a decode step reads: every weight but the embedding table, of which it reads a row.
+    out["bytes per token"] = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+                                 if not name.startswith("tok_embeddings"))
     prompt = [tokenizer.bos_id] + [(7 * i + 11) % 30000 + 100 for i in range(max(PROMPTS))]
+    layer = fp32_layer()
     for n in PROMPTS:
-        times = []
+        times, before = [], fp32_products(layer, n)
         t1 = time.perf_counter()
         generate_ids([prompt[:n]], model, max_tokens=1, on_token=lambda row, tok: times.append(time.perf_counter()))
         out[f"prefill {n} tokens/s"] = n / (times[0] - t1)
+        out[f"fp32 products {n} tokens/s"] = max(before, fp32_products(layer, n))
         # Mapped weights are read from the disk by the first forward that touches them, not by the load.
         out.setdefault("first token s", times[0] - t0)
     times = []
     generate_ids([prompt[:8]], model, max_tokens=DECODE_STEPS + 1,
                  on_token=lambda row, tok: times.append(time.perf_counter()))
     out["decode tokens/s"] = DECODE_STEPS / (times[-1] - times[0])
-    out["peak RSS GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(json.dumps(out), flush=True)
 
 
@@ -120,20 +124,26 @@ def demo_peak_rss(folder: Path, flags: list[str]) -> tuple[float, str]:
     return (float(found[1].replace(",", "")) / 1e3 if found else float("nan")), ("ok" if done.returncode == 0 else last)
 
 
-def fp32_products(rows: int) -> float:
-    """Tokens/s that fp32 MKL products alone allow at `rows` rows: one layer's seven products, times 32, and the
-    head, with random fp32 weights of those shapes."""
+def fp32_layer() -> list[torch.Tensor]:
+    """Random fp32 weights of one layer's seven matrices and of the head (1.4 GB)."""
     D, I, KV = PARAMS["dim"], PARAMS["hidden_dim"], PARAMS["n_kv_heads"] * PARAMS["head_dim"]
-    layer = [torch.randn(n, k) * 0.01 for n, k in ((D, D), (KV, D), (KV, D), (D, D), (I, D), (I, D), (D, I))]
-    x, h = torch.randn(rows, D), torch.randn(rows, I)
+    shapes = ((D, D), (KV, D), (KV, D), (D, D), (I, D), (I, D), (D, I), (PARAMS["vocab_size"], D))
+    return [torch.randn(n, k) * 0.01 for n, k in shapes]
 
-    def one_layer():
-        for w in layer:
-            torch.nn.functional.linear(h if w.shape[1] == I else x, w)
 
-    best = interleaved_best({"layer": timed(one_layer)}, reps=3)["layer"]
-    head = interleaved_best({"head": timed(lambda: torch.nn.functional.linear(x[-1:], torch.randn(32000, D)))}, 1)
-    return rows / (best * PARAMS["n_layers"] + head["head"])
+def fp32_products(layer: list[torch.Tensor], rows: int) -> float:
+    """Tokens/s that fp32 MKL products alone allow at `rows` rows: one layer's seven products, times 32, and the
+    head's product for one row; the best of three."""
+    D = PARAMS["dim"]
+    x, h = torch.randn(rows, D), torch.randn(rows, PARAMS["hidden_dim"])
+
+    def step():
+        for w in layer[:7]:
+            torch.nn.functional.linear(h if w.shape[1] != D else x, w)
+
+    best = interleaved_best({"layer": timed(step), "head": timed(lambda: torch.nn.functional.linear(x[-1:], layer[7]))},
+                            reps=3)
+    return rows / (best["layer"] * PARAMS["n_layers"] + best["head"])
 
 
 def main_bench() -> None:
@@ -144,8 +154,7 @@ def main_bench() -> None:
     if not INT8.exists():
         subprocess.run([sys.executable, "-m", "main", "quantize", str(FOLDER), str(INT8)], cwd=ROOT, check=True)
     bandwidth = 4e9 / read_time(int(4e9), repeat=3)
-    products = {n: fp32_products(n) for n in PROMPTS}
-    rows, notes = [], {"bandwidth GB/s": bandwidth / 1e9, "fp32 products tokens/s": products}
+    rows, bytes_per_token, notes = [], [], {"bandwidth GB/s": bandwidth / 1e9}
     for name, (folder, flags) in PATHS.items():
         drop_page_cache(folder)
         cold = run_child(folder, flags)
@@ -155,20 +164,24 @@ def main_bench() -> None:
                "to 1st token cold s": cold.get("first token s", float("nan")),
                "load warm s": warm.get("load s", float("nan")),
                "to 1st token warm s": warm.get("first token s", float("nan"))}
-        for key in ("prefill 63 tokens/s", "prefill 512 tokens/s", "decode tokens/s", "peak RSS GB"):
+        for key in ("prefill 63 tokens/s", "prefill 512 tokens/s", "fp32 products 63 tokens/s",
+                    "fp32 products 512 tokens/s", "decode tokens/s"):
             row[key] = warm.get(key, float("nan"))
         row["demo peak RSS GB"], row["demo"] = rss, ended
         rows.append(row)
+        bytes_per_token.append(warm.get("bytes per token", float("nan")))
         print(row, file=sys.stderr, flush=True)
     rss, ended = demo_peak_rss(FOLDER, ["--dtype", "fp32"])
     notes["demo --dtype fp32"] = ended
     ratios = {}
     for row in rows:
         for n in PROMPTS:
-            ratios[f"{row['path']} prefill {n} / fp32 products"] = row[f"prefill {n} tokens/s"] / products[n]
+            ratios[f"{row['path']} prefill {n} / fp32 products"] = (row[f"prefill {n} tokens/s"]
+                                                                    / row[f"fp32 products {n} tokens/s"])
+    for row, per_token in zip(rows, bytes_per_token):
+        ratios[f"{row['path']} decode / bandwidth limit"] = row["decode tokens/s"] * per_token / bandwidth
     report("mistral7b", rows, ratios, notes)
-    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s; fp32 products allow "
-          + ", ".join(f"{products[n]:.2f} tokens/s at {n} rows" for n in PROMPTS))
+    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":
