@@ -1,24 +1,33 @@
 """Command line: `python -m main demo|interactive|chat|explain|convert|quantize`. Run `python -m main --help`."""
-import logging
 import os
-import resource
-import sys
-import time
-from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
+import signal
 
-import fire
-import torch
-import torch.distributed as dist
+# Ctrl-C while torch and the rest load (a few seconds) ends quietly; main() puts Python's own handling back.
+signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
-from mistral import checkpoint
-from mistral.args import ModelArgs
-from mistral.chat import DEFAULT_CONTEXT, Chat, Turn
-from mistral.errors import MistralError
-from mistral.generate import check_options, generate, generate_ids  # noqa: F401  (re-exported)
-from mistral.model import Transformer
-from mistral.tokenizer import Tokenizer
+import difflib  # noqa: E402
+import errno  # noqa: E402
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import logging  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from mistral import checkpoint  # noqa: E402
+from mistral.args import ModelArgs  # noqa: E402
+from mistral.chat import DEFAULT_CONTEXT, Chat, Turn  # noqa: E402
+from mistral.errors import MistralError  # noqa: E402
+from mistral.generate import check_options, generate, generate_ids  # noqa: E402, F401  (re-exported)
+from mistral.model import Transformer  # noqa: E402
+from mistral.tokenizer import Tokenizer  # noqa: E402
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "mistral" / "assets"
 # A chat's answers end at EOS, or are cut off after this many tokens.
@@ -45,12 +54,15 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     if quantize not in (None, "int8"):
         raise MistralError(f"unknown --quantize {quantize!r}; the choice is int8 (or leave it out)")
     folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
-    if not isinstance(num_pipeline_ranks, int) or num_pipeline_ranks < 1:
+    if not isinstance(num_pipeline_ranks, int) or isinstance(num_pipeline_ranks, bool) or num_pipeline_ranks < 1:
         raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if num_pipeline_ranks == 1 and world != "1":
+        raise MistralError(f"torchrun started {world} processes but --num_pipeline_ranks is 1, so each would run the "
+                           f"whole model and print it all: add --num_pipeline_ranks {world}, or run without torchrun")
     if num_pipeline_ranks > 1:
         _init_pipeline(num_pipeline_ranks, device)
-    if not folder.is_dir():
-        raise MistralError(f"model folder {str(folder)!r} does not exist")
+    checkpoint.layout(folder)  # a folder, holding a model
     # The tokenizer and the config, checked against each other before gigabytes of weights are read.
     tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder)
     if tokenizer.n_words != args.vocab_size:
@@ -96,6 +108,14 @@ def _init_pipeline(num_pipeline_ranks: int, device: str) -> None:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=PIPELINE_TIMEOUT)
 
 
+@functools.cache
+def _waiting_group():
+    """The process group over which rank 0 hands every rank the next line. The ranks wait for it as long as a person
+    takes to type it, which is no failure, so the group is one of its own, without the 5-minute timeout of the
+    others. Made at the first line, which every rank reads at once."""
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+
 def _is_printing_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -106,8 +126,9 @@ def _info(msg: str) -> None:
 
 
 def _check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise MistralError(f"seed must be a whole number, got {seed!r}")
+    # torch takes 64 bits, and a negative seed would wrap around to another number, silently.
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise MistralError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -174,6 +195,9 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     _check_seed(seed)
+    if not isinstance(instruct, bool):  # fire reads --instruct=no, or --instruct FOLDER, as a value
+        raise MistralError(f"--instruct takes no value, got {instruct!r}: write --instruct to turn it on (--noinstruct "
+                           "to turn it off), after the model folder")
     model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                             dtype=dtype, quantize=quantize,
                             needs=lambda args, _: (_slots(args, TYPICAL_PROMPT + max_tokens), chunk_size or TYPICAL_PROMPT))
@@ -277,7 +301,7 @@ def _chat_command(talk: Chat, line: str) -> str | None:
 def _lines(empty: str):
     """Each line typed or piped in, with what is wrong with it (None: nothing; `empty` for a blank line), until end of
     input, or Ctrl-C at the prompt."""
-    tty = sys.stdin.isatty()
+    tty = sys.stdin is not None and sys.stdin.isatty()
     while True:
         try:
             line, problem = _read_line("> " if tty else "")
@@ -297,7 +321,10 @@ def _read_line(marker: str) -> tuple[str | None, str | None]:
         if marker:
             print(marker, end="", file=sys.stderr, flush=True)
         stdin = getattr(sys.stdin, "buffer", None)
-        raw = stdin.readline() if stdin is not None else sys.stdin.readline().encode()
+        if sys.stdin is None:  # started with stdin closed: nothing will ever come
+            raw = b""
+        else:
+            raw = stdin.readline() if stdin is not None else sys.stdin.readline().encode()
         if raw:
             raw = raw.removesuffix(b"\n").removesuffix(b"\r")
             try:
@@ -307,7 +334,7 @@ def _read_line(marker: str) -> tuple[str | None, str | None]:
                            "nothing was sent")
     if dist.is_initialized():
         box = [got]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_waiting_group())
         got = box[0]
     return got
 
@@ -346,32 +373,93 @@ def convert(src: str, dst: str, to: str = "native") -> None:
     """Write the model folder SRC as a native (params.json + consolidated.safetensors) or HF folder DST."""
     from mistral.checkpoint import convert as run
 
-    run(Path(src), Path(dst), to=to)
+    run(_path(src, "SRC"), _path(dst, "DST"), to=to)
 
 
 def quantize(src: str, dst: str, to: str = "int8") -> None:
     """Write the model folder SRC to the new folder DST with int8 weights, which every command loads as they are."""
-    checkpoint.quantize(Path(src), Path(dst), to=to)
+    checkpoint.quantize(_path(src, "SRC"), _path(dst, "DST"), to=to)
+
+
+def _path(value, what: str) -> Path:
+    """A folder the user named; an empty name would be '.', silently."""
+    if not isinstance(value, str) or not value.strip():
+        raise MistralError(f"{what} must name a folder, got {value!r}")
+    return Path(value)
+
+
+COMMANDS = {"demo": demo, "interactive": interactive, "chat": chat, "explain": explain, "convert": convert,
+            "quantize": quantize}
+HELP = ("--help", "-h")
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Refuse, before anything runs, a command line that fire would only complain about after running the command:
+    an unknown command or option (with the closest valid one), or more positional arguments than the command takes.
+    Options are --name value, --name=value, or a bare --name (true; --noname: false), with - or _ in names."""
+    if not argv or argv[0] in HELP or any(a in HELP for a in argv):
+        return
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        near = difflib.get_close_matches(name, COMMANDS, n=1)
+        raise MistralError(f"unknown command {name!r}" + (f"; did you mean {near[0]}?" if near else "")
+                           + f" The commands are {', '.join(COMMANDS)}")
+    params = inspect.signature(COMMANDS[name]).parameters
+    positional, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":  # what follows is for fire itself
+            break
+        if arg.startswith("--") and len(arg) > 2:
+            option = arg[2:].split("=", 1)[0].replace("-", "_")
+            if option not in params and not (option.startswith("no") and option[2:] in params):
+                near = difflib.get_close_matches(option, params, n=1)
+                raise MistralError(f"{name} has no option --{option}" + (f"; did you mean --{near[0]}?" if near else "")
+                                   + f" Its options: {', '.join('--' + p for p in params)}")
+            # fire gives a bare option the next argument as its value, unless that is an option too.
+            if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) > len(params):
+        raise MistralError(f"{name} takes at most {len(params)} arguments in order ({', '.join(params)}), got "
+                           f"{len(positional)}: {' '.join(positional)}")
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     try:
-        fire.Fire({"demo": demo, "interactive": interactive, "chat": chat, "explain": explain, "convert": convert,
-                   "quantize": quantize})
+        check_arguments(sys.argv[1:])
+        fire.Fire(COMMANDS)
         if dist.is_initialized():
             # Every rank done before any tears its connections down: a gloo rank whose peer closes first
             # can abort ("terminate called without an active exception").
             dist.barrier()
     except MistralError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same mistake: say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except dist.DistError as e:  # another rank died (killed, out of memory): this one can only stop
+        print(f"error: pipeline rank {os.environ.get('RANK', '?')} lost another rank and stops "
+              f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            os._exit(3)  # the process group cannot be torn down politely without its peer
+        sys.exit(3)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # the output went to a reader that stopped early (head, less): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            raise
+        # The output cannot be written (stdout on a full disk, say): say so where it can still be read.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write the output ({e.strerror})", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

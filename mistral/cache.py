@@ -10,6 +10,7 @@ than W would keep keys that the decode step, which reads every valid slot, must 
 
 Letters: B batch rows, N slots per row, W the model's window, Hkv kv heads, D head_dim, S packed new tokens.
 """
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -74,8 +75,14 @@ class RotatingBufferCache:
         self.max_batch_size = max_batch_size
         # Each row's keys are contiguous per head, which is what attention over the raw slots wants.
         shape = (n_layers, max_batch_size, n_kv_heads, slots, head_dim)  # (L, B, Hkv, N, D)
-        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
-        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        try:
+            self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+            self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            size = 2 * math.prod(shape) * (dtype or torch.get_default_dtype()).itemsize
+            raise MistralError(f"a cache of {slots} slots for {max_batch_size} rows needs {size / 1e9:,.1f} GB, "
+                               f"which cannot be allocated here ({str(e).strip().splitlines()[0][:120]}); ask for "
+                               "fewer tokens or rows") from None
         self.seq_pos = [0] * max_batch_size  # positions seen so far, per row
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "RotatingBufferCache":

@@ -19,6 +19,7 @@ import logging
 import math
 import mmap
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mistral.args import ModelArgs, MoeArgs
+from mistral.args import ModelArgs, MoeArgs, count_value, positive_value
 from mistral.errors import MistralError
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         raise MistralError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise MistralError(f"device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise MistralError(f"device {str(device)!r}: a CPU has no numbered devices (all cores are used); use cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MistralError(f"device {str(device)!r} was asked for but CUDA is not available here; use --device cpu")
     return device
@@ -108,6 +111,8 @@ def pipeline_rank(num_pipeline_ranks: int) -> int:
 
 def layout(folder: Path) -> str:
     """"native" or "hf". params.json wins when its weights are there too: some downloads carry both layouts."""
+    if folder.exists() and not folder.is_dir():
+        raise MistralError(f"{str(folder)!r} is a file; give the model folder that holds it")
     if not folder.is_dir():
         raise MistralError(f"model folder {str(folder)!r} does not exist")
     has_params, has_config = (folder / "params.json").is_file(), (folder / "config.json").is_file()
@@ -156,9 +161,7 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         value = default if value is None else value  # transformers treats absent and null alike
         if value is None:
             raise MistralError(f"{source} is missing {key!r}, which a {model_type} config needs")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise MistralError(f"{source}: {key!r} must be a positive integer, got {value!r}")
-        return value
+        return count_value(value, key, source)
 
     dim, n_heads = positive_int("hidden_size"), positive_int("num_attention_heads")
     # Without them transformers uses one kv head per query head, and dim // heads channels per head.
@@ -181,12 +184,11 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         raise MistralError(f"{source} asks for RoPE scaling ({rope}), which this library does not implement")
     rope_theta = rope.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))
     norm_eps = config.get("rms_norm_eps", defaults["rms_norm_eps"])
-    for key, value in (("rope_theta", rope_theta), ("rms_norm_eps", norm_eps)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise MistralError(f"{source}: {key!r} must be a positive number, got {value!r}")
+    rope_theta, norm_eps = positive_value(rope_theta, "rope_theta", source), positive_value(norm_eps, "rms_norm_eps",
+                                                                                             source)
     sliding_window = config.get("sliding_window", defaults["sliding_window"])
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
-        raise MistralError(f"{source}: 'sliding_window' must be a positive integer or null, got {sliding_window!r}")
+    if sliding_window is not None:
+        sliding_window = count_value(sliding_window, "sliding_window", source)
     moe = None
     if model_type == "mixtral":
         moe = MoeArgs(num_experts=positive_int("num_local_experts", defaults["num_local_experts"]),
@@ -198,7 +200,7 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
                      hidden_dim=positive_int("intermediate_size"), n_heads=n_heads, n_kv_heads=n_kv_heads,
                      norm_eps=float(norm_eps),
                      vocab_size=positive_int("vocab_size"), sliding_window=sliding_window,
-                     rope_theta=float(rope_theta), moe=moe)
+                     rope_theta=float(rope_theta), moe=moe, source=source)
 
 
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -311,8 +313,11 @@ def _index_pth(path: Path) -> dict[str, _Stored]:
     # data, and records where each storage starts inside the zip file, which stores it uncompressed.
     try:
         state = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as e:  # weights_only refusals, truncated zips, files that are not torch.save output
-        raise MistralError(f"cannot read {path}: {str(e).strip().splitlines()[0]}") from None
+    except pickle.UnpicklingError as e:  # weights_only refused something in it: code, not only tensors
+        raise MistralError(f"{path} holds more than tensors, which this library does not unpickle "
+                           f"({str(e).strip().splitlines()[0]})") from None
+    except Exception:  # truncated zips, files that are not torch.save output (a bare KeyError: '101', say)
+        raise MistralError(f"cannot read {path}: it is not a complete torch.save file; download it again") from None
     if not isinstance(state, dict):
         raise MistralError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     stored = {}

@@ -152,13 +152,34 @@ def render_cache(step: Step) -> str:
     return "\n".join(lines)
 
 
+# explain prints every step of a walk meant to be read: lengths beyond this are for the model, not for the eye.
+MOST = 256
+
+
+def _out_folder(out) -> Path:
+    """The folder --out names, made if need be and checked to take files, or a one-line error."""
+    if not isinstance(out, str) or not out.strip():
+        raise MistralError(f"--out must name a folder, got {out!r}")
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise MistralError(f"--out {out!r} is a file; name a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".explain-can-write"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MistralError(f"cannot write the pictures in {out!r} ({e.strerror})") from None
+    return folder
+
+
 def parse_seqlens(seqlens: str | int | list[int] | tuple[int, ...]) -> list[int]:
     """'5,7,2', 5 or (5, 7, 2) -> [5, 7, 2]; fire passes any of them."""
     items = seqlens.split(",") if isinstance(seqlens, str) else seqlens if isinstance(seqlens, (list, tuple)) else [seqlens]
     # 0 stands for anything that is not a whole number, so one check below rejects it too
     lens = [int(x) if isinstance(x, int) or (isinstance(x, str) and x.strip().isdigit()) else 0 for x in items]
-    if not 1 <= len(lens) <= 10 or min(lens) <= 0:
-        raise MistralError(f"seqlens must be 1 to 10 positive prompt lengths like 5,7,2, got {seqlens!r}")
+    if not 1 <= len(lens) <= 10 or min(lens) <= 0 or max(lens) > MOST:
+        raise MistralError(f"seqlens must be 1 to 10 prompt lengths from 1 to {MOST}, like 5,7,2, got {seqlens!r}")
     return lens
 
 
@@ -169,9 +190,10 @@ def explain(seqlens: str | int | list[int] | tuple[int, ...] = "5,7,2", sliding_
     prompt_lens = parse_seqlens(seqlens)
     checks = [("sliding_window", sliding_window, 1), ("decode_steps", decode_steps, 0)]
     for name, value, lo in checks + ([("chunk_size", chunk_size, 1)] if chunk_size is not None else []):
-        if not isinstance(value, int) or value < lo:
-            raise MistralError(f"{name} must be a whole number >= {lo}, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= MOST:
+            raise MistralError(f"{name} must be a whole number from {lo} to {MOST}, got {value!r}")
     if out is not None:
+        folder = _out_folder(out)
         plt = pyplot()  # fail before printing pages of text
     steps = walk(prompt_lens, sliding_window, chunk_size, decode_steps)
 
@@ -186,15 +208,16 @@ def explain(seqlens: str | int | list[int] | tuple[int, ...] = "5,7,2", sliding_
         print(render_cache(step))
 
     if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, step in enumerate(steps, 1):
-            fig = plot_steps(plt, [step], first=i)
-            fig.savefig(folder / f"step_{i}.png", dpi=80)
+        try:
+            for i, step in enumerate(steps, 1):
+                fig = plot_steps(plt, [step], first=i)
+                fig.savefig(folder / f"step_{i}.png", dpi=80)
+                plt.close(fig)
+            fig = plot_steps(plt, steps)
+            fig.savefig(folder / "overview.png", dpi=80)
             plt.close(fig)
-        fig = plot_steps(plt, steps)
-        fig.savefig(folder / "overview.png", dpi=80)
-        plt.close(fig)
+        except OSError as e:  # a full disk, say
+            raise MistralError(f"writing the pictures in {folder} failed ({e.strerror})") from None
         print(f"\nwrote {len(steps)} step images and overview.png to {folder}")
 
 

@@ -3,11 +3,13 @@
 It is also the one place that decides what runs each step: a decode step goes to the CPU engine (mistral/cpu) where
 there is one and it takes the step, everything else to the model.
 """
+import math
 from collections.abc import Callable
 
 import torch
 
 from mistral.cache import RotatingBufferCache
+from mistral.checkpoint import gb, memory_available
 from mistral.cpu import CpuDecoder
 from mistral.errors import MistralError
 from mistral.model import Transformer
@@ -18,17 +20,24 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     """probs (N, V) -> (N,): sample from the smallest set of tokens whose probability reaches p."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above each one
-    sorted_probs = sorted_probs.masked_fill(before >= p, 0.0)  # the top token always survives
+    drop = before >= p
+    drop[:, 0] = False  # the top token always survives, even where p rounds to 0 in fp32
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1), renormalises itself
     return torch.gather(order, -1, choice).squeeze(-1)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (N, V) -> (N,) next tokens: greedy at temperature 0, else temperature with top-k then top-p."""
-    if temperature == 0:
+    """logits (N, V) -> (N,) next tokens: greedy at temperature 0, else temperature with top-k then top-p.
+
+    The largest logit of each row is subtracted before dividing by the temperature: at a temperature so small that
+    the quotients overflow (1e-40, say), every other token then goes to -inf and the largest keeps 0, so sampling is
+    greedy, its limit, instead of a softmax of inf - inf. Below fp32's smallest normal number the temperature itself
+    would round to 0 in the division: that is greedy too."""
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -45,8 +54,8 @@ def check_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
 
     if not whole(max_tokens) or max_tokens < 0:
         raise MistralError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-    if not number(temperature) or temperature < 0:
-        raise MistralError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if not number(temperature) or not 0 <= temperature < math.inf:
+        raise MistralError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if not number(top_p) or not 0 < top_p <= 1:
         raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
     if not whole(top_k) or top_k < 0:
@@ -76,6 +85,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     fewer. engine=False runs every step on the model, in torch.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
+        raise MistralError(f"prompts must be a list of lists of token ids, got {type(prompts).__name__}")
     if not prompts:
         return [], []
     if any(len(p) == 0 for p in prompts):
@@ -89,6 +100,10 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     reach = [len(p) + max(max_tokens - 1, 0) for p in prompts]
     if cache is None:
         slots = min(max(reach), args.sliding_window or max(reach))  # past the window the buffer rolls
+        size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
+        if size > memory_available(model.device):
+            raise MistralError(f"{B} rows of up to {max(reach):,} positions need a cache of {gb(size)}, more than the "
+                               f"{gb(memory_available(model.device))} available: ask for fewer tokens or rows")
         cache = RotatingBufferCache(model.n_local_layers, B, slots, args.n_kv_heads, args.head_dim,
                                     device=model.device, dtype=model.dtype)
     else:
@@ -142,6 +157,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
         if picked is not None:
             targets, lps = picked
         else:
+            if temperature > 0 and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
+                raise _non_finite(model)
             if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
                 targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
             else:
@@ -152,6 +169,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
             lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
 
         for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
+            if math.isnan(lp):  # NaN or inf among the logits: the model's numbers are broken, not its choices
+                raise _non_finite(model)
             logprobs[b].append(lp)
             if new:
                 generated[b].append(tok)
@@ -161,6 +180,11 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     return generated, logprobs
 
 
+def _non_finite(model: Transformer) -> MistralError:
+    return MistralError("the model gave non-finite logits (NaN or inf): its weights are damaged, or too large for its "
+                        f"dtype ({str(model.dtype).removeprefix('torch.')})")
+
+
 def generate(prompts: list[str], model: Transformer, tokenizer: Tokenizer, *, max_tokens: int,
              temperature: float = 0.0, top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None,
              eos_id: int | None = None, generator: torch.Generator | None = None,
@@ -168,6 +192,9 @@ def generate(prompts: list[str], model: Transformer, tokenizer: Tokenizer, *, ma
     """Complete text prompts. Returns (texts, logprobs): texts[i] is prompt plus completion, decoded
     together; logprobs[i] scores every generated token (with prompt_logprobs, every prompt token after the
     first before them)."""
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        # a string is a sequence too: each of its characters would be taken for a prompt
+        raise MistralError(f"prompts must be a list of strings, got {type(prompts).__name__}; for one prompt: [prompt]")
     if any(not p for p in prompts):
         raise MistralError("empty prompt: every prompt needs some text")
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]

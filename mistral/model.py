@@ -94,6 +94,8 @@ def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, pipeline_rank: int = 0, num_pipeline_ranks: int = 1, max_batch_size: int = 1):
         super().__init__()
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise MistralError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
         if not 1 <= num_pipeline_ranks <= args.n_layers:
             raise MistralError(f"num_pipeline_ranks must be between 1 and n_layers ({args.n_layers}), got {num_pipeline_ranks}")
         if not pipeline_layers(args.n_layers, num_pipeline_ranks, num_pipeline_ranks - 1):
