@@ -90,9 +90,25 @@ def test_bf16_linear(M):
 
 
 def test_many_rows_convert_the_weights_in_blocks(monkeypatch):
-    """Pre-fill converts 5 rows of the weight at a time here (16 MB at a time normally), scales included."""
+    """Pre-fill converts 5 rows of the weight at a time here (8 MB at a time normally), scales included, into one
+    reused block: a second matrix of another shape, multiplied after the first, must not see its rows."""
     monkeypatch.setattr(quantize, "CONVERT_BLOCK_BYTES", 5 * 44 * 4)
     assert_both_fp32_close(random_linear(23, 44), torch.randn(37, 44))
+    assert_both_fp32_close(random_linear(9, 30), torch.randn(37, 30))
+    assert_both_fp32_close(random_linear(23, 44), torch.randn(60, 44))  # more rows than K: the weights scaled
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_gradients_through_the_converted_weights(monkeypatch, kind):
+    """Autograd keeps the weight block it multiplied by; the reused block would be overwritten under it, so with
+    gradients on each block is a copy of its own: d(sum(y))/dx = the column sums of the weights."""
+    monkeypatch.setattr(quantize, "CONVERT_BLOCK_BYTES", 5 * 44 * 4)
+    lin = random_linear(23, 44)
+    module = Int8Linear.from_linear(lin) if kind == "int8" else Bf16Linear(lin.weight)
+    w = dequantized(module) if kind == "int8" else module.weight.double()
+    x = torch.randn(37, 44, requires_grad=True)
+    module(x).sum().backward()
+    torch.testing.assert_close(x.grad.double(), w.sum(0).expand(37, 44), rtol=1e-5, atol=1e-5)
 
 
 def test_odd_sizes():
