@@ -47,12 +47,12 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
     that cannot fit in memory is refused before any weight is read.
 
-    quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), quantized
-    from the file as it is read. On a CPU, weights keep the checkpoint's dtype unless --dtype says otherwise,
+    quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), "int4" in 4
+    bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the checkpoint's dtype unless --dtype says otherwise,
     and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16 matrix products several times slower.
     """
-    if quantize not in (None, "int8"):
-        raise MistralError(f"unknown --quantize {quantize!r}; the choice is int8 (or leave it out)")
+    if quantize not in (None, "int8", "int4"):
+        raise MistralError(f"unknown --quantize {quantize!r}; the choices are int8 and int4 (or leave it out)")
     folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
     if not isinstance(num_pipeline_ranks, int) or isinstance(num_pipeline_ranks, bool) or num_pipeline_ranks < 1:
         raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")
@@ -83,7 +83,8 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
 def _describe(model: Transformer) -> str:
     """The weights' and the activations' dtypes: "int8 weights, fp32 arithmetic", say."""
     def name(dtype: torch.dtype) -> str:
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}[dtype]
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
+                torch.uint8: "int4"}[dtype]
 
     weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
     return f"{weights} weights, {name(model.dtype)} arithmetic"
@@ -377,7 +378,8 @@ def convert(src: str, dst: str, to: str = "native") -> None:
 
 
 def quantize(src: str, dst: str, to: str = "int8") -> None:
-    """Write the model folder SRC to the new folder DST with int8 weights, which every command loads as they are."""
+    """Write the model folder SRC to the new folder DST with int8 (or --to int4) weights, which every command loads
+    as they are."""
     checkpoint.quantize(_path(src, "SRC"), _path(dst, "DST"), to=to)
 
 

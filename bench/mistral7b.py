@@ -1,14 +1,16 @@
 """Mistral 7B on this machine: memory, load time, pre-fill and decode for each way of loading it.
 
     python -m bench.mistral7b            # builds the random 7B folder first if it is not there (~2 min, 14.5 GB)
+    python -m bench.mistral7b int4-folder --quantize-int4   # only these paths (written to mistral7b-partial.json)
 
 The checkpoint is random but Mistral-7B-shaped: Mistral-7B-v0.1's params.json, 14.5 GB of bf16 in four
 consolidated-0000i-of-00004.safetensors shards, and the real v1 tokenizer (from mistral_common's wheel). It is
-written, seeded, to $MISTRAL_BENCH_DIR (default ~/.cache/mistral-bench), outside the repository, with an int8
-copy made by `python -m main quantize` beside it.
+written, seeded, to $MISTRAL_BENCH_DIR (default ~/.cache/mistral-bench), outside the repository, with int8 and int4
+copies made by `python -m main quantize` beside it.
 
 Each path runs in a fresh process, so its peak RSS is its own: `defaults` (the bf16 weights mapped from the file,
-fp32 arithmetic), `--quantize int8` (quantized from the file as it loads) and the int8 folder. For each: load time
+fp32 arithmetic), `--quantize int8` and `--quantize int4` (quantized from the file as it loads) and the int8 and
+int4 folders. For each: load time
 from a cold page cache (the files' pages dropped with posix_fadvise) and a warm one, pre-fill of a 63- and a
 512-token prompt (time to the first token), decode at batch 1, and the peak RSS of `python -m main demo` with those
 flags. The memory bandwidth (a sum over 4 GB) is measured in the same run: decode can be no faster than it allows over
@@ -31,8 +33,11 @@ from bench.common import ROOT, interleaved_best, read_time, report, setup, timed
 PARAMS = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
           "norm_eps": 1e-05, "vocab_size": 32000, "sliding_window": 4096, "rope_theta": 10000.0}
 HOME = Path(os.environ.get("MISTRAL_BENCH_DIR", Path.home() / ".cache" / "mistral-bench"))
-FOLDER, INT8 = HOME / "mistral-7b-random", HOME / "mistral-7b-random-int8"
-PATHS = {"defaults": (FOLDER, []), "--quantize int8": (FOLDER, ["--quantize", "int8"]), "int8 folder": (INT8, [])}
+FOLDER = HOME / "mistral-7b-random"
+COPIES = {to: HOME / f"mistral-7b-random-{to}" for to in ("int8", "int4")}
+PATHS = {"defaults": (FOLDER, []), "--quantize int8": (FOLDER, ["--quantize", "int8"]),
+         "int8 folder": (COPIES["int8"], []), "--quantize int4": (FOLDER, ["--quantize", "int4"]),
+         "int4 folder": (COPIES["int4"], [])}
 PROMPTS = (63, 512)
 DECODE_STEPS = 8
 
@@ -149,16 +154,24 @@ def fp32_products(layer: list[torch.Tensor], rows: int) -> float:
     return rows / (best["layer"] * PARAMS["n_layers"] + best["head"])
 
 
-def main_bench() -> None:
+def main_bench(only: list[str]) -> None:
+    """only: path names with dashes for spaces (int4-folder, --quantize-int4); empty for all of them."""
+    names = {name.replace(" ", "-"): name for name in PATHS}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        sys.exit(f"unknown path {unknown[0]!r}; the paths are {', '.join(names)}")
+    paths = {names[n]: PATHS[names[n]] for n in only} or PATHS
     setup()
     if not FOLDER.exists():
         print(f"writing the random 7B folder to {FOLDER} (about 2 minutes, 14.5 GB)", file=sys.stderr)
         build()
-    if not INT8.exists():
-        subprocess.run([sys.executable, "-m", "main", "quantize", str(FOLDER), str(INT8)], cwd=ROOT, check=True)
+    for to, copy in COPIES.items():
+        if not copy.exists() and any(folder == copy for folder, _ in paths.values()):
+            subprocess.run([sys.executable, "-m", "main", "quantize", str(FOLDER), str(copy), "--to", to], cwd=ROOT,
+                           check=True)
     bandwidth = 4e9 / read_time(int(4e9), repeat=3)
     rows, bytes_per_token, notes = [], [], {"bandwidth GB/s": bandwidth / 1e9}
-    for name, (folder, flags) in PATHS.items():
+    for name, (folder, flags) in paths.items():
         drop_page_cache(folder)
         cold = run_child(folder, flags)
         warm = run_child(folder, flags)
@@ -174,8 +187,9 @@ def main_bench() -> None:
         rows.append(row)
         bytes_per_token.append(warm.get("bytes per token", float("nan")))
         print(row, file=sys.stderr, flush=True)
-    rss, ended = demo_peak_rss(FOLDER, ["--dtype", "fp32"])
-    notes["demo --dtype fp32"] = ended
+    if paths is PATHS:
+        rss, ended = demo_peak_rss(FOLDER, ["--dtype", "fp32"])
+        notes["demo --dtype fp32"] = ended
     ratios = {}
     for row in rows:
         for n in PROMPTS:
@@ -183,7 +197,7 @@ def main_bench() -> None:
                                                                     / row[f"fp32 products {n} tokens/s"])
     for row, per_token in zip(rows, bytes_per_token):
         ratios[f"{row['path']} decode / bandwidth limit"] = row["decode tokens/s"] * per_token / bandwidth
-    report("mistral7b", rows, ratios, notes)
+    report("mistral7b" if paths is PATHS else "mistral7b-partial", rows, ratios, notes)
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s")
 
 
@@ -191,4 +205,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], sys.argv[3:])
     else:
-        main_bench()
+        main_bench(sys.argv[1:])

@@ -59,8 +59,9 @@ class ModelArgs:
     rope_theta: float | None = None
     # None: a dense SwiGLU feed-forward in every layer; set: a sparse mixture of experts instead.
     moe: MoeArgs | None = None
-    # None: the weights are floats, as released. "int8": a folder `python -m main quantize` wrote, whose linear weights
-    # are int8 with one fp32 scale per output feature, under "<name>.weight" and "<name>.scales" (mistral/quantize.py).
+    # None: the weights are floats, as released. "int8" or "int4": a folder `python -m main quantize` wrote, whose
+    # linear weights are int8 with one fp32 scale per output feature, or 4 bits with one fp16 scale per 32 weights,
+    # under "<name>.weight" and "<name>.scales" (mistral/quantize.py).
     quantization: str | None = None
     # Not a key: the file the values come from, for messages (config.json for a Hugging Face folder).
     source: dataclasses.InitVar[str] = "params.json"
@@ -82,8 +83,9 @@ class ModelArgs:
         self.norm_eps = positive_value(self.norm_eps, "norm_eps", source)
         if self.sliding_window is not None:
             self.sliding_window = count_value(self.sliding_window, "sliding_window", source)
-        if self.quantization not in (None, "int8"):
-            raise MistralError(f"{source}: 'quantization' is {self.quantization!r}; this library reads 'int8' (or none)")
+        if self.quantization not in (None, "int8", "int4"):
+            raise MistralError(f"{source}: 'quantization' is {self.quantization!r}; this library reads 'int8' or "
+                               "'int4' (or none)")
         if self.rope_theta is None:
             self.rope_theta = 1e4 if self.sliding_window is not None else 1e6
             log.info("%s has no rope_theta: using %g (sliding_window is %s)", source, self.rope_theta,

@@ -244,8 +244,10 @@ class _Stored:
     shape: tuple[int, ...]
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+                       "U8": torch.uint8}
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+_QUANTIZED = {torch.int8: "int8", torch.uint8: "int4"}  # the dtype of each format's weights (mistral/quantize.py)
 
 
 def weight_files(folder: Path, kind: str = "native") -> list[Path]:
@@ -296,7 +298,7 @@ def _index_safetensors(path: Path) -> dict[str, _Stored]:
         for name, info in header.items():
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise MistralError(f"{name!r} in {path.name} is stored as {info['dtype']}; this library reads "
-                                   "F32, F16 and BF16 weights (and I8 in the folders `quantize` writes)")
+                                   "F32, F16 and BF16 weights (and I8 or U8 in the folders `quantize` writes)")
             dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
             if start < 0 or end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
@@ -464,9 +466,10 @@ def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
         if stored[key].shape != shape:
             raise MistralError(f"{key!r} in {stored[key].path.name} has shape {list(stored[key].shape)} but "
                                f"{config_name} implies {list(shape)}: the weights do not match it")
-    if args.quantization is not None:  # then the names are native, and int8 weights must be int8, scales fp32
+    if args.quantization is not None:  # then the names are native, and quantized weights and scales as made
         for name, t in as_built.items():
-            if t.dtype in (torch.int8, torch.float32) and (t.dtype == torch.int8) != (stored[name].dtype == torch.int8):
+            quantized = t.dtype in _QUANTIZED or name.endswith(".scales")
+            if (quantized or stored[name].dtype in _QUANTIZED) and stored[name].dtype != t.dtype:
                 raise MistralError(f"{name!r} in {stored[name].path.name} is {stored[name].dtype}, but a "
                                    f"{args.quantization} folder keeps it as {t.dtype}: the weights do not match it")
 
@@ -573,25 +576,35 @@ def _mapped(source: _Source, maps: dict) -> torch.Tensor:
     return torch.frombuffer(maps[source.path], dtype=source.dtype, count=count, offset=source.offset).view(source.shape)
 
 
-def _quantized(source: _Source, device: torch.device, progress: tqdm,
-               staging: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float matrix of the file as (int8 weight, fp32 scales), quantized a block of rows at a time as it is read:
-    the full-precision matrix is never held. (Rows in HF's RoPE order are read whole first, to put them in ours.)"""
-    from mistral.quantize import int8_rows
+def _quantized(source: _Source, device: torch.device, progress: tqdm, staging: torch.Tensor,
+               to: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float matrix of the file as (weight, scales) in format `to` (int8: int8 and fp32; int4: packed uint8 and
+    fp16), quantized a block of rows at a time as it is read: the full-precision matrix is never held. (Rows in HF's
+    RoPE order are read whole first, to put them in ours.)"""
+    from mistral.quantize import int4_rows, int8_rows
 
+    rows_of = int8_rows if to == "int8" else int4_rows
     if source.rope_heads:
-        return tuple(t.to(device) for t in int8_rows(_read(source, torch.device("cpu"), torch.float32, progress)))
+        return tuple(t.to(device) for t in rows_of(_read(source, torch.device("cpu"), torch.float32, progress)))
     N, K = source.shape
-    q, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
     rows = max(1, _CHUNK_BYTES // (K * source.dtype.itemsize))
-    scratch = torch.empty(rows, K)  # (rows, K) fp32, reused by every block: fresh pages for each would cost more
+    if to == "int8":
+        q, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
+        scratch = torch.empty(rows, K)  # (rows, K) fp32, reused by every block: fresh pages for each would cost more
     with open(source.path, "rb", buffering=0) as f:
         f.seek(source.offset)
         for start in range(0, N, rows):
             n = min(rows, N - start)
             block = staging[: n * K * source.dtype.itemsize].view(source.dtype).view(n, K)
             _read_exactly(f, _bytes(block), source, progress)
-            _, scales[start : start + n] = int8_rows(block, out=q[start : start + n], scratch=scratch[:n])
+            if to == "int8":
+                _, scales[start : start + n] = int8_rows(block, out=q[start : start + n], scratch=scratch[:n])
+                continue
+            packed, group_scales = int4_rows(block)
+            if start == 0:
+                q = torch.empty(N, packed.shape[1], dtype=packed.dtype)
+                scales = torch.empty(N, group_scales.shape[1], dtype=group_scales.dtype)
+            q[start : start + n], scales[start : start + n] = packed, group_scales
     return q.to(device), scales.to(device)
 
 
@@ -618,11 +631,11 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
     with _progress(to_read, f"loading {folder.name}") as progress:
         for name, like in wanted.items():
             if name not in plan:  # the scales of a weight quantized while loading: made with it, below
-                assert name.endswith(".scales") and like.dtype == torch.float32, name
+                assert name.endswith(".scales"), name
                 continue
-            if like.dtype == torch.int8 and plan[name].dtype != torch.int8:
+            if like.dtype in _QUANTIZED and plan[name].dtype != like.dtype:
                 out[name], out[name.removesuffix("weight") + "scales"] = _quantized(plan[name], device, progress,
-                                                                                     staging)
+                                                                                     staging, _QUANTIZED[like.dtype])
             elif as_stored(name):
                 out[name] = _mapped(plan[name], maps)
             else:
@@ -637,8 +650,9 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
 
     device: cuda when available, else cpu. dtype: on CUDA the activations' and weights' (auto: bf16); on a CPU the
     weights' (auto: as stored, so a bf16 checkpoint stays bf16 in memory), while activations and arithmetic are fp32
-    there whatever the weights (no CPU here has bf16 arithmetic at speed). quantize="int8": int8 linear weights,
-    quantized from the file one block of rows at a time; a folder `quantize` wrote is int8 already. Weights kept as
+    there whatever the weights (no CPU here has bf16 arithmetic at speed). quantize="int8" or "int4": linear weights
+    in that format (mistral/quantize.py), quantized from the file one block of rows at a time; a folder `quantize`
+    wrote is quantized already. Weights kept as
     stored are mapped from the file. Under pipeline parallelism each rank builds and reads only its own layers.
 
     Before any weight is read, what the run will need (the weights as they will be kept, a cache of cache_slots
@@ -649,8 +663,8 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     from mistral.model import Transformer
 
     folder, device = Path(folder), resolve_device(device)
-    if quantize not in (None, "int8"):
-        raise MistralError(f"unknown quantize {quantize!r}; the choice is int8 (or leave it out)")
+    if quantize not in (None, "int8", "int4"):
+        raise MistralError(f"unknown quantize {quantize!r}; the choices are int8 and int4 (or leave it out)")
     args = read_args(folder)
     if args.quantization is not None and quantize not in (None, args.quantization):
         raise MistralError(f"{folder} holds {args.quantization} weights already; leave out --quantize")
@@ -674,7 +688,8 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     free = memory_available(device)
     if need.total > free:
         others = [(flag, Memory.of(built(*how), compute, cache_slots, prefill_tokens).total)
-                  for flag, how in (("--dtype bf16", (torch.bfloat16, None)), ("--quantize int8", (dtype, "int8")))
+                  for flag, how in (("--dtype bf16", (torch.bfloat16, None)), ("--quantize int8", (dtype, "int8")),
+                                    ("--quantize int4", (dtype, "int4")))
                   if how != (dtype, quantize) and args.quantization is None]
         fits = [f"{flag} needs {gb(total)}" for flag, total in others if total <= free]
         if need.cache > need.weights / 4:
@@ -710,7 +725,8 @@ class Memory:
         S, H, D = prefill_tokens, args.n_heads, args.head_dim
         # A pre-fill step of S tokens: the residual and the norm's output, q/k/v and attention's output, the FFN's
         # gate, up and their product; SDPA's scores for a tile of 256 queries; a block of weights converted for a
-        # product (16 MiB); the logits of the rows that are sampled, and their softmax.
+        # product (mistral/quantize.py's CONVERT_BLOCK_BYTES, 8 MB, counted twice over); the logits of the rows that
+        # are sampled, and their softmax.
         activations = S * (2 * args.dim + (2 * H + 2 * args.n_kv_heads) * D + 3 * args.hidden_dim) * size
         scores = 256 * (256 + (args.sliding_window or S)) * H * 4
         logits = 2 * model.max_batch_size * args.vocab_size * 4
@@ -831,13 +847,14 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
 
 
 def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
-    """Write the model in folder src (native or HF) to the new native folder dst with int8 linear weights, which every
-    command then loads without quantizing again: params.json says "quantization": "int8", and consolidated.safetensors
-    holds each linear's int8 "<name>.weight" and fp32 "<name>.scales" (mistral/quantize.py says how they are made)
-    beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read."""
+    """Write the model in folder src (native or HF) to the new native folder dst with int8 (or int4) linear weights,
+    which every command then loads without quantizing again: params.json says "quantization": "int8" (or "int4"), and
+    consolidated.safetensors holds each linear's "<name>.weight" and "<name>.scales" (int8 and fp32 (N,); for int4,
+    two weights a byte, uint8 (N, G * 16), and fp16 (N, G), G groups of 32 a row: mistral/quantize.py says how they
+    are made) beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read."""
     src, dst = Path(src), Path(dst)
-    if to != "int8":
-        raise MistralError(f"unknown quantization {to!r}; the choice is int8")
+    if to not in ("int8", "int4"):
+        raise MistralError(f"unknown quantization {to!r}; the choices are int8 and int4")
     args = read_args(src)
     if args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights already")
@@ -845,16 +862,16 @@ def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
     quantized = dataclasses.replace(args, quantization=to)
     cpu, staging, made = torch.device("cpu"), torch.empty(_CHUNK_BYTES, dtype=torch.uint8), {}
     with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"quantizing {src.name}") as progress:
-        def int8(name: str) -> torch.Tensor:
-            q, made[name.removesuffix("weight") + "scales"] = _quantized(plan[name], cpu, progress, staging)
+        def weight(name: str) -> torch.Tensor:
+            q, made[name.removesuffix("weight") + "scales"] = _quantized(plan[name], cpu, progress, staging, to)
             return q
 
         tensors = {}
         for name, like in _meta_state(quantized).items():
-            if like.dtype == torch.int8:
-                tensors[name] = (torch.int8, tuple(like.shape), lambda name=name: int8(name))
+            if like.dtype in _QUANTIZED:
+                tensors[name] = (like.dtype, tuple(like.shape), lambda name=name: weight(name))
             elif name.endswith(".scales"):
-                tensors[name] = (torch.float32, tuple(like.shape), lambda name=name: made.pop(name))
+                tensors[name] = (like.dtype, tuple(like.shape), lambda name=name: made.pop(name))
             else:
                 source = plan[name]
                 tensors[name] = (source.dtype, source.shape, lambda s=source: _read(s, cpu, s.dtype, progress))

@@ -2,10 +2,11 @@
 
     model = Transformer.from_folder(folder)
     quantize_int8(model)        # int8 weights, one scale per output feature: 4x fewer bytes than fp32
+    quantize_int4(model)        # 4-bit weights, one fp16 scale per 32 of them: 4.5 bits a weight, 7x fewer
     # or, for a model loaded in bf16 on a CPU:
     bf16_weight_only(model)     # bf16 weights, fp32 activations and arithmetic
 
-Both swap nn.Linear modules for drop-in replacements (Int8Linear, Bf16Linear), in place.
+Each swaps nn.Linear modules for drop-in replacements (Int8Linear, Int4Linear, Bf16Linear), in place.
 
 Why: decoding a few rows is memory-bound. Every token reads every weight once, so the time per token is
 about (bytes of weights) / (memory bandwidth), and halving or quartering the bytes is the speed-up, provided
@@ -16,7 +17,9 @@ bf16 `F.linear` rounds the activations to bf16, multiplies matrices 7x slower th
 collapses (5-20x slower) when another process takes a core from one of its two threads.
 
 So decode steps on a CPU go to mistral/cpu's engine, which reads the int8 or bf16 weights of these modules as
-they are stored, converts them in registers and computes in fp32. The modules' own forward, below, is torch:
+they are stored, converts them in registers and computes in fp32; for 4-bit weights it also rounds the activations
+to int8, a group of 32 at a time, and multiplies integers (mistral/cpu/kernels.c, 1b), so int4 decode on a CPU is
+not weight-only. The modules' own forward, below, is torch:
 the weight is converted to the activation dtype a block of rows at a time and multiplied by `F.linear`, the
 conversion paid once per call and amortized over the rows (pre-fill). Off the CPU (CUDA) that is the only path:
 the point of int8 there is memory. (`torch._weight_int8pack_mm` gained a CUDA kernel in 2025, pytorch PR
@@ -25,6 +28,7 @@ without the engine (no compiler) go to `torch._weight_int8pack_mm` (int8, bf16-r
 
 Letters: M rows (tokens), N output features, K input features.
 """
+import math
 import threading
 from collections.abc import Callable
 
@@ -57,12 +61,7 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
     reuse = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
     def converted(block: torch.Tensor) -> torch.Tensor:
-        if not reuse:
-            return block.to(x.dtype, copy=True)
-        buf = getattr(_scratch, "block", None)
-        if buf is None or buf.numel() < block.numel() or buf.dtype != x.dtype:
-            buf = _scratch.block = torch.empty(max(block.numel(), CONVERT_BLOCK_BYTES // 4), dtype=x.dtype)
-        return buf[:block.numel()].view(block.shape).copy_(block)
+        return _block(block.shape, x.dtype, reuse).copy_(block)
 
     def product(block: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         if s is None:
@@ -76,6 +75,16 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
         return product(w, scales)
     blocks = zip(w.split(rows), scales.split(rows) if scales is not None else [None] * -(-w.shape[0] // rows))
     return torch.cat([product(b, s) for b, s in blocks], dim=-1)  # (M, N)
+
+
+def _block(shape: tuple[int, ...], dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+    """An uninitialized tensor for one converted block: the same memory every time when reuse, else a new one."""
+    if not reuse:
+        return torch.empty(shape, dtype=dtype)
+    n, buf = math.prod(shape), getattr(_scratch, "block", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = _scratch.block = torch.empty(max(n, CONVERT_BLOCK_BYTES // 4), dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def int8_rows(w: torch.Tensor, out: torch.Tensor | None = None,
@@ -117,6 +126,79 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         N, K = self.weight.shape
         return f"in_features={K}, out_features={N}"
+
+
+GROUP = 32  # weights per int4 scale: 4 bits each and a 16-bit scale per group is 4.5 bits per weight
+
+
+def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise symmetric 4-bit quantization of w (N, K): (packed (N, G * 16) uint8, scales (N, G) fp16),
+    G = ceil(K / 32) groups of 32 weights per row.
+
+    A group never straddles two rows: a row whose length is not a multiple of 32 ends in a group padded with
+    zeros. Each group's scale is its weight of largest magnitude divided by -8, sign included, so that weight
+    becomes exactly -8 and the others fall in -8 .. 7 (all 16 codes in use, where max|w| / 7 would leave -8
+    unused). The scale is rounded to fp16 before the weights are divided by it, so dequantizing with the stored
+    scale reproduces what was rounded. Byte j of a group holds weight j in its low four bits and weight j + 16 in
+    its high four, each plus 8: the layout the C kernel unpacks with one shift and one mask.
+    """
+    N, K = w.shape
+    G = -(-K // GROUP)
+    x = torch.zeros(N, G * GROUP)
+    x[:, :K] = w.detach()
+    x = x.view(N, G, GROUP)
+    extreme = x.gather(2, x.abs().argmax(2, keepdim=True))  # (N, G, 1), with its sign
+    scales = (extreme / -8).clamp(-65504, 65504).half()  # fp16's range; real weights are far inside it
+    s = scales.float()
+    q = (x / torch.where(s == 0, 1, s)).round_().clamp_(-8, 7).add_(8).to(torch.uint8)  # (N, G, 32), 0 .. 15
+    packed = q[..., :GROUP // 2] | (q[..., GROUP // 2:] << 4)  # (N, G, 16)
+    return packed.reshape(N, G * GROUP // 2), scales.view(N, G)
+
+
+def int4_dequantized(packed: torch.Tensor, scales: torch.Tensor, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, K) weights that int4_rows' (packed, scales) stand for, unpacked into out (N, G * 32) if given (its
+    dtype; else a new fp32 tensor): a view of its first K columns."""
+    N, G = scales.shape
+    p = packed.view(N, G, GROUP // 2)
+    full = (torch.empty(N, G * GROUP) if out is None else out).view(N, G, GROUP)
+    full[..., :GROUP // 2].copy_(p & 15)
+    full[..., GROUP // 2:].copy_(p >> 4)
+    full.sub_(8).mul_(scales[..., None].to(full.dtype))
+    return full.view(N, G * GROUP)[:, :K]
+
+
+class Int4Linear(nn.Module):
+    """A bias-free nn.Linear with 4-bit weights, one fp16 scale per group of 32 along each row (int4_rows)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, in_features: int):
+        super().__init__()
+        N, G = scales.shape
+        assert weight.dtype == torch.uint8 and weight.shape == (N, G * GROUP // 2) and scales.dtype == torch.float16, (
+            weight.dtype, weight.shape, scales.dtype, scales.shape)
+        assert G == -(-in_features // GROUP), (G, in_features)
+        self.in_features = in_features
+        self.register_buffer("weight", weight.contiguous())  # (N, G * 16) uint8: two weights a byte
+        self.register_buffer("scales", scales.contiguous())  # (N, G) fp16
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> "Int4Linear":
+        return cls(*int4_rows(linear.weight), linear.weight.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ the dequantized weights, unpacked a block of rows at a time (see _converted_linear)."""
+        *lead, K = x.shape
+        x2 = x.reshape(-1, K)  # (M, K)
+        reuse = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+        N = self.scales.shape[0]
+        rows = N if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (K * 4))
+        G = self.scales.shape[1]
+        y = [F.linear(x2, int4_dequantized(self.weight[i:i + rows], self.scales[i:i + rows], K,
+                                           out=_block((min(rows, N - i), G * GROUP), x.dtype, reuse)))
+             for i in range(0, N, rows)]
+        return (y[0] if len(y) == 1 else torch.cat(y, dim=-1)).view(*lead, N)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.scales.shape[0]}, group={GROUP}"
 
 
 class Bf16Linear(nn.Module):
@@ -166,11 +248,12 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -
 def prepare(model: nn.Module, linears: str, embeddings: torch.dtype, compute: torch.dtype) -> nn.Module:
     """Give a model built on the meta device the modules of a weight format, before its weights are read into them.
 
-    linears: "int8" (Int8Linear), "bf16" with fp32 compute (Bf16Linear), or "float" (as built, in `compute`).
+    linears: "int8" (Int8Linear), "int4" (Int4Linear), "bf16" with fp32 compute (Bf16Linear), or "float" (as built,
+    in `compute`).
     embeddings: the table's dtype; bf16 under fp32 compute makes it a Bf16Embedding. Every other parameter (norms,
     MoE routers) gets dtype `compute`, the activations'. How the weights get there is mistral.checkpoint's business.
     """
-    assert linears in ("int8", "bf16", "float"), linears
+    assert linears in ("int8", "int4", "bf16", "float"), linears
 
     def meta(shape, dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -178,6 +261,11 @@ def prepare(model: nn.Module, linears: str, embeddings: torch.dtype, compute: to
     if linears == "int8":
         _replace_linears(model, lambda lin: Int8Linear(meta(lin.weight.shape, torch.int8),
                                                        meta(lin.weight.shape[:1], torch.float32)))
+    elif linears == "int4":
+        def int4(lin: nn.Module) -> Int4Linear:
+            (N, K), G = lin.weight.shape, -(-lin.weight.shape[1] // GROUP)
+            return Int4Linear(meta((N, G * GROUP // 2), torch.uint8), meta((N, G), torch.float16), K)
+        _replace_linears(model, int4)
     elif linears == "bf16":
         _replace_linears(model, lambda lin: Bf16Linear(meta(lin.weight.shape, torch.bfloat16)))
     table = getattr(model, "tok_embeddings", None)
@@ -199,6 +287,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     token, so int8 would save memory but no time. Activations keep the model's dtype.
     """
     _replace_linears(model, Int8Linear.from_linear)
+    return model
+
+
+@torch.no_grad()
+def quantize_int4(model: nn.Module) -> nn.Module:
+    """4-bit group-wise quantization, in place: as quantize_int8, with Int4Linear. Returns the model."""
+    _replace_linears(model, Int4Linear.from_linear)
     return model
 
 

@@ -63,3 +63,18 @@ def engine_first(model):
         return model(ids, seqlens, cache, rows=rows) if logits is None else logits
 
     return forward
+
+
+def rounded_per_group(x):
+    """x (M, K) as the 4-bit kernel rounds it (kernels.c, 1b), in float64: each group of 32 along a row is e * an
+    integer in -127 .. 127, e = max|x| / 127, with the same fp32 operations as the C code so that every integer
+    agrees."""
+    x = x.float()
+    M, K = x.shape
+    G = -(-K // 32)
+    xp = torch.zeros(M, G * 32)
+    xp[:, :K] = x
+    xg = xp.view(M, G, 32)
+    top = xg.abs().amax(2, keepdim=True)
+    inv = torch.where(top > 0, 127 / top, 0)  # fp32, as the kernel's
+    return ((xg * inv).round() * (top / 127)).double().view(M, G * 32)[:, :K]

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import random_model, tiny_params
+from helpers import random_model, rounded_per_group, tiny_params
 
 from mistral import quantize
 from mistral.cache import RotatingBufferCache
@@ -13,8 +13,15 @@ from mistral.generate import generate_ids
 from mistral.model import ModelArgs, Transformer
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
-FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8,
+FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize.quantize_int4,
            "bf16": lambda m: quantize.bf16_weight_only(m.bfloat16())}
+
+
+def int4_as_the_engine_rounds(self, x):
+    """Int4Linear's product with x rounded per group of 32 first, as the engine's integer kernel does."""
+    *lead, K = x.shape
+    w = quantize.int4_dequantized(self.weight, self.scales, K).double()
+    return (rounded_per_group(x.reshape(-1, K)) @ w.T).float().view(*lead, -1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,8 +43,10 @@ def prefilled(model, prompts):
                          ids=["dense", "moe", "no-window"])
 def test_a_step_is_the_models_step(params, fmt, monkeypatch):
     """Every decode step past the window, rows dropping out, some rows' logits only: the engine's logits and cache
-    equal the torch model's, within fp32 rounding (int8 on torch's fp32 path, not _weight_int8pack_mm's bf16)."""
+    equal the torch model's, within fp32 rounding (int8 on torch's fp32 path, not _weight_int8pack_mm's bf16; int4
+    with the activations rounded as the engine rounds them)."""
     monkeypatch.setattr(quantize, "FEW_ROWS", 0)
+    monkeypatch.setattr(quantize.Int4Linear, "forward", int4_as_the_engine_rounds)
     model = FORMATS[fmt](random_model(params))
     decoder = CpuDecoder.of(model)
     assert decoder is not None

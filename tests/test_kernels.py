@@ -9,7 +9,9 @@ import tempfile
 
 import pytest
 import torch
+from helpers import rounded_per_group
 
+from mistral import quantize
 from mistral.cpu import kernels
 from mistral.rope import inverse_frequencies
 
@@ -20,6 +22,9 @@ SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (300, 768)]
 
 
 def reference(x, w, scales=None):
+    """x @ w^T in float64, w as stored (times its scales); for 4-bit w, x first rounded as the kernel rounds it."""
+    if w.dtype == torch.uint8:
+        return rounded_per_group(x) @ quantize.int4_dequantized(w, scales, x.shape[1]).double().T
     w64 = w.double() if scales is None else w.double() * scales.double()[:, None]
     return x.double() @ w64.T  # (M, N)
 
@@ -27,7 +32,12 @@ def reference(x, w, scales=None):
 def weights_of(dtype, N, K, gen):
     if dtype == torch.int8:
         return torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen), torch.rand(N, generator=gen) / 64
+    if dtype == torch.uint8:  # 4 bits: packed (N, G * 16) and fp16 scales (N, G)
+        return quantize.int4_rows(torch.randn(N, K, generator=gen))
     return torch.randn(N, K, generator=gen).to(dtype), None
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.int8, torch.uint8]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,7 +47,7 @@ def compiled():
     assert kernels.available(), "a C compiler is present, so the kernel must build: see the warning logged above"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", ROWS)
 def test_matches_float64(dtype, M):
     gen = torch.Generator().manual_seed(M)
@@ -49,11 +59,28 @@ def test_matches_float64(dtype, M):
         assert got.dtype == torch.float32 and got.shape == (M, N)
         want = reference(x, w, scales)
         # fp32 sums of K products: error grows like sqrt(K) times the size of a product
-        atol = 1e-5 * K ** 0.5 * (w.float().abs().max().item() if scales is None else 127 / 64)
+        biggest = {torch.int8: 127 / 64, torch.uint8: 3 * 4.0}.get(dtype) or w.float().abs().max().item()
+        atol = 1e-5 * K ** 0.5 * biggest
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M", ROWS)
+def test_int4_rounds_x_within_its_bound(M):
+    """Against x unrounded: each element of x is off by at most e / 2 (e its group's max|x| / 127), so each output by
+    at most sum_k |w_k| e_k / 2."""
+    gen = torch.Generator().manual_seed(M)
+    for N, K in SHAPES:
+        x = torch.randn(M, K, generator=gen)
+        w, scales = weights_of(torch.uint8, N, K, gen)
+        w64 = quantize.int4_dequantized(w, scales, K).double()
+        top = torch.cat([x[:, g:g + 32].abs().amax(1, keepdim=True).double().expand(M, min(32, K - g))
+                         for g in range(0, K, 32)], dim=1)  # (M, K): the max|x| of each element's group
+        bound = (top / 127 / 2) @ w64.abs().T
+        err = (kernels.matvec(x, w, scales).double() - x.double() @ w64.T).abs()
+        assert (err <= bound * 1.001 + 1e-5).all(), (N, K, (err - bound).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 5])
 def test_stacked_matches_float64(dtype, M):
     """Two or three matrices side by side (as wq, wk, wv and w1, w3), each with its own rows and scales."""
@@ -96,8 +123,9 @@ def test_not_used_where_it_does_not_apply():
         assert kernels.usable(x, w)
 
 
-def dequantized(w, scales):
-    return w.double() if scales is None else w.double() * scales.double()[:, None]
+def mm64(x, pair):
+    """x @ w^T in float64 for a (w, scales) pair, as the kernel computes it (see reference)."""
+    return reference(x, *pair)
 
 
 def rotate64(x, positions):
@@ -110,12 +138,12 @@ def rotate64(x, positions):
 
 def attention_reference(x, weights, cache_k, cache_v, rows, slots, lengths, positions, H):
     """The attention of one decode step in float64, token by token; returns (out, cache_k, cache_v) updated."""
-    wq, wk, wv, wo = (dequantized(w, s) for w, s in weights)
+    wq, wk, wv, wo = weights
     B, Hkv, W, D = cache_k.shape
     ck, cv = cache_k.double().clone(), cache_v.double().clone()
-    q = rotate64((x.double() @ wq.T).view(-1, H, D), positions)
-    k = rotate64((x.double() @ wk.T).view(-1, Hkv, D), positions)
-    v = (x.double() @ wv.T).view(-1, Hkv, D)
+    q = rotate64(mm64(x, wq).view(-1, H, D), positions)
+    k = rotate64(mm64(x, wk).view(-1, Hkv, D), positions)
+    v = mm64(x, wv).view(-1, Hkv, D)
     heads = torch.empty(len(rows), H, D, dtype=torch.float64)
     for m, (r, slot, n) in enumerate(zip(rows.tolist(), slots.tolist(), lengths.tolist())):
         ck[r, :, slot], cv[r, :, slot] = k[m], v[m]
@@ -123,7 +151,7 @@ def attention_reference(x, weights, cache_k, cache_v, rows, slots, lengths, posi
         values = cv[r, :, :n].repeat_interleave(H // Hkv, dim=0)
         scores = (keys @ q[m][:, :, None]).squeeze(-1) / D**0.5  # (H, n)
         heads[m] = (scores.softmax(-1)[:, None, :] @ values).squeeze(1)
-    return heads.view(len(rows), H * D) @ wo.T, ck, cv
+    return mm64(heads.view(len(rows), H * D), wo), ck, cv
 
 
 def rms64(x, w, eps=1e-5):
@@ -131,9 +159,9 @@ def rms64(x, w, eps=1e-5):
 
 
 def ffn64(x, weights):
-    w1, w3, w2 = (dequantized(w, s) for w, s in weights)
-    gate, up = x.double() @ w1.T, x.double() @ w3.T
-    return (gate * torch.sigmoid(gate) * up) @ w2.T
+    w1, w3, w2 = weights
+    gate, up = mm64(x, w1), mm64(x, w3)
+    return mm64(gate * torch.sigmoid(gate) * up, w2)
 
 
 def moe64(x, router, weights, top_k):
@@ -153,7 +181,7 @@ def moe64(x, router, weights, top_k):
 
 # Dense blocks, and mixtures of experts: 8 experts of which each of the 3 tokens takes 2 (so an expert runs on some of
 # the rows, gathered, or on none), and 3 of which each takes all 3 (every expert on every row, in place).
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L", [1, 3])
 @pytest.mark.parametrize("moe", [None, (8, 2), (3, 3)], ids=["dense", "8-experts-top-2", "3-experts-top-3"])
 def test_blocks_match_float64(dtype, L, moe):
@@ -163,7 +191,7 @@ def test_blocks_match_float64(dtype, L, moe):
 
 
 # Head groups of 3 (the benchmark model), 4 and 6 query heads per kv head, and none shared; head_dim 20 leaves a tail.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D", [(12, 4, 64), (8, 2, 128), (4, 4, 20), (6, 1, 8)])
 def test_blocks_attention_of_every_head_shape(dtype, H, Hkv, D):
     check_blocks(dtype, 1, None, H, Hkv, D)

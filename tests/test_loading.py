@@ -69,19 +69,23 @@ def test_auto_on_a_cpu_never_expands_a_checkpoint(stored, weights, table, tmp_pa
     assert logits(model).dtype == torch.float32
 
 
+QUANTIZE_WHOLE = {"int8": quantize.quantize_int8, "int4": quantize.quantize_int4}
+
+
+@pytest.mark.parametrize("to", QUANTIZE_WHOLE)
 @pytest.mark.parametrize("layout, params", [("native", {}), ("hf", {}), ("native", {"moe": MOE}),
                                             ("hf", {"moe": MOE})])
-def test_int8_from_the_file_is_quantizing_the_loaded_model(layout, params, tmp_path, monkeypatch):
-    """Quantized a block of rows at a time as it is read (blocks far smaller than a matrix here), every int8 weight and
-    scale is exactly what quantizing the whole loaded model gives, and so are the logits; in the native layout no
-    matrix is ever read whole in float (HF's wq and wk are, to put their rows in RoPE order first)."""
+def test_quantizing_from_the_file_is_quantizing_the_loaded_model(to, layout, params, tmp_path, monkeypatch):
+    """Quantized a block of rows at a time as it is read (blocks far smaller than a matrix here), every int8 or int4
+    weight and scale is exactly what quantizing the whole loaded model gives, and so are the logits; in the native
+    layout no matrix is ever read whole in float (HF's wq and wk are, to put their rows in RoPE order first)."""
     folder = folder_of(tmp_path, torch.float32, layout, **params)
-    whole = quantize.quantize_int8(checkpoint.load_model(folder, device="cpu"))
+    whole = QUANTIZE_WHOLE[to](checkpoint.load_model(folder, device="cpu"))
     monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 300)
     read = []
     real = checkpoint._read
     monkeypatch.setattr(checkpoint, "_read", lambda source, *a: read.append(source.key) or real(source, *a))
-    streamed = checkpoint.load_model(folder, device="cpu", quantize="int8")
+    streamed = checkpoint.load_model(folder, device="cpu", quantize=to)
     assert streamed.state_dict().keys() == whole.state_dict().keys()
     for name, t in whole.state_dict().items():
         torch.testing.assert_close(streamed.state_dict()[name], t, atol=0, rtol=0, msg=name)
@@ -90,26 +94,29 @@ def test_int8_from_the_file_is_quantizing_the_loaded_model(layout, params, tmp_p
     assert all(("q_proj" in k or "k_proj" in k) for k in floats_read_whole) if layout == "hf" else not floats_read_whole
 
 
-def test_a_quantized_folder_loads_again_as_it_is(tmp_path, monkeypatch):
+@pytest.mark.parametrize("to, dtype", [("int8", torch.int8), ("int4", torch.uint8)])
+def test_a_quantized_folder_loads_again_as_it_is(to, dtype, tmp_path, monkeypatch):
     src = folder_of(tmp_path, torch.bfloat16, moe=MOE)
-    dst = checkpoint.quantize(src, tmp_path / "int8")
+    dst = checkpoint.quantize(src, tmp_path / to, to=to)
     params = json.loads((dst / "params.json").read_text())
-    assert params["quantization"] == "int8" and not list(tmp_path.glob(".*partial"))
-    monkeypatch.setattr(checkpoint, "_quantized", lambda *a: pytest.fail("a saved int8 folder was quantized again"))
+    assert params["quantization"] == to and not list(tmp_path.glob(".*partial"))
+    monkeypatch.setattr(checkpoint, "_quantized", lambda *a: pytest.fail(f"a saved {to} folder was quantized again"))
     again = checkpoint.load_model(dst, device="cpu")
     monkeypatch.undo()
-    direct = checkpoint.load_model(src, device="cpu", quantize="int8")
+    direct = checkpoint.load_model(src, device="cpu", quantize=to)
     for name, t in direct.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], t, atol=0, rtol=0, msg=name)
     w = again.layers["0"].attention.wk.weight
-    assert w.dtype == torch.int8 and any(a <= w.data_ptr() < b and p.endswith("int8/consolidated.safetensors")
-                                         for a, b, p in mapped_files())
-    assert checkpoint.load_model(dst, device="cpu", quantize="int8").state_dict().keys() == direct.state_dict().keys()
-    with pytest.raises(MistralError, match="holds int8 weights already"):
+    assert w.dtype == dtype and any(a <= w.data_ptr() < b and p.endswith(f"{to}/consolidated.safetensors")
+                                    for a, b, p in mapped_files())
+    assert checkpoint.load_model(dst, device="cpu", quantize=to).state_dict().keys() == direct.state_dict().keys()
+    with pytest.raises(MistralError, match=f"holds {to} weights already"):
         checkpoint.quantize(dst, tmp_path / "twice")
+    with pytest.raises(MistralError, match=f"holds {to} weights already; leave out --quantize"):
+        checkpoint.load_model(dst, device="cpu", quantize="int8" if to == "int4" else "int4")
     with pytest.raises(MistralError, match="which transformers' Mistral models do not read"):
-        checkpoint.convert(dst, tmp_path / "hf-of-int8", to="hf")
-    native = checkpoint.convert(dst, tmp_path / "copy")  # an int8 folder copies as it is
+        checkpoint.convert(dst, tmp_path / f"hf-of-{to}", to="hf")
+    native = checkpoint.convert(dst, tmp_path / "copy")  # a quantized folder copies as it is
     torch.testing.assert_close(logits(checkpoint.load_model(native, device="cpu")), logits(again), atol=0, rtol=0)
 
 
@@ -134,19 +141,20 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_the_quantize_command_writes_what_demo_quantize_runs(tmp_path):
+@pytest.mark.parametrize("to", ["int8", "int4"])
+def test_the_quantize_command_writes_what_demo_quantize_runs(to, tmp_path):
     src = folder_of(tmp_path, torch.bfloat16, vocab_size=320)
     from conftest import train_tokenizer
 
     (src / "tokenizer.model").write_bytes(train_tokenizer(320))
-    made = subprocess.run([sys.executable, "-m", "main", "quantize", str(src), str(tmp_path / "q"), "--to", "int8"],
+    made = subprocess.run([sys.executable, "-m", "main", "quantize", str(src), str(tmp_path / "q"), "--to", to],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     runs = [subprocess.run([sys.executable, "-m", "main", "demo", *args, "--max_tokens", "6"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
-            for args in ([str(tmp_path / "q")], [str(src), "--quantize", "int8"])]
+            for args in ([str(tmp_path / "q")], [str(src), "--quantize", to])]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, (runs[0].stderr, runs[1].stderr)
-    assert "int8 weights, fp32 arithmetic" in runs[0].stderr
+    assert f"{to} weights, fp32 arithmetic" in runs[0].stderr
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, capsys):

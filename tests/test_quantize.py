@@ -244,3 +244,80 @@ def test_int8_on_top_of_bf16_weight_only():
     assert isinstance(both.layers["0"].feed_forward.w1, Int8Linear) and both.dtype == torch.float32
     want = packed(model)
     torch.testing.assert_close(packed(both), want, rtol=0, atol=0.1 * want.std().item())
+
+
+# 4-bit weights ---------------------------------------------------------------------------------------------------
+
+def decoded_by_hand(packed: torch.Tensor, scales: torch.Tensor, K: int) -> torch.Tensor:
+    """The weights int4 bytes stand for, read one byte at a time in float64 (independent of int4_dequantized)."""
+    N, G = scales.shape
+    w = torch.zeros(N, G * 32, dtype=torch.float64)
+    for n in range(N):
+        for g in range(G):
+            d = float(scales[n, g])
+            for j in range(16):
+                byte = int(packed[n, g * 16 + j])
+                w[n, g * 32 + j] = d * ((byte & 15) - 8)
+                w[n, g * 32 + 16 + j] = d * ((byte >> 4) - 8)
+    assert not w[:, K:].any(), "the padding of a row's last group must be zeros"
+    return w[:, :K]
+
+
+@pytest.mark.parametrize("K", [64, 44, 10, 32, 97])
+def test_int4_groups_of_32_each_with_its_scale(K):
+    """Each group of 32 along a row (the last one padded, never straddling into the next row) has the fp16 scale
+    extreme / -8, sign included: its weight of largest magnitude is stored exactly as -8 times the scale, and every
+    weight is within one scale (half a scale unless clamped at +7) of what it stands for."""
+    torch.manual_seed(K)
+    w = torch.randn(9, K) * torch.logspace(-3, 1, 9)[:, None]  # rows of very different sizes
+    w[3] = 0  # an all-zero row: scale 0, weights 0
+    packed, scales = quantize.int4_rows(w)
+    G = -(-K // 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (9, G * 16)
+    assert scales.dtype == torch.float16 and scales.shape == (9, G)
+    back = decoded_by_hand(packed, scales, K)
+    padded = torch.zeros(9, G * 32, dtype=torch.float64)
+    padded[:, :K] = w.double()
+    groups = padded.view(9, G, 32)
+    extreme = groups.gather(2, groups.abs().argmax(2, keepdim=True))[..., 0]
+    torch.testing.assert_close(scales.double(), (extreme / -8).half().double(), rtol=0, atol=0)
+    signed = scales.double().repeat_interleave(32, dim=1)[:, :K]
+    d, err = signed.abs(), (back - w.double()).abs()
+    assert (err <= d * 1.0001 + 1e-12).all()
+    inside = w.double() / torch.where(signed == 0, 1, signed) < 7.5  # codes not clamped at +7
+    assert (err[inside] <= d[inside] / 2 * 1.0001 + 1e-12).all()
+    assert (back[3] == 0).all()
+    torch.testing.assert_close(quantize.int4_dequantized(packed, scales, K).double(), back, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", [1, 3, 17, 40])
+@pytest.mark.parametrize("K", [64, 44, 10])
+def test_int4_linear(M, K, monkeypatch):
+    """Int4Linear is x @ its weights exactly as stored (the decoded bytes), to fp32 rounding, in one block or in
+    blocks of 5 rows."""
+    lin = random_linear(23, K)
+    q = quantize.Int4Linear.from_linear(lin)
+    w = decoded_by_hand(q.weight, q.scales, K)
+    x = torch.randn(M, K)
+    for block in (quantize.CONVERT_BLOCK_BYTES, 5 * K * 4):
+        monkeypatch.setattr(quantize, "CONVERT_BLOCK_BYTES", block)
+        with torch.no_grad():
+            torch.testing.assert_close(q(x).double(), x.double() @ w.T, rtol=0, atol=fp32_atol(x, w))
+
+
+def test_quantize_int4_swaps_the_linears_of_a_model():
+    """Every linear but the MoE routers becomes an Int4Linear, and the model's logits are those of the fp32 model
+    whose linears hold the 4-bit weights as decoded by hand."""
+    model = random_model(tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2}))
+    ref = copy.deepcopy(model)
+    quantize.quantize_int4(model)
+    for name, module in ref.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith(".gate"):
+            q = model.get_submodule(name)
+            assert isinstance(q, quantize.Int4Linear), name
+            with torch.no_grad():
+                module.weight.copy_(decoded_by_hand(q.weight, q.scales, q.in_features).float())
+    assert all(isinstance(layer.feed_forward.gate, nn.Linear) for layer in model.layers.values())
+    ids = torch.tensor(PROMPTS[0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, [len(ids)]), ref(ids, [len(ids)]), rtol=1e-4, atol=1e-4)

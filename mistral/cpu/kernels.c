@@ -23,6 +23,7 @@ independent partial sums per row of x keep the multiply-add units busy while mem
 Letters: M rows of x (tokens), N rows of w (output features), K the length of both (input features). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -36,7 +37,7 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int8_t i8x8 __attribute__((vector_size(8)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-enum wtype { F32, BF16, I8 };
+enum wtype { F32, BF16, I8, I4 };  /* I4: see section 1b */
 
 INLINE int wsize(enum wtype t) { return t == F32 ? 4 : t == BF16 ? 2 : 1; }  /* bytes per weight */
 
@@ -122,7 +123,8 @@ INLINE void row(const float *x, const void *wn, float scale, float *y, int64_t l
     }
 }
 
-/* Up to three weight matrices of K columns, stacked: n[j] rows each (0: absent), int8 ones with their scales. */
+/* Up to three weight matrices of K columns, stacked: n[j] rows each (0: absent), int8 and int4 ones with their
+scales (int4's are fp16, behind the same pointer type). */
 typedef struct {
     const void *w[3];
     const float *scales[3];
@@ -143,6 +145,145 @@ INLINE void column(const float *x, stack st, float *y, int64_t ldy, int64_t M, i
     for (; m < M; m++) row(x, wn, scale, y, ldy, K, m, 1, 4, 0, t);
 }
 
+/* 1b. 4-bit weights (mistral/quantize.py's int4_rows): each row of w is G = ceil(K / 32) groups of 32 weights in 16
+bytes (the last group padded with zeros), and one fp16 scale d per group: weight = d (nibble - 8). Byte j of a group
+holds the nibble of weight j in its low four bits and that of weight j + 16 in its high four. The scales of row n are
+s[n G : (n + 1) G].
+
+Widening each weight to fp32 (as the other types do) would cost more instructions than memory can feed at 4 bits.
+So x is rounded too, per group of 32 along its row: xq = round(x / e), e = max|x| / 127, an int8 in -127 .. 127.
+A group's dot product is then d e (sum_j nibble_j xq_j - 8 sum_j xq_j): the first sum is integer multiply-adds
+(AVX2: maddubs multiplies 32 unsigned bytes by 32 signed ones and adds pairs, at most 2 * 15 * 127 in an int16;
+madd adds those pairs into int32s), and the second is known per group of x before any weight is read. This is
+what makes the format not weight-only: x carries up to e / 2 of rounding error per element. */
+
+/* x rounded per group: xq (M, G * 32), zero past K; e (M, G) the scales; c (M, G) = 8 e sum(xq), the correction. */
+typedef struct {
+    const int8_t *xq;
+    const float *e, *c;
+} rounded;
+
+/* Each thread rounds x into a buffer of its own (M K is at most 16 x the hidden size: some 10 us of work, where a
+shared copy would need a barrier): no thread waits for another, and nothing is allocated per call. */
+static __thread int8_t *round_q;
+static __thread float *round_f;
+static __thread int64_t round_cap;
+
+static rounded round_rows(const float *x, int64_t M, int64_t K) {
+    const int64_t G = (K + 31) / 32;
+    if (M * G > round_cap) {
+        free(round_q);
+        free(round_f);
+        round_q = malloc(M * G * 32);
+        round_f = malloc(2 * M * G * sizeof(float));
+        round_cap = M * G;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            const float *xg = x + m * K + 32 * g;
+            const int64_t n = K - 32 * g < 32 ? K - 32 * g : 32;
+            float top = 0;
+            for (int64_t j = 0; j < n; j++) top = fmaxf(top, fabsf(xg[j]));
+            const float e = top / 127, inv = top > 0 ? 127 / top : 0;
+            int8_t *q = round_q + (m * G + g) * 32;
+            int sum = 0;
+            for (int64_t j = 0; j < 32; j++) {
+                q[j] = j < n ? (int8_t)lrintf(xg[j] * inv) : 0;
+                sum += q[j];
+            }
+            round_f[m * G + g] = e;
+            round_f[M * G + m * G + g] = 8 * e * (float)sum;
+        }
+    return (rounded){round_q, round_f, round_f + M * G};
+}
+
+INLINE float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+    uint32_t u;
+    if (exp == 31) u = sign | 0x7f800000 | man << 13;
+    else if (exp) u = sign | (exp + 112) << 23 | man << 13;
+    else if (!man) u = sign;
+    else {  /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { e++; m <<= 1; } while (!(m & 1024));
+        u = sign | (uint32_t)(112 - e) << 23 | (m & 1023) << 13;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+/* The integer dot product of one group: its 16 bytes of nibbles against 32 int8 of x, as 8 int32 partial sums
+(AVX2), or one. */
+#ifdef __AVX2__
+INLINE __m256i nibbles(const uint8_t *wg) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)wg);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));  /* weights 0..15 | 16..31 */
+}
+INLINE __m256i group_dot(__m256i u, const int8_t *xq) {
+    const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#endif
+
+/* y[(m0 + m) * ldy] for m < MB: row wn (G groups, scales sn) against rows m0 .. m0 + MB - 1 of the rounded x. */
+INLINE void row_i4(rounded r, const uint8_t *wn, const uint16_t *sn, float *y, int64_t ldy, int64_t G, int64_t m0,
+                   const int MB) {
+    float corr[4] = {0};
+#ifdef __AVX2__
+    __m256 acc[4];
+    for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m256i u = nibbles(wn + 16 * g);
+        const float d = half_to_float(sn[g]);
+        for (int m = 0; m < MB; m++) {
+            const int64_t at = (m0 + m) * G + g;
+            const __m256 p = _mm256_cvtepi32_ps(group_dot(u, r.xq + 32 * at));
+            acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d * r.e[at]), p, acc[m]);
+            corr[m] += d * r.c[at];
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        v8 a = (v8)acc[m];
+        float s = 0;
+        for (int j = 0; j < 8; j++) s += a[j];
+        y[(m0 + m) * ldy] = s - corr[m];
+    }
+#else
+    float acc[4] = {0};
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *wg = wn + 16 * g;
+        const float d = half_to_float(sn[g]);
+        for (int m = 0; m < MB; m++) {
+            const int64_t at = (m0 + m) * G + g;
+            const int8_t *xq = r.xq + 32 * at;
+            int32_t dot = 0;
+            for (int j = 0; j < 16; j++) dot += (wg[j] & 15) * xq[j] + (wg[j] >> 4) * xq[j + 16];
+            acc[m] += d * r.e[at] * (float)dot;
+            corr[m] += d * r.c[at];
+        }
+    }
+    for (int m = 0; m < MB; m++) y[(m0 + m) * ldy] = acc[m] - corr[m];
+#endif
+}
+
+/* Column n of y: row n of the stacked 4-bit matrices against all M rows of the rounded x, four at a time. */
+INLINE void column_i4(rounded r, stack st, float *y, int64_t ldy, int64_t M, int64_t G, int64_t n) {
+    int j = 0;
+    while (n >= st.n[j]) n -= st.n[j++];
+    const uint8_t *wn = (const uint8_t *)st.w[j] + n * G * 16;
+    const uint16_t *sn = (const uint16_t *)(const void *)st.scales[j] + n * G;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) row_i4(r, wn, sn, y, ldy, G, m, 4);
+    for (; m + 2 <= M; m += 2) row_i4(r, wn, sn, y, ldy, G, m, 2);
+    for (; m < M; m++) row_i4(r, wn, sn, y, ldy, G, m, 1);
+}
+
 /* The rows of the stacked matrices against the M rows of x (M, K): y (M, n0 + n1 + n2), the products side by side.
 An orphaned `omp for`: the rows are split between the threads of the parallel region it is called in. Each case
 calls column() with a constant type, so the compiler specializes the loops for it. */
@@ -161,6 +302,12 @@ static void products(const float *x, stack st, float *y, int64_t M, int64_t K, e
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, I8);
         break;
+    case I4: {
+        const rounded r = round_rows(x, M, K);
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) column_i4(r, st, y + n, N, M, (K + 31) / 32, n);
+        break;
+    }
     }
 }
 

@@ -31,7 +31,9 @@ MAX_ROWS = 16  # beyond this, a matrix-matrix product (MKL) is faster: the weigh
 SOURCE = Path(__file__).parent / "kernels.c"
 # -fopenmp first; a compiler without OpenMP (Apple's clang) still gets a single-threaded kernel.
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
-_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the weight dtypes taken: enum wtype of kernels.c
+# The weight dtypes taken: enum wtype of kernels.c. uint8 is 4-bit weights packed two a byte (mistral/quantize.py).
+_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+GROUP = 32  # 4-bit weights per scale
 
 
 def _cpu_id() -> str:
@@ -147,39 +149,50 @@ class Prepared(NamedTuple):
     """Weight matrices as the C side takes them: one type, and pointer arrays to each matrix and its scales."""
     type: int  # enum wtype
     ws: ctypes.Array
-    ss: ctypes.Array  # NULL unless int8
+    ss: ctypes.Array  # NULL unless int8 or int4
     kept: list  # the tensors behind the pointers: alive as long as this is
     rows: tuple[int, ...]  # N of each matrix
     needs_grad: bool
 
 
 def prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int | None = None) -> Prepared | None:
-    """(w, scales) pairs for the kernels: w (N, K) fp32, bf16 or int8, all of one dtype, on a CPU; scales (N,) fp32 for
-    int8 and None otherwise. None where they do not qualify. The pointer arrays are `slots` long (default: as many as
-    pairs, the rest NULL). Pointers stay valid while no tensor is replaced; values changed in place are read anew."""
+    """(w, scales) pairs for the kernels, all of one dtype, on a CPU: w (N, K) fp32 or bf16 with scales None; w (N, K)
+    int8 with scales (N,) fp32; or 4-bit w (N, G * 16) uint8 with scales (N, G) fp16, G = ceil(K / 32) groups a row.
+    None where they do not qualify. The pointer arrays are `slots` long (default: as many as pairs, the rest NULL).
+    Pointers stay valid while no tensor is replaced; values changed in place are read anew."""
     if not weights or weights[0][0].dtype not in _TYPES:
         return None
     dtype = weights[0][0].dtype
-    int8 = dtype == torch.int8
+    scaled = {torch.int8: torch.float32, torch.uint8: torch.float16}.get(dtype)
+
+    def scales_fit(w: torch.Tensor, s: torch.Tensor) -> bool:
+        shape = w.shape[:1] if dtype == torch.int8 else (w.shape[0], w.shape[1] // (GROUP // 2))
+        return s.dtype == scaled and s.shape == shape and s.device.type == "cpu"
+
     if not (all(w.dtype == dtype and w.ndim == 2 and w.device.type == "cpu" for w, _ in weights)
-            and all((s is not None) == int8 for _, s in weights)
-            and all(s.dtype == torch.float32 and s.shape == w.shape[:1] and s.device.type == "cpu"
-                    for w, s in weights if s is not None)):
+            and all((s is not None) == (scaled is not None) for _, s in weights)
+            and all(scales_fit(w, s) for w, s in weights if s is not None)
+            and (dtype != torch.uint8 or all(w.shape[1] % (GROUP // 2) == 0 for w, _ in weights))):
         return None
     slots = len(weights) if slots is None else slots
     kept, ws, ss = [], (ctypes.c_void_p * slots)(), (ctypes.c_void_p * slots)()
     for j, (w, scales) in enumerate(weights):
         kept.append(w := w.contiguous())
         ws[j] = w.data_ptr()
-        if int8:
+        if scaled is not None:
             kept.append(scales := scales.contiguous())
             ss[j] = scales.data_ptr()
     return Prepared(_TYPES[dtype], ws, ss, kept, tuple(w.shape[0] for w, _ in weights),
                     any(t.requires_grad for t in kept))
 
 
+def stored_width(dtype: torch.dtype, K: int) -> int:
+    """The columns of a stored w of K input features: K, or for 4-bit weights 16 bytes per group of 32."""
+    return -(-K // GROUP) * (GROUP // 2) if dtype == torch.uint8 else K
+
+
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether matvec(x, w) can run: x (M <= MAX_ROWS, K) fp32 and w (N, K) fp32/bf16/int8, on a CPU, no autograd."""
+    """Whether matvec(x, w) can run: x (M <= MAX_ROWS, K) fp32 and w fp32/bf16/int8/int4, on a CPU, no autograd."""
     return takes_rows(x) and w.dtype in _TYPES and w.device.type == "cpu" and not (
         torch.is_grad_enabled() and w.requires_grad)
 
@@ -196,9 +209,10 @@ def stacked(x: torch.Tensor, weights: Prepared) -> torch.Tensor:
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) fp32 @ w (N, K)^T -> (M, N) fp32; for int8 w, times scales (N,) fp32, one per row of w. Call where
-    usable(x, w) holds. Inputs that are not contiguous are copied first."""
-    assert w.shape[1] == x.shape[1], f"x {tuple(x.shape)}, w {tuple(w.shape)}"
+    """x (M, K) fp32 @ w (N, K)^T -> (M, N) fp32; for int8 w, times scales (N,) fp32, one per row of w; for 4-bit w
+    (stored (N, G * 16), see prepare), with x rounded to int8 per group (kernels.c, 1b). Call where usable(x, w)
+    holds. Inputs that are not contiguous are copied first."""
+    assert w.shape[1] == stored_width(w.dtype, x.shape[1]), f"x {tuple(x.shape)}, w {tuple(w.shape)}"
     return stacked(x, prepare([(w, scales)], 3))
 
 
@@ -259,7 +273,7 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
         return None
     if not all(r.dtype == torch.float32 and r.device.type == "cpu" and r.shape == (experts, dim) for r in routers):
         return None
-    if any(tuple(w.shape) != shape for (w, _), shape in zip(weights, shapes * len(layers))):
+    if any(tuple(w.shape) != (n, stored_width(w.dtype, k)) for (w, _), (n, k) in zip(weights, shapes * len(layers))):
         return None
     prepared = prepare(weights)
     if prepared is None:
