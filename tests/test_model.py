@@ -1,4 +1,8 @@
 """Logits on every path (packed, cached, chunked, decode) against the naive oracle in tests/oracle.py."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import engine_first, random_model, tiny_params
@@ -10,6 +14,7 @@ from mistral.moe import MoeLayer
 from mistral.model import FeedForward
 
 W = 5
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)), [8, 1, 4, 2, 63, 0, 12, 7, 7, 30, 31]]
 
 
@@ -295,3 +300,13 @@ def test_logits_of_chosen_rows_are_those_of_the_full_forward(name):
         assert nothing.shape == (0, model.args.vocab_size) and cache.seq_pos == lens
         with pytest.raises(MistralError, match="rows must be positions of the 4 packed tokens"):
             model(torch.tensor([1, 2, 3, 4]), [1, 1, 1, 1], cache, rows=[4])
+
+
+def test_the_definition_imports_no_engine_and_no_weight_format():
+    """mistral/model.py is the model's definition alone: importing it loads neither the CPU engine nor the formats."""
+    code = "import sys, mistral.model; print(sorted(m for m in sys.modules if m.startswith('mistral.')))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = eval(done.stdout)
+    assert not [m for m in loaded if m.startswith(("mistral.cpu", "mistral.quantize", "mistral.generate"))], loaded
