@@ -16,9 +16,10 @@ from mistral.cpu import kernels
 from mistral.rope import inverse_frequencies
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
-# fewer than 8 (and than 8 * U) inputs; N from 1 up.
+# fewer than 8 (and than 8 * U) inputs; N from 1 up. For 4-bit weights, K = 300 and 768 take groups eight at a
+# time (and 300 two more after them), the others one at a time.
 ROWS = [1, 2, 3, 4, 5, 7, 8, 16]
-SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (300, 768)]
+SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (20, 300), (300, 768)]
 
 
 def reference(x, w, scales=None):

@@ -157,7 +157,12 @@ A group's dot product is then d e (sum_j nibble_j xq_j - 8 sum_j xq_j): the firs
 madd adds those pairs into int32s), and the second is known per group of x before any weight is read. This is
 what makes the format not weight-only: x carries up to e / 2 of rounding error per element. */
 
-/* x rounded per group: xq (M, G * 32), zero past K; e (M, G) the scales; c (M, G) = 8 e sum(xq), the correction. */
+/* x rounded per group: xq (M, G * 32), zero past K; e (M, G) the scales; c (M, G) = 8 e sum(xq), the correction.
+
+With AVX2, row_i4 takes groups eight at a time, and two at a time within those (16 + 16 bytes of weights in one
+register: the low nibbles are weights 0..15 of both groups, the high nibbles weights 16..31), so there xq holds each
+pair of groups g, g + 1 in that order: g's first 16, g + 1's first 16, g's last 16, g + 1's last 16. The groups past
+the last multiple of eight keep their own order. */
 typedef struct {
     const int8_t *xq;
     const float *e, *c;
@@ -186,10 +191,19 @@ static rounded round_rows(const float *x, int64_t M, int64_t K) {
             for (int64_t j = 0; j < n; j++) top = fmaxf(top, fabsf(xg[j]));
             const float e = top / 127, inv = top > 0 ? 127 / top : 0;
             int8_t *q = round_q + (m * G + g) * 32;
+            int64_t at[2] = {0, 16};  /* where the group's two halves go */
+#ifdef __AVX2__
+            if (g < G / 8 * 8) {
+                q = round_q + (m * G + (g & ~1)) * 32;
+                at[0] = g & 1 ? 16 : 0;
+                at[1] = at[0] + 32;
+            }
+#endif
             int sum = 0;
             for (int64_t j = 0; j < 32; j++) {
-                q[j] = j < n ? (int8_t)lrintf(xg[j] * inv) : 0;
-                sum += q[j];
+                const int8_t v = j < n ? (int8_t)lrintf(xg[j] * inv) : 0;
+                q[at[j / 16] + j % 16] = v;
+                sum += v;
             }
             round_f[m * G + g] = e;
             round_f[M * G + m * G + g] = 8 * e * (float)sum;
@@ -236,9 +250,40 @@ INLINE void row_i4(rounded r, const uint8_t *wn, const uint16_t *sn, float *y, i
                    const int MB) {
     float corr[4] = {0};
 #ifdef __AVX2__
-    __m256 acc[4];
-    for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
+    __m256 acc[4], corr8[4];
+    for (int m = 0; m < MB; m++) acc[m] = corr8[m] = _mm256_setzero_ps();
+    /* Eight groups at a time: their eight weight scales converted in one instruction and multiplied by x's eight,
+    and each pair of groups' dot products in one register, lanes 0-3 the first group's and 4-7 the second's. */
+    const int64_t G8 = G / 8 * 8;
+    for (int64_t g0 = 0; g0 < G8; g0 += 8) {
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sn + g0)));
+        __m256 de[4];
+        for (int m = 0; m < MB; m++) {
+            const int64_t at = (m0 + m) * G + g0;
+            de[m] = _mm256_mul_ps(d8, _mm256_loadu_ps(r.e + at));
+            corr8[m] = _mm256_fmadd_ps(d8, _mm256_loadu_ps(r.c + at), corr8[m]);
+        }
+        for (int pair = 0; pair < 4; pair++) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(wn + 16 * (g0 + 2 * pair)));
+            const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi8(15));
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
+            const __m256i lanes = _mm256_setr_epi32(2 * pair, 2 * pair, 2 * pair, 2 * pair, 2 * pair + 1,
+                                                    2 * pair + 1, 2 * pair + 1, 2 * pair + 1);
+            for (int m = 0; m < MB; m++) {
+                const int8_t *xq = r.xq + 32 * ((m0 + m) * G + g0 + 2 * pair);
+                const __m256i p16 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32))));  /* |.| <= 7620 */
+                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+                acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(de[m], lanes), p, acc[m]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        v8 c = (v8)corr8[m];
+        for (int j = 0; j < 8; j++) corr[m] += c[j];
+    }
+    for (int64_t g = G8; g < G; g++) {
         const __m256i u = nibbles(wn + 16 * g);
         const float d = half_to_float(sn[g]);
         for (int m = 0; m < MB; m++) {
