@@ -209,7 +209,7 @@ OPTION_ERRORS = {
     "pipeline without torchrun": (["--num_pipeline_ranks", "2"], "torchrun --nproc-per-node 2"),
     "bad chunk size": (["--chunk_size", "0"], "chunk_size must be"),
     "bad seed": (["--seed", "abc"], "seed must be a whole number"),
-    "unknown quantization": (["--quantize", "int4"], "unknown --quantize 'int4'"),
+    "unknown quantization": (["--quantize", "int3"], "unknown --quantize 'int3'; the choices are int8 and int4"),
 }
 
 
