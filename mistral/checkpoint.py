@@ -73,14 +73,20 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether a GPU computes in bf16 itself (compute capability 8.0, Ampere, and later). torch's
+    is_bf16_supported() also counts emulation, and says True on a T4 or a V100, where xformers refuses bf16."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device,
                   stored: torch.dtype = torch.float32) -> torch.dtype:
-    """None or "auto": bf16 on cuda; on cpu the weights' stored dtype, fp16 becoming fp32 (a CPU runs fp16 hundreds of
-    times slower), so a checkpoint is never expanded on its way into memory. Refuses what the device cannot run at a
-    usable speed."""
+    """None or "auto": bf16 on cuda, fp16 on GPUs without native bf16 (before Ampere); on cpu the weights' stored
+    dtype, fp16 becoming fp32 (a CPU runs fp16 hundreds of times slower), so a checkpoint is never expanded on its way
+    into memory. Refuses what the device cannot run at a usable speed."""
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16
+            return torch.bfloat16 if _native_bf16(device) else torch.float16
         return stored if stored in (torch.float32, torch.bfloat16) else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -90,8 +96,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device,
         raise MistralError(f"dtype {dtype} is not supported; use fp32, bf16 or fp16")
     if device.type == "cpu" and dtype == torch.float16:
         raise MistralError("fp16 on CPU runs through a scalar fallback hundreds of times slower than fp32; use fp32 or bf16")
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise MistralError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --dtype fp16 or fp32")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise MistralError(f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) has no "
+                           "native bf16, which needs 8.0 (Ampere) or later: use --dtype fp16 or fp32")
     return dtype
 
 
