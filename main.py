@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from mistral import checkpoint  # noqa: E402
-from mistral.args import ModelArgs  # noqa: E402
+from mistral.args import QUANTIZATIONS, ModelArgs  # noqa: E402
 from mistral.chat import DEFAULT_CONTEXT, Chat, Turn  # noqa: E402
 from mistral.errors import MistralError  # noqa: E402
 from mistral.generate import check_options, generate, generate_ids  # noqa: E402, F401  (re-exported)
@@ -51,8 +51,9 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the checkpoint's dtype unless --dtype says otherwise,
     and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16 matrix products several times slower.
     """
-    if quantize not in (None, "int8", "int4"):
-        raise MistralError(f"unknown --quantize {quantize!r}; the choices are int8 and int4 (or leave it out)")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise MistralError(f"unknown --quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
+                           "it out)")
     folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
     if not isinstance(num_pipeline_ranks, int) or isinstance(num_pipeline_ranks, bool) or num_pipeline_ranks < 1:
         raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")

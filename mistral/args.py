@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 # The largest value a count in a config may take: more than any model has, small enough that no arithmetic on it
 # (a cache of that many positions, say) can overflow or ask the allocator for exabytes unnoticed.
 _MOST = 1 << 24
+# The weight formats of `python -m main quantize` and --quantize (mistral/quantize.py says what each is).
+QUANTIZATIONS = ("int8", "int4")
 
 
 def count_value(value, name: str, source: str) -> int:
@@ -83,9 +85,9 @@ class ModelArgs:
         self.norm_eps = positive_value(self.norm_eps, "norm_eps", source)
         if self.sliding_window is not None:
             self.sliding_window = count_value(self.sliding_window, "sliding_window", source)
-        if self.quantization not in (None, "int8", "int4"):
-            raise MistralError(f"{source}: 'quantization' is {self.quantization!r}; this library reads 'int8' or "
-                               "'int4' (or none)")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise MistralError(f"{source}: 'quantization' is {self.quantization!r}; this library reads "
+                               f"{' or '.join(map(repr, QUANTIZATIONS))} (or none)")
         if self.rope_theta is None:
             self.rope_theta = 1e4 if self.sliding_window is not None else 1e6
             log.info("%s has no rope_theta: using %g (sliding_window is %s)", source, self.rope_theta,

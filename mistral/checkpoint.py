@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mistral.args import ModelArgs, MoeArgs, count_value, positive_value
+from mistral.args import QUANTIZATIONS, ModelArgs, MoeArgs, count_value, positive_value
 from mistral.errors import MistralError
 
 if TYPE_CHECKING:
@@ -671,8 +671,9 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     from mistral.model import Transformer
 
     folder, device = Path(folder), resolve_device(device)
-    if quantize not in (None, "int8", "int4"):
-        raise MistralError(f"unknown quantize {quantize!r}; the choices are int8 and int4 (or leave it out)")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise MistralError(f"unknown quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
+                           "it out)")
     args = read_args(folder)
     if args.quantization is not None and quantize not in (None, args.quantization):
         raise MistralError(f"{folder} holds {args.quantization} weights already; leave out --quantize")
@@ -696,8 +697,8 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     free = memory_available(device)
     if need.total > free:
         others = [(flag, Memory.of(built(*how), compute, cache_slots, prefill_tokens).total)
-                  for flag, how in (("--dtype bf16", (torch.bfloat16, None)), ("--quantize int8", (dtype, "int8")),
-                                    ("--quantize int4", (dtype, "int4")))
+                  for flag, how in (("--dtype bf16", (torch.bfloat16, None)),
+                                    *((f"--quantize {q}", (dtype, q)) for q in QUANTIZATIONS))
                   if how != (dtype, quantize) and args.quantization is None]
         fits = [f"{flag} needs {gb(total)}" for flag, total in others if total <= free]
         if need.cache > need.weights / 4:
@@ -861,8 +862,8 @@ def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
     two weights a byte, uint8 (N, G * 16), and fp16 (N, G), G groups of 32 a row: mistral/quantize.py says how they
     are made) beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read."""
     src, dst = Path(src), Path(dst)
-    if to not in ("int8", "int4"):
-        raise MistralError(f"unknown quantization {to!r}; the choices are int8 and int4")
+    if to not in QUANTIZATIONS:
+        raise MistralError(f"unknown quantization {to!r}; the choices are {' and '.join(QUANTIZATIONS)}")
     args = read_args(src)
     if args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights already")

@@ -57,34 +57,38 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
     a single pass over the weights.
     """
     scale_outputs = scales is not None and x.shape[0] < w.shape[1]
-    # Autograd keeps the block it multiplied by, so a reused one would be overwritten under it.
+
+    def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+        converted = block((end - start, w.shape[1])).copy_(w[start:end])
+        if scales is None:
+            return F.linear(x, converted)
+        s = scales[start:end].to(x.dtype)
+        if scale_outputs:
+            return F.linear(x, converted).mul_(s)
+        return F.linear(x, converted.mul_(s[:, None]))
+
+    return _blockwise(x, w.shape[0], w.shape[1], product)
+
+
+def _blockwise(x: torch.Tensor, N: int, K: int,
+               product: Callable[[int, int, Callable[[tuple[int, ...]], torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """The (M, N) products of x with a weight converted a block of rows at a time (all N at once off the CPU):
+    product(start, end, block) multiplies x by rows start .. end - 1, converted into block(shape), an uninitialized
+    tensor of x's dtype that is the same memory every time (see _converted_linear) unless autograd is on, which
+    keeps the block it multiplied by and so needs a new one each time."""
     reuse = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
-    def converted(block: torch.Tensor) -> torch.Tensor:
-        return _block(block.shape, x.dtype, reuse).copy_(block)
+    def block(shape: tuple[int, ...]) -> torch.Tensor:
+        if not reuse:
+            return torch.empty(shape, dtype=x.dtype)
+        n, buf = math.prod(shape), getattr(_scratch, "block", None)
+        if buf is None or buf.numel() < n or buf.dtype != x.dtype:
+            buf = _scratch.block = torch.empty(max(n, CONVERT_BLOCK_BYTES // 4), dtype=x.dtype)
+        return buf[:n].view(shape)
 
-    def product(block: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-        if s is None:
-            return F.linear(x, converted(block))
-        if scale_outputs:
-            return F.linear(x, converted(block)).mul_(s.to(x.dtype))
-        return F.linear(x, converted(block).mul_(s[:, None].to(x.dtype)))
-
-    rows = w.shape[0] if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (w.shape[1] * 4))
-    if rows >= w.shape[0]:
-        return product(w, scales)
-    blocks = zip(w.split(rows), scales.split(rows) if scales is not None else [None] * -(-w.shape[0] // rows))
-    return torch.cat([product(b, s) for b, s in blocks], dim=-1)  # (M, N)
-
-
-def _block(shape: tuple[int, ...], dtype: torch.dtype, reuse: bool) -> torch.Tensor:
-    """An uninitialized tensor for one converted block: the same memory every time when reuse, else a new one."""
-    if not reuse:
-        return torch.empty(shape, dtype=dtype)
-    n, buf = math.prod(shape), getattr(_scratch, "block", None)
-    if buf is None or buf.numel() < n or buf.dtype != dtype:
-        buf = _scratch.block = torch.empty(max(n, CONVERT_BLOCK_BYTES // 4), dtype=dtype)
-    return buf[:n].view(shape)
+    rows = N if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (K * 4))
+    y = [product(start, min(start + rows, N), block) for start in range(0, N, rows)]
+    return y[0] if len(y) == 1 else torch.cat(y, dim=-1)
 
 
 def int8_rows(w: torch.Tensor, out: torch.Tensor | None = None,
@@ -131,6 +135,12 @@ class Int8Linear(nn.Module):
 GROUP = 32  # weights per int4 scale: 4 bits each and a 16-bit scale per group is 4.5 bits per weight
 
 
+def int4_shapes(N: int, K: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes int4_rows gives an (N, K) matrix: packed (N, G * 16) and scales (N, G), G = ceil(K / 32)."""
+    G = -(-K // GROUP)
+    return (N, G * GROUP // 2), (N, G)
+
+
 def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise symmetric 4-bit quantization of w (N, K): (packed (N, G * 16) uint8, scales (N, G) fp16),
     G = ceil(K / 32) groups of 32 weights per row.
@@ -172,10 +182,9 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, in_features: int):
         super().__init__()
-        N, G = scales.shape
-        assert weight.dtype == torch.uint8 and weight.shape == (N, G * GROUP // 2) and scales.dtype == torch.float16, (
-            weight.dtype, weight.shape, scales.dtype, scales.shape)
-        assert G == -(-in_features // GROUP), (G, in_features)
+        assert weight.dtype == torch.uint8 and scales.dtype == torch.float16 and (
+            (weight.shape, scales.shape) == int4_shapes(scales.shape[0], in_features)), (
+            weight.dtype, weight.shape, scales.dtype, scales.shape, in_features)
         self.in_features = in_features
         self.register_buffer("weight", weight.contiguous())  # (N, G * 16) uint8: two weights a byte
         self.register_buffer("scales", scales.contiguous())  # (N, G) fp16
@@ -188,14 +197,13 @@ class Int4Linear(nn.Module):
         """x @ the dequantized weights, unpacked a block of rows at a time (see _converted_linear)."""
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
-        reuse = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-        N = self.scales.shape[0]
-        rows = N if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (K * 4))
-        G = self.scales.shape[1]
-        y = [F.linear(x2, int4_dequantized(self.weight[i:i + rows], self.scales[i:i + rows], K,
-                                           out=_block((min(rows, N - i), G * GROUP), x.dtype, reuse)))
-             for i in range(0, N, rows)]
-        return (y[0] if len(y) == 1 else torch.cat(y, dim=-1)).view(*lead, N)
+        N, G = self.scales.shape
+
+        def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+            w = int4_dequantized(self.weight[start:end], self.scales[start:end], K, out=block((end - start, G * GROUP)))
+            return F.linear(x2, w)
+
+        return _blockwise(x2, N, K, product).view(*lead, N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.scales.shape[0]}, group={GROUP}"
@@ -263,8 +271,8 @@ def prepare(model: nn.Module, linears: str, embeddings: torch.dtype, compute: to
                                                        meta(lin.weight.shape[:1], torch.float32)))
     elif linears == "int4":
         def int4(lin: nn.Module) -> Int4Linear:
-            (N, K), G = lin.weight.shape, -(-lin.weight.shape[1] // GROUP)
-            return Int4Linear(meta((N, G * GROUP // 2), torch.uint8), meta((N, G), torch.float16), K)
+            packed, scales = int4_shapes(*lin.weight.shape)
+            return Int4Linear(meta(packed, torch.uint8), meta(scales, torch.float16), lin.weight.shape[1])
         _replace_linears(model, int4)
     elif linears == "bf16":
         _replace_linears(model, lambda lin: Bf16Linear(meta(lin.weight.shape, torch.bfloat16)))

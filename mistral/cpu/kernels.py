@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from mistral.quantize import int4_shapes
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this, a matrix-matrix product (MKL) is faster: the weights are no longer the cost
@@ -33,7 +35,6 @@ SOURCE = Path(__file__).parent / "kernels.c"
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 # The weight dtypes taken: enum wtype of kernels.c. uint8 is 4-bit weights packed two a byte (mistral/quantize.py).
 _TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
-GROUP = 32  # 4-bit weights per scale
 
 
 def _cpu_id() -> str:
@@ -166,13 +167,15 @@ def prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int 
     scaled = {torch.int8: torch.float32, torch.uint8: torch.float16}.get(dtype)
 
     def scales_fit(w: torch.Tensor, s: torch.Tensor) -> bool:
-        shape = w.shape[:1] if dtype == torch.int8 else (w.shape[0], w.shape[1] // (GROUP // 2))
+        # For 4-bit weights, the shapes of a matrix of as many input features as its packed bytes hold.
+        shape = w.shape[:1] if dtype == torch.int8 else int4_shapes(w.shape[0], 2 * w.shape[1])[1]
         return s.dtype == scaled and s.shape == shape and s.device.type == "cpu"
 
     if not (all(w.dtype == dtype and w.ndim == 2 and w.device.type == "cpu" for w, _ in weights)
             and all((s is not None) == (scaled is not None) for _, s in weights)
             and all(scales_fit(w, s) for w, s in weights if s is not None)
-            and (dtype != torch.uint8 or all(w.shape[1] % (GROUP // 2) == 0 for w, _ in weights))):
+            and (dtype != torch.uint8 or all(w.shape == int4_shapes(w.shape[0], 2 * w.shape[1])[0]
+                                             for w, _ in weights))):
         return None
     slots = len(weights) if slots is None else slots
     kept, ws, ss = [], (ctypes.c_void_p * slots)(), (ctypes.c_void_p * slots)()
@@ -188,7 +191,7 @@ def prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int 
 
 def stored_width(dtype: torch.dtype, K: int) -> int:
     """The columns of a stored w of K input features: K, or for 4-bit weights 16 bytes per group of 32."""
-    return -(-K // GROUP) * (GROUP // 2) if dtype == torch.uint8 else K
+    return int4_shapes(1, K)[0][1] if dtype == torch.uint8 else K
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
