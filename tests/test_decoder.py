@@ -67,6 +67,47 @@ def test_a_step_is_the_models_step(params, fmt, monkeypatch):
     torch.testing.assert_close(ours.cache_v, theirs.cache_v, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("params", [tiny_params(), tiny_params(moe=MOE)], ids=["dense", "moe"])
+def test_a_prefill_with_4_bit_weights_is_the_models_with_x_rounded(params, monkeypatch):
+    """Pre-fill steps of an int4 model (the forward, with its products in C): a ragged batch of chunks, one past the
+    window, multi-token chunks on a non-empty cache, a row bringing nothing, some rows' logits only.
+
+    Each product equals float64's on the x it was given, with x rounded per group as the kernel rounds it. The whole
+    step's logits and cache equal the torch model's with that rounding, within what a flipped rounding allows: fp32
+    sums in another order move an activation across a rounding boundary now and then, by one step of its group's
+    127. Afterwards the modules' own forward is back."""
+    model = quantize.quantize_int4(random_model(params))
+    decoder = CpuDecoder.of(model)
+    W = model.args.sliding_window
+    calls, in_c = [], []
+    real = kernels.matvec
+    monkeypatch.setattr(kernels, "matvec", lambda *a: in_c.append(1) or real(*a))
+    for module in model.modules():
+        if isinstance(module, quantize.Int4Linear):
+            module.register_forward_hook(lambda mod, args, y: calls.append((mod, args[0], y)))
+    ours = prefilled(model, [[1], [2], [3]])
+    theirs = copy.deepcopy(ours)
+    gen = torch.Generator().manual_seed(0)
+    for seqlens, rows in [([5, 2, 7], None), ([W + 3, 0, 1], [4, W + 2]), ([3, 9, 17], None)]:
+        ids = torch.randint(0, 64, (sum(seqlens),), generator=gen)
+        calls.clear(), in_c.clear()
+        with torch.no_grad():
+            got = decoder.step(ids, seqlens, ours, rows)
+            assert len(in_c) == len(calls) > 0  # every product of the step ran in C
+            for module, x, y in calls:
+                torch.testing.assert_close(y, int4_as_the_engine_rounds(module, x), rtol=1e-5, atol=1e-5)
+            with monkeypatch.context() as m:
+                m.setattr(quantize.Int4Linear, "forward", int4_as_the_engine_rounds)
+                want = model(ids, seqlens, theirs, rows=rows)
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(ours.cache_k, theirs.cache_k, rtol=0.02, atol=0.05)
+    assert not any("forward" in vars(m) for m in model.modules())
+    # The torch path rounds nothing: had the step run there, it would differ from the rounded product.
+    with torch.no_grad():
+        plain = model(ids, seqlens, copy.deepcopy(theirs), rows=rows)
+    assert not torch.allclose(plain, want, rtol=1e-4, atol=1e-4)
+
+
 def test_what_it_declines_it_leaves_untouched():
     model = random_model(tiny_params())
     decoder = CpuDecoder.of(model)

@@ -19,6 +19,8 @@ from mistral.rope import inverse_frequencies
 # fewer than 8 (and than 8 * U) inputs; N from 1 up. For 4-bit weights, K = 300 and 768 take groups eight at a
 # time (and 300 two more after them), the others one at a time.
 ROWS = [1, 2, 3, 4, 5, 7, 8, 16]
+# 4-bit weights take any number of rows (pre-fill): past 16, x is rounded by all the threads together.
+ROWS4 = ROWS + [17, 63]
 SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (20, 300), (300, 768)]
 
 
@@ -65,7 +67,18 @@ def test_matches_float64(dtype, M):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("M", [17, 63])
+def test_int4_takes_any_number_of_rows(M):
+    gen = torch.Generator().manual_seed(M)
+    for N, K in SHAPES:
+        x = torch.randn(M, K, generator=gen)
+        w, scales = weights_of(torch.uint8, N, K, gen)
+        assert kernels.usable(x, w)
+        torch.testing.assert_close(kernels.matvec(x, w, scales).double(), reference(x, w, scales), rtol=1e-5,
+                                   atol=1e-5 * K ** 0.5 * 12)
+
+
+@pytest.mark.parametrize("M", ROWS4)
 def test_int4_rounds_x_within_its_bound(M):
     """Against x unrounded: each element of x is off by at most e / 2 (e its group's max|x| / 127), so each output by
     at most sum_k |w_k| e_k / 2."""
@@ -116,7 +129,8 @@ def test_non_contiguous_inputs():
 def test_not_used_where_it_does_not_apply():
     w = torch.randn(8, 16)
     assert not kernels.usable(torch.randn(1, 16, dtype=torch.float64), w)  # only fp32 activations
-    assert not kernels.usable(torch.randn(17, 16), w)  # too many rows
+    assert not kernels.usable(torch.randn(17, 16), w)  # too many rows (but not for 4-bit weights)
+    assert kernels.usable(torch.randn(17, 32), quantize.int4_rows(torch.randn(8, 32))[0])
     assert not kernels.usable(torch.randn(1, 16), w.half())
     x = torch.randn(1, 16, requires_grad=True)
     assert not kernels.usable(x, w)  # autograd needs torch's ops

@@ -168,14 +168,15 @@ typedef struct {
     const float *e, *c;
 } rounded;
 
-/* Each thread rounds x into a buffer of its own (M K is at most 16 x the hidden size: some 10 us of work, where a
-shared copy would need a barrier): no thread waits for another, and nothing is allocated per call. */
+/* Each thread rounds x into a buffer of its own for the few rows of a decode step (M K is at most 16 x the hidden
+size: some 10 us of work, where a shared copy would need a barrier): no thread waits for another, and nothing is
+allocated per call. The many rows of a pre-fill are rounded once, by all the threads, into the buffer of one. */
 static __thread int8_t *round_q;
 static __thread float *round_f;
 static __thread int64_t round_cap;
 
-static rounded round_rows(const float *x, int64_t M, int64_t K) {
-    const int64_t G = (K + 31) / 32;
+/* This thread's buffers, grown to M rows of G groups. */
+static rounded round_buffers(int64_t M, int64_t G) {
     if (M * G > round_cap) {
         free(round_q);
         free(round_f);
@@ -183,32 +184,54 @@ static rounded round_rows(const float *x, int64_t M, int64_t K) {
         round_f = malloc(2 * M * G * sizeof(float));
         round_cap = M * G;
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            const float *xg = x + m * K + 32 * g;
-            const int64_t n = K - 32 * g < 32 ? K - 32 * g : 32;
-            float top = 0;
-            for (int64_t j = 0; j < n; j++) top = fmaxf(top, fabsf(xg[j]));
-            const float e = top / 127, inv = top > 0 ? 127 / top : 0;
-            int8_t *q = round_q + (m * G + g) * 32;
-            int64_t at[2] = {0, 16};  /* where the group's two halves go */
-#ifdef __AVX2__
-            if (g < G / 8 * 8) {
-                q = round_q + (m * G + (g & ~1)) * 32;
-                at[0] = g & 1 ? 16 : 0;
-                at[1] = at[0] + 32;
-            }
-#endif
-            int sum = 0;
-            for (int64_t j = 0; j < 32; j++) {
-                const int8_t v = j < n ? (int8_t)lrintf(xg[j] * inv) : 0;
-                q[at[j / 16] + j % 16] = v;
-                sum += v;
-            }
-            round_f[m * G + g] = e;
-            round_f[M * G + m * G + g] = 8 * e * (float)sum;
-        }
     return (rounded){round_q, round_f, round_f + M * G};
+}
+
+/* Row m of x (M, K) rounded into r. */
+static void round_row(const float *x, rounded r, int64_t m, int64_t M, int64_t K) {
+    const int64_t G = (K + 31) / 32;
+    int8_t *xq = (int8_t *)r.xq;
+    float *e = (float *)r.e, *c = (float *)r.c;
+    for (int64_t g = 0; g < G; g++) {
+        const float *xg = x + m * K + 32 * g;
+        const int64_t n = K - 32 * g < 32 ? K - 32 * g : 32;
+        float top = 0;
+        for (int64_t j = 0; j < n; j++) top = fmaxf(top, fabsf(xg[j]));
+        const float scale = top / 127, inv = top > 0 ? 127 / top : 0;
+        int8_t *q = xq + (m * G + g) * 32;
+        int64_t at[2] = {0, 16};  /* where the group's two halves go */
+#ifdef __AVX2__
+        if (g < G / 8 * 8) {
+            q = xq + (m * G + (g & ~1)) * 32;
+            at[0] = g & 1 ? 16 : 0;
+            at[1] = at[0] + 32;
+        }
+#endif
+        int sum = 0;
+        for (int64_t j = 0; j < 32; j++) {
+            const int8_t v = j < n ? (int8_t)lrintf(xg[j] * inv) : 0;
+            q[at[j / 16] + j % 16] = v;
+            sum += v;
+        }
+        e[m * G + g] = scale;
+        c[m * G + g] = 8 * scale * (float)sum;
+    }
+}
+
+/* x (M, K) rounded, for the threads of an enclosing parallel region: each thread alone for a few rows, else all of
+them together (an orphaned `omp for`, whose barrier all must reach). */
+static rounded round_rows(const float *x, int64_t M, int64_t K) {
+    rounded r;
+    if (M <= 16) {
+        r = round_buffers(M, (K + 31) / 32);
+        for (int64_t m = 0; m < M; m++) round_row(x, r, m, M, K);
+        return r;
+    }
+    #pragma omp single copyprivate(r)
+    r = round_buffers(M, (K + 31) / 32);
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) round_row(x, r, m, M, K);
+    return r;
 }
 
 INLINE float half_to_float(uint16_t h) {
