@@ -17,11 +17,17 @@ FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize
            "bf16": lambda m: quantize.bf16_weight_only(m.bfloat16())}
 
 
-def int4_as_the_engine_rounds(self, x):
-    """Int4Linear's product with x rounded per group of 32 first, as the engine's integer kernel does."""
+def as_the_engine_rounds(self, x):
+    """Int4Linear's product with x rounded per group of 32 first, as the engine's integer kernel does; Int8Linear's
+    too where x has more rows than a decode step (a pre-fill), else in float64 as it is."""
     *lead, K = x.shape
-    w = quantize.int4_dequantized(self.weight, self.scales, K).double()
-    return (rounded_per_group(x.reshape(-1, K)) @ w.T).float().view(*lead, -1)
+    x2 = x.reshape(-1, K)  # (M, K)
+    if self.weight.dtype == torch.int8:
+        w = self.weight.double() * self.scales.double()[:, None]
+        x64 = rounded_per_group(x2) if x2.shape[0] > kernels.MAX_ROWS else x2.double()
+    else:
+        w, x64 = quantize.int4_dequantized(self.weight, self.scales, K).double(), rounded_per_group(x2)
+    return (x64 @ w.T).float().view(*lead, -1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +52,7 @@ def test_a_step_is_the_models_step(params, fmt, monkeypatch):
     equal the torch model's, within fp32 rounding (int8 on torch's fp32 path, not _weight_int8pack_mm's bf16; int4
     with the activations rounded as the engine rounds them)."""
     monkeypatch.setattr(quantize, "FEW_ROWS", 0)
-    monkeypatch.setattr(quantize.Int4Linear, "forward", int4_as_the_engine_rounds)
+    monkeypatch.setattr(quantize.Int4Linear, "forward", as_the_engine_rounds)
     model = FORMATS[fmt](random_model(params))
     decoder = CpuDecoder.of(model)
     assert decoder is not None
@@ -67,23 +73,25 @@ def test_a_step_is_the_models_step(params, fmt, monkeypatch):
     torch.testing.assert_close(ours.cache_v, theirs.cache_v, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("params", [tiny_params(), tiny_params(moe=MOE)], ids=["dense", "moe"])
-def test_a_prefill_with_4_bit_weights_is_the_models_with_x_rounded(params, monkeypatch):
-    """Pre-fill steps of an int4 model (the forward, with its products in C): a ragged batch of chunks, one past the
+def test_a_prefill_with_quantized_weights_is_the_models_with_x_rounded(params, fmt, monkeypatch):
+    """Pre-fill steps of an int4 or int8 model (the forward, with its products in C): a ragged batch of chunks, one past the
     window, multi-token chunks on a non-empty cache, a row bringing nothing, some rows' logits only.
 
     Each product equals float64's on the x it was given, with x rounded per group as the kernel rounds it. The whole
     step's logits and cache equal the torch model's with that rounding, within what a flipped rounding allows: fp32
     sums in another order move an activation across a rounding boundary now and then, by one step of its group's
     127. Afterwards the modules' own forward is back."""
-    model = quantize.quantize_int4(random_model(params))
+    model = FORMATS[fmt](random_model(params))
+    linear = {"int4": quantize.Int4Linear, "int8": quantize.Int8Linear}[fmt]
     decoder = CpuDecoder.of(model)
     W = model.args.sliding_window
     calls, in_c = [], []
     real = kernels.matvec
     monkeypatch.setattr(kernels, "matvec", lambda *a: in_c.append(1) or real(*a))
     for module in model.modules():
-        if isinstance(module, quantize.Int4Linear):
+        if isinstance(module, linear):
             module.register_forward_hook(lambda mod, args, y: calls.append((mod, args[0], y)))
     ours = prefilled(model, [[1], [2], [3]])
     theirs = copy.deepcopy(ours)
@@ -95,9 +103,9 @@ def test_a_prefill_with_4_bit_weights_is_the_models_with_x_rounded(params, monke
             got = decoder.step(ids, seqlens, ours, rows)
             assert len(in_c) == len(calls) > 0  # every product of the step ran in C
             for module, x, y in calls:
-                torch.testing.assert_close(y, int4_as_the_engine_rounds(module, x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(y, as_the_engine_rounds(module, x), rtol=1e-5, atol=1e-5)
             with monkeypatch.context() as m:
-                m.setattr(quantize.Int4Linear, "forward", int4_as_the_engine_rounds)
+                m.setattr(linear, "forward", as_the_engine_rounds)
                 want = model(ids, seqlens, theirs, rows=rows)
         torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
     torch.testing.assert_close(ours.cache_k, theirs.cache_k, rtol=0.02, atol=0.05)

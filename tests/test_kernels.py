@@ -2,6 +2,7 @@
 the compiled library may come from."""
 import ctypes
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -16,19 +17,23 @@ from mistral.cpu import kernels
 from mistral.rope import inverse_frequencies
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
-# fewer than 8 (and than 8 * U) inputs; N from 1 up. For 4-bit weights, K = 300 and 768 take groups eight at a
-# time (and 300 two more after them), the others one at a time.
+# fewer than 8 (and than 8 * U) inputs; N from 1 up. For x rounded per group (4-bit weights; int8 past 16 rows),
+# K = 300, 485 and 768 take groups eight at a time (300 and 485 one at a time after them, the last one short), the
+# others one at a time.
 ROWS = [1, 2, 3, 4, 5, 7, 8, 16]
 # 4-bit weights take any number of rows (pre-fill): past 16, x is rounded by all the threads together.
 ROWS4 = ROWS + [17, 63]
-SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (20, 300), (300, 768)]
+SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (20, 300), (300, 768), (9, 485)]
 
 
 def reference(x, w, scales=None):
-    """x @ w^T in float64, w as stored (times its scales); for 4-bit w, x first rounded as the kernel rounds it."""
+    """x @ w^T in float64, w as stored (times its scales); for 4-bit w, and int8 w against more than 16 rows, x first
+    rounded as the kernel rounds it."""
     if w.dtype == torch.uint8:
         return rounded_per_group(x) @ quantize.int4_dequantized(w, scales, x.shape[1]).double().T
     w64 = w.double() if scales is None else w.double() * scales.double()[:, None]
+    if w.dtype == torch.int8 and x.shape[0] > kernels.MAX_ROWS:
+        return rounded_per_group(x) @ w64.T
     return x.double() @ w64.T  # (M, N)
 
 
@@ -67,15 +72,38 @@ def test_matches_float64(dtype, M):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("M", [17, 63])
-def test_int4_takes_any_number_of_rows(M):
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("M", [17, 20, 63, 130])
+def test_quantized_weights_take_any_number_of_rows(dtype, M):
+    """A pre-fill's rows: x rounded per group by all the threads together, in blocks of rows (130 rows of K = 768
+    make two), against int4 and int8 weights (int8 rows ending inside a group)."""
     gen = torch.Generator().manual_seed(M)
     for N, K in SHAPES:
         x = torch.randn(M, K, generator=gen)
-        w, scales = weights_of(torch.uint8, N, K, gen)
+        w, scales = weights_of(dtype, N, K, gen)
         assert kernels.usable(x, w)
+        biggest = 127 / 64 if dtype == torch.int8 else 12
         torch.testing.assert_close(kernels.matvec(x, w, scales).double(), reference(x, w, scales), rtol=1e-5,
-                                   atol=1e-5 * K ** 0.5 * 12)
+                                   atol=1e-5 * K ** 0.5 * biggest)
+
+
+@pytest.mark.parametrize("K", [485, 768])
+def test_int8_rows_are_never_read_past_their_end(K):
+    """int8 rows are K long, unpadded, and read 32 bytes at a time: w placed so that it ends where a page the process
+    may not read begins. A read past the end would kill the process."""
+    page = mmap.PAGESIZE
+    N = 3
+    buf = mmap.mmap(-1, 2 * page)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + page), ctypes.c_size_t(page), 0) == 0  # PROT_NONE
+    w = torch.frombuffer(buf, dtype=torch.int8, count=N * K, offset=page - N * K).view(N, K)
+    gen = torch.Generator().manual_seed(K)
+    w.copy_(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen))
+    scales = torch.rand(N, generator=gen) / 64
+    for M in (1, 20):
+        x = torch.randn(M, K, generator=gen)
+        torch.testing.assert_close(kernels.matvec(x, w, scales).double(), reference(x, w, scales), rtol=1e-5,
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("M", ROWS4)
@@ -131,6 +159,7 @@ def test_not_used_where_it_does_not_apply():
     assert not kernels.usable(torch.randn(1, 16, dtype=torch.float64), w)  # only fp32 activations
     assert not kernels.usable(torch.randn(17, 16), w)  # too many rows (but not for 4-bit weights)
     assert kernels.usable(torch.randn(17, 32), quantize.int4_rows(torch.randn(8, 32))[0])
+    assert kernels.usable(torch.randn(17, 32), torch.zeros(8, 32, dtype=torch.int8))
     assert not kernels.usable(torch.randn(1, 16), w.half())
     x = torch.randn(1, 16, requires_grad=True)
     assert not kernels.usable(x, w)  # autograd needs torch's ops

@@ -11,10 +11,9 @@ block's router, top-k and chosen experts), then the final norm and the head, als
     decoder = CpuDecoder.of(model)                   # None where it does not apply: then the model runs every step
     logits = decoder.step(ids, seqlens, cache)       # None for a step it does not take
 
-A step of many tokens (pre-fill) is the model's own forward, except that the products of its 4-bit linears run in
-C: with x rounded per group of 32, their integer multiply-adds (kernels.c, 1b) are 3.5x faster than MKL's fp32 ones
-on the unpacked weights at 63 rows, 1.4x at 512, on a 7B layer's shapes here. Such a step with weights of other
-formats is declined: MKL is the fastest there is for them.
+A step of many tokens (pre-fill) is the model's own forward, except that the products of its int4 and int8 linears
+run in C: with x rounded per group of 32, their integer multiply-adds (kernels.c, 1b) are faster than MKL's fp32 ones
+on the widened weights. Such a step with weights of other formats is declined: MKL is the fastest there is for them.
 
 It reads the model's weights as they are (fp32, bf16 or int8: mistral/quantize.py's Int8Linear and Bf16Linear) and
 gathers them once, when built; a weight replaced afterwards (a new tensor, not changed in place) needs a new decoder.
@@ -30,7 +29,7 @@ from mistral.cache import RotatingBufferCache
 from mistral.cpu import kernels
 from mistral.model import FeedForward, Transformer
 from mistral.moe import MoeLayer
-from mistral.quantize import Int4Linear
+from mistral.quantize import Int4Linear, Int8Linear
 from mistral.rope import inverse_frequencies
 
 
@@ -54,21 +53,21 @@ def _layer(block: nn.Module) -> kernels.KernelLayer | None:
     return kernels.KernelLayer((block.attention_norm.weight, block.ffn_norm.weight), weights, router, top_k)
 
 
-def _int4_product(linear: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+def _rounded_product(linear: Int4Linear | Int8Linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x), in C where the kernel takes x (fp32, on a CPU, outside autograd), for any number of rows."""
     *lead, K = x.shape
     x2 = x.reshape(-1, K)  # (M, K)
     if not kernels.usable(x2, linear.weight):
-        return Int4Linear.forward(linear, x)
+        return type(linear).forward(linear, x)
     return kernels.matvec(x2, linear.weight, linear.scales).view(*lead, -1)
 
 
 @contextlib.contextmanager
-def _products_in_c(linears: list[Int4Linear]):
-    """Within: each of these modules computes its products with _int4_product. The model's definition is untouched:
+def _products_in_c(linears: list[Int4Linear | Int8Linear]):
+    """Within: each of these modules computes its products with _rounded_product. The model's definition is untouched:
     the instances' own forward shadows the class's for the length of one step, then goes."""
     for linear in linears:
-        linear.forward = functools.partial(_int4_product, linear)
+        linear.forward = functools.partial(_rounded_product, linear)
     try:
         yield
     finally:
@@ -85,7 +84,7 @@ class CpuDecoder:
         self.window, self.eps, self.norm = args.sliding_window, args.norm_eps, model.norm.weight
         self.inv_freq = inverse_frequencies(args.head_dim, args.rope_theta, torch.device("cpu"))
         self.embed = model.tok_embeddings
-        self.int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        self.quantized = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
 
     @staticmethod
     def of(model: Transformer) -> "CpuDecoder | None":
@@ -106,14 +105,14 @@ class CpuDecoder:
     def step(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None,
              rows: list[int] | None = None) -> torch.Tensor | None:
         """What model(input_ids, seqlens, cache, rows=rows) returns: for a step in which every row of the cache that
-        brings anything brings one token (decode), all in C; for any other step, the model's forward with its 4-bit
-        products in C. None, with nothing done, for a step it does not take (one of many tokens, with no 4-bit
-        weights)."""
+        brings anything brings one token (decode), all in C; for any other step, the model's forward with its int4
+        and int8 products in C. None, with nothing done, for a step it does not take (one of many tokens, with no
+        int4 or int8 weights)."""
         M = input_ids.shape[0]
         if cache is None or not 0 < M <= kernels.MAX_ROWS or any(n > 1 for n in seqlens) or sum(seqlens) != M:
-            if not self.int4:
+            if not self.quantized:
                 return None
-            with _products_in_c(self.int4):
+            with _products_in_c(self.quantized):
                 return self.model(input_ids, seqlens, cache, rows=rows)
         grad = torch.is_grad_enabled()
         if not kernels.takes_cache(cache.cache_k, cache.cache_v) or (grad and self.plan.needs_grad):

@@ -30,8 +30,8 @@ from mistral.quantize import int4_shapes
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this, a matrix-matrix product (MKL) is faster: the weights are no longer the cost
-# ... except for 4-bit weights, whose integer multiply-adds beat MKL's fp32 ones on the unpacked weights at any number
-# of rows (3.5x at 63 rows, 1.4x at 512, on a 7B layer's shapes here): no limit for them.
+# ... except for int4 and int8 weights against x rounded to int8 per group (kernels.c, 1b), whose integer multiply-adds
+# beat MKL's fp32 ones on the widened weights at any number of rows: no limit for them.
 SOURCE = Path(__file__).parent / "kernels.c"
 # -fopenmp first; a compiler without OpenMP (Apple's clang) still gets a single-threaded kernel.
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
@@ -198,8 +198,8 @@ def stored_width(dtype: torch.dtype, K: int) -> int:
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether matvec(x, w) can run: x (M, K) fp32 and w fp32/bf16/int8/int4, on a CPU, no autograd; M <= MAX_ROWS
-    except for int4."""
-    most = None if w.dtype == torch.uint8 else MAX_ROWS
+    except for int8 and int4."""
+    most = None if w.dtype in (torch.int8, torch.uint8) else MAX_ROWS
     return takes_rows(x, most) and w.dtype in _TYPES and w.device.type == "cpu" and not (
         torch.is_grad_enabled() and w.requires_grad)
 
@@ -217,8 +217,8 @@ def stacked(x: torch.Tensor, weights: Prepared) -> torch.Tensor:
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp32 @ w (N, K)^T -> (M, N) fp32; for int8 w, times scales (N,) fp32, one per row of w; for 4-bit w
-    (stored (N, G * 16), see prepare), with x rounded to int8 per group (kernels.c, 1b). Call where usable(x, w)
-    holds. Inputs that are not contiguous are copied first."""
+    (stored (N, G * 16), see prepare), with x rounded to int8 per group (kernels.c, 1b), as for int8 w when M > 16.
+    Call where usable(x, w) holds. Inputs that are not contiguous are copied first."""
     assert w.shape[1] == stored_width(w.dtype, x.shape[1]), f"x {tuple(x.shape)}, w {tuple(w.shape)}"
     return stacked(x, prepare([(w, scales)], 3))
 
