@@ -19,12 +19,13 @@ FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize
 
 def as_the_engine_rounds(self, x):
     """Int4Linear's product with x rounded per group of 32 first, as the engine's integer kernel does; Int8Linear's
-    too where x has more rows than a decode step (a pre-fill), else in float64 as it is."""
+    too where x has more rows than a decode step and up to INT8_ROWS (a pre-fill), else in float64 as it is."""
     *lead, K = x.shape
     x2 = x.reshape(-1, K)  # (M, K)
     if self.weight.dtype == torch.int8:
         w = self.weight.double() * self.scales.double()[:, None]
-        x64 = rounded_per_group(x2) if x2.shape[0] > kernels.MAX_ROWS else x2.double()
+        rounds = kernels.MAX_ROWS < x2.shape[0] <= kernels.INT8_ROWS
+        x64 = rounded_per_group(x2) if rounds else x2.double()
     else:
         w, x64 = quantize.int4_dequantized(self.weight, self.scales, K).double(), rounded_per_group(x2)
     return (x64 @ w.T).float().view(*lead, -1)

@@ -73,11 +73,15 @@ def test_matches_float64(dtype, M):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
-@pytest.mark.parametrize("M", [17, 20, 63, 130])
-def test_quantized_weights_take_any_number_of_rows(dtype, M):
+@pytest.mark.parametrize("M", [17, 20, 63, kernels.INT8_ROWS, 130])
+def test_quantized_weights_take_a_prefills_rows(dtype, M):
     """A pre-fill's rows: x rounded per group by all the threads together, in blocks of rows (130 rows of K = 768
-    make two), against int4 and int8 weights (int8 rows ending inside a group)."""
+    make two), against int4 weights (any number of rows) and int8 weights (up to INT8_ROWS; rows ending inside a
+    group)."""
     gen = torch.Generator().manual_seed(M)
+    if dtype == torch.int8 and M > kernels.INT8_ROWS:
+        assert not kernels.usable(torch.randn(M, 8), torch.zeros(2, 8, dtype=dtype))
+        return
     for N, K in SHAPES:
         x = torch.randn(M, K, generator=gen)
         w, scales = weights_of(dtype, N, K, gen)
@@ -160,6 +164,7 @@ def test_not_used_where_it_does_not_apply():
     assert not kernels.usable(torch.randn(17, 16), w)  # too many rows (but not for 4-bit weights)
     assert kernels.usable(torch.randn(17, 32), quantize.int4_rows(torch.randn(8, 32))[0])
     assert kernels.usable(torch.randn(17, 32), torch.zeros(8, 32, dtype=torch.int8))
+    assert not kernels.usable(torch.randn(kernels.INT8_ROWS + 1, 32), torch.zeros(8, 32, dtype=torch.int8))
     assert not kernels.usable(torch.randn(1, 16), w.half())
     x = torch.randn(1, 16, requires_grad=True)
     assert not kernels.usable(x, w)  # autograd needs torch's ops
