@@ -6,10 +6,11 @@
 bench/data/heldout_shakespeare.txt is the validation part of Hamlet and The Tempest that scripts/train_tiny.py holds
 out (the last 5% of each work, cut at a blank line): 14 KB, 5,487 tokens that the shipped model never trained on.
 
-Each format's cross-entropy (nats per token, every position predicting the next) is measured two ways, because
-the two run different code: *pre-fill*, the torch model over the text 512 tokens at a time on the rolling cache
-(the weights unpacked to fp32, the activations exact); and *decode*, the CPU engine one token per step, as a
-generation runs (for int4 it rounds the activations to int8 per group of 32, so that cost is counted there).
+Each format's cross-entropy (nats per token, every position predicting the next) is measured three ways, because
+they run different code, each as a generation would run it (mistral/cpu/decoder.py): *pre-fill 512*, the text 512
+tokens at a time on the rolling cache (int4 products in C with the activations rounded to int8 per group of 32; fp32
+and int8 on MKL, the activations exact); *pre-fill 64*, 64 at a time (int8 products in C too, rounded as int4's); and
+*decode*, the CPU engine one token per step (int4 rounded; fp32 and int8 exact).
 
 With --7b: the logits of a 63-token prompt (pre-fill, every position) and of 8 decode steps after it, for the
 int8 and int4 folders against the bf16 folder they were made from: max and mean absolute difference, and how often
@@ -30,7 +31,7 @@ from mistral.tokenizer import Tokenizer
 
 TEXT = ROOT / "bench" / "data" / "heldout_shakespeare.txt"
 SHIPPED = ROOT / "mistral" / "assets"
-CHUNK = 512
+CHUNKS = (512, 64)
 FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize.quantize_int4}
 
 
@@ -40,11 +41,17 @@ def cache_for(model, slots: int) -> RotatingBufferCache:
 
 
 @torch.no_grad()
-def prefill_logits(model, ids: list[int]) -> torch.Tensor:
-    """(len(ids), V) logits of the torch model, CHUNK tokens at a time on one row of the rolling cache."""
-    cache = cache_for(model, model.args.sliding_window or len(ids))
-    return torch.cat([model(torch.tensor(ids[i:i + CHUNK]), [len(ids[i:i + CHUNK])], cache)
-                      for i in range(0, len(ids), CHUNK)])
+def prefill_logits(model, ids: list[int], chunk: int, cache: RotatingBufferCache | None = None) -> torch.Tensor:
+    """(len(ids), V) logits of pre-fill steps of `chunk` tokens on one row of the rolling cache (a new one unless
+    given), each taken by the CPU engine where it takes it (int4 and int8 products in C), else by the model."""
+    decoder = CpuDecoder.of(model)
+    cache = cache or cache_for(model, model.args.sliding_window or len(ids))
+    out = []
+    for i in range(0, len(ids), chunk):
+        step = torch.tensor(ids[i:i + chunk])
+        logits = decoder.step(step, [len(step)], cache) if decoder is not None else None
+        out.append(model(step, [len(step)], cache) if logits is None else logits)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -53,7 +60,7 @@ def decode_logits(model, ids: list[int], prefix: int = 0) -> torch.Tensor:
     decoder = CpuDecoder.of(model)
     assert decoder is not None, "the CPU engine does not take this model (no C compiler?)"
     cache = cache_for(model, model.args.sliding_window or len(ids))
-    out = [model(torch.tensor(ids[:prefix]), [prefix], cache)] if prefix else []
+    out = [prefill_logits(model, ids[:prefix], prefix, cache)] if prefix else []
     for token in ids[prefix:]:
         out.append(decoder.step(torch.tensor([token]), [1], cache))
     return torch.cat(out)
@@ -71,13 +78,14 @@ def shipped() -> tuple[list[dict], dict]:
     rows, ratios = [], {}
     for name, make in FORMATS.items():
         model = make(copy.deepcopy(base))
-        row = {"model": "shipped", "weights": name, "tokens": len(ids),
-               "prefill nats/token": cross_entropy(prefill_logits(model, ids), ids),
-               "decode nats/token": cross_entropy(decode_logits(model, ids), ids)}
+        row = {"model": "shipped", "weights": name, "tokens": len(ids)}
+        for chunk in CHUNKS:
+            row[f"prefill {chunk} nats/token"] = cross_entropy(prefill_logits(model, ids, chunk), ids)
+        row["decode nats/token"] = cross_entropy(decode_logits(model, ids), ids)
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
     for row in rows[1:]:
-        for how in ("prefill", "decode"):
+        for how in [f"prefill {chunk}" for chunk in CHUNKS] + ["decode"]:
             ratios[f"shipped {row['weights']} - fp32, {how} nats/token"] = (row[f"{how} nats/token"]
                                                                             - rows[0][f"{how} nats/token"])
     return rows, ratios
@@ -94,7 +102,7 @@ def seven_b() -> tuple[list[dict], dict]:
 
     def logits_of(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
         model = load_model(folder, device="cpu", cache_slots=len(ids))
-        return prefill_logits(model, ids[:63]), decode_logits(model, ids, prefix=63)[63:]
+        return prefill_logits(model, ids[:63], 63), decode_logits(model, ids, prefix=63)[63:]
 
     want = logits_of(FOLDER)
     rows, ratios = [], {}
