@@ -12,11 +12,15 @@ This one rule covers the first pre-fill (kv_len == q_len), a later chunk that se
 plus itself (kv_len == cached + q_len), and decode (q_len == 1). It is the rule of xformers'
 BlockDiagonalCausalMask / BlockDiagonalMask / BlockDiagonalCausalWithOffsetPaddedKeysMask made local.
 """
+import functools
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,18 @@ class BlockMask:
         """Masks made from this description, kept for the other layers of the same forward."""
         return {}
 
+    def keep(self, key: tuple, make):
+        """make(), built once per forward: the first layer builds it, the others reuse it. The mask is the same
+        object for every layer of a forward and a new one for the next forward, so nothing outlives its step."""
+        if key not in self._built:
+            self._built[key] = make()
+        return self._built[key]
+
     def tile_mask(self, q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, device) -> torch.Tensor:
         """_window_mask for one tile, built once per forward: every layer, and every tile of the same
         size and relative offset in any block, shares it."""
         key = ("tile", q_hi - q_lo, k_hi - k_lo, q_lo + offset - k_lo, str(device))
-        if key not in self._built:
-            self._built[key] = _window_mask(q_lo, q_hi, k_lo, k_hi, offset, self.window, device)
-        return self._built[key]
+        return self.keep(key, lambda: _window_mask(q_lo, q_hi, k_lo, k_hi, offset, self.window, device))
 
     def key_padding(self, device) -> torch.Tensor | None:
         """Padded decode: (B, 1, 1, L) bool, True on the first kv_len of each row's L = max(kv_len) slots;
@@ -66,11 +75,12 @@ class BlockMask:
         longest = max(self.kv_seqlens)
         if min(self.kv_seqlens) == longest:
             return None
-        key = ("padding", str(device))
-        if key not in self._built:
+
+        def make():
             lengths = torch.tensor(self.kv_seqlens, device=device)
-            self._built[key] = (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
-        return self._built[key]
+            return (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
+
+        return self.keep(("padding", str(device)), make)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,15 +95,23 @@ class BlockMask:
             mask[q0 : q0 + q, k0 : k0 + kv] = _window_mask(0, q, 0, kv, kv - q, self.window, torch.device("cpu"))
         return mask
 
-    def to_xformers(self, device: torch.device):
-        """The equivalent xformers attention bias."""
+    def to_xformers(self, device: torch.device, n_kv_heads: int = 1, group: int = 1):
+        """The equivalent xformers attention bias.
+
+        Padded decode takes the layout of _xformers_attention: each (row, kv head) pair is a block of `group`
+        queries (the query heads that share that kv head) over that row's P slots of that head, so the bias has
+        B * n_kv_heads blocks. Rows (2, 1 valid slots of P=4), 2 kv heads, group 3:
+        q_seqlen [3, 3, 3, 3], kv_padding 4, kv_seqlen [2, 2, 1, 1]. A single query sees every valid slot, so the
+        blocks are not causal; with the defaults it is one query per row over its P slots.
+        """
         from xformers.ops.fmha import attn_bias as ab
 
         q, kv = list(self.q_seqlens), list(self.kv_seqlens)
-        if self.kv_padding is None:  # sequences with nothing this step are simply not there
-            q, kv = [a for a in q if a], [b for a, b in zip(q, kv) if a]
         if self.kv_padding is not None:
-            return ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q, self.kv_padding, kv, device=device)
+            kv_per_head = [n for n in kv for _ in range(n_kv_heads)]
+            return ab.BlockDiagonalPaddedKeysMask.from_seqlens([group] * len(kv_per_head), self.kv_padding,
+                                                               kv_per_head, device=device)
+        q, kv = [a for a in q if a], [b for a, b in zip(q, kv) if a]  # sequences with nothing this step are not there
         if q == kv:  # first pre-fill: nothing cached
             bias = ab.BlockDiagonalCausalMask.from_seqlens(q, device=device)
             return bias.make_local_attention(self.window) if self.window else bias
@@ -126,29 +144,109 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
         assert k.ndim == 3 and (q.shape[0], k.shape[0]) == mask.shape, f"q {tuple(q.shape)}, k {tuple(k.shape)}, mask {mask.shape}"
     else:
         assert k.shape[::2] == (len(mask.kv_seqlens), mask.kv_padding), f"k {tuple(k.shape)}, padded mask {mask.shape}"
-    if q.is_cuda and _xformers_ops() is not None:
-        return _xformers_attention(q, k, v, mask)
+    # A compiled step (mistral/compiled.py) traces SDPA, which torch.compile knows; xformers' dispatch it does not.
+    if q.device.type in _XFORMERS_DEVICES and not torch.compiler.is_compiling():
+        out = _xformers_attention(q, k, v, mask)
+        if out is not None:
+            return out
     return _sdpa_attention(q, k, v, mask)
 
 
+# Where xformers' kernels run. Tests put "cpu" here to run this path with a reference kernel in xformers' place.
+_XFORMERS_DEVICES = ("cuda",)
+
+
+@functools.cache
 def _xformers_ops():
+    """xformers.ops, or None where it is not installed or cannot be imported.
+
+    Not only ImportError: an xformers built for another torch may fail on import with another error, and one that
+    imports anyway still cannot run its own kernels, which _xformers_refuses finds out at the first step.
+    """
     try:
         import xformers.ops
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name.split(".")[0] == "xformers":
+            return None  # not installed: SDPA is the plain path, nothing to say
+        _fall_back(f"importing xformers failed ({_first_line(e)})")
+        return None
+    except Exception as e:
+        _fall_back(f"importing xformers failed ({_first_line(e)})")
         return None
     return xformers.ops
 
 
-def _xformers_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
+# (device, dtype, bias type, head_dim) -> None where a memory_efficient_attention operator takes such inputs, else why
+# none does. Asked once per kind of step (first pre-fill, later chunk, decode), at its first call.
+_verdicts: dict[tuple, str | None] = {}
+
+
+def _xformers_refuses(q5: torch.Tensor, k5: torch.Tensor, v5: torch.Tensor, bias) -> str | None:
+    """Why memory_efficient_attention cannot run these inputs (no operator supports them here), or None.
+
+    The answer comes from the dispatch memory_efficient_attention itself uses, which asks every operator for its
+    not_supported_reasons: the device, its compute capability, the dtype, the bias type, the head size, and whether
+    the operator's library was built and loads against this torch.
+    """
+    key = (str(q5.device), q5.dtype, type(bias).__name__, q5.shape[-1])
+    if key not in _verdicts:
+        try:
+            from xformers.ops import fmha
+            from xformers.ops.fmha.dispatch import _dispatch_fw
+
+            inputs = fmha.Inputs(query=q5, key=k5, value=v5, attn_bias=bias)
+            inputs.validate_inputs()
+            _dispatch_fw(inputs, False)
+            _verdicts[key] = None
+        except Exception as e:  # NotImplementedError lists every operator's reasons; anything else is as telling
+            _verdicts[key] = " ".join(str(e).split())[:600] or type(e).__name__
+            _fall_back(f"no xformers operator takes {type(bias).__name__} attention in {q5.dtype} on {q5.device} "
+                       f"({_verdicts[key]})")
+    return _verdicts[key]
+
+
+_warned = []
+
+
+def _fall_back(why: str) -> None:
+    """Say once per process that xformers is not used, and why; every later step falls back silently."""
+    if not _warned:
+        _warned.append(why)
+        log.warning("warning: %s; attention uses torch SDPA instead. xformers' wheels are built for one torch "
+                    "release each: install the pair the README names", why)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _xformers_attention(q, k, v, mask: BlockMask) -> torch.Tensor | None:
+    """memory_efficient_attention over the same inputs as _sdpa_attention; None where xformers cannot take them."""
+    ops = _xformers_ops()
+    if ops is None:
+        return None
     S, H, D = q.shape
     Hkv = k.shape[1]
-    if mask.kv_padding is not None:  # cache rows (B, Hkv, P, D) -> slots packed row after row (B * P, Hkv, D)
-        k, v = (t.transpose(1, 2).reshape(-1, Hkv, D) for t in (k, v))
-    # xformers takes grouped-query attention as (B, M, G, H, K): G key/value groups of H/G query heads.
-    q5 = q.reshape(1, S, Hkv, H // Hkv, D)
-    k5 = k[None, :, :, None, :].expand(1, k.shape[0], Hkv, H // Hkv, D)
-    v5 = v[None, :, :, None, :].expand(1, v.shape[0], Hkv, H // Hkv, D)
-    out = _xformers_ops().memory_efficient_attention(q5, k5, v5, attn_bias=mask.to_xformers(q.device))
+    G = H // Hkv  # query heads per kv head
+    if mask.kv_padding is not None:
+        # Decode over the cache rows as stored, (B, Hkv, P, D): as on the SDPA path, the G query heads that share a
+        # kv head become G queries of one head, and every (row, kv head) pair is a block of P slots. Both reshapes
+        # are views, so no slot is copied; to_xformers says which slots of each block are valid.
+        B, _, P, _ = k.shape
+        assert S == B, f"decode: one query per row, got {S} queries for {B} rows"
+        q5 = q.reshape(1, B * H, 1, 1, D)  # (1, B*Hkv*G, 1, 1, D): block (b, g) holds query heads g*G .. g*G+G-1
+        k5, v5 = (t.view(1, B * Hkv * P, 1, 1, D) for t in (k, v))  # (1, B*Hkv*P, 1, 1, D)
+        key = ("xformers", str(q.device), Hkv, G)
+    else:
+        # xformers takes grouped-query attention as (B, M, G, H, K): Hkv key/value groups of G query heads each.
+        q5 = q.reshape(1, S, Hkv, G, D)
+        k5 = k[None, :, :, None, :].expand(1, k.shape[0], Hkv, G, D)
+        v5 = v[None, :, :, None, :].expand(1, v.shape[0], Hkv, G, D)
+        key = ("xformers", str(q.device))
+    bias = mask.keep(key, lambda: mask.to_xformers(q.device, Hkv, G))
+    if _xformers_refuses(q5, k5, v5, bias) is not None:
+        return None
+    out = ops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)
     return out.reshape(S, H, D)
 
 
