@@ -253,3 +253,73 @@ def test_the_xformers_bias_is_built_once_per_forward(xformers_on_cpu, monkeypatc
         for ids, seqlens in [([1, 2, 3, 4, 5], [3, 2]), ([6, 7], [1, 1]), ([8, 9], [1, 1]), ([1, 2, 3], [2, 1])]:
             model(torch.tensor(ids), seqlens, cache)
     assert len(calls) == 4 and len({id(m) for m in calls}) == 4  # one per forward: pre-fill, two decodes, a chunk
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading for CUDA (items 4 and 8), with the GPU's answers mocked
+
+from helpers import save_folder  # noqa: E402
+
+
+class Reached(Exception):
+    """Raised where loading would first touch the GPU: everything before it ran."""
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with two H100s, as torch would describe it; cuda:0 is current, as it is in a fresh process. Returns
+    the devices the loader asked about memory for, and those it made current."""
+    seen = {"memory": [], "current": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen["current"].append(torch.device(device)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    def memory_available(device):
+        seen["memory"].append(device)
+        raise Reached
+
+    monkeypatch.setattr(checkpoint, "memory_available", memory_available)
+    monkeypatch.setattr(checkpoint, "pipeline_rank", lambda n: 1)  # this process is rank 1 of 2
+    return seen
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_folder(random_model(tiny_params()), tmp_path_factory.mktemp("tiny"))
+
+
+def test_a_pipeline_rank_takes_its_gpu_from_local_rank(two_gpus, folder, monkeypatch):
+    """Library users who call init_process_group themselves may never pick a GPU: the rank's is cuda:LOCAL_RANK."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(Reached):
+        checkpoint.load_model(folder, num_pipeline_ranks=2, device="cuda")
+    assert two_gpus["memory"] == [torch.device("cuda", 1)] and two_gpus["current"] == [torch.device("cuda", 1)]
+
+
+def test_a_pipeline_rank_keeps_the_gpu_it_was_given(two_gpus, folder, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(Reached):
+        checkpoint.load_model(folder, num_pipeline_ranks=2, device="cuda:0")
+    assert two_gpus["memory"] == [torch.device("cuda", 0)]
+
+
+def test_a_pipeline_rank_that_cannot_tell_its_gpu_is_one_line(two_gpus, folder, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(MistralError) as e:
+        checkpoint.load_model(folder, num_pipeline_ranks=2, device="cuda")
+    assert str(e.value) == "pipeline rank 1 on CUDA needs its own GPU: set LOCAL_RANK (torchrun does) or pass device='cuda:N'"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(MistralError, match=r"^pipeline rank 1 was given cuda:2 but this machine has 2 GPUs"):
+        checkpoint.load_model(folder, num_pipeline_ranks=2, device="cuda")
+    assert two_gpus["memory"] == []
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantize_on_cuda_is_refused_in_one_line(two_gpus, folder, quantize):
+    """int8 and int4 are CPU formats here: refused before anything is read or reaches the GPU."""
+    with pytest.raises(MistralError) as e:
+        checkpoint.load_model(folder, device="cuda", quantize=quantize)
+    assert str(e.value).startswith(f"--quantize {quantize} is a CPU format: on CUDA every product would widen")
+    assert "\n" not in str(e.value) and two_gpus["memory"] == []
