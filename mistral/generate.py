@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import gb, memory_available
@@ -148,27 +149,34 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
         ids = torch.tensor(inputs, device=model.device)
         logits = decoder.step(ids, seqlens, cache, rows) if decoder is not None else None
         if logits is None:
-            logits = model(ids, seqlens, cache, rows=rows)  # (N, V)
+            logits = model(ids, seqlens, cache, rows=rows)  # (N, V); None on a pipeline rank without the head
         if not scored:  # every row was in the middle of its prompt
             continue
         to_sample = [t < 0 for t in targets]
-        # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
-        picked = decoder.greedy(logits) if decoder is not None and temperature == 0 and all(to_sample) else None
-        if picked is not None:
-            targets, lps = picked
-        else:
+
+        def pick() -> tuple[torch.Tensor, torch.Tensor]:
+            """(N,) tokens, the sampled ones and the known targets, and (N,) their log-probabilities."""
+            # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
+            picked = decoder.greedy(logits) if decoder is not None and temperature == 0 and all(to_sample) else None
+            if picked is not None:
+                return picked
             if temperature > 0 and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
                 raise _non_finite(model)
             if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-                targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+                tokens = sample(logits, temperature, top_p, top_k, generator)  # (N,)
             else:
-                targets = torch.tensor(targets, device=logits.device)  # (N,)
+                tokens = torch.tensor(targets, device=logits.device)  # (N,)
                 if any(to_sample):
                     new = torch.tensor(to_sample, device=logits.device)
-                    targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
-            lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+                    tokens[new] = sample(logits[new], temperature, top_p, top_k, generator)
+            return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
 
-        for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
+        if model.num_pipeline_ranks > 1:
+            tokens, lps = _from_last_rank(model, pick, len(targets))
+        else:
+            tokens, lps = (t.tolist() for t in pick())
+
+        for b, tok, lp, new in zip(owners, tokens, lps, to_sample):
             if math.isnan(lp):  # NaN or inf among the logits: the model's numbers are broken, not its choices
                 raise _non_finite(model)
             logprobs[b].append(lp)
@@ -178,6 +186,36 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                     on_token(b, tok)
                 finished[b] = tok == eos_id or len(generated[b]) == max_tokens
     return generated, logprobs
+
+
+def _from_last_rank(model: Transformer, pick: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                    n: int) -> tuple[list[int], list[float]]:
+    """Pipeline ranks: the last rank, which alone has the logits, picks the step's n tokens; every rank gets them.
+
+    Only the last rank samples, so ranks cannot disagree, whatever their RNGs do (CUDA's need not agree across GPU
+    models). What goes over the process group is one (2, n + 1) float64 tensor: the tokens (exact in float64), their
+    log-probabilities, and a flag. If picking fails on the last rank, the flag tells the others, its message follows,
+    and every rank raises: none is left waiting for a step that will not come.
+    """
+    last = model.num_pipeline_ranks - 1
+    box = torch.zeros(2, n + 1, dtype=torch.float64, device=model.device)  # [tokens, failed], [logprobs, unused]
+    failure = None
+    if model.is_last:
+        try:
+            tokens, lps = pick()
+            box[0, :n], box[1, :n] = tokens, lps
+        except Exception as e:
+            failure, box[0, n] = e, 1
+    dist.broadcast(box, src=last)
+    (*tokens, failed), (*lps, _) = box.tolist()
+    if failed:
+        why = [None if failure is None else (isinstance(failure, MistralError), str(failure), type(failure).__name__)]
+        dist.broadcast_object_list(why, src=last)
+        if failure is not None:
+            raise failure
+        user_error, message, kind = why[0]
+        raise MistralError(message if user_error else f"pipeline rank {last} stopped on {kind}: {message}")
+    return [int(t) for t in tokens], lps
 
 
 def _non_finite(model: Transformer) -> MistralError:
