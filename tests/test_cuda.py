@@ -323,3 +323,43 @@ def test_quantize_on_cuda_is_refused_in_one_line(two_gpus, folder, quantize):
         checkpoint.load_model(folder, device="cuda", quantize=quantize)
     assert str(e.value).startswith(f"--quantize {quantize} is a CPU format: on CUDA every product would widen")
     assert "\n" not in str(e.value) and two_gpus["memory"] == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MoE routing on the device (item 7)
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from mistral.model import FeedForward  # noqa: E402
+from mistral.moe import MoeLayer  # noqa: E402
+
+# Operators whose result's size or value the host must wait for: on a GPU each drains the queue.
+HOST_WAITS = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "_local_scalar_dense", "masked_select",
+              "bincount", "repeat_interleave", "one_hot"}
+
+
+class HostWaits(TorchDispatchMode):
+    """Notes every operator run that makes the host wait for the device's data."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_WAITS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_moe_routing_waits_for_the_host_once_per_layer(tokens, monkeypatch):
+    """No unique, no where per expert: the routing runs on the device, and the host reads only the E row counts,
+    once, which it needs to launch each chosen expert on its rows (and no other)."""
+    torch.manual_seed(0)
+    E = 6
+    layer = MoeLayer([FeedForward(16, 24) for _ in range(E)], torch.nn.Linear(16, E, bias=False), 2)
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(tuple(self.shape)) or tolist(self))
+    with torch.no_grad(), HostWaits() as waits:
+        layer(torch.randn(tokens, 16))
+    assert waits.seen == [] and reads == [(E,)]
