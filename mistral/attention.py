@@ -121,6 +121,15 @@ class BlockMask:
         return bias.make_causal_from_bottomright()
 
 
+@dataclass(frozen=True, eq=False)
+class SlotMask:
+    """Decode over whole cache rows, for a step whose shapes never change (mistral/compiled.py): query b sees the
+    slots of its row where valid[b] is True. A tensor, not a tuple of lengths as in BlockMask, so that the step holds
+    no Python number that changes from one step to the next."""
+
+    valid: torch.Tensor  # (B, 1, 1, P) bool: slot j of row b holds a key query b sees
+
+
 def _window_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, window: int | None, device) -> torch.Tensor:
     """(q_hi - q_lo, k_hi - k_lo) bool: which of keys k_lo.. each of queries q_lo.. of a block sees.
 
@@ -137,9 +146,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
 
     k and v are packed (Skv, Hkv, D), or with mask.kv_padding = P the cache rows as stored, (B, Hkv, P, D).
     On CUDA with xformers installed this is one memory_efficient_attention call; elsewhere it is
-    torch SDPA per block, in query tiles that only ever see their window of keys.
+    torch SDPA per block, in query tiles that only ever see their window of keys. A SlotMask is a decode step over
+    the cache rows (B, Hkv, P, D) too, in one SDPA call of fixed shapes.
     """
     assert q.ndim == 3 and k.shape == v.shape, (q.shape, k.shape, v.shape)
+    if isinstance(mask, SlotMask):
+        assert k.ndim == 4 and mask.valid.shape == (k.shape[0], 1, 1, k.shape[2]), (k.shape, mask.valid.shape)
+        return _sdpa_slots(q, k, v, mask.valid)
     if mask.kv_padding is None:
         assert k.ndim == 3 and (q.shape[0], k.shape[0]) == mask.shape, f"q {tuple(q.shape)}, k {tuple(k.shape)}, mask {mask.shape}"
     else:
@@ -284,12 +297,17 @@ def _sdpa_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
 
 def _sdpa_decode(q, k, v, mask: BlockMask) -> torch.Tensor:
     """One query per row against that row's cache slots (B, Hkv, P, D), all rows in one call."""
-    B, Hkv, P, D = k.shape
+    longest = max(mask.kv_seqlens)  # slots fill from 0 up, so only the first `longest` can be valid
+    return _sdpa_slots(q, k[:, :, :longest], v[:, :, :longest], mask.key_padding(q.device))
+
+
+def _sdpa_slots(q, k, v, valid: torch.Tensor | None) -> torch.Tensor:
+    """q (B, H, D), one query per row, against that row's slots k, v (B, Hkv, L, D) where valid (B, 1, 1, L) is True
+    (None: all of them)."""
+    B, Hkv, L, D = k.shape
     H = q.shape[1]
     # The H // Hkv query heads that share a kv head become that many queries of one head: a single
     # query sees every valid slot, so there is no causal structure to break, and no kv head is copied.
     qg = q.view(B, Hkv, H // Hkv, D)
-    longest = max(mask.kv_seqlens)  # slots fill from 0 up, so only the first `longest` can be valid
-    k, v = k[:, :, :longest], v[:, :, :longest]
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.key_padding(q.device))  # (B, Hkv, H // Hkv, D)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid)  # (B, Hkv, H // Hkv, D)
     return o.reshape(B, H, D)

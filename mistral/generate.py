@@ -1,7 +1,8 @@
 """The generation loop: chunked pre-fill of packed prompts, then decoding, one forward per step.
 
-It is also the one place that decides what runs each step: a decode step goes to the CPU engine (mistral/cpu) where
-there is one and it takes the step, everything else to the model.
+It is also the one place that decides what runs each step: a decode step goes to the compiled step
+(mistral/compiled.py) when the caller built one and it takes the step, else to the CPU engine (mistral/cpu) where
+there is one and it takes it, and everything else to the model.
 """
 import math
 from collections.abc import Callable
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import gb, memory_available
+from mistral.compiled import CompiledDecoder
 from mistral.cpu import CpuDecoder
 from mistral.errors import MistralError
 from mistral.model import Transformer
@@ -70,7 +72,7 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                  top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
                  cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
-                 engine: bool = True) -> tuple[list[list[int]], list[list[float]]]:
+                 engine: bool = True, compiled: CompiledDecoder | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first
@@ -83,7 +85,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     With a cache, prompt b continues the sequence in row b of it (a conversation's next turn, say); its last
     generated token is not fed, so the cache then holds each row's prompt and all of its completion but that token.
     Without one, a cache is built with as many slots as the longest row can reach, or the model's window if that is
-    fewer. engine=False runs every step on the model, in torch.
+    fewer. engine=False runs every step on the model, in torch. compiled: the decode steps every row of its cache
+    takes (pass that cache too) run as its one compiled graph (mistral/compiled.py), the others as without it.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
@@ -147,7 +150,9 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
 
         rows = None if len(scored) == len(inputs) else scored
         ids = torch.tensor(inputs, device=model.device)
-        logits = decoder.step(ids, seqlens, cache, rows) if decoder is not None else None
+        logits = compiled.step(ids, seqlens, cache, rows) if compiled is not None else None
+        if logits is None and decoder is not None:
+            logits = decoder.step(ids, seqlens, cache, rows)
         if logits is None:
             logits = model(ids, seqlens, cache, rows=rows)  # (N, V); None on a pipeline rank without the head
         if not scored:  # every row was in the middle of its prompt
