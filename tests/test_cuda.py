@@ -1,9 +1,24 @@
-"""The CUDA path's choices, checked on a CPU with the GPU's answers mocked (issue #12)."""
+"""The CUDA path's choices, checked on a CPU with the GPU's answers mocked (issues #12 and #20)."""
+import copy
+import importlib.abc
+import logging
+import sys
+import types
+
 import pytest
 import torch
+from helpers import random_model, save_folder, tiny_params
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import mistral.attention as attn
 from mistral import checkpoint
+from mistral.attention import BlockMask, attention
+from mistral.cache import RotatingBufferCache
+from mistral.compiled import CompiledDecoder
 from mistral.errors import MistralError
+from mistral.generate import generate_ids
+from mistral.model import FeedForward
+from mistral.moe import MoeLayer
 
 GPUS = {"Tesla T4": (7, 5), "Tesla V100-SXM2-16GB": (7, 0), "NVIDIA A100-SXM4-80GB": (8, 0),
         "NVIDIA H100 80GB HBM3": (9, 0)}
@@ -45,16 +60,6 @@ def test_an_explicit_bf16_without_native_bf16_is_one_line(gpu):
 # the installed xformers (whose C++ library, built for another torch, does not load here: the very case of an
 # xformers that imports but cannot run) or a stand-in package takes its place.
 
-import importlib.abc  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-
-from helpers import random_model, tiny_params  # noqa: E402
-
-import mistral.attention as attn  # noqa: E402
-from mistral.attention import BlockMask, attention  # noqa: E402
-from mistral.cache import RotatingBufferCache  # noqa: E402
 
 H, HKV, D, W = 6, 2, 8, 4
 
@@ -258,8 +263,6 @@ def test_the_xformers_bias_is_built_once_per_forward(xformers_on_cpu, monkeypatc
 # ---------------------------------------------------------------------------------------------------------
 # Loading for CUDA (items 4 and 8), with the GPU's answers mocked
 
-from helpers import save_folder  # noqa: E402
-
 
 class Reached(Exception):
     """Raised where loading would first touch the GPU: everything before it ran."""
@@ -328,10 +331,6 @@ def test_quantize_on_cuda_is_refused_in_one_line(two_gpus, folder, quantize):
 # ---------------------------------------------------------------------------------------------------------
 # MoE routing on the device (item 7)
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from mistral.model import FeedForward  # noqa: E402
-from mistral.moe import MoeLayer  # noqa: E402
 
 # Operators whose result's size or value the host must wait for: on a GPU each drains the queue.
 HOST_WAITS = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "_local_scalar_dense", "masked_select",
@@ -367,9 +366,6 @@ def test_moe_routing_waits_for_the_host_once_per_layer(tokens, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------
 # A decode step torch.compile captures whole (item 11)
-
-from mistral.compiled import CompiledDecoder  # noqa: E402
-from mistral.generate import generate_ids  # noqa: E402
 
 
 def test_the_decode_step_compiles_in_full_once_and_gives_the_eager_logits():
@@ -425,3 +421,29 @@ def test_steps_that_cannot_be_captured_are_declined():
     assert decoder.step(torch.tensor([1]), [1, 0], cache) is None  # a row sits it out
     assert decoder.step(torch.tensor([1, 2]), [1, 1], None) is None  # another cache
     assert cache.seq_pos == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU (python -m pytest --device cuda, as python -m bench.gpu runs it)
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_xformers_and_sdpa_agree_on_the_device(device, dtype):
+    """The real kernels: packed prompts, chunked pre-fill and decode past the window, xformers against SDPA in the
+    same dtype, within twice that dtype's own rounding (the same steps in fp32)."""
+    if device.type != "cuda":
+        pytest.skip("xformers' kernels run on CUDA only")
+    pytest.importorskip("xformers.ops")
+    from bench.gpu import attention_backend, build, three_paths
+
+    params = dict(tiny_params(dim=256, head_dim=64, hidden_dim=512, vocab_size=512), sliding_window=16)
+    model = build(params, device, dtype, max_batch_size=3)
+    with attention_backend("sdpa"):
+        want, fp32 = three_paths(model), three_paths(copy.deepcopy(model).float())
+    with attention_backend("xformers") as verdicts:
+        got = three_paths(model)
+    refused = {kind: why for kind, why in verdicts.items() if why is not None}
+    if refused:
+        pytest.skip(f"xformers refused some steps here: {refused}")
+    for path in want:
+        rounding = (want[path] - fp32[path]).abs().max().item()
+        torch.testing.assert_close(got[path], want[path], rtol=0, atol=2 * rounding, msg=path)
