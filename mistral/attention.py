@@ -141,13 +141,14 @@ def _window_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, window
     return (dist >= 0) & (dist < window) if window is not None else dist >= 0
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMask | SlotMask") -> torch.Tensor:
     """q (S, H, D) -> (S, H, D): softmax(q k^T / sqrt(D)) v under `mask`.
 
     k and v are packed (Skv, Hkv, D), or with mask.kv_padding = P the cache rows as stored, (B, Hkv, P, D).
-    On CUDA with xformers installed this is one memory_efficient_attention call; elsewhere it is
-    torch SDPA per block, in query tiles that only ever see their window of keys. A SlotMask is a decode step over
-    the cache rows (B, Hkv, P, D) too, in one SDPA call of fixed shapes.
+    On CUDA with an xformers that runs there this is one memory_efficient_attention call; elsewhere, and for the
+    kinds of step no xformers operator takes, it is torch SDPA per block, in query tiles that only ever see their
+    window of keys. A SlotMask is a decode step over the cache rows (B, Hkv, P, D) too, in one SDPA call of fixed
+    shapes.
     """
     assert q.ndim == 3 and k.shape == v.shape, (q.shape, k.shape, v.shape)
     if isinstance(mask, SlotMask):
@@ -157,7 +158,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
         assert k.ndim == 3 and (q.shape[0], k.shape[0]) == mask.shape, f"q {tuple(q.shape)}, k {tuple(k.shape)}, mask {mask.shape}"
     else:
         assert k.shape[::2] == (len(mask.kv_seqlens), mask.kv_padding), f"k {tuple(k.shape)}, padded mask {mask.shape}"
-    # A compiled step (mistral/compiled.py) traces SDPA, which torch.compile knows; xformers' dispatch it does not.
+    # Under torch.compile, SDPA: torch traces it, and xformers' operator dispatch it does not.
     if q.device.type in _XFORMERS_DEVICES and not torch.compiler.is_compiling():
         out = _xformers_attention(q, k, v, mask)
         if out is not None:
@@ -225,8 +226,8 @@ def _fall_back(why: str) -> None:
     """Say once per process that xformers is not used, and why; every later step falls back silently."""
     if not _warned:
         _warned.append(why)
-        log.warning("warning: %s; attention uses torch SDPA instead. xformers' wheels are built for one torch "
-                    "release each: install the pair the README names", why)
+        log.warning("warning: %s; attention runs on torch SDPA where xformers cannot (each xformers wheel works with "
+                    "one torch release: see the README, On a GPU)", why)
 
 
 def _first_line(e: BaseException) -> str:
