@@ -210,8 +210,10 @@ def hf_ms_per_step(model: Transformer, batch: int, steps: int) -> float | None:
 
 def run_tests(device: torch.device, dry_run: bool, seconds: float) -> str:
     """The test suite with --device, the tests that run models on the device first; its summary line."""
-    chosen = ["tests/test_cuda.py", "-k", "auto_picks_fp16"] if dry_run else ["tests/test_cuda.py", "tests/test_model.py",
-                                                                                "tests", "test_generate.py"]
+    if dry_run:  # one quick test: the mechanism, not the suite
+        chosen = ["tests/test_cuda.py", "-k", "auto_picks_fp16"]
+    else:  # the tests that run models on the device first, then the rest
+        chosen = ["tests/test_cuda.py", "tests/test_model.py", "tests", "test_generate.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--device={device}", *chosen]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds)

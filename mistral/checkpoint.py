@@ -692,9 +692,9 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
         raise MistralError(f"unknown quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
                            "it out)")
     if quantize is not None and device.type == "cuda":
-        raise MistralError(f"--quantize {quantize} is a CPU format: on CUDA every product would widen its weights back to "
-                           "float, slower than bf16, and the whole model would reach the GPU before being quantized; "
-                           "leave out --quantize (CUDA runs bf16, or fp16 before Ampere)")
+        raise MistralError(f"--quantize {quantize} is a CPU format: on CUDA every product would widen its weights back "
+                           "to float, slower than bf16, and the whole model would reach the GPU before being "
+                           "quantized; leave out --quantize (CUDA runs bf16, or fp16 before Ampere)")
     args = read_args(folder)
     if args.quantization is not None and quantize not in (None, args.quantization):
         raise MistralError(f"{folder} holds {args.quantization} weights already; leave out --quantize")

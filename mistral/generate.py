@@ -72,7 +72,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                  top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
                  cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
-                 engine: bool = True, compiled: CompiledDecoder | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 engine: bool = True,
+                 compiled: CompiledDecoder | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first

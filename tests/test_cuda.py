@@ -312,7 +312,8 @@ def test_a_pipeline_rank_that_cannot_tell_its_gpu_is_one_line(two_gpus, folder, 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(MistralError) as e:
         checkpoint.load_model(folder, num_pipeline_ranks=2, device="cuda")
-    assert str(e.value) == "pipeline rank 1 on CUDA needs its own GPU: set LOCAL_RANK (torchrun does) or pass device='cuda:N'"
+    assert str(e.value) == ("pipeline rank 1 on CUDA needs its own GPU: set LOCAL_RANK (torchrun does) or pass "
+                            "device='cuda:N'")
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(MistralError, match=r"^pipeline rank 1 was given cuda:2 but this machine has 2 GPUs"):
         checkpoint.load_model(folder, num_pipeline_ranks=2, device="cuda")
