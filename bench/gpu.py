@@ -78,11 +78,12 @@ def sync(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def attention_backend(name: str):
-    """name "sdpa": no step goes to xformers; "xformers": every step may (its probe starts afresh). Yields the probe's
-    verdicts, kind of bias -> None (xformers ran it) or why not."""
+def attention_backend(name: str, device_type: str = "cuda"):
+    """name "sdpa": no step goes to xformers; "xformers": every step on `device_type` may, as far as xformers' probe
+    (which starts afresh) finds an operator for it; on a CPU it finds none, which the dry run shows. Yields the probe's
+    verdicts, kind of bias -> None (xformers takes it) or why not."""
     devices, verdicts, warned = attn._XFORMERS_DEVICES, attn._verdicts, attn._warned
-    attn._XFORMERS_DEVICES = devices if name == "xformers" else ()
+    attn._XFORMERS_DEVICES = (device_type,) if name == "xformers" else ()
     attn._verdicts, attn._warned = {}, []
     try:
         yield attn._verdicts
@@ -90,17 +91,30 @@ def attention_backend(name: str):
         attn._XFORMERS_DEVICES, attn._verdicts, attn._warned = devices, verdicts, warned
 
 
-def three_paths(model: Transformer) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def sdpa_calls(label):
+    """Yields a list that gets label() for every attention call that runs on SDPA."""
+    calls, sdpa = [], attn._sdpa_attention
+    attn._sdpa_attention = lambda *args: calls.append(label()) or sdpa(*args)
+    try:
+        yield calls
+    finally:
+        attn._sdpa_attention = sdpa
+
+
+def three_paths(model: Transformer, mark=lambda path: None) -> dict[str, torch.Tensor]:
     """fp32 logits of packed prompts, of the same prompts pre-filled in chunks of W + 1, and of 2W decode steps after
-    them (fixed tokens, so every backend decodes the same inputs)."""
+    them (fixed tokens, so every backend decodes the same inputs). mark(path) is called as each path starts."""
     W, device, vocab = model.args.sliding_window, model.device, model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3 * W + 5, 2 * W, 7)]
     out = {}
     with torch.inference_mode():
+        mark("packed")
         out["packed"] = model(torch.tensor(sum(prompts, []), device=device), [len(p) for p in prompts])
         cache = RotatingBufferCache(model.n_local_layers, 3, W, model.args.n_kv_heads, model.args.head_dim,
                                     device=device, dtype=model.dtype)
+        mark("chunked")
         chunks, fed = [], [0, 0, 0]
         while any(f < len(p) for f, p in zip(fed, prompts)):
             pieces = [p[f : f + W + 1] for f, p in zip(fed, prompts)]
@@ -108,6 +122,7 @@ def three_paths(model: Transformer) -> dict[str, torch.Tensor]:
             fed = [f + len(x) for f, x in zip(fed, pieces)]
         out["chunked"] = torch.cat(chunks)
         tokens = torch.randint(0, vocab, (2 * W, 3), generator=g)
+        mark("decode")
         out["decode"] = torch.cat([model(step.to(device), [1, 1, 1], cache) for step in tokens])
     return out
 
@@ -122,19 +137,19 @@ def compare_backends(device: torch.device, params: dict, rows: list, notes: dict
         model = build(params, device, dtype, max_batch_size=3)
         with attention_backend("sdpa"):
             sdpa, fp32 = three_paths(model), three_paths(copy.deepcopy(model).float())
-        ran = {}
-        for path in ("packed", "chunked", "decode"):  # one path at a time, to tell which ones xformers took
-            with attention_backend("xformers") as verdicts:
-                got = three_paths(model)[path]
-                ran[path] = bool(verdicts) and all(v is None for v in verdicts.values())
-                why = next((v for v in verdicts.values() if v is not None), "xformers runs on CUDA only")
+        current = [None]  # the path under way
+        with attention_backend("xformers", device.type) as verdicts, sdpa_calls(lambda: current[0]) as fell_back:
+            xformers = three_paths(model, mark=lambda path: current.__setitem__(0, path))
+        why = next((v for v in verdicts.values() if v is not None), "?")
+        for path, got in xformers.items():
+            ran = path not in fell_back  # every attention call of the path went to xformers
             scale = fp32[path].abs().max().item()
             diff, rounding = (got - sdpa[path]).abs().max().item(), (sdpa[path] - fp32[path]).abs().max().item()
             ok = diff <= max(2 * rounding, 1e-3 * scale)
             rows.append(row(f"xformers vs SDPA, {path}", _name(dtype),
-                            result=f"max |diff| {diff:.3g}" if ran[path] else f"SDPA ran: {why[:80]}",
+                            result=f"max |diff| {diff:.3g}" if ran else f"SDPA ran: {why[:80]}",
                             vs=f"{_name(dtype)} rounding {rounding:.3g}, logits up to {scale:.3g}",
-                            ok=("yes" if ok else "NO") if ran[path] else "-"))
+                            ok=("yes" if ok else "NO") if ran else "-"))
         del model
 
 

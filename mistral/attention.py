@@ -14,6 +14,7 @@ BlockDiagonalCausalMask / BlockDiagonalMask / BlockDiagonalCausalWithOffsetPadde
 """
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -213,7 +214,7 @@ def _xformers_refuses(q5: torch.Tensor, k5: torch.Tensor, v5: torch.Tensor, bias
             _dispatch_fw(inputs, False)
             _verdicts[key] = None
         except Exception as e:  # NotImplementedError lists every operator's reasons; anything else is as telling
-            _verdicts[key] = " ".join(str(e).split())[:600] or type(e).__name__
+            _verdicts[key] = _reasons(e)
             _fall_back(f"no xformers operator takes {type(bias).__name__} attention in {q5.dtype} on {q5.device} "
                        f"({_verdicts[key]})")
     return _verdicts[key]
@@ -228,6 +229,15 @@ def _fall_back(why: str) -> None:
         _warned.append(why)
         log.warning("warning: %s; attention runs on torch SDPA where xformers cannot (each xformers wheel works with "
                     "one torch release: see the README, On a GPU)", why)
+
+
+def _reasons(e: BaseException) -> str:
+    """What xformers' dispatch says, in one line: each operator it tried and why not ("fa2F: device=cpu, ...; ..."),
+    or the error's own text when it is not that."""
+    tried = re.findall(r"`([^`]+)` is not supported because:\n((?:    .*(?:\n|$))+)", str(e))
+    if tried:
+        return "; ".join(f"{op}: {', '.join(line.strip() for line in why.splitlines())}" for op, why in tried)[:600]
+    return " ".join(str(e).split())[:600] or type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:

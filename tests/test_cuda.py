@@ -168,8 +168,13 @@ def test_an_xformers_without_an_operator_for_the_inputs_falls_back_with_one_warn
 
     def dispatch(inputs, needs_gradient):
         asked.append(inputs)
-        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs: ... "
-                                  "`fa2F@2.8.3-pt` is not supported because: device=cpu; operator wasn't built")
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n"
+                                  "     query       : shape=(1, 14, 2, 3, 8) (torch.float32)\n"
+                                  "`fa2F@2.8.3-pt` is not supported because:\n"
+                                  "    device=cpu (supported: {'cuda'})\n"
+                                  "    operator wasn't built - see `python -m xformers.info` for more info\n"
+                                  "`cutlassF-pt` is not supported because:\n"
+                                  "    device=cpu (supported: {'cuda'})")
 
     fake_xformers(monkeypatch, kernel=lambda *a, **k: called.append(a), dispatch=dispatch)
     with caplog.at_level(logging.WARNING, logger="mistral.attention"):
@@ -180,7 +185,8 @@ def test_an_xformers_without_an_operator_for_the_inputs_falls_back_with_one_warn
     assert len(asked) == 3  # one probe for each kind of step: first pre-fill, chunk, decode
     ours = [r.getMessage() for r in caplog.records if r.name == "mistral.attention"]
     assert len(ours) == 1, ours
-    assert "No operator found" in ours[0] and "SDPA" in ours[0]
+    assert ("(fa2F@2.8.3-pt: device=cpu (supported: {'cuda'}), operator wasn't built - see `python -m xformers.info` "
+            "for more info; cutlassF-pt: device=cpu (supported: {'cuda'}))") in ours[0] and "SDPA" in ours[0]
 
 
 def test_the_installed_xformers_that_cannot_run_here_is_not_called(xformers_on_cpu, monkeypatch, caplog):
