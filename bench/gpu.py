@@ -1,6 +1,6 @@
-"""Everything a GPU session should measure, in one command: `python -m bench.gpu` (about 6 minutes on one H100/H200;
-it stops starting new parts at DEADLINE_S), or `python -m bench.gpu --dry-run` (the same code on a CPU, tiny
-shapes, well under a minute; a test runs it).
+"""Everything a GPU session should measure, in one command: `python -m bench.gpu` (meant to take under 8 minutes on
+one H100/H200, not yet timed on one: no part starts after DEADLINE_S, and the tests get what is left), or
+`python -m bench.gpu --dry-run` (the same code on a CPU, tiny shapes, about 20 s; a test runs it).
 
 1. xformers against SDPA: the logits of packed prompts, of chunked pre-fill and of decode past the window, in bf16
    and in fp16, each path's difference set against the dtype's own rounding (the same steps in fp32), and which
