@@ -108,25 +108,31 @@ def timed(fn):
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    out = {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda
+    return out
 
 
-def report(name: str, rows: list[dict], ratios: dict[str, float], notes: dict | None = None) -> None:
-    """Print rows as a table and a final line of ratios; write everything to bench/results/NAME.json."""
+def report(name: str, rows: list[dict], ratios: dict[str, float], notes: dict | None = None,
+           path: Path | None = None) -> None:
+    """Print rows as a table and a final line of ratios; write everything to bench/results/NAME.json (or path)."""
     cols = list(dict.fromkeys(k for row in rows for k in row))
     cells = [[_fmt(row.get(c, "")) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     m = machine()
-    print(f"# {name} on {m['cpu']} ({m['isa']}), {m['threads']} threads, torch {m['torch']}")
+    where = f"{m['gpu']}, CUDA {m['cuda']}" if "gpu" in m else f"{m['cpu']} ({m['isa']}), {m['threads']} threads"
+    print(f"# {name} on {where}, torch {m['torch']}")
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("-|-".join("-" * w for w in widths))
     for r in cells:
         print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
     print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": m, "rows": rows, "ratios": ratios,
-                                                      "notes": notes or {}}, indent=2) + "\n")
+    path = path or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": m, "rows": rows, "ratios": ratios, "notes": notes or {}}, indent=2) + "\n")
 
 
 def _fmt(v) -> str:

@@ -114,6 +114,23 @@ def pipeline_rank(num_pipeline_ranks: int) -> int:
     return dist.get_rank()
 
 
+def rank_gpu(device: torch.device, rank: int) -> torch.device:
+    """The GPU of this pipeline rank: cuda:N when the caller named one, else cuda:LOCAL_RANK, the variable torchrun
+    sets. Whoever called init_process_group may not have chosen a GPU, and then every rank would land on cuda:0.
+    The GPU is made current too, so that what the caller allocates on "cuda", and NCCL's barrier, go there."""
+    if device.index is None:
+        local = os.environ.get("LOCAL_RANK")
+        if local is None or not local.isdigit():
+            raise MistralError(f"pipeline rank {rank} on CUDA needs its own GPU: set LOCAL_RANK (torchrun "
+                               "does) or pass device='cuda:N'")
+        device = torch.device("cuda", int(local))
+    if device.index >= torch.cuda.device_count():
+        raise MistralError(f"pipeline rank {rank} was given {device} but this machine has "
+                           f"{torch.cuda.device_count()} GPUs: run at most that many ranks per machine")
+    torch.cuda.set_device(device)
+    return device
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Which layout a folder holds, and its config
 
@@ -674,6 +691,10 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MistralError(f"unknown quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
                            "it out)")
+    if quantize is not None and device.type == "cuda":
+        raise MistralError(f"--quantize {quantize} is a CPU format: on CUDA every product would widen its weights back "
+                           "to float, slower than bf16, and the whole model would reach the GPU before being "
+                           "quantized; leave out --quantize (CUDA runs bf16, or fp16 before Ampere)")
     args = read_args(folder)
     if args.quantization is not None and quantize not in (None, args.quantization):
         raise MistralError(f"{folder} holds {args.quantization} weights already; leave out --quantize")
@@ -683,7 +704,7 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     if num_pipeline_ranks > 1:
         rank = pipeline_rank(num_pipeline_ranks)
         if device.type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
+            device = rank_gpu(device, rank)
     compute = torch.float32 if device.type == "cpu" else dtype
 
     def built(dtype: torch.dtype, quantize: str | None) -> "Transformer":

@@ -1,15 +1,18 @@
 """The generation loop: chunked pre-fill of packed prompts, then decoding, one forward per step.
 
-It is also the one place that decides what runs each step: a decode step goes to the CPU engine (mistral/cpu) where
-there is one and it takes the step, everything else to the model.
+It is also the one place that decides what runs each step: a decode step goes to the compiled step
+(mistral/compiled.py) when the caller built one and it takes the step, else to the CPU engine (mistral/cpu) where
+there is one and it takes it, and everything else to the model.
 """
 import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import gb, memory_available
+from mistral.compiled import CompiledDecoder
 from mistral.cpu import CpuDecoder
 from mistral.errors import MistralError
 from mistral.model import Transformer
@@ -69,7 +72,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                  top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
                  cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
-                 engine: bool = True) -> tuple[list[list[int]], list[list[float]]]:
+                 engine: bool = True,
+                 compiled: CompiledDecoder | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first
@@ -82,7 +86,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     With a cache, prompt b continues the sequence in row b of it (a conversation's next turn, say); its last
     generated token is not fed, so the cache then holds each row's prompt and all of its completion but that token.
     Without one, a cache is built with as many slots as the longest row can reach, or the model's window if that is
-    fewer. engine=False runs every step on the model, in torch.
+    fewer. engine=False runs every step on the model, in torch. compiled: the decode steps every row of its cache
+    takes (pass that cache too) run as its one compiled graph (mistral/compiled.py), the others as without it.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
@@ -146,29 +151,38 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
 
         rows = None if len(scored) == len(inputs) else scored
         ids = torch.tensor(inputs, device=model.device)
-        logits = decoder.step(ids, seqlens, cache, rows) if decoder is not None else None
+        logits = compiled.step(ids, seqlens, cache, rows) if compiled is not None else None
+        if logits is None and decoder is not None:
+            logits = decoder.step(ids, seqlens, cache, rows)
         if logits is None:
-            logits = model(ids, seqlens, cache, rows=rows)  # (N, V)
+            logits = model(ids, seqlens, cache, rows=rows)  # (N, V); None on a pipeline rank without the head
         if not scored:  # every row was in the middle of its prompt
             continue
         to_sample = [t < 0 for t in targets]
-        # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
-        picked = decoder.greedy(logits) if decoder is not None and temperature == 0 and all(to_sample) else None
-        if picked is not None:
-            targets, lps = picked
-        else:
+
+        def pick() -> tuple[torch.Tensor, torch.Tensor]:
+            """(N,) tokens, the sampled ones and the known targets, and (N,) their log-probabilities."""
+            # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
+            picked = decoder.greedy(logits) if decoder is not None and temperature == 0 and all(to_sample) else None
+            if picked is not None:
+                return picked
             if temperature > 0 and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
                 raise _non_finite(model)
             if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-                targets = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+                tokens = sample(logits, temperature, top_p, top_k, generator)  # (N,)
             else:
-                targets = torch.tensor(targets, device=logits.device)  # (N,)
+                tokens = torch.tensor(targets, device=logits.device)  # (N,)
                 if any(to_sample):
                     new = torch.tensor(to_sample, device=logits.device)
-                    targets[new] = sample(logits[new], temperature, top_p, top_k, generator)
-            lps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+                    tokens[new] = sample(logits[new], temperature, top_p, top_k, generator)
+            return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
 
-        for b, tok, lp, new in zip(owners, targets.tolist(), lps.tolist(), to_sample):
+        if model.num_pipeline_ranks > 1:
+            tokens, lps = _from_last_rank(model, pick, len(targets))
+        else:
+            tokens, lps = (t.tolist() for t in pick())
+
+        for b, tok, lp, new in zip(owners, tokens, lps, to_sample):
             if math.isnan(lp):  # NaN or inf among the logits: the model's numbers are broken, not its choices
                 raise _non_finite(model)
             logprobs[b].append(lp)
@@ -178,6 +192,36 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                     on_token(b, tok)
                 finished[b] = tok == eos_id or len(generated[b]) == max_tokens
     return generated, logprobs
+
+
+def _from_last_rank(model: Transformer, pick: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                    n: int) -> tuple[list[int], list[float]]:
+    """Pipeline ranks: the last rank, which alone has the logits, picks the step's n tokens; every rank gets them.
+
+    Only the last rank samples, so ranks cannot disagree, whatever their RNGs do (CUDA's need not agree across GPU
+    models). What goes over the process group is one (2, n + 1) float64 tensor: the tokens (exact in float64), their
+    log-probabilities, and a flag. If picking fails on the last rank, the flag tells the others, its message follows,
+    and every rank raises: none is left waiting for a step that will not come.
+    """
+    last = model.num_pipeline_ranks - 1
+    box = torch.zeros(2, n + 1, dtype=torch.float64, device=model.device)  # [tokens, failed], [logprobs, unused]
+    failure = None
+    if model.is_last:
+        try:
+            tokens, lps = pick()
+            box[0, :n], box[1, :n] = tokens, lps
+        except Exception as e:
+            failure, box[0, n] = e, 1
+    dist.broadcast(box, src=last)
+    (*tokens, failed), (*lps, _) = box.tolist()
+    if failed:
+        why = [None if failure is None else (isinstance(failure, MistralError), str(failure), type(failure).__name__)]
+        dist.broadcast_object_list(why, src=last)
+        if failure is not None:
+            raise failure
+        user_error, message, kind = why[0]
+        raise MistralError(message if user_error else f"pipeline rank {last} stopped on {kind}: {message}")
+    return [int(t) for t in tokens], lps
 
 
 def _non_finite(model: Transformer) -> MistralError:

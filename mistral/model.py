@@ -125,13 +125,14 @@ class Transformer(nn.Module):
         return next(self.parameters()).dtype
 
     def forward(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None = None,
-                rows: list[int] | None = None) -> torch.Tensor:
+                rows: list[int] | None = None) -> torch.Tensor | None:
         """input_ids (S,): the sequences of the batch packed back to back, seqlens[b] tokens each.
 
         Without a cache, every sequence starts at position 0. With one, row b of the cache continues
-        sequence b, and seqlens[b] may be 0. Returns fp32 logits on every pipeline rank: (S, V), or (N, V) for
-        the N packed positions in `rows`. Generation needs the logits of a prompt's last token only, and the
-        output head is the largest product there is (V x dim per position).
+        sequence b, and seqlens[b] may be 0. Returns fp32 logits (S, V), or (N, V) for the N packed positions in
+        `rows`: generation needs the logits of a prompt's last token only, and the output head is the largest
+        product there is (V x dim per position). Under pipeline ranks only the last rank, which holds the head, has
+        logits; the others return None (mistral/generate.py hands them what it samples, not V numbers a row).
         """
         seqlens = [int(n) for n in seqlens]
         if input_ids.ndim != 1 or input_ids.shape[0] != sum(seqlens):
@@ -140,7 +141,7 @@ class Transformer(nn.Module):
         if rows is not None and not all(0 <= r < S for r in rows):
             raise MistralError(f"rows must be positions of the {S} packed tokens, got {rows}")
         if S == 0:  # nothing to run: every row of the cache sits this step out
-            return torch.empty(0, self.args.vocab_size, device=self.device)
+            return torch.empty(0, self.args.vocab_size, device=self.device) if self.is_last else None
         if cache is None:
             if any(n <= 0 for n in seqlens):
                 raise MistralError(f"without a cache every sequence needs at least one token, got seqlens {seqlens}")
@@ -161,17 +162,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(seqlens)
 
-        if not self.is_last or rows == []:
-            if not self.is_last:
-                dist.send(h, dst=self.pipeline_rank + 1)
-            logits = torch.empty(S if rows is None else len(rows), self.args.vocab_size, device=self.device)
-        else:
-            if rows is not None:
-                h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]  # (N, dim)
-            logits = self.output(self.norm(h)).float()  # (N, V)
-        if self.num_pipeline_ranks > 1:
-            dist.broadcast(logits, src=self.num_pipeline_ranks - 1)
-        return logits
+        if not self.is_last:
+            dist.send(h, dst=self.pipeline_rank + 1)
+            return None
+        if rows == []:
+            return torch.empty(0, self.args.vocab_size, device=self.device)
+        if rows is not None:
+            h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]  # (N, dim)
+        return self.output(self.norm(h)).float()  # (N, V)
 
 
     @staticmethod

@@ -9,7 +9,12 @@ import torch
 
 def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """positions (S,) int -> (S, D/2) complex64 unit rotations, computed in fp32 whatever the model dtype."""
-    angles = torch.outer(positions.to(torch.float32), inverse_frequencies(head_dim, theta, positions.device))  # (S, D/2)
+    return rotations(positions, inverse_frequencies(head_dim, theta, positions.device))
+
+
+def rotations(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """positions (S,) int, inv_freq (D/2,) -> (S, D/2) complex64 unit rotations by position * inv_freq."""
+    angles = torch.outer(positions.to(torch.float32), inv_freq)  # (S, D/2)
     return torch.polar(torch.ones_like(angles), angles)
 
 

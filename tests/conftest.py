@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -39,3 +40,23 @@ def tokenizer_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     path.write_bytes(train_tokenizer(VOCAB))
     return path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("MISTRAL_TEST_DEVICE", "cpu"),
+                     help="where the tests that take a `device` run their models: cpu (the default) or cuda[:N]; "
+                          "also the environment variable MISTRAL_TEST_DEVICE. python -m bench.gpu passes cuda.")
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes `device` runs there, and its id says where: test_x[cuda]."""
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", [metafunc.config.getoption("--device")], indirect=True)
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    device = torch.device(request.param)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"--device {device} but CUDA is not available here")
+    return device

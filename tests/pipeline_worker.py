@@ -13,9 +13,19 @@ from mistral.model import Transformer
 PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
 
 
+def recording(collective, seen: list):
+    """collective, noting the shape and dtype of every tensor it sends."""
+    def run(tensor, *args, **kwargs):
+        seen.append((tuple(tensor.shape), tensor.dtype))
+        return collective(tensor, *args, **kwargs)
+
+    return run
+
+
 def main(out: Path, folders: list[str]) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    broadcast = []  # what generate broadcast, over all its steps
     report = {}
     for folder in folders:
         model = Transformer.from_folder(folder, max_batch_size=3, num_pipeline_ranks=world, device="cpu")
@@ -24,13 +34,19 @@ def main(out: Path, folders: list[str]) -> None:
             packed = model(ids, [len(p) for p in PROMPTS])
             cache = RotatingBufferCache(model.n_local_layers, 3, model.args.sliding_window, model.args.n_kv_heads,
                                         model.args.head_dim)
-            chunked = torch.cat([model(torch.tensor(PROMPTS[0][i : i + 4]), [len(PROMPTS[0][i : i + 4])], cache)
-                                 for i in range(0, len(PROMPTS[0]), 4)])
+            chunks = [model(torch.tensor(PROMPTS[0][i : i + 4]), [len(PROMPTS[0][i : i + 4])], cache)
+                      for i in range(0, len(PROMPTS[0]), 4)]
+            chunked = torch.cat(chunks) if model.is_last else None  # only the last rank has logits
+        plain, dist.broadcast = dist.broadcast, recording(dist.broadcast, broadcast)
         greedy = generate_ids(PROMPTS, model, max_tokens=12, chunk_size=5)
+        # Each rank's generator would give other tokens: only the last rank's, which samples, may matter.
+        seed = 7 if rank == world - 1 else 1000 + rank
         sampled = generate_ids(PROMPTS, model, max_tokens=12, temperature=1.0, top_p=0.9,
-                               generator=torch.Generator().manual_seed(7))
+                               generator=torch.Generator().manual_seed(seed))
+        scored = generate_ids(PROMPTS, model, max_tokens=3, chunk_size=5, prompt_logprobs=True)
+        dist.broadcast = plain
         report[folder] = dict(params=sorted(model.state_dict()), packed=packed, chunked=chunked,
-                              greedy=greedy, sampled=sampled)
+                              greedy=greedy, sampled=sampled, scored=scored, broadcast=broadcast)
     torch.save(report, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -110,6 +110,7 @@ def test_xformers_path_plumbing_on_cpu(case, monkeypatch):
 
     monkeypatch.setattr(attn, "_xformers_ops", lambda: types.SimpleNamespace(
         memory_efficient_attention=_reference_memory_efficient_attention))
+    monkeypatch.setattr(attn, "_xformers_refuses", lambda *a: None)  # on a CPU no operator would take them
     torch.manual_seed(0)
     H, Hkv, D, W = 6, 2, 8, 4
     if case == "decode":

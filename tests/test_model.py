@@ -19,23 +19,25 @@ PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range
 
 
 def expected(model, seqs):
-    """Oracle logits of each sequence, concatenated in packed order."""
+    """Oracle logits of each sequence, concatenated in packed order, on the model's device (computed on the CPU)."""
     p = {k: v for k, v in vars(model.args).items()}
     p["moe"] = vars(model.args.moe) if model.args.moe else None
-    return torch.cat([oracle_logits(model.state_dict(), p, s) for s in seqs]).float()
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    return torch.cat([oracle_logits(state, p, s) for s in seqs]).float().to(model.device)
 
 
 def run_schedule(model, seqs, schedule, window=W, forward=None):
     """Feed seqs through a cache, step k giving row b the next schedule(b, k) tokens, each step through forward (the
     model, unless said). Returns each sequence's logits, concatenated in packed order."""
     forward = forward or model
-    cache = RotatingBufferCache(model.n_local_layers, len(seqs), window, model.args.n_kv_heads, model.args.head_dim)
+    cache = RotatingBufferCache(model.n_local_layers, len(seqs), window, model.args.n_kv_heads, model.args.head_dim,
+                                device=model.device)
     fed, outs = [0] * len(seqs), [[] for _ in seqs]
     for step in range(10_000):
         lens = [min(schedule(b, step), len(s) - fed[b]) for b, s in enumerate(seqs)]
         if not any(lens):
             break
-        ids = torch.tensor([t for b, s in enumerate(seqs) for t in s[fed[b] : fed[b] + lens[b]]])
+        ids = torch.tensor([t for b, s in enumerate(seqs) for t in s[fed[b] : fed[b] + lens[b]]], device=model.device)
         logits = forward(ids, lens, cache)
         for b, part in enumerate(logits.split(lens)):
             outs[b].append(part)
@@ -61,16 +63,16 @@ def cpu_ops(request):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_packed_prompts_match_oracle(name):
-    model = random_model(CONFIGS[name])
-    ids = torch.tensor(sum(PROMPTS, []))
+def test_packed_prompts_match_oracle(name, device):
+    model = random_model(CONFIGS[name]).to(device)
+    ids = torch.tensor(sum(PROMPTS, []), device=device)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, [len(p) for p in PROMPTS]), expected(model, PROMPTS))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_one_prefill_into_cache_matches_oracle(name):
-    model = random_model(CONFIGS[name])
+def test_one_prefill_into_cache_matches_oracle(name, device):
+    model = random_model(CONFIGS[name]).to(device)
     window = W if model.args.sliding_window else 64
     with torch.no_grad():
         got = run_schedule(model, PROMPTS, lambda b, k: 10_000, window)
@@ -79,11 +81,11 @@ def test_one_prefill_into_cache_matches_oracle(name):
 
 @pytest.mark.parametrize("chunk", [1, W - 1, W, W + 1, 3 * W])
 @pytest.mark.parametrize("name", ["gqa", "moe"])
-def test_chunked_prefill_matches_one_pass(name, chunk):
-    model = random_model(CONFIGS[name])
+def test_chunked_prefill_matches_one_pass(name, chunk, device):
+    model = random_model(CONFIGS[name]).to(device)
     seqs = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]  # all longer than 2W
     with torch.no_grad():
-        full = model(torch.tensor(sum(seqs, [])), [len(s) for s in seqs])
+        full = model(torch.tensor(sum(seqs, []), device=device), [len(s) for s in seqs])
         got = run_schedule(model, seqs, lambda b, k: chunk)
     torch.testing.assert_close(got, full)
     torch.testing.assert_close(got, expected(model, seqs))
@@ -108,24 +110,25 @@ def test_ragged_batch_mixes_prefill_chunks_and_decode(cpu_ops):
 
 
 @pytest.mark.parametrize("name", ["gqa", "moe"])
-def test_decode_far_past_window_matches_oracle_every_step(name, cpu_ops):
+def test_decode_far_past_window_matches_oracle_every_step(name, cpu_ops, device):
     """Two rows decode one token per step for 4W steps after different prompt lengths; every step's
     logits are compared with a full recompute. Row 0 stops early, so later steps use a subset of rows."""
-    model = random_model(CONFIGS[name])
+    model = random_model(CONFIGS[name]).to(device)
     seqs = [[(7 * i + 3) % 64 for i in range(2 + 3 * W)], [(5 * i + 1) % 64 for i in range(3 + 4 * W)]]
     prompt = [2, 3]
-    cache = RotatingBufferCache(model.n_local_layers, 3, W, model.args.n_kv_heads, model.args.head_dim)
+    cache = RotatingBufferCache(model.n_local_layers, 3, W, model.args.n_kv_heads, model.args.head_dim, device=device)
     forward = cpu_ops(model)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        model(torch.tensor(seqs[0][:2] + seqs[1][:3]), [2, 3], cache)
+        model(torch.tensor(seqs[0][:2] + seqs[1][:3], device=device), [2, 3], cache)
         fed = list(prompt)
         while fed[1] < len(seqs[1]):
             rows = [b for b in range(2) if fed[b] < len(seqs[b])]
             lens = [1 if b in rows else 0 for b in range(2)]
-            logits = forward(torch.tensor([seqs[b][fed[b]] for b in rows]), lens, cache)
+            logits = forward(torch.tensor([seqs[b][fed[b]] for b in rows], device=device), lens, cache).cpu()
             for i, b in enumerate(rows):
                 fed[b] += 1
-                want = oracle_logits(model.state_dict(), _params(model), seqs[b][: fed[b]])[-1].float()
+                want = oracle_logits(state, _params(model), seqs[b][: fed[b]])[-1].float()
                 torch.testing.assert_close(logits[i], want, msg=lambda m: f"row {b} at position {fed[b] - 1}: {m}")
 
 

@@ -66,15 +66,27 @@ def test_ranks_match_one_process(world, folders, tmp_path):
         greedy = generate_ids(PROMPTS, model, max_tokens=12, chunk_size=5)
         sampled = generate_ids(PROMPTS, model, max_tokens=12, temperature=1.0, top_p=0.9,
                                generator=torch.Generator().manual_seed(7))
+        scored = generate_ids(PROMPTS, model, max_tokens=3, chunk_size=5, prompt_logprobs=True)
         all_params = sorted(model.state_dict())
         owned = []
         for rank, report in enumerate(reports):
             got = report[str(folder)]
-            torch.testing.assert_close(got["packed"], packed)  # every rank holds the broadcast logits
-            torch.testing.assert_close(got["chunked"], chunked)
+            if rank == world - 1:  # the rank with the head has the logits
+                torch.testing.assert_close(got["packed"], packed)
+                torch.testing.assert_close(got["chunked"], chunked)
+            else:  # the others have nothing of V numbers a position: the logits never travel
+                assert got["packed"] is None and got["chunked"] is None
             assert got["greedy"][0] == greedy[0], (name, rank)
             torch.testing.assert_close(torch.tensor(sum(got["greedy"][1], [])), torch.tensor(sum(greedy[1], [])))
+            # The worker seeded every rank but the last differently: every rank has the last rank's samples.
             assert got["sampled"][0] == sampled[0], (name, rank)
+            torch.testing.assert_close(torch.tensor(sum(got["sampled"][1], [])), torch.tensor(sum(sampled[1], [])))
+            assert got["scored"][0] == scored[0], (name, rank)
+            torch.testing.assert_close(torch.tensor(sum(got["scored"][1], [])), torch.tensor(sum(scored[1], [])))
+            # Per step, tokens and log-probabilities of the rows scored (and a flag), never (N, V) logits.
+            most = 2 * (sum(map(len, PROMPTS)) + 1)
+            assert got["broadcast"] and all(shape[0] == 2 and shape[1] * 2 <= most and dtype == torch.float64
+                                            for shape, dtype in got["broadcast"]), got["broadcast"]
             layers = pipeline_layers(N_LAYERS, world, rank)
             expected = [k for k in all_params if (k.startswith("layers.") and int(k.split(".")[1]) in layers)
                         or (k.startswith("tok_embeddings") and rank == 0)
@@ -125,3 +137,35 @@ def test_a_dead_rank_ends_the_others(folders, tmp_path):
     proc = torchrun(2, str(script), timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - start < 90
+
+
+def test_a_failure_on_the_last_rank_ends_every_rank_with_its_message(folders, tmp_path):
+    """Sampling fails on the last rank, the only one that samples: every rank raises the same error at once, none
+    waits for a step that will not come (the process group's timeout here is 60 s; the default is 5 minutes)."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from datetime import timedelta\n"
+        "import mistral.generate\n"
+        "from mistral.errors import MistralError\n"
+        "from mistral.model import Transformer\n"
+        "dist.init_process_group('gloo', timeout=timedelta(seconds=60))\n"
+        f"m = Transformer.from_folder({str(folders['dense'])!r}, max_batch_size=3, num_pipeline_ranks=2,\n"
+        "                             device='cpu')\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise MistralError('sampling failed on the last rank')\n"
+        "if m.is_last:\n"
+        "    mistral.generate.sample = broken\n"
+        "try:\n"
+        "    mistral.generate.generate_ids([[1, 2, 3]], m, max_tokens=5, temperature=1.0)\n"
+        "    got = 'finished'\n"
+        "except Exception as e:\n"
+        "    got = f'{type(e).__name__}: {e}'\n"
+        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w').write(got)\n"
+        "dist.destroy_process_group()\n")
+    start = time.monotonic()
+    proc = torchrun(2, str(script), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - start < 50
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "MistralError: sampling failed on the last rank", rank
