@@ -18,14 +18,13 @@ FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize
 
 
 def as_the_engine_rounds(self, x):
-    """Int4Linear's product with x rounded per group of 32 first, as the engine's integer kernel does; Int8Linear's
-    too where x has more rows than a decode step and up to INT8_ROWS (a pre-fill), else in float64 as it is."""
+    """Int4Linear's or Int8Linear's product with x rounded per group of 32 first, as the engine's integer kernels do
+    (int8: up to INT8_ROWS rows; past them the engine leaves int8 products to the model)."""
     *lead, K = x.shape
     x2 = x.reshape(-1, K)  # (M, K)
     if self.weight.dtype == torch.int8:
         w = self.weight.double() * self.scales.double()[:, None]
-        rounds = kernels.MAX_ROWS < x2.shape[0] <= kernels.INT8_ROWS
-        x64 = rounded_per_group(x2) if rounds else x2.double()
+        x64 = rounded_per_group(x2) if x2.shape[0] <= kernels.INT8_ROWS else x2.double()
     else:
         w, x64 = quantize.int4_dequantized(self.weight, self.scales, K).double(), rounded_per_group(x2)
     return (x64 @ w.T).float().view(*lead, -1)
@@ -50,10 +49,10 @@ def prefilled(model, prompts):
                          ids=["dense", "moe", "no-window"])
 def test_a_step_is_the_models_step(params, fmt, monkeypatch):
     """Every decode step past the window, rows dropping out, some rows' logits only: the engine's logits and cache
-    equal the torch model's, within fp32 rounding (int8 on torch's fp32 path, not _weight_int8pack_mm's bf16; int4
-    with the activations rounded as the engine rounds them)."""
-    monkeypatch.setattr(quantize, "FEW_ROWS", 0)
+    equal the torch model's, within fp32 rounding (int8 and int4 with the activations rounded as the engine rounds
+    them)."""
     monkeypatch.setattr(quantize.Int4Linear, "forward", as_the_engine_rounds)
+    monkeypatch.setattr(quantize.Int8Linear, "forward", as_the_engine_rounds)
     model = FORMATS[fmt](random_model(params))
     decoder = CpuDecoder.of(model)
     assert decoder is not None

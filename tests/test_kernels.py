@@ -17,7 +17,7 @@ from mistral.cpu import kernels
 from mistral.rope import inverse_frequencies
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
-# fewer than 8 (and than 8 * U) inputs; N from 1 up. For x rounded per group (4-bit weights; int8 past 16 rows),
+# fewer than 8 (and than 8 * U) inputs; N from 1 up. For x rounded per group (int8 and 4-bit weights),
 # K = 300, 485 and 768 take groups eight at a time (300 and 485 one at a time after them, the last one short), the
 # others one at a time.
 ROWS = [1, 2, 3, 4, 5, 7, 8, 16]
@@ -27,14 +27,12 @@ SHAPES = [(1, 1), (3, 7), (5, 8), (17, 24), (33, 40), (64, 131), (20, 300), (300
 
 
 def reference(x, w, scales=None):
-    """x @ w^T in float64, w as stored (times its scales); for 4-bit w, and int8 w against more than 16 rows, x first
-    rounded as the kernel rounds it."""
+    """x @ w^T in float64, w as stored (times its scales); for int8 and 4-bit w, x first rounded as the kernel rounds
+    it."""
     if w.dtype == torch.uint8:
         return rounded_per_group(x) @ quantize.int4_dequantized(w, scales, x.shape[1]).double().T
     w64 = w.double() if scales is None else w.double() * scales.double()[:, None]
-    if w.dtype == torch.int8 and x.shape[0] > kernels.MAX_ROWS:
-        return rounded_per_group(x) @ w64.T
-    return x.double() @ w64.T  # (M, N)
+    return (rounded_per_group(x) if w.dtype == torch.int8 else x.double()) @ w64.T  # (M, N)
 
 
 def weights_of(dtype, N, K, gen):

@@ -146,7 +146,8 @@ def packed(model):
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_quantize_int8_model(moe):
-    """Packed (F.linear on int8 weights) and one token per step (the engine's kernel) against fp32."""
+    """Packed (F.linear on int8 weights) and one token per step (the engine's kernel, which rounds x to int8 per group
+    of 32 too, so a little further off) against fp32."""
     model = random_model(tiny_params(moe=moe))
     q = quantize_int8(copy.deepcopy(model))
     assert isinstance(q.output, Int8Linear) and isinstance(q.layers["1"].attention.wk, Int8Linear)
@@ -158,7 +159,7 @@ def test_quantize_int8_model(moe):
     atol = 0.1 * want.std().item()
     torch.testing.assert_close(packed(q), want, rtol=0, atol=atol)
     with torch.no_grad():
-        torch.testing.assert_close(run_chunked(q, PROMPTS, 1, engine_first(q)), want, rtol=0, atol=atol)
+        torch.testing.assert_close(run_chunked(q, PROMPTS, 1, engine_first(q)), want, rtol=0, atol=1.5 * atol)
 
 
 @pytest.mark.parametrize("moe", [None, MOE])
@@ -208,33 +209,21 @@ def test_bf16_weight_only_model(moe):
     assert got == want and got_lp == want_lp
 
 
-def dequantized_model(model, q):
-    """The fp32 reference of an int8 model: `model` with every quantized weight replaced by its dequantized value."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, m in q.named_modules():
-            if isinstance(m, Int8Linear):
-                ref.get_submodule(name).weight.copy_(dequantized(m))
-    return ref
-
-
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_kernel_in_a_model(moe):
-    """The engine's int8 and bf16 paths, one token per step and in generate_ids, against fp32 models with the same
-    (bf16-rounded or dequantized) weights on torch alone: fp32 arithmetic, only the summation order differs."""
+    """The engine's bf16 path, one token per step and in generate_ids, against an fp32 model with the same
+    (bf16-rounded) weights on torch alone: fp32 arithmetic, only the summation order differs. (The engine's int8
+    path rounds x as well: tests/test_decoder.py sets it against the torch model that rounds x the same way.)"""
     model = random_model(tiny_params(moe=moe, **K44))
     b, b_ref = bf16_weight_only(copy.deepcopy(model).bfloat16()), rounded_to_bf16(model)
-    q = quantize_int8(copy.deepcopy(model))
-    q_ref = dequantized_model(model, q)
-    for fast, slow in ((b, b_ref), (q, q_ref)):
-        with torch.no_grad():
-            torch.testing.assert_close(run_chunked(fast, PROMPTS, 1, engine_first(fast)), run_chunked(slow, PROMPTS, 1),
-                                       rtol=1e-5, atol=1e-5)
-        got, got_lp = generate_ids(PROMPTS, fast, max_tokens=8, chunk_size=2)
-        want, want_lp = generate_ids(PROMPTS, slow, max_tokens=8, chunk_size=2, engine=False)
-        assert got == want
-        for x, y in zip(got_lp, want_lp):
-            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(run_chunked(b, PROMPTS, 1, engine_first(b)), run_chunked(b_ref, PROMPTS, 1),
+                                   rtol=1e-5, atol=1e-5)
+    got, got_lp = generate_ids(PROMPTS, b, max_tokens=8, chunk_size=2)
+    want, want_lp = generate_ids(PROMPTS, b_ref, max_tokens=8, chunk_size=2, engine=False)
+    assert got == want
+    for x, y in zip(got_lp, want_lp):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-4)
 
 
 def test_int8_on_top_of_bf16_weight_only():

@@ -10,8 +10,8 @@ each kernel against a float64 computation.
 
 Decoding is bound by reading the weights: each one is read from memory once per step and used for only M
 multiply-adds. So this kernel streams every row of w once, on every core, and multiplies it by all M rows
-of x, which stay in cache. w is fp32, bf16 (an fp32 with the low 16 bits cut off) or int8 (times one fp32
-scale per row of w); x, y and all arithmetic are fp32.
+of x, which stay in cache. w is fp32 or bf16 (an fp32 with the low 16 bits cut off); x, y and all arithmetic are
+fp32. int8 and int4 weights multiply x rounded to int8 per group instead (1b), with integer multiply-adds.
 
 Why it is faster than MKL there (bench/kernels.py measures it): on the 2-core AVX2 machine, MKL's fp32
 matrix-vector product reads memory at about half the speed that the two cores reach together, because it
@@ -34,12 +34,10 @@ Letters: M rows of x (tokens), N rows of w (output features), K the length of bo
 typedef float v8 __attribute__((vector_size(32)));  /* 8 floats: one AVX register, two NEON ones */
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int8_t i8x8 __attribute__((vector_size(8)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 enum wtype { F32, BF16, I8, I4 };  /* I4: see section 1b */
 
-INLINE int wsize(enum wtype t) { return t == F32 ? 4 : t == BF16 ? 2 : 1; }  /* bytes per weight */
+INLINE int wsize(enum wtype t) { return t == F32 ? 4 : 2; }  /* bytes per fp32 or bf16 weight */
 
 /* w[i : i + 8] as fp32. With AVX2, intrinsics: GCC 12 turns the portable conversions into one scalar
 instruction per weight. */
@@ -47,7 +45,7 @@ INLINE v8 load8(const void *w, int64_t i, enum wtype t) {
     v8 v;
     if (t == F32) {
         memcpy(&v, (const float *)w + i, sizeof v);
-    } else if (t == BF16) {  /* a bf16 is the top half of an fp32 */
+    } else {  /* a bf16 is the top half of an fp32 */
 #ifdef __AVX2__
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
         v = (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
@@ -56,40 +54,27 @@ INLINE v8 load8(const void *w, int64_t i, enum wtype t) {
         memcpy(&h, (const uint16_t *)w + i, sizeof h);
         v = (v8)(__builtin_convertvector(h, u32x8) << 16);
 #endif
-    } else {
-#ifdef __AVX2__
-        __m128i b = _mm_loadl_epi64((const __m128i *)((const int8_t *)w + i));
-        v = (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-#else
-        i8x8 b;
-        memcpy(&b, (const int8_t *)w + i, sizeof b);
-        v = __builtin_convertvector(__builtin_convertvector(b, i32x8), v8);
-#endif
     }
     return v;
 }
 
 INLINE float load1(const void *w, int64_t i, enum wtype t) {
     if (t == F32) return ((const float *)w)[i];
-    if (t == BF16) {
-        uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
-        float f;
-        memcpy(&f, &u, sizeof f);
-        return f;
-    }
-    return (float)((const int8_t *)w)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
 /* With 2 or 3 rows of x, each fp32 or bf16 weight takes 2 or 3 multiply-adds and the hardware prefetcher
 alone falls behind: asking for the weights this many bytes ahead read M = 3 1.1-1.6x faster (measured on the
-2-core AVX2 machine). M = 1 streams at the bandwidth without it; int8 (compute-bound at M > 1) and 4 rows or
-more did not gain. */
+2-core AVX2 machine). M = 1 streams at the bandwidth without it; 4 rows or more did not gain. */
 #define PREFETCH 4096
 
-/* y[(m0 + m) * ldy] for m < MB: one row wn of w (K weights; times scale, for int8) against rows m0 .. m0 + MB - 1
-of x, with U partial sums each. MB * U <= 8 accumulators stay in registers (AVX2 has 16). */
-INLINE void row(const float *x, const void *wn, float scale, float *y, int64_t ldy, int64_t K, int64_t m0,
-                const int MB, const int U, const int prefetch, enum wtype t) {
+/* y[(m0 + m) * ldy] for m < MB: one row wn of w (K weights) against rows m0 .. m0 + MB - 1 of x, with U partial sums
+each. MB * U <= 8 accumulators stay in registers (AVX2 has 16). */
+INLINE void row(const float *x, const void *wn, float *y, int64_t ldy, int64_t K, int64_t m0, const int MB,
+                const int U, const int prefetch, enum wtype t) {
     const float *xm = x + m0 * K;
     v8 acc[4][4];  /* [u][m], u < U, m < MB */
     for (int u = 0; u < U; u++)
@@ -97,7 +82,7 @@ INLINE void row(const float *x, const void *wn, float scale, float *y, int64_t l
     int64_t k = 0;
     for (; k + 8 * U <= K; k += 8 * U)
         for (int u = 0; u < U; u++) {
-            if (prefetch && t != I8 && u == 0) __builtin_prefetch((const char *)wn + k * wsize(t) + prefetch);
+            if (prefetch && u == 0) __builtin_prefetch((const char *)wn + k * wsize(t) + prefetch);
             v8 wv = load8(wn, k + 8 * u, t);
             for (int m = 0; m < MB; m++) {
                 v8 xv;
@@ -119,7 +104,7 @@ INLINE void row(const float *x, const void *wn, float scale, float *y, int64_t l
         float s = 0;
         for (int j = 0; j < 8; j++) s += a[j];
         for (int64_t kk = k; kk < K; kk++) s += load1(wn, kk, t) * xm[m * K + kk];
-        y[(m0 + m) * ldy] = t == I8 ? s * scale : s;
+        y[(m0 + m) * ldy] = s;
     }
 }
 
@@ -136,13 +121,12 @@ INLINE void column(const float *x, stack st, float *y, int64_t ldy, int64_t M, i
     int j = 0;
     while (n >= st.n[j]) n -= st.n[j++];  /* matrix j, its row n */
     const void *wn = (const char *)st.w[j] + n * K * wsize(t);
-    const float scale = t == I8 ? st.scales[j][n] : 1;
-    if (M == 1) { row(x, wn, scale, y, ldy, K, 0, 1, 4, 0, t); return; }
-    if (M == 2) { row(x, wn, scale, y, ldy, K, 0, 2, 2, PREFETCH, t); return; }
-    if (M == 3) { row(x, wn, scale, y, ldy, K, 0, 3, 2, PREFETCH, t); return; }
+    if (M == 1) { row(x, wn, y, ldy, K, 0, 1, 4, 0, t); return; }
+    if (M == 2) { row(x, wn, y, ldy, K, 0, 2, 2, PREFETCH, t); return; }
+    if (M == 3) { row(x, wn, y, ldy, K, 0, 3, 2, PREFETCH, t); return; }
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row(x, wn, scale, y, ldy, K, m, 4, 2, 0, t);
-    for (; m < M; m++) row(x, wn, scale, y, ldy, K, m, 1, 4, 0, t);
+    for (; m + 4 <= M; m += 4) row(x, wn, y, ldy, K, m, 4, 2, 0, t);
+    for (; m < M; m++) row(x, wn, y, ldy, K, m, 1, 4, 0, t);
 }
 
 /* 1b. 4-bit weights (mistral/quantize.py's int4_rows): each row of w is G = ceil(K / 32) groups of 32 weights in 16
@@ -181,7 +165,7 @@ INLINE int64_t paired_groups(int64_t K) {
 /* Each thread rounds x into a buffer of its own for the few rows of a decode step (M K is at most 16 x the hidden
 size: some 10 us of work, where a shared copy would need a barrier): no thread waits for another, and nothing is
 allocated per call. The many rows of a pre-fill are rounded once, by all the threads, into the buffer of one. */
-#define ROUND_FROM 16  /* more rows than this (a pre-fill): rounded by all threads, and int8 weights take them too */
+#define ROUND_FROM 16  /* more rows than this (a pre-fill): rounded by all the threads together */
 static __thread int8_t *round_q;
 static __thread float *round_f;
 static __thread int64_t round_cap;
@@ -350,8 +334,9 @@ INLINE void row_i4(rounded r, const uint8_t *wn, const uint16_t *sn, float *y, i
 }
 
 /* y[(m0 + m) * ldy] for m < MB: int8 row wn (K weights, G groups of 32; times scale) against rows m0 .. m0 + MB - 1
-of the rounded x, for the many rows of a pre-fill: there the products are compute-bound, and integer multiply-adds do
-4x the work of fp32 ones per instruction. maddubs wants one unsigned operand: |w| times xq with w's sign, as much as
+of the rounded x. Widening each weight to fp32 instead ran 0.78-0.89x as fast at decode's 1 to 4 rows (one 7B
+layer's products, interleaved), and in a pre-fill, which is compute-bound, integer multiply-adds do 4x the work of
+fp32 ones per instruction. maddubs wants one unsigned operand: |w| times xq with w's sign, as much as
 2 * 128 * 127 in an int16. A group's dot product is e (sum_j w_j xq_j); the row's scale comes last. */
 INLINE void row_i8q(rounded r, const int8_t *wn, float scale, float *y, int64_t ldy, int64_t K, int64_t G, int64_t m0,
                     const int MB) {
@@ -477,27 +462,18 @@ static void rounded_products(const float *x, stack st, float *y, int64_t M, int6
 
 /* The rows of the stacked matrices against the M rows of x (M, K): y (M, n0 + n1 + n2), the products side by side.
 An orphaned `omp for`: the rows are split between the threads of the parallel region it is called in. Each case
-calls column() with a constant type, so the compiler specializes the loops for it. int8 weights against more rows than
-a decode step's (a pre-fill) take x rounded per group, as int4 weights always do. */
+calls column() with a constant type, so the compiler specializes the loops for it; int8 and int4 weights take x
+rounded per group. */
 static void products(const float *x, stack st, float *y, int64_t M, int64_t K, enum wtype t) {
     const int64_t N = st.n[0] + st.n[1] + st.n[2];
-    if (t == I4 || (t == I8 && M > ROUND_FROM)) {
+    if (t == I8 || t == I4) {
         rounded_products(x, st, y, M, K, t);
-        return;
-    }
-    switch (t) {
-    case F32:
+    } else if (t == F32) {
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, F32);
-        break;
-    case BF16:
+    } else {
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, BF16);
-        break;
-    default:
-        #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, I8);
-        break;
     }
 }
 

@@ -30,9 +30,9 @@ from mistral.quantize import int4_shapes
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this, a matrix-matrix product (MKL) is faster: the weights are no longer the cost
-# ... except against x rounded to int8 per group (kernels.c, 1b), as int4 weights always take it and int8 ones past
-# MAX_ROWS. On a 7B layer's shapes here, one thread, against MKL on the widened weights: int4 1.6-2.2x at 63 to 512
-# rows, no limit; int8 1.3x at 63 rows, even at 128, 0.85x at 256, so up to INT8_ROWS.
+# ... except for int8 and int4 weights, which multiply x rounded to int8 per group (kernels.c, 1b). On a 7B layer's
+# shapes here, one thread, against MKL on the widened weights: int4 1.6-2.2x at 63 to 512 rows, no limit; int8 1.3x
+# at 63 rows, even at 128, 0.85x at 256, so up to INT8_ROWS.
 INT8_ROWS = 112
 SOURCE = Path(__file__).parent / "kernels.c"
 # -fopenmp first; a compiler without OpenMP (Apple's clang) still gets a single-threaded kernel.
@@ -219,7 +219,7 @@ def stacked(x: torch.Tensor, weights: Prepared) -> torch.Tensor:
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp32 @ w (N, K)^T -> (M, N) fp32; for int8 w, times scales (N,) fp32, one per row of w; for 4-bit w
-    (stored (N, G * 16), see prepare), with x rounded to int8 per group (kernels.c, 1b), as for int8 w when M > 16.
+    (stored (N, G * 16), see prepare); for both, with x rounded to int8 per group (kernels.c, 1b).
     Call where usable(x, w) holds. Inputs that are not contiguous are copied first."""
     assert w.shape[1] == stored_width(w.dtype, x.shape[1]), f"x {tuple(x.shape)}, w {tuple(w.shape)}"
     return stacked(x, prepare([(w, scales)], 3))
