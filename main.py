@@ -88,7 +88,10 @@ def _describe(model: Transformer) -> str:
                 torch.uint8: "int4"}[dtype]
 
     weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
-    return f"{weights} weights, {name(model.dtype)} arithmetic"
+    said = f"{weights} weights, {name(model.dtype)} arithmetic"
+    if weights in ("int8", "int4") and model.device.type == "cpu":  # the CPU engine's integer products
+        said += " (activations rounded to int8 per group of 32 in the products)"
+    return said
 
 
 def _slots(args: ModelArgs, reach: int) -> int:

@@ -154,7 +154,7 @@ def test_the_quantize_command_writes_what_demo_quantize_runs(to, tmp_path):
                            capture_output=True, text=True, timeout=300)
             for args in ([str(tmp_path / "q")], [str(src), "--quantize", to])]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, (runs[0].stderr, runs[1].stderr)
-    assert f"{to} weights, fp32 arithmetic" in runs[0].stderr
+    assert f"{to} weights, fp32 arithmetic (activations rounded to int8 per group of 32" in runs[0].stderr
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, capsys):
