@@ -98,7 +98,8 @@ def test_a_prefill_with_quantized_weights_is_the_models_with_x_rounded(params, f
     gen = torch.Generator().manual_seed(0)
     for seqlens, rows in [([5, 2, 7], None), ([W + 3, 0, 1], [4, W + 2]), ([3, 9, 17], None)]:
         ids = torch.randint(0, 64, (sum(seqlens),), generator=gen)
-        calls.clear(), in_c.clear()
+        calls.clear()
+        in_c.clear()
         with torch.no_grad():
             got = decoder.step(ids, seqlens, ours, rows)
             assert len(in_c) == len(calls) > 0  # every product of the step ran in C

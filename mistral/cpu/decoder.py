@@ -58,6 +58,8 @@ def _rounded_product(linear: Int4Linear | Int8Linear, x: torch.Tensor) -> torch.
     *lead, K = x.shape
     x2 = x.reshape(-1, K)  # (M, K)
     if not kernels.usable(x2, linear.weight):
+        # The class's own forward, not linear(x): this is linear's forward for the step, already inside its call
+        # (hooks have run), and calling the module again would come back here.
         return type(linear).forward(linear, x)
     return kernels.matvec(x2, linear.weight, linear.scales).view(*lead, -1)
 
