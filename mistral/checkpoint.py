@@ -684,7 +684,7 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     per row for max_batch_size rows, and the work space of pre-filling prefill_tokens at a time) is compared with
     the memory available, and a run that cannot fit is refused in one line that says what would.
     """
-    from mistral import quantize as formats
+    from mistral import grouped, quantize as formats
     from mistral.model import Transformer
 
     folder, device = Path(folder), resolve_device(device)
@@ -698,6 +698,10 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     args = read_args(folder)
     if args.quantization is not None and quantize not in (None, args.quantization):
         raise MistralError(f"{folder} holds {args.quantization} weights already; leave out --quantize")
+    if args.quantization is not None and device.type == "cuda":
+        raise MistralError(f"{folder} holds {args.quantization} weights, a CPU format: on CUDA every product would "
+                           "widen them back to float, slower than bf16; load the folder it was made from, or run this "
+                           "one with --device cpu")
     plan = _plan(folder, args)
     dtype = resolve_dtype(dtype, device, stored=_stored_dtype(plan))
     rank = 0
@@ -714,10 +718,11 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
         return formats.prepare(model, linears, embeddings=dtype, compute=compute)
 
     model = built(dtype, quantize)
-    need = Memory.of(model, compute, cache_slots, prefill_tokens)
+    group = args.moe is not None and grouped.fused(device, dtype)  # routing with no host read (mistral/grouped.py)
+    need = Memory.of(model, compute, cache_slots, prefill_tokens, group)
     free = memory_available(device)
     if need.total > free:
-        others = [(flag, Memory.of(built(*how), compute, cache_slots, prefill_tokens).total)
+        others = [(flag, Memory.of(built(*how), compute, cache_slots, prefill_tokens, group).total)
                   for flag, how in (("--dtype bf16", (torch.bfloat16, None)),
                                     *((f"--quantize {q}", (dtype, q)) for q in QUANTIZATIONS))
                   if how != (dtype, quantize) and args.quantization is None]
@@ -727,6 +732,8 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
         raise MistralError(f"this run needs about {gb(need.total)} ({need}) but {gb(free)} is available on "
                            f"{device.type}: {'; '.join(fits) or 'no option of this library fits it here'}")
     model.load_state_dict(load_weights(folder, args, model.state_dict(), device, plan), assign=True, strict=True)
+    if group:
+        grouped.group_experts(model)
     return model.eval()
 
 
@@ -747,20 +754,26 @@ class Memory:
         return self.weights + self.cache + self.work
 
     @staticmethod
-    def of(model: "Transformer", compute: torch.dtype, cache_slots: int, prefill_tokens: int) -> "Memory":
-        """For a model on the meta device, whose tensors have the dtypes they will be loaded in."""
+    def of(model: "Transformer", compute: torch.dtype, cache_slots: int, prefill_tokens: int,
+           grouped: bool = False) -> "Memory":
+        """For a model on the meta device, whose tensors have the dtypes they will be loaded in; grouped: its experts'
+        weights will be stacked once loaded (mistral/grouped.py), which holds one stack twice for a moment."""
         args, size = model.args, compute.itemsize
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         cache = 2 * model.n_local_layers * model.max_batch_size * cache_slots * args.n_kv_heads * args.head_dim * size
         S, H, D = prefill_tokens, args.n_heads, args.head_dim
         # A pre-fill step of S tokens: the residual and the norm's output, q/k/v and attention's output, the FFN's
-        # gate, up and their product; SDPA's scores for a tile of 256 queries; a block of weights converted for a
-        # product (mistral/quantize.py's CONVERT_BLOCK_BYTES, 8 MB, counted twice over); the logits of the rows that
-        # are sampled, and their softmax.
-        activations = S * (2 * args.dim + (2 * H + 2 * args.n_kv_heads) * D + 3 * args.hidden_dim) * size
+        # gate, up and their product (K rows a token in a mixture whose experts are grouped); SDPA's scores for a tile
+        # of 256 queries; a block of weights converted for a product (mistral/quantize.py's CONVERT_BLOCK_BYTES, 8 MB,
+        # counted twice over); the logits of the rows that are sampled, and their softmax. Grouping stacks one kind of
+        # a layer's expert weights at a time while loading, before any forward: the larger of the two is the need.
+        ffn_rows = S * (args.moe.num_experts_per_tok if grouped else 1)
+        activations = (S * (2 * args.dim + (2 * H + 2 * args.n_kv_heads) * D) + ffn_rows * 3 * args.hidden_dim) * size
         scores = 256 * (256 + (args.sliding_window or S)) * H * 4
         logits = 2 * model.max_batch_size * args.vocab_size * 4
-        return Memory(weights, cache, activations + scores + (16 << 20) + logits)
+        work = activations + scores + (16 << 20) + logits
+        stack = args.moe.num_experts * args.hidden_dim * args.dim * compute.itemsize if grouped else 0
+        return Memory(weights, cache, max(work, stack))
 
     def __str__(self) -> str:
         return f"weights {gb(self.weights)}, cache {gb(self.cache)}, work space {gb(self.work)}"

@@ -10,8 +10,9 @@ one CUDA graph (mode="reduce-overhead"). That needs fixed shapes and nothing the
 - the positions live on the device and are advanced in place; the host copy in the cache is only compared with it.
 
 The step calls the model's own modules (its blocks, norms, head); only the loop over them is written again here, as
-the CPU engine does. Anything else (pre-fill, a step some row sits out, MoE models, whose routing reads the host,
-pipeline ranks, quantized weights) is declined, and generate runs it eagerly.
+the CPU engine does. Anything else (pre-fill, a step some row sits out, a mixture whose routing reads the host, that
+is MoeLayer rather than mistral/grouped.py's GroupedMoeLayer, pipeline ranks, quantized weights) is declined, and
+generate runs it eagerly.
 
 Letters: B rows, N slots per row, Hkv kv heads, D head_dim, V vocab.
 """
@@ -20,11 +21,13 @@ from torch import nn
 
 from mistral.attention import SlotMask
 from mistral.cache import RotatingBufferCache
+from mistral.grouped import GroupedMoeLayer
 from mistral.model import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock
 from mistral.rope import inverse_frequencies, rotations
 
 # The modules a compiled step can trace: the plain definition, nothing swapped in from outside.
-_TRACEABLE = (Transformer, nn.ModuleDict, TransformerBlock, Attention, FeedForward, RMSNorm, nn.Linear, nn.Embedding)
+_TRACEABLE = (Transformer, nn.ModuleDict, TransformerBlock, Attention, FeedForward, RMSNorm, nn.Linear, nn.Embedding,
+              GroupedMoeLayer, nn.ModuleList)
 
 
 class _SlotView:
@@ -58,7 +61,7 @@ class CompiledDecoder:
 
     @staticmethod
     def takes(model: Transformer) -> bool:
-        """Whether a step of this model can be captured whole: one process, dense FFNs, plain weights."""
+        """Whether a step of this model can be captured whole: one process, dense or grouped FFNs, plain weights."""
         return model.num_pipeline_ranks == 1 and all(type(m) in _TRACEABLE for m in model.modules())
 
     def step(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None,

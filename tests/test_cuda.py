@@ -8,16 +8,18 @@ import types
 import pytest
 import torch
 from helpers import random_model, save_folder, tiny_params
+from oracle import oracle_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mistral.attention as attn
-from mistral import checkpoint
+from mistral import checkpoint, grouped, quantize
 from mistral.attention import BlockMask, attention
 from mistral.cache import RotatingBufferCache
 from mistral.compiled import CompiledDecoder
 from mistral.errors import MistralError
 from mistral.generate import generate_ids
-from mistral.model import FeedForward
+from mistral.grouped import GroupedMoeLayer, group_experts
+from mistral.model import FeedForward, ModelArgs, Transformer
 from mistral.moe import MoeLayer
 
 GPUS = {"Tesla T4": (7, 5), "Tesla V100-SXM2-16GB": (7, 0), "NVIDIA A100-SXM4-80GB": (8, 0),
@@ -371,6 +373,96 @@ def test_moe_routing_waits_for_the_host_once_per_layer(tokens, monkeypatch):
     assert waits.seen == [] and reads == [(E,)]
 
 
+MOE = dict(moe={"num_experts": 6, "num_experts_per_tok": 2})
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_grouped_routing_never_waits_for_the_host(tokens, monkeypatch):
+    """GroupedMoeLayer: counts and offsets stay on the device, and the host reads nothing at all."""
+    torch.manual_seed(0)
+    layer = GroupedMoeLayer(MoeLayer([FeedForward(16, 24) for _ in range(6)], torch.nn.Linear(16, 6, bias=False), 2))
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(tuple(self.shape)) or tolist(self))
+    with torch.no_grad(), HostWaits() as waits:
+        layer(torch.randn(tokens, 16))
+    assert waits.seen == [] and reads == []
+
+
+def test_a_grouped_mixture_is_the_oracles_and_keeps_its_weights_once():
+    """Against tests/oracle.py's token-by-token routing. Twelve tokens over six experts, two each: some expert is
+    chosen by several tokens; the one-token prompt leaves most experts an empty run. The state dict keeps the
+    checkpoint's names and values, and each expert's weight is a view of its layer's stack, not a copy."""
+    model = random_model(tiny_params(**MOE))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert group_experts(model) == 2 and group_experts(model) == 0  # once grouped, nothing left to swap
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    for layer in model.layers.values():
+        ffn = layer.feed_forward
+        assert type(ffn) is GroupedMoeLayer
+        for e, expert in enumerate(ffn.experts):
+            for name in ("w1", "w3", "w2"):
+                assert getattr(expert, name).weight.data_ptr() == getattr(ffn, name)[e].data_ptr()
+    for prompt in ([3, 17, 5, 60, 2, 9, 41, 33, 8, 1, 27, 50], [7]):
+        with torch.no_grad():
+            got = model(torch.tensor(prompt), [len(prompt)])
+        want = oracle_logits(before, model.args.__dict__ | MOE, prompt).float()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_experts_in_a_quantized_format_are_not_grouped():
+    model = random_model(tiny_params(**MOE))
+    quantize.prepare(model, "int8", torch.float32, torch.float32)
+    assert group_experts(model) == 0
+
+
+def test_loading_groups_the_experts_where_the_product_is_fused(tmp_path, monkeypatch):
+    """load_model groups a mixture's experts where grouped.fused says the product is one kernel (bf16 on Hopper or
+    Blackwell), and only there; the logits are the ungrouped model's."""
+    folder = save_folder(random_model(tiny_params(**MOE)), tmp_path)
+    want = checkpoint.load_model(folder, device="cpu")
+    assert not any(type(m) is GroupedMoeLayer for m in want.modules())
+    monkeypatch.setattr(grouped, "fused", lambda device, dtype: True)
+    model = checkpoint.load_model(folder, device="cpu")
+    assert sum(type(m) is GroupedMoeLayer for m in model.modules()) == 2
+    ids = torch.tensor([3, 17, 5, 60, 2, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, [6]), want(ids, [6]))
+
+
+@pytest.mark.parametrize(("capability", "dtype", "fused"), [((9, 0), torch.bfloat16, True), ((10, 0), torch.bfloat16, True),
+                                                          ((9, 0), torch.float16, False), ((8, 0), torch.bfloat16, False),
+                                                          ((7, 5), torch.float16, False)])
+def test_the_grouped_product_is_taken_where_torch_fuses_it(capability, dtype, fused, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert grouped.fused(torch.device("cuda"), dtype) is fused
+    assert not grouped.fused(torch.device("cpu"), torch.bfloat16)
+
+
+def test_grouping_is_counted_in_the_memory_a_run_needs():
+    """Stacking holds one kind of a layer's expert weights twice for a moment (E * hidden * dim), and grouped
+    pre-fill runs K FFN rows a token: with a stack larger than the work space, the need grows by the difference."""
+    params = tiny_params(dim=512, hidden_dim=8192, **MOE)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_dict(params))
+    plain = checkpoint.Memory.of(model, torch.bfloat16, 0, 4)
+    grouped_ = checkpoint.Memory.of(model, torch.bfloat16, 0, 4, grouped=True)
+    assert grouped_.weights == plain.weights and grouped_.work == 6 * 8192 * 512 * 2 > plain.work
+
+
+def test_a_quantized_folder_on_cuda_is_refused_in_one_line(two_gpus, tmp_path):
+    """A folder `quantize` wrote holds a CPU format: refused before anything is read or reaches the GPU."""
+    folder = checkpoint.quantize(save_folder(random_model(tiny_params()), tmp_path / "f"), tmp_path / "q", "int8")
+    with pytest.raises(MistralError) as e:
+        checkpoint.load_model(folder, device="cuda")
+    assert str(e.value) == (f"{folder} holds int8 weights, a CPU format: on CUDA every product would widen them back "
+                            "to float, slower than bf16; load the folder it was made from, or run this one with "
+                            "--device cpu")
+    assert two_gpus["memory"] == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A decode step torch.compile captures whole (item 11)
 
@@ -403,6 +495,33 @@ def test_the_decode_step_compiles_in_full_once_and_gives_the_eager_logits():
             torch.testing.assert_close(got, want)
             torch.testing.assert_close(cache.cache_k, eager.cache_k)  # the same keys in the same slots
     assert len(graphs) == 1 and cache.seq_pos == eager.seq_pos == [6 + 2 * N, 2 + 2 * N]
+
+
+def test_a_grouped_mixtures_decode_step_compiles_in_full_and_gives_the_eager_logits():
+    """With its experts grouped a mixture's step holds no host read, so it too is captured whole. bf16, because
+    torch's grouped product is traced for bf16 only. Its logits are the eager grouped model's, and those the plain
+    MoeLayer model's within bf16's rounding."""
+    graphs = []
+    torch._dynamo.reset()
+    plain = random_model(tiny_params(**MOE)).to(torch.bfloat16)
+    model = copy.deepcopy(plain)
+    group_experts(model)
+    assert CompiledDecoder.takes(model) and not CompiledDecoder.takes(plain)
+    args, N = model.args, model.args.sliding_window
+    prompts = [[1, 5, 9, 2, 7, 3], [4, 8]]
+    caches = [RotatingBufferCache(2, 2, N, args.n_kv_heads, args.head_dim, dtype=torch.bfloat16) for _ in range(3)]
+    decoder = CompiledDecoder(model, caches[2], backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    with torch.no_grad():
+        for m, c in zip((plain, model, model), caches):
+            m(torch.tensor(sum(prompts, [])), [len(p) for p in prompts], c)
+        torch.manual_seed(1)
+        for step in range(2 * N):
+            ids = torch.randint(0, args.vocab_size, (2,))
+            want, eager = plain(ids, [1, 1], caches[0]), model(ids, [1, 1], caches[1])
+            got = decoder.step(ids, [1, 1], caches[2])
+            torch.testing.assert_close(got, eager)
+            torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+    assert len(graphs) == 1
 
 
 def test_generate_takes_the_compiled_step_for_decode_and_the_model_for_the_rest():
