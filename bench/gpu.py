@@ -11,7 +11,11 @@ one H100/H200, not yet timed on one: no part starts after DEADLINE_S, and the te
 3. A random Mistral-7B-shaped model built on the GPU (meta device, to_empty, random init: no disk), bf16: decode
    tokens/s at batch 1 and 8, eager, then as a compiled step replayed as CUDA graphs (mistral/compiled.py,
    mode="reduce-overhead"), and HF transformers' generate on a model of the same shape when it is installed.
-4. The test suite with --device cuda (the tests that take a device run their models there), in what time is left.
+4. Mixtral 8x7B's layers (4 of its 32, random, built on the GPU), bf16, batch-1 decode: MoeLayer, whose routing
+   reads the expert counts on the host once a layer, against the grouped experts (mistral/grouped.py), eager and
+   compiled, each set against one read of the weights a token uses (its 2 experts of 8, and the rest); and the
+   grouped logits against MoeLayer's.
+5. The test suite with --device cuda (the tests that take a device run their models there), in what time is left.
 
 Prints one table; writes bench/results/gpu.json (--dry-run: gpu-dry-run.json; --out PATH elsewhere).
 """
@@ -32,6 +36,7 @@ from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import hf_config_from_args
 from mistral.compiled import CompiledDecoder
 from mistral.generate import generate_ids
+from mistral.grouped import group_experts
 from mistral.model import ModelArgs, Transformer
 
 SEVEN_B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5,
@@ -42,6 +47,9 @@ COMPARE = dict(dim=1024, n_layers=4, head_dim=128, hidden_dim=2048, n_heads=8, n
                vocab_size=4096, sliding_window=64, rope_theta=1e4)
 TINY = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
             vocab_size=256, sliding_window=8, rope_theta=1e4)
+MOE = {"num_experts": 8, "num_experts_per_tok": 2}
+MIXTRAL = dict(dim=4096, n_layers=4, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5,
+               vocab_size=32000, rope_theta=1e6, moe=MOE)  # Mixtral 8x7B's shapes, 4 of its 32 layers
 PROMPT, STEPS = 64, 64  # decode: tokens of each prompt, steps timed
 DEADLINE_S = 450  # no part starts after this; the tests get what is left of 8 minutes
 XFORMERS_HINT = ("xformers is not installed here, so its comparisons are skipped. Each xformers release is built "
@@ -295,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
             ms["hf", batch] = hf
             rows.append(decode_row("HF transformers generate", batch, hf, roofline_ms))
     del model
+    if time.monotonic() - start > DEADLINE_S:
+        rows.append(row("Mixtral layers", "bf16", 1, "not run: out of time"))
+    else:
+        mixture(device, dict(TINY, moe=MOE) if dry else MIXTRAL, bandwidth, steps, backend, mode, rows, ms)
     if not options.no_tests:
         left = max(60.0, (60 if dry else 480) - (time.monotonic() - start))
         rows.append(row(f"tests, --device {device.type}", result=run_tests(device, dry, left)))
@@ -304,11 +316,54 @@ def main(argv: list[str] | None = None) -> None:
             ratios[f"compiled / eager tokens/s, batch {batch}"] = ms["eager", batch] / ms[mode, batch]
         if ("hf", batch) in ms and ("eager", batch) in ms:
             ratios[f"ours eager / HF tokens/s, batch {batch}"] = ms["hf", batch] / ms["eager", batch]
+    for how in ("eager", mode):
+        if ("moe, eager", 1) in ms and (f"grouped moe, {how}", 1) in ms:
+            ratios[f"Mixtral layers, grouped {how} / MoeLayer eager tokens/s"] = (ms["moe, eager", 1]
+                                                                                 / ms[f"grouped moe, {how}", 1])
     notes["seconds"] = time.monotonic() - start
     notes["ms_per_step"] = {f"{who}, batch {batch}": v for (who, batch), v in ms.items()}
     notes["roofline_ms"], notes["copy_bytes_per_s"], notes["weight_bytes"] = roofline_ms, bandwidth, weights
     path = options.out or RESULTS / ("gpu-dry-run.json" if dry else "gpu.json")
     report("gpu" if not dry else "gpu-dry-run", rows, ratios, notes, path=path)
+
+
+def mixture(device: torch.device, params: dict, bandwidth: float, steps: int, backend: str, mode: str, rows: list,
+            ms: dict) -> None:
+    """Batch-1 decode of a mixture: MoeLayer, then its experts grouped (eager, compiled); the grouped logits of a
+    pre-fill against MoeLayer's, set against bf16's rounding of the same (MoeLayer in fp32 as the reference)."""
+    model = build(params, device, torch.bfloat16, max_batch_size=1)
+    E, K = params["moe"]["num_experts"], params["moe"]["num_experts_per_tok"]
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    used = sum(p.numel() * p.element_size() for p in model.parameters()) - experts * (E - K) // E
+    roofline_ms = used / bandwidth * 1e3
+    layers = params["n_layers"]
+    rows.append(row(f"roofline: the weights a token uses ({layers} Mixtral layers)", "bf16",
+                    result=f"{roofline_ms:.3g} ms ({used / 1e9:.2f} GB)"))
+    ids = torch.tensor([(7 * i) % params["vocab_size"] for i in range(PROMPT)], device=device)
+    with torch.inference_mode():
+        plain = model(ids, [PROMPT])
+    fp32 = copy.deepcopy(model).float()
+    with torch.inference_mode():
+        reference = fp32(ids, [PROMPT])
+    del fp32
+    label = "Mixtral layers, MoeLayer (a host read a layer), eager"
+    ms["moe, eager", 1] = decode_ms_per_step(model, 1, steps, "eager", backend)
+    rows.append(decode_row(label, 1, ms["moe, eager", 1], roofline_ms))
+    group_experts(model)
+    with torch.inference_mode():
+        grouped = model(ids, [PROMPT])
+    rounding = (plain - reference).abs().max().item()
+    diff = (grouped - plain).abs().max().item()
+    rows.append(row("Mixtral layers: grouped vs MoeLayer logits", "bf16", "", f"max |diff| {diff:.3g}",
+                    f"bf16 rounding {rounding:.3g}", "ok" if diff <= 2 * rounding else "MISMATCH"))
+    for how, label in (("eager", "Mixtral layers, grouped, eager"), (mode, f"Mixtral layers, grouped, compiled ({mode})")):
+        try:
+            ms[f"grouped moe, {how}", 1] = decode_ms_per_step(model, 1, steps, how, backend)
+        except Exception as e:  # a step that fails to compile or run on this GPU is itself the finding
+            rows.append(row(label, "bf16", 1, f"failed: {type(e).__name__}: {str(e)[:120]}"))
+            continue
+        rows.append(decode_row(label, 1, ms[f"grouped moe, {how}", 1], roofline_ms))
+    del model
 
 
 def decode_row(label: str, batch: int, ms: float, roofline_ms: float) -> dict:

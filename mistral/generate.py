@@ -154,10 +154,14 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
         logits = compiled.step(ids, seqlens, cache, rows) if compiled is not None else None
         if logits is None and decoder is not None:
             logits = decoder.step(ids, seqlens, cache, rows)
+        failure = None
         if logits is None:
-            logits = model(ids, seqlens, cache, rows=rows)  # (N, V); None on a pipeline rank without the head
-        if not scored:  # every row was in the middle of its prompt
-            continue
+            try:
+                logits = model(ids, seqlens, cache, rows=rows)  # (N, V); None on a pipeline rank without the head
+            except Exception as e:
+                if model.num_pipeline_ranks == 1:
+                    raise
+                failure = e  # told to every rank below, before any raises
         to_sample = [t < 0 for t in targets]
 
         def pick() -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,10 +181,10 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                     tokens[new] = sample(logits[new], temperature, top_p, top_k, generator)
             return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
 
-        if model.num_pipeline_ranks > 1:
-            tokens, lps = _from_last_rank(model, pick, len(targets))
+        if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
+            tokens, lps = _from_last_rank(model, pick, len(targets), failure)
         else:
-            tokens, lps = (t.tolist() for t in pick())
+            tokens, lps = (t.tolist() for t in pick()) if scored else ([], [])
 
         for b, tok, lp, new in zip(owners, tokens, lps, to_sample):
             if math.isnan(lp):  # NaN or inf among the logits: the model's numbers are broken, not its choices
@@ -194,33 +198,41 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     return generated, logprobs
 
 
-def _from_last_rank(model: Transformer, pick: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                    n: int) -> tuple[list[int], list[float]]:
-    """Pipeline ranks: the last rank, which alone has the logits, picks the step's n tokens; every rank gets them.
+def _from_last_rank(model: Transformer, pick: Callable[[], tuple[torch.Tensor, torch.Tensor]], n: int,
+                    failure: Exception | None = None) -> tuple[list[int], list[float]]:
+    """Pipeline ranks, at the end of every step: the last rank, which alone has the logits, picks the step's n
+    tokens, and every rank gets them, or learns that some rank failed in the step (`failure`: this one's).
 
     Only the last rank samples, so ranks cannot disagree, whatever their RNGs do (CUDA's need not agree across GPU
-    models). What goes over the process group is one (2, n + 1) float64 tensor: the tokens (exact in float64), their
-    log-probabilities, and a flag. If picking fails on the last rank, the flag tells the others, its message follows,
-    and every rank raises: none is left waiting for a step that will not come.
+    models). What goes over the process group is one (2, n + R) float64 tensor for R ranks, summed over them: the
+    last rank's tokens (exact in float64) and their log-probabilities, then a flag per rank, 1 where it failed. The
+    first rank that failed then sends its error, and every rank raises, none left waiting for a step that will not
+    come: the one that failed its own error, the others a MistralError where that was a user's mistake, else a
+    DistError, which says the process group can go no further (the ranks' caches no longer agree).
     """
-    last = model.num_pipeline_ranks - 1
-    box = torch.zeros(2, n + 1, dtype=torch.float64, device=model.device)  # [tokens, failed], [logprobs, unused]
-    failure = None
-    if model.is_last:
+    R, rank = model.num_pipeline_ranks, model.pipeline_rank
+    box = torch.zeros(2, n + R, dtype=torch.float64, device=model.device)  # [tokens, failed], [logprobs, unused]
+    if model.is_last and failure is None and n:
         try:
             tokens, lps = pick()
             box[0, :n], box[1, :n] = tokens, lps
         except Exception as e:
-            failure, box[0, n] = e, 1
-    dist.broadcast(box, src=last)
-    (*tokens, failed), (*lps, _) = box.tolist()
-    if failed:
-        why = [None if failure is None else (isinstance(failure, MistralError), str(failure), type(failure).__name__)]
-        dist.broadcast_object_list(why, src=last)
+            failure = e
+    if failure is not None:
+        box[0, n + rank] = 1
+    dist.all_reduce(box)
+    picked, scores = box.tolist()
+    tokens, failed, lps = picked[:n], picked[n:], scores[:n]
+    if any(failed):
+        first = failed.index(1)
+        why = [(isinstance(failure, MistralError), str(failure), type(failure).__name__) if rank == first else None]
+        dist.broadcast_object_list(why, src=first)
         if failure is not None:
             raise failure
         user_error, message, kind = why[0]
-        raise MistralError(message if user_error else f"pipeline rank {last} stopped on {kind}: {message}")
+        if user_error:
+            raise MistralError(message)
+        raise dist.DistError(f"pipeline rank {first} stopped on {kind}: {message}")
     return [int(t) for t in tokens], lps
 
 

@@ -1,7 +1,8 @@
 """The Mistral / Mixtral decoder. Module attributes are the native checkpoint's state-dict keys.
 
 This file is the definition, in plain PyTorch, and runs on any device. Fast paths are applied from outside: quantized
-weight formats swap modules (mistral/quantize.py), and decode steps on a CPU go to the engine in mistral/cpu/ when
+weight formats swap modules (mistral/quantize.py), as grouped experts do for a mixture on a GPU (mistral/grouped.py),
+and decode steps go to a compiled step (mistral/compiled.py) or, on a CPU, to the engine in mistral/cpu/ when
 mistral/generate.py finds one that takes them.
 
 Letters: S packed tokens, H heads, Hkv kv heads, D head_dim, V vocab.
@@ -132,7 +133,9 @@ class Transformer(nn.Module):
         sequence b, and seqlens[b] may be 0. Returns fp32 logits (S, V), or (N, V) for the N packed positions in
         `rows`: generation needs the logits of a prompt's last token only, and the output head is the largest
         product there is (V x dim per position). Under pipeline ranks only the last rank, which holds the head, has
-        logits; the others return None (mistral/generate.py hands them what it samples, not V numbers a row).
+        logits; the others return None (mistral/generate.py hands them what it samples, not V numbers a row). A rank
+        that fails raises, and the ranks after it get NaN from it: the caller must tell the ranks of the failure, as
+        generate does at the end of every step, and the caches then differ between ranks.
         """
         seqlens = [int(n) for n in seqlens]
         if input_ids.ndim != 1 or input_ids.shape[0] != sum(seqlens):
@@ -151,14 +154,25 @@ class Transformer(nn.Module):
             meta = cache.get_input_metadata(seqlens, self.args.sliding_window)
             positions, mask = meta.positions, meta.mask
 
-        if self.is_first:
-            h = self.tok_embeddings(input_ids)  # (S, dim)
-        else:
-            h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
-            dist.recv(h, src=self.pipeline_rank - 1)
-        freqs_cis = precompute_freqs_cis(self.args.head_dim, positions, self.args.rope_theta)  # (S, D/2)
-        for local_i, layer in enumerate(self.layers.values()):
-            h = layer(h, freqs_cis, mask, None if cache is None else cache.layer(local_i, meta))
+        h = None
+        try:
+            if self.is_first:
+                h = self.tok_embeddings(input_ids)  # (S, dim)
+            else:
+                h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
+                dist.recv(h, src=self.pipeline_rank - 1)
+            freqs_cis = precompute_freqs_cis(self.args.head_dim, positions, self.args.rope_theta)  # (S, D/2)
+            for local_i, layer in enumerate(self.layers.values()):
+                h = layer(h, freqs_cis, mask, None if cache is None else cache.layer(local_i, meta))
+        except Exception:
+            # The next rank is waiting for h. It gets NaN, not nothing, so that it reaches the end of the step, where
+            # generate tells every rank which one failed, instead of waiting out the timeout. NaN is written over
+            # the input of the layer that failed, allocating nothing, as the failure may be a full GPU.
+            if not self.is_last:
+                if h is None:
+                    h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
+                dist.send(h.fill_(float("nan")), dst=self.pipeline_rank + 1)
+            raise
         if cache is not None:
             cache.advance(seqlens)
 

@@ -25,7 +25,7 @@ def recording(collective, seen: list):
 def main(out: Path, folders: list[str]) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    broadcast = []  # what generate broadcast, over all its steps
+    exchanged = []  # what generate summed over the ranks, over all its steps
     report = {}
     for folder in folders:
         model = Transformer.from_folder(folder, max_batch_size=3, num_pipeline_ranks=world, device="cpu")
@@ -37,16 +37,16 @@ def main(out: Path, folders: list[str]) -> None:
             chunks = [model(torch.tensor(PROMPTS[0][i : i + 4]), [len(PROMPTS[0][i : i + 4])], cache)
                       for i in range(0, len(PROMPTS[0]), 4)]
             chunked = torch.cat(chunks) if model.is_last else None  # only the last rank has logits
-        plain, dist.broadcast = dist.broadcast, recording(dist.broadcast, broadcast)
+        plain, dist.all_reduce = dist.all_reduce, recording(dist.all_reduce, exchanged)
         greedy = generate_ids(PROMPTS, model, max_tokens=12, chunk_size=5)
         # Each rank's generator would give other tokens: only the last rank's, which samples, may matter.
         seed = 7 if rank == world - 1 else 1000 + rank
         sampled = generate_ids(PROMPTS, model, max_tokens=12, temperature=1.0, top_p=0.9,
                                generator=torch.Generator().manual_seed(seed))
         scored = generate_ids(PROMPTS, model, max_tokens=3, chunk_size=5, prompt_logprobs=True)
-        dist.broadcast = plain
+        dist.all_reduce = plain
         report[folder] = dict(params=sorted(model.state_dict()), packed=packed, chunked=chunked,
-                              greedy=greedy, sampled=sampled, scored=scored, broadcast=broadcast)
+                              greedy=greedy, sampled=sampled, scored=scored, exchanged=exchanged)
     torch.save(report, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -412,6 +412,21 @@ def test_a_grouped_mixture_is_the_oracles_and_keeps_its_weights_once():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_grouped_experts_agree_with_moelayer_on_the_device(device):
+    """bf16 on the device under test: on Hopper or Blackwell, torch's fused grouped kernel. The grouped logits are
+    MoeLayer's within twice bf16's own rounding there (MoeLayer in fp32 as the reference)."""
+    plain = random_model(tiny_params(**MOE)).to(device)
+    reference = copy.deepcopy(plain)
+    plain = plain.to(torch.bfloat16)
+    model = copy.deepcopy(plain)
+    group_experts(model)
+    ids = torch.tensor([3, 17, 5, 60, 2, 9, 41, 33, 8, 1, 27, 50], device=device)
+    with torch.no_grad():
+        want, fp32, got = (m(ids, [len(ids)]) for m in (plain, reference, model))
+    rounding = (want - fp32).abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=2 * rounding)
+
+
 def test_experts_in_a_quantized_format_are_not_grouped():
     model = random_model(tiny_params(**MOE))
     quantize.prepare(model, "int8", torch.float32, torch.float32)

@@ -83,10 +83,10 @@ def test_ranks_match_one_process(world, folders, tmp_path):
             torch.testing.assert_close(torch.tensor(sum(got["sampled"][1], [])), torch.tensor(sum(sampled[1], [])))
             assert got["scored"][0] == scored[0], (name, rank)
             torch.testing.assert_close(torch.tensor(sum(got["scored"][1], [])), torch.tensor(sum(scored[1], [])))
-            # Per step, tokens and log-probabilities of the rows scored (and a flag), never (N, V) logits.
-            most = 2 * (sum(map(len, PROMPTS)) + 1)
-            assert got["broadcast"] and all(shape[0] == 2 and shape[1] * 2 <= most and dtype == torch.float64
-                                            for shape, dtype in got["broadcast"]), got["broadcast"]
+            # Per step, tokens and log-probabilities of the rows scored (and a flag a rank), never (N, V) logits.
+            most = sum(map(len, PROMPTS)) + world
+            assert got["exchanged"] and all(shape[0] == 2 and world < shape[1] <= most and dtype == torch.float64
+                                            for shape, dtype in got["exchanged"]), got["exchanged"]
             layers = pipeline_layers(N_LAYERS, world, rank)
             expected = [k for k in all_params if (k.startswith("layers.") and int(k.split(".")[1]) in layers)
                         or (k.startswith("tok_embeddings") and rank == 0)
@@ -137,6 +137,56 @@ def test_a_dead_rank_ends_the_others(folders, tmp_path):
     proc = torchrun(2, str(script), timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - start < 90
+
+
+def test_a_failure_in_any_ranks_forward_ends_every_rank_at_once(folders, tmp_path):
+    """A layer raises on one of three ranks (a full GPU, say): in a pre-fill chunk no logits are taken from, in the
+    next one, or in a decode step. The rank that failed raises its error, every other rank a DistError that names
+    it, all at once, none waiting for the activations that will not come (the timeout here is 60 s); the process
+    group still works after it."""
+    script = tmp_path / "forward.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from datetime import timedelta\n"
+        "from mistral.generate import generate_ids\n"
+        "from mistral.model import Transformer\n"
+        "dist.init_process_group('gloo', timeout=timedelta(seconds=60))\n"
+        f"m = Transformer.from_folder({str(folders['dense'])!r}, num_pipeline_ranks=3, device='cpu')\n"
+        "layer, rank, calls = list(m.layers.values())[-1], dist.get_rank(), [0]\n"
+        "def run():\n"
+        "    return generate_ids([[1, 2, 3, 4, 5]], m, max_tokens=4, chunk_size=2)[0]\n"
+        "def breaks_at(k):\n"
+        "    def forward(*args):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] == k:\n"
+        "            raise RuntimeError('CUDA out of memory (a test)')\n"
+        "        return type(layer).forward(layer, *args)\n"
+        "    return forward\n"
+        "got = [run()]\n"
+        "for failing, at in [(0, 1), (1, 2), (2, 4)]:\n"
+        "    calls[0] = 0\n"
+        "    if rank == failing:\n"
+        "        layer.forward = breaks_at(at)\n"
+        "    try:\n"
+        "        got.append(f'finished {run()}')\n"
+        "    except Exception as e:\n"
+        "        got.append(f'{type(e).__name__}: {e}')\n"
+        "    layer.__dict__.pop('forward', None)\n"
+        "got.append(run())\n"
+        f"open({str(tmp_path)!r} + f'/rank{{rank}}.txt', 'w').write(repr(got))\n"
+        "dist.destroy_process_group()\n")
+    start = time.monotonic()
+    proc = torchrun(3, str(script), timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - start < 50
+    for rank in range(3):
+        got = eval((tmp_path / f"rank{rank}.txt").read_text())
+        assert got[0] == got[-1] and len(got[0]) == 1 and len(got[0][0]) == 4, (rank, got)
+        for failing, outcome in zip(range(3), got[1:4]):
+            want = "RuntimeError: CUDA out of memory (a test)"
+            if rank != failing:
+                want = f"DistError: pipeline rank {failing} stopped on {want}"
+            assert outcome == want, (rank, failing, got)
 
 
 def test_a_failure_on_the_last_rank_ends_every_rank_with_its_message(folders, tmp_path):
