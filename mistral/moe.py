@@ -20,7 +20,8 @@ class MoeLayer(nn.Module):
         # The S * K (token, expert) choices, sorted by expert: each expert's tokens are then one slice of them, in
         # token order. Routing stays on the device; what comes to the host is the E slice lengths, in one transfer,
         # because a launch needs its row count. With them an expert no token chose is never run, and its weights never
-        # read, which is what makes decoding a sparse model cost only its active parameters.
+        # read, which is what makes decoding a sparse model cost only its active parameters. (mistral/grouped.py does
+        # without the read, where the GPU has a grouped product that takes the slice lengths from the device.)
         #   chosen [[2, 0], [0, 1]] -> order [1, 2, 3, 0] (flat choices 0, 0, 1, 2), counts [2, 1, 1, 0]:
         #   expert 0 takes tokens [0, 1], expert 1 token [1], expert 2 token [0], expert 3 nothing.
         flat = chosen.flatten()  # (S*K,) choice i is token i // K's
