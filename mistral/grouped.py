@@ -46,31 +46,22 @@ class GroupedMoeLayer(MoeLayer):
             self.register_buffer(name, stack, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (S, dim) -> (S, dim), as MoeLayer.forward, with the counts and offsets kept on the device."""
-        E, K = len(self.experts), self.num_experts_per_tok
-        top_logits, chosen = torch.topk(self.gate(x), K, dim=-1)  # (S, K)
-        weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)  # (S, K)
-        # The S * K choices sorted by expert, as MoeLayer sorts them; ends[e] is where expert e's run of them ends.
-        #   chosen [[2, 0], [0, 1]] -> order [1, 2, 3, 0], counts [2, 1, 1, 0], ends [2, 3, 4, 4]:
-        #   rows 0-1 of the sorted tokens go through expert 0, row 2 through expert 1, row 3 through expert 2.
-        flat = chosen.flatten()  # (S*K,)
-        order = flat.argsort(stable=True)  # (S*K,)
-        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))  # (E,)
+        """x (S, dim) -> (S, dim), as MoeLayer.forward, routed by its route, with the offsets kept on the device."""
+        tokens, pair_weights, counts = self.route(x)  # (S*K,), (S*K, 1), (E,)
+        # ends[e] is where expert e's run of the sorted choices ends: counts [2, 1, 1, 0] -> ends [2, 3, 4, 4], rows
+        # 0-1 go through expert 0, row 2 through expert 1, row 3 through expert 2.
         ends = counts.cumsum(0, dtype=torch.int32)  # (E,)
-        tokens = order // K  # (S*K,)
         xs = x.index_select(0, tokens)  # (S*K, dim)
         h = F.silu(_grouped_mm(xs, self.w1.mT, offs=ends)) * _grouped_mm(xs, self.w3.mT, offs=ends)  # (S*K, hidden)
         ys = _grouped_mm(h, self.w2.mT, offs=ends)  # (S*K, dim)
-        pair_weights = weights.flatten().index_select(0, order)[:, None]  # (S*K, 1)
         return torch.zeros_like(x).index_add_(0, tokens, pair_weights * ys)
 
 
 def group_experts(model: nn.Module) -> int:
     """Swap every MoeLayer of `model` whose experts hold plain weights (not a quantized format) for a GroupedMoeLayer,
-    in place; returns how many were swapped. Do it once the
-    weights are where they will run: moving the model afterwards moves the stacks and the experts' views apart, each
-    a copy of its own (still right, but every expert weight then held twice)."""
+    in place; returns how many were swapped. Do it once the weights are where they will run: moving the model
+    afterwards moves the stacks and the experts' views apart, each a copy of its own (still right, but every expert
+    weight then held twice)."""
     swapped = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
