@@ -1,8 +1,10 @@
 """Pipeline sharding with real processes: torchrun, gloo, 2 and 3 ranks over 5 layers."""
+import ast
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -139,48 +141,59 @@ def test_a_dead_rank_ends_the_others(folders, tmp_path):
     assert time.monotonic() - start < 90
 
 
-def test_a_failure_in_any_ranks_forward_ends_every_rank_at_once(folders, tmp_path):
-    """A layer raises on one of three ranks (a full GPU, say): in a pre-fill chunk no logits are taken from, in the
-    next one, or in a decode step. The rank that failed raises its error, every other rank a DistError that names
-    it, all at once, none waiting for the activations that will not come (the timeout here is 60 s); the process
-    group still works after it."""
-    script = tmp_path / "forward.py"
+def outcomes(folder: Path, tmp_path: Path, nproc: int, body: str) -> list:
+    """Runs `body` on nproc gloo ranks, with `m` the model of `folder` split over them and `rank` this one's, and
+    returns the `got` each rank left (a Python literal). The process group's timeout is 60 s (the default is 5
+    minutes): every rank must end well, and all within 50 s, so none may have waited it out."""
+    script = tmp_path / "ranks.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
         "from datetime import timedelta\n"
+        "import mistral.generate\n"
+        "from mistral.errors import MistralError\n"
         "from mistral.generate import generate_ids\n"
         "from mistral.model import Transformer\n"
         "dist.init_process_group('gloo', timeout=timedelta(seconds=60))\n"
-        f"m = Transformer.from_folder({str(folders['dense'])!r}, num_pipeline_ranks=3, device='cpu')\n"
-        "layer, rank, calls = list(m.layers.values())[-1], dist.get_rank(), [0]\n"
-        "def run():\n"
-        "    return generate_ids([[1, 2, 3, 4, 5]], m, max_tokens=4, chunk_size=2)[0]\n"
-        "def breaks_at(k):\n"
-        "    def forward(*args):\n"
-        "        calls[0] += 1\n"
-        "        if calls[0] == k:\n"
-        "            raise RuntimeError('CUDA out of memory (a test)')\n"
-        "        return type(layer).forward(layer, *args)\n"
-        "    return forward\n"
-        "got = [run()]\n"
-        "for failing, at in [(0, 1), (1, 2), (2, 4)]:\n"
-        "    calls[0] = 0\n"
-        "    if rank == failing:\n"
-        "        layer.forward = breaks_at(at)\n"
-        "    try:\n"
-        "        got.append(f'finished {run()}')\n"
-        "    except Exception as e:\n"
-        "        got.append(f'{type(e).__name__}: {e}')\n"
-        "    layer.__dict__.pop('forward', None)\n"
-        "got.append(run())\n"
-        f"open({str(tmp_path)!r} + f'/rank{{rank}}.txt', 'w').write(repr(got))\n"
+        f"m = Transformer.from_folder({str(folder)!r}, max_batch_size=3, num_pipeline_ranks={nproc}, device='cpu')\n"
+        "rank = dist.get_rank()\n"
+        + textwrap.dedent(body)
+        + f"open({str(tmp_path)!r} + f'/rank{{rank}}.txt', 'w').write(repr(got))\n"
         "dist.destroy_process_group()\n")
     start = time.monotonic()
-    proc = torchrun(3, str(script), timeout=150)
+    proc = torchrun(nproc, str(script), timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.monotonic() - start < 50
-    for rank in range(3):
-        got = eval((tmp_path / f"rank{rank}.txt").read_text())
+    return [ast.literal_eval((tmp_path / f"rank{rank}.txt").read_text()) for rank in range(nproc)]
+
+
+def test_a_failure_in_any_ranks_forward_ends_every_rank_at_once(folders, tmp_path):
+    """A layer raises on one of three ranks (a full GPU, say): in a pre-fill chunk no logits are taken from, in the
+    next one, or in a decode step. The rank that failed raises its error, every other rank a DistError that names
+    it, all at once, none waiting for the activations that will not come; the process group still works after it."""
+    ranks = outcomes(folders["dense"], tmp_path, 3, """
+        layer, calls = list(m.layers.values())[-1], [0]
+        def run():
+            return generate_ids([[1, 2, 3, 4, 5]], m, max_tokens=4, chunk_size=2)[0]
+        def breaks_at(k):
+            def forward(*args):
+                calls[0] += 1
+                if calls[0] == k:
+                    raise RuntimeError('CUDA out of memory (a test)')
+                return type(layer).forward(layer, *args)
+            return forward
+        got = [run()]
+        for failing, at in [(0, 1), (1, 2), (2, 4)]:
+            calls[0] = 0
+            if rank == failing:
+                layer.forward = breaks_at(at)
+            try:
+                got.append(f'finished {run()}')
+            except Exception as e:
+                got.append(f'{type(e).__name__}: {e}')
+            layer.__dict__.pop('forward', None)
+        got.append(run())
+        """)
+    for rank, got in enumerate(ranks):
         assert got[0] == got[-1] and len(got[0]) == 1 and len(got[0][0]) == 4, (rank, got)
         for failing, outcome in zip(range(3), got[1:4]):
             want = "RuntimeError: CUDA out of memory (a test)"
@@ -191,31 +204,17 @@ def test_a_failure_in_any_ranks_forward_ends_every_rank_at_once(folders, tmp_pat
 
 def test_a_failure_on_the_last_rank_ends_every_rank_with_its_message(folders, tmp_path):
     """Sampling fails on the last rank, the only one that samples: every rank raises the same error at once, none
-    waits for a step that will not come (the process group's timeout here is 60 s; the default is 5 minutes)."""
-    script = tmp_path / "fail.py"
-    script.write_text(
-        "import sys, torch, torch.distributed as dist\n"
-        "from datetime import timedelta\n"
-        "import mistral.generate\n"
-        "from mistral.errors import MistralError\n"
-        "from mistral.model import Transformer\n"
-        "dist.init_process_group('gloo', timeout=timedelta(seconds=60))\n"
-        f"m = Transformer.from_folder({str(folders['dense'])!r}, max_batch_size=3, num_pipeline_ranks=2,\n"
-        "                             device='cpu')\n"
-        "def broken(*args, **kwargs):\n"
-        "    raise MistralError('sampling failed on the last rank')\n"
-        "if m.is_last:\n"
-        "    mistral.generate.sample = broken\n"
-        "try:\n"
-        "    mistral.generate.generate_ids([[1, 2, 3]], m, max_tokens=5, temperature=1.0)\n"
-        "    got = 'finished'\n"
-        "except Exception as e:\n"
-        "    got = f'{type(e).__name__}: {e}'\n"
-        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w').write(got)\n"
-        "dist.destroy_process_group()\n")
-    start = time.monotonic()
-    proc = torchrun(2, str(script), timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert time.monotonic() - start < 50
-    for rank in range(2):
-        assert (tmp_path / f"rank{rank}.txt").read_text() == "MistralError: sampling failed on the last rank", rank
+    waits for a step that will not come."""
+    ranks = outcomes(folders["dense"], tmp_path, 2, """
+        def broken(*args, **kwargs):
+            raise MistralError('sampling failed on the last rank')
+        if m.is_last:
+            mistral.generate.sample = broken
+        try:
+            mistral.generate.generate_ids([[1, 2, 3]], m, max_tokens=5, temperature=1.0)
+            got = 'finished'
+        except Exception as e:
+            got = f'{type(e).__name__}: {e}'
+        """)
+    for rank, got in enumerate(ranks):
+        assert got == "MistralError: sampling failed on the last rank", rank
