@@ -21,11 +21,12 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mistral import checkpoint  # noqa: E402
+from mistral import checkpoint, pipeline  # noqa: E402
 from mistral.args import QUANTIZATIONS, ModelArgs  # noqa: E402
 from mistral.chat import DEFAULT_CONTEXT, Chat, Turn  # noqa: E402
 from mistral.errors import MistralError  # noqa: E402
-from mistral.generate import check_options, generate, generate_ids  # noqa: E402, F401  (re-exported)
+from mistral.generate import generate, generate_ids  # noqa: E402, F401  (re-exported)
+from mistral.sampling import SamplingParams, check_options  # noqa: E402
 from mistral.model import Transformer  # noqa: E402
 from mistral.tokenizer import Tokenizer  # noqa: E402
 
@@ -35,8 +36,6 @@ CHAT_MAX_TOKENS = 256
 # What the memory check before loading assumes of a prompt it has not seen yet (interactive, chat).
 TYPICAL_PROMPT = 512
 DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", "Now is the winter of our"]
-# If a pipeline rank dies, the others give up after this long instead of waiting forever.
-PIPELINE_TIMEOUT = timedelta(minutes=5)
 
 
 def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
@@ -62,7 +61,7 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
         raise MistralError(f"torchrun started {world} processes but --num_pipeline_ranks is 1, so each would run the "
                            f"whole model and print it all: add --num_pipeline_ranks {world}, or run without torchrun")
     if num_pipeline_ranks > 1:
-        _init_pipeline(num_pipeline_ranks, device)
+        pipeline.init(num_pipeline_ranks, device)
     checkpoint.layout(folder)  # a folder, holding a model
     # The tokenizer and the config, checked against each other before gigabytes of weights are read.
     tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder)
@@ -99,20 +98,6 @@ def _slots(args: ModelArgs, reach: int) -> int:
     return min(reach, args.sliding_window or reach)
 
 
-def _init_pipeline(num_pipeline_ranks: int, device: str) -> None:
-    if "WORLD_SIZE" not in os.environ:
-        raise MistralError(f"--num_pipeline_ranks {num_pipeline_ranks} needs one process per rank: run "
-                           f"torchrun --nproc-per-node {num_pipeline_ranks} -m main ...")
-    if int(os.environ["WORLD_SIZE"]) != num_pipeline_ranks:
-        raise MistralError(f"--num_pipeline_ranks {num_pipeline_ranks} but torchrun started {os.environ['WORLD_SIZE']} "
-                           "processes; make --nproc-per-node and --num_pipeline_ranks equal")
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=PIPELINE_TIMEOUT)
-
-
 @functools.cache
 def _waiting_group():
     """The process group over which rank 0 hands every rank the next line. The ranks wait for it as long as a person
@@ -147,8 +132,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
 
 
-def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = 0.0, top_p: float = 0.8,
-         top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
+def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
+         top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
          device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> None:
     """Complete three fixed prompts as one packed batch and print each, followed by a line of '='.
 
@@ -187,8 +172,8 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
               f"{_peak_memory_mb(model.device):,.0f} MB", file=sys.stderr)
 
 
-def interactive(model_path: str | None = None, max_tokens: int = 35, temperature: float = 0.0, top_p: float = 0.8,
-                top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
+def interactive(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
+                top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
                 device: str = "auto", dtype: str = "auto", quantize: str | None = None,
                 instruct: bool = False) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
@@ -245,8 +230,9 @@ CHAT_COMMANDS = {"/reset": "start the conversation over (the system prompt stays
                  "/help": "this list"}
 
 
-def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS, temperature: float = 0.0,
-         top_p: float = 0.8, top_k: int = 0, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
+def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
+         temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
+         top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
          device: str = "auto", dtype: str = "auto", quantize: str | None = None, context: int | None = None) -> None:
     """Talk with an instruction-tuned model: each line is a user message, the answer streams, and the
     conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer

@@ -19,8 +19,9 @@ import torch
 
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
-from mistral.generate import check_options, generate_ids
+from mistral.generate import generate_ids
 from mistral.model import Transformer
+from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ class Turn:
 class Chat:
     """One conversation with a model, its turns in row 0 of a cache of its own."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_tokens: int,
+                 temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
+                 top_k: int = SamplingParams.top_k, chunk_size: int | None = None,
                  generator: torch.Generator | None = None, context: int | None = None):
         check_options(max_tokens, temperature, top_p, top_k, chunk_size)
         if max_tokens < 1:

@@ -103,34 +103,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device,
     return dtype
 
 
-def pipeline_rank(num_pipeline_ranks: int) -> int:
-    """This process's rank, after checking that the process group has exactly num_pipeline_ranks ranks."""
-    if not dist.is_initialized():
-        raise MistralError(f"num_pipeline_ranks={num_pipeline_ranks} needs one process per rank: "
-                           f"run under torchrun --nproc-per-node {num_pipeline_ranks}")
-    if dist.get_world_size() != num_pipeline_ranks:
-        raise MistralError(f"num_pipeline_ranks={num_pipeline_ranks} but torchrun started {dist.get_world_size()} "
-                           "processes; make --nproc-per-node and --num_pipeline_ranks equal")
-    return dist.get_rank()
-
-
-def rank_gpu(device: torch.device, rank: int) -> torch.device:
-    """The GPU of this pipeline rank: cuda:N when the caller named one, else cuda:LOCAL_RANK, the variable torchrun
-    sets. Whoever called init_process_group may not have chosen a GPU, and then every rank would land on cuda:0.
-    The GPU is made current too, so that what the caller allocates on "cuda", and NCCL's barrier, go there."""
-    if device.index is None:
-        local = os.environ.get("LOCAL_RANK")
-        if local is None or not local.isdigit():
-            raise MistralError(f"pipeline rank {rank} on CUDA needs its own GPU: set LOCAL_RANK (torchrun "
-                               "does) or pass device='cuda:N'")
-        device = torch.device("cuda", int(local))
-    if device.index >= torch.cuda.device_count():
-        raise MistralError(f"pipeline rank {rank} was given {device} but this machine has "
-                           f"{torch.cuda.device_count()} GPUs: run at most that many ranks per machine")
-    torch.cuda.set_device(device)
-    return device
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Which layout a folder holds, and its config
 
@@ -684,7 +656,7 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     per row for max_batch_size rows, and the work space of pre-filling prefill_tokens at a time) is compared with
     the memory available, and a run that cannot fit is refused in one line that says what would.
     """
-    from mistral import grouped, quantize as formats
+    from mistral import grouped, pipeline, quantize as formats
     from mistral.model import Transformer
 
     folder, device = Path(folder), resolve_device(device)
@@ -706,9 +678,9 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     dtype = resolve_dtype(dtype, device, stored=_stored_dtype(plan))
     rank = 0
     if num_pipeline_ranks > 1:
-        rank = pipeline_rank(num_pipeline_ranks)
+        rank = pipeline.pipeline_rank(num_pipeline_ranks)
         if device.type == "cuda":
-            device = rank_gpu(device, rank)
+            device = pipeline.rank_gpu(device, rank)
     compute = torch.float32 if device.type == "cpu" else dtype
 
     def built(dtype: torch.dtype, quantize: str | None) -> "Transformer":

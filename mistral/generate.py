@@ -8,68 +8,22 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import gb, memory_available
 from mistral.compiled import CompiledDecoder
 from mistral.cpu import CpuDecoder
+from mistral import pipeline
 from mistral.errors import MistralError
 from mistral.model import Transformer
+from mistral.sampling import SamplingParams, check_options, sample
 from mistral.tokenizer import Tokenizer
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """probs (N, V) -> (N,): sample from the smallest set of tokens whose probability reaches p."""
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above each one
-    drop = before >= p
-    drop[:, 0] = False  # the top token always survives, even where p rounds to 0 in fp32
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1), renormalises itself
-    return torch.gather(order, -1, choice).squeeze(-1)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (N, V) -> (N,) next tokens: greedy at temperature 0, else temperature with top-k then top-p.
-
-    The largest logit of each row is subtracted before dividing by the temperature: at a temperature so small that
-    the quotients overflow (1e-40, say), every other token then goes to -inf and the largest keeps 0, so sampling is
-    greedy, its limit, instead of a softmax of inf - inf. Below fp32's smallest normal number the temperature itself
-    would round to 0 in the division: that is greedy too."""
-    if temperature < torch.finfo(torch.float32).tiny:
-        return logits.argmax(dim=-1)
-    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return sample_top_p(torch.softmax(logits.float(), dim=-1), top_p, generator)
-
-
-def check_options(max_tokens: int, temperature: float, top_p: float, top_k: int, chunk_size: int | None) -> None:
-    """Reject generation options that make no sense, naming the option and its valid range."""
-    def whole(x):
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    if not whole(max_tokens) or max_tokens < 0:
-        raise MistralError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
-    if not number(temperature) or not 0 <= temperature < math.inf:
-        raise MistralError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not number(top_p) or not 0 < top_p <= 1:
-        raise MistralError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not whole(top_k) or top_k < 0:
-        raise MistralError(f"top_k must be a whole number >= 0 (0 turns it off), got {top_k!r}")
-    if chunk_size is not None and (not whole(chunk_size) or chunk_size <= 0):
-        raise MistralError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
-
-
 @torch.inference_mode()
-def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None, eos_id: int | None = None,
+def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: int,
+                 temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
+                 top_k: int = SamplingParams.top_k, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
                  cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
                  engine: bool = True,
@@ -182,7 +136,7 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
             return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
 
         if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
-            tokens, lps = _from_last_rank(model, pick, len(targets), failure)
+            tokens, lps = pipeline.last_rank_pick(model, pick, len(targets), failure)
         else:
             tokens, lps = (t.tolist() for t in pick()) if scored else ([], [])
 
@@ -198,51 +152,14 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     return generated, logprobs
 
 
-def _from_last_rank(model: Transformer, pick: Callable[[], tuple[torch.Tensor, torch.Tensor]], n: int,
-                    failure: Exception | None = None) -> tuple[list[int], list[float]]:
-    """Pipeline ranks, at the end of every step: the last rank, which alone has the logits, picks the step's n
-    tokens, and every rank gets them, or learns that some rank failed in the step (`failure`: this one's).
-
-    Only the last rank samples, so ranks cannot disagree, whatever their RNGs do (CUDA's need not agree across GPU
-    models). What goes over the process group is one (2, n + R) float64 tensor for R ranks, summed over them: the
-    last rank's tokens (exact in float64) and their log-probabilities, then a flag per rank, 1 where it failed. The
-    first rank that failed then sends its error, and every rank raises, none left waiting for a step that will not
-    come: the one that failed its own error, the others a MistralError where that was a user's mistake, else a
-    DistError, which says the process group can go no further (the ranks' caches no longer agree).
-    """
-    R, rank = model.num_pipeline_ranks, model.pipeline_rank
-    box = torch.zeros(2, n + R, dtype=torch.float64, device=model.device)  # [tokens, failed], [logprobs, unused]
-    if model.is_last and failure is None and n:
-        try:
-            tokens, lps = pick()
-            box[0, :n], box[1, :n] = tokens, lps
-        except Exception as e:
-            failure = e
-    if failure is not None:
-        box[0, n + rank] = 1
-    dist.all_reduce(box)
-    picked, scores = box.tolist()
-    tokens, failed, lps = picked[:n], picked[n:], scores[:n]
-    if any(failed):
-        first = failed.index(1)
-        why = [(isinstance(failure, MistralError), str(failure), type(failure).__name__) if rank == first else None]
-        dist.broadcast_object_list(why, src=first)
-        if failure is not None:
-            raise failure
-        user_error, message, kind = why[0]
-        if user_error:
-            raise MistralError(message)
-        raise dist.DistError(f"pipeline rank {first} stopped on {kind}: {message}")
-    return [int(t) for t in tokens], lps
-
-
 def _non_finite(model: Transformer) -> MistralError:
     return MistralError("the model gave non-finite logits (NaN or inf): its weights are damaged, or too large for its "
                         f"dtype ({str(model.dtype).removeprefix('torch.')})")
 
 
 def generate(prompts: list[str], model: Transformer, tokenizer: Tokenizer, *, max_tokens: int,
-             temperature: float = 0.0, top_p: float = 0.8, top_k: int = 0, chunk_size: int | None = None,
+             temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
+             top_k: int = SamplingParams.top_k, chunk_size: int | None = None,
              eos_id: int | None = None, generator: torch.Generator | None = None,
              prompt_logprobs: bool = False) -> tuple[list[str], list[list[float]]]:
     """Complete text prompts. Returns (texts, logprobs): texts[i] is prompt plus completion, decoded

@@ -12,7 +12,7 @@ from oracle import oracle_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mistral.attention as attn
-from mistral import checkpoint, grouped, quantize
+from mistral import checkpoint, grouped, pipeline, quantize
 from mistral.attention import BlockMask, attention
 from mistral.cache import RotatingBufferCache
 from mistral.compiled import CompiledDecoder
@@ -292,7 +292,7 @@ def two_gpus(monkeypatch):
         raise Reached
 
     monkeypatch.setattr(checkpoint, "memory_available", memory_available)
-    monkeypatch.setattr(checkpoint, "pipeline_rank", lambda n: 1)  # this process is rank 1 of 2
+    monkeypatch.setattr(pipeline, "pipeline_rank", lambda n: 1)  # this process is rank 1 of 2
     return seen
 
 

@@ -17,10 +17,11 @@ from conftest import VOCAB
 from helpers import random_model, save_folder, tiny_params
 
 import main
-from mistral import checkpoint
+from mistral import checkpoint, pipeline
 from mistral.args import ModelArgs
 from mistral.errors import MistralError
-from mistral.generate import generate, generate_ids, sample
+from mistral.generate import generate, generate_ids
+from mistral.sampling import sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -292,7 +293,7 @@ def test_prompts_are_handed_to_the_ranks_without_the_failure_timeout():
 
     source = inspect.getsource(main._read_line)
     assert "group=_waiting_group()" in source
-    assert main.timedelta(days=365) > main.PIPELINE_TIMEOUT and "timeout=timedelta(days=365)" in inspect.getsource(
+    assert main.timedelta(days=365) > pipeline.TIMEOUT and "timeout=timedelta(days=365)" in inspect.getsource(
         main._waiting_group.__wrapped__)
 
 

@@ -4,7 +4,8 @@ import torch
 from helpers import random_model, tiny_params
 
 from mistral.errors import MistralError
-from mistral.generate import generate, generate_ids, sample, sample_top_p
+from mistral.generate import generate, generate_ids
+from mistral.sampling import sample, sample_top_p
 from mistral.tokenizer import Tokenizer
 
 W = 5
