@@ -66,6 +66,12 @@ class CacheMetadata:
         return self.kv_cached_src // self.slots, self.kv_cached_src % self.slots
 
 
+def slots_for(reach: int, window: int | None) -> int:
+    """Cache slots per row for sequences of up to `reach` positions: past the window W the buffer rolls, so a row
+    needs min(reach, W) slots; without a window, reach."""
+    return min(reach, window or reach)
+
+
 class RotatingBufferCache:
     def __init__(self, n_layers: int, max_batch_size: int, slots: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):

@@ -9,8 +9,7 @@ one CUDA graph (mode="reduce-overhead"). That needs fixed shapes and nothing the
   length never changes;
 - the positions live on the device and are advanced in place; the host copy in the cache is only compared with it.
 
-The step calls the model's own modules (its blocks, norms, head); only the loop over them is written again here, as
-the CPU engine does. Anything else (pre-fill, a step some row sits out, a mixture whose routing reads the host, that
+The step runs the model's own layer loop (Transformer.blocks) and head, with caches and a mask of its own. Anything else (pre-fill, a step some row sits out, a mixture whose routing reads the host, that
 is MoeLayer rather than mistral/grouped.py's GroupedMoeLayer, pipeline ranks, quantized weights) is declined, and
 generate runs it eagerly.
 
@@ -92,6 +91,5 @@ class CompiledDecoder:
         slots = positions % N  # (B,): position p of a row lives in slot p % N
         seen = torch.clamp(positions + 1, max=N)  # (B,) valid slots once this token is written: they fill from 0 up
         mask = SlotMask((torch.arange(N, device=tokens.device) < seen[:, None])[:, None, None, :])  # (B, 1, 1, N)
-        for i, layer in enumerate(model.layers.values()):
-            h = layer(h, freqs_cis, mask, _SlotView(cache_k[i], cache_v[i], slots))
-        return model.output(model.norm(h)).float()
+        h = model.blocks(h, freqs_cis, mask, [_SlotView(cache_k[i], cache_v[i], slots) for i in range(len(cache_k))])
+        return model.head(h)

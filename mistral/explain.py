@@ -17,6 +17,7 @@ import torch
 
 from mistral.cache import CacheMetadata, RotatingBufferCache, unrotate
 from mistral.errors import MistralError
+from mistral.generate import Row, plan_step
 
 EMPTY = -1  # what a slot that was never written holds
 
@@ -42,28 +43,20 @@ class Step:
 
 
 def schedule(prompt_lens: list[int], chunk_size: int | None, decode_steps: int) -> list[list[int]]:
-    """New tokens per sequence for every step, as generate_ids feeds them with max_tokens=decode_steps + 1.
+    """New tokens per sequence for every step, as generate_ids feeds them with max_tokens=decode_steps + 1: the same
+    Row objects, each sampling token 0.
 
     Each sequence feeds its next chunk of at most chunk_size prompt tokens (None: the whole prompt), then
     one generated token per step; a short prompt starts decoding while the others still pre-fill.
     prompt_lens [5, 7, 2], chunk_size 4, decode_steps 1  ->  [[4, 4, 2], [1, 3, 1], [1, 1, 0]]
     """
-    fed, decoded, steps = [0] * len(prompt_lens), [0] * len(prompt_lens), []
-    while True:
-        seqlens = []
-        for b, n in enumerate(prompt_lens):
-            if fed[b] < n:
-                k = min(chunk_size or n, n - fed[b])
-                fed[b] += k
-            elif decoded[b] < decode_steps:
-                k = 1
-                decoded[b] += 1
-            else:
-                k = 0
-            seqlens.append(k)
-        if not any(seqlens):
-            return steps
-        steps.append(seqlens)
+    rows = [Row([0] * n, decode_steps + 1) for n in prompt_lens]
+    steps = []
+    while (plan := plan_step(rows, chunk_size)).inputs:
+        steps.append(plan.seqlens)
+        for b in plan.owners:
+            rows[b].take(0, 0.0, new=True)
+    return steps
 
 
 def walk(prompt_lens: list[int], window: int, chunk_size: int | None = None, decode_steps: int = 0) -> list[Step]:

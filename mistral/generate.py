@@ -1,23 +1,105 @@
 """The generation loop: chunked pre-fill of packed prompts, then decoding, one forward per step.
 
-It is also the one place that decides what runs each step: a decode step goes to the compiled step
-(mistral/compiled.py) when the caller built one and it takes the step, else to the CPU engine (mistral/cpu) where
-there is one and it takes it, and everything else to the model.
+The state of a generation is one small object per row of the cache, Row: what its sequence has fed and generated,
+and so what it feeds next. Each step is built from the rows (plan_step), run by whatever mistral/runners.py picks
+for it, and then each row takes the tokens picked for it. Rows can join and leave between steps: a row that is done
+feeds nothing, and a new Row can take its place in the cache (after cache.rewind(b, 0)); a server is this loop with
+a queue in front.
 """
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from mistral.cache import RotatingBufferCache
-from mistral.checkpoint import gb, memory_available
-from mistral.compiled import CompiledDecoder
-from mistral.cpu import CpuDecoder
 from mistral import pipeline
+from mistral.cache import RotatingBufferCache, slots_for
+from mistral.compiled import CompiledDecoder
 from mistral.errors import MistralError
+from mistral.checkpoint import gb, memory_available
 from mistral.model import Transformer
+from mistral.runners import Runner
 from mistral.sampling import SamplingParams, check_options, sample
 from mistral.tokenizer import Tokenizer
+
+NEW = -1  # the target of a position whose logits sample a new token, rather than score a known one
+
+
+class Row:
+    """One sequence of a generation: its prompt, what it has fed of it, and what it has generated.
+
+    It feeds its prompt a chunk a step, then its last generated token each step, until it generates eos_id or
+    max_tokens tokens; it then feeds nothing. prompt [5, 6, 7, 8, 9], chunk_size 2, max_tokens 3:
+
+        step        1       2       3           4      5
+        feeds       [5 6]   [7 8]   [9]         [g1]   [g2]
+        predicts    [6 7]   [8 9]   [NEW] -> g1 [g2]   [g3]     (g3 is not fed: the row is done)
+    """
+
+    def __init__(self, prompt: list[int], max_tokens: int, eos_id: int | None = None):
+        self.prompt, self.max_tokens, self.eos_id = prompt, max_tokens, eos_id
+        self.fed = 0  # prompt tokens fed so far
+        self.generated: list[int] = []
+        self.logprobs: list[float] = []  # of each scored position, in order
+        self.finished = max_tokens == 0
+
+    def feed(self, chunk_size: int | None) -> tuple[list[int], list[int]]:
+        """(the tokens this row feeds in the next step, what the logits of each predict: the next prompt token, or
+        NEW); its last prompt token predicts nothing when max_tokens is 0."""
+        prompt = self.prompt
+        if self.fed < len(prompt):
+            chunk = prompt[self.fed : self.fed + (chunk_size or len(prompt))]
+            nexts = prompt[self.fed + 1 : self.fed + len(chunk) + 1]
+            if self.fed + len(chunk) == len(prompt) and not self.finished:
+                nexts = nexts + [NEW]
+            self.fed += len(chunk)
+            return chunk, nexts
+        if not self.finished:
+            return self.generated[-1:], [NEW]
+        return [], []
+
+    def take(self, token: int, logprob: float, new: bool) -> None:
+        """Record a scored position: a known prompt token (new=False) or a sampled one, which may end the row."""
+        self.logprobs.append(logprob)
+        if new:
+            self.generated.append(token)
+            self.finished = token == self.eos_id or len(self.generated) == self.max_tokens
+
+
+@dataclass
+class Plan:
+    """One step, built from the rows by plan_step. Letters: S packed tokens, B cache rows, N scored positions."""
+
+    inputs: list[int]  # (S,) the tokens every row feeds, packed
+    seqlens: list[int]  # (B,) how many of them each row feeds (0: it sits the step out)
+    scored: list[int]  # (N,) packed positions whose logits are needed
+    owners: list[int]  # (N,) the row of each
+    targets: list[int]  # (N,) what each predicts: a known token, or NEW
+
+    @property
+    def rows(self) -> list[int] | None:
+        """The packed positions the model returns logits for: None for all of them."""
+        return None if len(self.scored) == len(self.inputs) else self.scored
+
+
+def plan_step(rows: list[Row | None], chunk_size: int | None, prompt_logprobs: bool = False) -> Plan:
+    """What every row feeds next, packed: a row that ends pre-fill early starts decoding while the others still
+    pre-fill. rows[b] is cache row b (None: a free row). Without prompt_logprobs only the positions that sample are
+    scored."""
+    plan = Plan([], [], [], [], [])
+    for b, row in enumerate(rows):
+        chunk, nexts = row.feed(chunk_size) if row is not None else ([], [])
+        if not prompt_logprobs:
+            nexts = [NEW] if nexts and nexts[-1] == NEW else []
+            first = len(plan.inputs) + len(chunk) - len(nexts)
+        else:
+            first = len(plan.inputs)
+        plan.scored.extend(range(first, first + len(nexts)))
+        plan.owners.extend([b] * len(nexts))
+        plan.targets.extend(nexts)
+        plan.inputs.extend(chunk)
+        plan.seqlens.append(len(chunk))
+    return plan
 
 
 @torch.inference_mode()
@@ -53,103 +135,71 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     if len(prompts) > model.max_batch_size:
         raise MistralError(f"{len(prompts)} prompts but the model was loaded with max_batch_size="
                            f"{model.max_batch_size}; pass a larger max_batch_size")
-
-    B, args = len(prompts), model.args
     # The positions each row will have fed: its prompt and every generated token but the last.
     reach = [len(p) + max(max_tokens - 1, 0) for p in prompts]
-    if cache is None:
-        slots = min(max(reach), args.sliding_window or max(reach))  # past the window the buffer rolls
-        size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
-        if size > memory_available(model.device):
-            raise MistralError(f"{B} rows of up to {max(reach):,} positions need a cache of {gb(size)}, more than the "
-                               f"{gb(memory_available(model.device))} available: ask for fewer tokens or rows")
-        cache = RotatingBufferCache(model.n_local_layers, B, slots, args.n_kv_heads, args.head_dim,
-                                    device=model.device, dtype=model.dtype)
-    else:
-        if B > cache.max_batch_size:
-            raise MistralError(f"{B} prompts but the cache has {cache.max_batch_size} rows")
-        for b, n in enumerate(reach):
-            cache.check_room(b, cache.seq_pos[b] + n, args.sliding_window)
-    fed = [0] * B  # prompt tokens fed so far, per row
-    generated: list[list[int]] = [[] for _ in range(B)]
-    logprobs: list[list[float]] = [[] for _ in range(B)]
-    finished = [max_tokens == 0] * B
-
-    # Built for this generation: it gathers the weights once, so a weight replaced later needs a new one.
-    decoder = CpuDecoder.of(model) if engine else None
-    while True:
-        inputs, seqlens = [], []
-        # Each packed token's logits predict one known token (the next prompt token) or a new sample
-        # (-1); the last token of a prompt when max_tokens == 0 predicts nothing and is not scored.
-        scored, owners, targets = [], [], []
-        for b, prompt in enumerate(prompts):
-            if fed[b] < len(prompt):
-                chunk = prompt[fed[b] : fed[b] + (chunk_size or len(prompt))]
-                nexts = prompt[fed[b] + 1 : fed[b] + len(chunk) + 1]
-                if fed[b] + len(chunk) == len(prompt) and not finished[b]:
-                    nexts = nexts + [-1]
-                fed[b] += len(chunk)
-            elif not finished[b]:
-                chunk, nexts = generated[b][-1:], [-1]
-            else:
-                chunk, nexts = [], []
-            scored.extend(range(len(inputs), len(inputs) + len(nexts)))
-            owners.extend([b] * len(nexts))
-            targets.extend(nexts)
-            inputs.extend(chunk)
-            seqlens.append(len(chunk))
-        if not inputs:
-            break
-        if not prompt_logprobs:  # only the positions that sample
-            scored, owners, targets = ([x for x, t in zip(xs, targets) if t < 0] for xs in (scored, owners, targets))
-
-        rows = None if len(scored) == len(inputs) else scored
-        ids = torch.tensor(inputs, device=model.device)
-        logits = compiled.step(ids, seqlens, cache, rows) if compiled is not None else None
-        if logits is None and decoder is not None:
-            logits = decoder.step(ids, seqlens, cache, rows)
-        failure = None
-        if logits is None:
-            try:
-                logits = model(ids, seqlens, cache, rows=rows)  # (N, V); None on a pipeline rank without the head
-            except Exception as e:
-                if model.num_pipeline_ranks == 1:
-                    raise
-                failure = e  # told to every rank below, before any raises
-        to_sample = [t < 0 for t in targets]
+    cache = _cache_for(model, reach) if cache is None else _checked(cache, model, reach)
+    rows = [Row(p, max_tokens, eos_id) for p in prompts]
+    runner = Runner(model, engine, compiled)
+    while (plan := plan_step(rows, chunk_size, prompt_logprobs)).inputs:
+        ids = torch.tensor(plan.inputs, device=model.device)
+        logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)  # (N, V); None on a rank without the head
+        to_sample = [t == NEW for t in plan.targets]
 
         def pick() -> tuple[torch.Tensor, torch.Tensor]:
-            """(N,) tokens, the sampled ones and the known targets, and (N,) their log-probabilities."""
-            # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
-            picked = decoder.greedy(logits) if decoder is not None and temperature == 0 and all(to_sample) else None
-            if picked is not None:
-                return picked
-            if temperature > 0 and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
-                raise _non_finite(model)
-            if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-                tokens = sample(logits, temperature, top_p, top_k, generator)  # (N,)
-            else:
-                tokens = torch.tensor(targets, device=logits.device)  # (N,)
-                if any(to_sample):
-                    new = torch.tensor(to_sample, device=logits.device)
-                    tokens[new] = sample(logits[new], temperature, top_p, top_k, generator)
-            return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
+            return _pick(logits, plan.targets, runner, model, temperature, top_p, top_k, generator)
 
         if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
-            tokens, lps = pipeline.last_rank_pick(model, pick, len(targets), failure)
+            tokens, lps = pipeline.last_rank_pick(model, pick, len(plan.targets), failure)
         else:
-            tokens, lps = (t.tolist() for t in pick()) if scored else ([], [])
-
-        for b, tok, lp, new in zip(owners, tokens, lps, to_sample):
+            tokens, lps = (t.tolist() for t in pick()) if plan.scored else ([], [])
+        for b, tok, lp, new in zip(plan.owners, tokens, lps, to_sample):
             if math.isnan(lp):  # NaN or inf among the logits: the model's numbers are broken, not its choices
                 raise _non_finite(model)
-            logprobs[b].append(lp)
-            if new:
-                generated[b].append(tok)
-                if on_token is not None:
-                    on_token(b, tok)
-                finished[b] = tok == eos_id or len(generated[b]) == max_tokens
-    return generated, logprobs
+            rows[b].take(tok, lp, new)
+            if new and on_token is not None:
+                on_token(b, tok)
+    return [row.generated for row in rows], [row.logprobs for row in rows]
+
+
+def _cache_for(model: Transformer, reach: list[int]) -> RotatingBufferCache:
+    """A cache for rows that will reach these many positions, after checking that it fits in memory."""
+    args, B = model.args, len(reach)
+    slots = slots_for(max(reach), args.sliding_window)
+    size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
+    if size > memory_available(model.device):
+        raise MistralError(f"{B} rows of up to {max(reach):,} positions need a cache of {gb(size)}, more than the "
+                           f"{gb(memory_available(model.device))} available: ask for fewer tokens or rows")
+    return RotatingBufferCache(model.n_local_layers, B, slots, args.n_kv_heads, args.head_dim, device=model.device,
+                               dtype=model.dtype)
+
+
+def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int]) -> RotatingBufferCache:
+    """The caller's cache, after checking that each row can go on for `reach` more positions."""
+    if len(reach) > cache.max_batch_size:
+        raise MistralError(f"{len(reach)} prompts but the cache has {cache.max_batch_size} rows")
+    for b, n in enumerate(reach):
+        cache.check_room(b, cache.seq_pos[b] + n, model.args.sliding_window)
+    return cache
+
+
+def _pick(logits: torch.Tensor, targets: list[int], runner: Runner, model: Transformer, temperature: float,
+          top_p: float, top_k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) tokens, the sampled ones and the known targets, and (N,) their log-probabilities."""
+    to_sample = [t == NEW for t in targets]
+    # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
+    picked = runner.greedy(logits) if temperature == 0 and all(to_sample) else None
+    if picked is not None:
+        return picked
+    if temperature > 0 and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
+        raise _non_finite(model)
+    if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
+        tokens = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+    else:
+        tokens = torch.tensor(targets, device=logits.device)  # (N,)
+        if any(to_sample):
+            new = torch.tensor(to_sample, device=logits.device)
+            tokens[new] = sample(logits[new], temperature, top_p, top_k, generator)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
 
 
 def _non_finite(model: Transformer) -> MistralError:

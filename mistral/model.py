@@ -7,6 +7,7 @@ mistral/generate.py finds one that takes them.
 
 Letters: S packed tokens, H heads, Hkv kv heads, D head_dim, V vocab.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral.args import ModelArgs, MoeArgs  # noqa: F401  (re-exported: mistral.model.ModelArgs)
-from mistral.attention import BlockMask, attention
-from mistral.cache import CacheView, RotatingBufferCache
+from mistral.attention import BlockMask, SlotMask, attention
+from mistral.cache import CacheMetadata, CacheView, RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.moe import MoeLayer
 from mistral.rope import apply_rotary_emb, precompute_freqs_cis
@@ -92,6 +93,19 @@ def pipeline_layers(n_layers: int, num_ranks: int, rank: int) -> range:
     return range(min(rank * per_rank, n_layers), min((rank + 1) * per_rank, n_layers))
 
 
+@dataclass
+class Step:
+    """One forward's inputs, checked, with what the cache derives from them (Transformer.prepare)."""
+
+    ids: torch.Tensor  # (S,) packed token ids
+    seqlens: list[int]  # (B,) tokens of each sequence; with a cache, row b's new ones (0: it sits the step out)
+    positions: torch.Tensor | None  # (S,) each token's position; None when S == 0
+    mask: BlockMask | None
+    cache: RotatingBufferCache | None
+    meta: CacheMetadata | None  # the cache's metadata for the step
+    rows: list[int] | None  # the packed positions whose logits are returned (None: all)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, pipeline_rank: int = 0, num_pipeline_ranks: int = 1, max_batch_size: int = 1):
         super().__init__()
@@ -133,10 +147,14 @@ class Transformer(nn.Module):
         sequence b, and seqlens[b] may be 0. Returns fp32 logits (S, V), or (N, V) for the N packed positions in
         `rows`: generation needs the logits of a prompt's last token only, and the output head is the largest
         product there is (V x dim per position). Under pipeline ranks only the last rank, which holds the head, has
-        logits; the others return None (mistral/generate.py hands them what it samples, not V numbers a row). A rank
-        that fails raises, and the ranks after it get NaN from it: the caller must tell the ranks of the failure, as
-        generate does at the end of every step, and the caches then differ between ranks.
+        logits; the others return None.
         """
+        return self.run(self.prepare(input_ids, seqlens, cache, rows))
+
+    def prepare(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None,
+                rows: list[int] | None) -> "Step":
+        """Check a step's inputs and derive its positions and mask; nothing is computed or changed yet, so a mistake
+        found here is found alike on every pipeline rank."""
         seqlens = [int(n) for n in seqlens]
         if input_ids.ndim != 1 or input_ids.shape[0] != sum(seqlens):
             raise MistralError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
@@ -144,47 +162,52 @@ class Transformer(nn.Module):
         if rows is not None and not all(0 <= r < S for r in rows):
             raise MistralError(f"rows must be positions of the {S} packed tokens, got {rows}")
         if S == 0:  # nothing to run: every row of the cache sits this step out
-            return torch.empty(0, self.args.vocab_size, device=self.device) if self.is_last else None
-        if cache is None:
-            if any(n <= 0 for n in seqlens):
-                raise MistralError(f"without a cache every sequence needs at least one token, got seqlens {seqlens}")
-            positions = torch.cat([torch.arange(n) for n in seqlens]).to(self.device)
-            mask, meta = BlockMask(tuple(seqlens), tuple(seqlens), self.args.sliding_window), None
-        else:
-            meta = cache.get_input_metadata(seqlens, self.args.sliding_window)
-            positions, mask = meta.positions, meta.mask
-
-        h = None
-        try:
-            if self.is_first:
-                h = self.tok_embeddings(input_ids)  # (S, dim)
-            else:
-                h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
-                dist.recv(h, src=self.pipeline_rank - 1)
-            freqs_cis = precompute_freqs_cis(self.args.head_dim, positions, self.args.rope_theta)  # (S, D/2)
-            for local_i, layer in enumerate(self.layers.values()):
-                h = layer(h, freqs_cis, mask, None if cache is None else cache.layer(local_i, meta))
-        except Exception:
-            # The next rank is waiting for h. It gets NaN, not nothing, so that it reaches the end of the step, where
-            # generate tells every rank which one failed, instead of waiting out the timeout. NaN is written over
-            # the input of the layer that failed, allocating nothing, as the failure may be a full GPU.
-            if not self.is_last:
-                if h is None:
-                    h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
-                dist.send(h.fill_(float("nan")), dst=self.pipeline_rank + 1)
-            raise
+            return Step(input_ids, seqlens, None, None, cache, None, rows)
         if cache is not None:
-            cache.advance(seqlens)
+            meta = cache.get_input_metadata(seqlens, self.args.sliding_window)
+            return Step(input_ids, seqlens, meta.positions, meta.mask, cache, meta, rows)
+        if any(n <= 0 for n in seqlens):
+            raise MistralError(f"without a cache every sequence needs at least one token, got seqlens {seqlens}")
+        positions = torch.cat([torch.arange(n) for n in seqlens]).to(self.device)
+        return Step(input_ids, seqlens, positions, BlockMask(tuple(seqlens), tuple(seqlens), self.args.sliding_window),
+                    None, None, rows)
 
+    def run(self, step: "Step") -> torch.Tensor | None:
+        """The forward of a prepared step: the embeddings (or the previous rank's output), this rank's layers, then
+        the head (or a send to the next rank)."""
+        S, V, cache = step.ids.shape[0], self.args.vocab_size, step.cache
+        if S == 0:
+            return torch.empty(0, V, device=self.device) if self.is_last else None
+        if self.is_first:
+            h = self.tok_embeddings(step.ids)  # (S, dim)
+        else:
+            h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
+            dist.recv(h, src=self.pipeline_rank - 1)
+        freqs_cis = precompute_freqs_cis(self.args.head_dim, step.positions, self.args.rope_theta)  # (S, D/2)
+        views = [None if cache is None else cache.layer(i, step.meta) for i in range(self.n_local_layers)]
+        h = self.blocks(h, freqs_cis, step.mask, views)
+        if cache is not None:
+            cache.advance(step.seqlens)
         if not self.is_last:
             dist.send(h, dst=self.pipeline_rank + 1)
             return None
-        if rows == []:
-            return torch.empty(0, self.args.vocab_size, device=self.device)
-        if rows is not None:
-            h = h[torch.tensor(rows, dtype=torch.long, device=h.device)]  # (N, dim)
-        return self.output(self.norm(h)).float()  # (N, V)
+        if step.rows == []:
+            return torch.empty(0, V, device=self.device)
+        if step.rows is not None:
+            h = h[torch.tensor(step.rows, dtype=torch.long, device=h.device)]  # (N, dim)
+        return self.head(h)  # (N, V)
 
+    def blocks(self, h: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask | SlotMask,
+               caches: list[CacheView | None]) -> torch.Tensor:
+        """h (S, dim) through this rank's layers, layer i reading and writing caches[i] (None: no cache). The
+        compiled decode step (mistral/compiled.py) runs the same loop with caches of its own."""
+        for layer, cache in zip(self.layers.values(), caches, strict=True):
+            h = layer(h, freqs_cis, mask, cache)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, dim) -> fp32 logits (N, V): the last rank's final norm and output head."""
+        return self.output(self.norm(h)).float()
 
     @staticmethod
     def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,

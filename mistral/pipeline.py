@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
 from mistral.model import Transformer
 
@@ -59,6 +60,25 @@ def rank_gpu(device: torch.device, rank: int) -> torch.device:
                            f"{torch.cuda.device_count()} GPUs: run at most that many ranks per machine")
     torch.cuda.set_device(device)
     return device
+
+
+def forward(model: Transformer, ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache,
+            rows: list[int] | None) -> torch.Tensor | None:
+    """model(ids, seqlens, cache, rows=rows) on one pipeline rank, telling the next rank if this one fails.
+
+    The next rank is waiting for this one's output. On a failure it gets NaN, not nothing, so that it reaches the end
+    of the step, where last_rank_pick tells every rank which one failed, instead of waiting out the timeout. (The
+    caches of the ranks then differ: the failed step advanced some and not others.) A mistake in the step's inputs
+    is found by every rank alike, before anything is sent, and is raised as it is.
+    """
+    step = model.prepare(ids, seqlens, cache, rows)
+    try:
+        return model.run(step)
+    except Exception:
+        if not model.is_last:
+            nan = torch.full((ids.shape[0], model.args.dim), float("nan"), device=model.device, dtype=model.dtype)
+            dist.send(nan, dst=model.pipeline_rank + 1)
+        raise
 
 
 def last_rank_pick(model: Transformer, pick: Callable[[], tuple[torch.Tensor, torch.Tensor]], n: int,
