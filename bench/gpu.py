@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import mistral.attention as attn
+from mistral.backends import xformers as xf
 from bench.common import RESULTS, ROOT, report
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import hf_config_from_args
@@ -90,13 +91,17 @@ def attention_backend(name: str, device_type: str = "cuda"):
     """name "sdpa": no step goes to xformers; "xformers": every step on `device_type` may, as far as xformers' probe
     (which starts afresh) finds an operator for it; on a CPU it finds none, which the dry run shows. Yields the probe's
     verdicts, kind of bias -> None (xformers takes it) or why not."""
-    devices, verdicts, warned = attn._XFORMERS_DEVICES, attn._verdicts, attn._warned
-    attn._XFORMERS_DEVICES = (device_type,) if name == "xformers" else ()
-    attn._verdicts, attn._warned = {}, []
+    kernels, verdicts, warned = dict(attn.KERNELS), xf.verdicts, xf.warned
+    attn.KERNELS.clear()
+    if name == "xformers":
+        attn.KERNELS[device_type] = xf.attention
+    xf.verdicts, xf.warned = {}, []
     try:
-        yield attn._verdicts
+        yield xf.verdicts
     finally:
-        attn._XFORMERS_DEVICES, attn._verdicts, attn._warned = devices, verdicts, warned
+        attn.KERNELS.clear()
+        attn.KERNELS.update(kernels)
+        xf.verdicts, xf.warned = verdicts, warned
 
 
 @contextlib.contextmanager
@@ -136,7 +141,7 @@ def three_paths(model: Transformer, mark=lambda path: None) -> dict[str, torch.T
 
 
 def compare_backends(device: torch.device, params: dict, rows: list, notes: dict) -> None:
-    if attn._xformers_ops() is None:
+    if xf.ops() is None:
         print(XFORMERS_HINT)
         notes["xformers"] = XFORMERS_HINT
         rows.append(row("xformers vs SDPA", result="skipped: xformers not installed (see the note above)"))

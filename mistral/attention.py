@@ -1,6 +1,7 @@
 """The single attention entry point, and the description of which key each query may see.
 
-Letters: S packed query tokens, Skv packed keys, H query heads, Hkv key/value heads, D head_dim, W window.
+Letters (mistral/__init__.py): S packed queries, Skv packed keys, H heads, Hkv kv heads, D head_dim, W window,
+N cache slots per row.
 
 Every sequence of a batch is one *block*. Block b has `q_len` queries and `kv_len` keys, and its queries
 are the *last* `q_len` of its `kv_len` positions (the keys in front of them come from the cache). In block
@@ -12,16 +13,12 @@ This one rule covers the first pre-fill (kv_len == q_len), a later chunk that se
 plus itself (kv_len == cached + q_len), and decode (q_len == 1). It is the rule of xformers'
 BlockDiagonalCausalMask / BlockDiagonalMask / BlockDiagonalCausalWithOffsetPaddedKeysMask made local.
 """
-import functools
-import logging
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,8 +26,8 @@ class BlockMask:
     q_seqlens: tuple[int, ...]
     kv_seqlens: tuple[int, ...]
     window: int | None  # W; None: plain causal
-    # None: the blocks' keys are packed back to back. An int P: block b's keys start at b * P (the
-    # rolling cache itself, P == W), and only the first kv_len of those P slots are valid. Decode only:
+    # None: the blocks' keys are packed back to back. An int N: block b's keys start at b * N (the
+    # rolling cache itself, N slots a row), and only the first kv_len of those N slots are valid. Decode only:
     # slots are not in position order then, which is harmless because a single query sees every valid key.
     kv_padding: int | None = None
 
@@ -96,31 +93,6 @@ class BlockMask:
             mask[q0 : q0 + q, k0 : k0 + kv] = _window_mask(0, q, 0, kv, kv - q, self.window, torch.device("cpu"))
         return mask
 
-    def to_xformers(self, device: torch.device, n_kv_heads: int = 1, group: int = 1):
-        """The equivalent xformers attention bias.
-
-        Padded decode takes the layout of _xformers_attention: each (row, kv head) pair is a block of `group`
-        queries (the query heads that share that kv head) over that row's P slots of that head, so the bias has
-        B * n_kv_heads blocks. Rows (2, 1 valid slots of P=4), 2 kv heads, group 3:
-        q_seqlen [3, 3, 3, 3], kv_padding 4, kv_seqlen [2, 2, 1, 1]. A single query sees every valid slot, so the
-        blocks are not causal; with the defaults it is one query per row over its P slots.
-        """
-        from xformers.ops.fmha import attn_bias as ab
-
-        q, kv = list(self.q_seqlens), list(self.kv_seqlens)
-        if self.kv_padding is not None:
-            kv_per_head = [n for n in kv for _ in range(n_kv_heads)]
-            return ab.BlockDiagonalPaddedKeysMask.from_seqlens([group] * len(kv_per_head), self.kv_padding,
-                                                               kv_per_head, device=device)
-        q, kv = [a for a in q if a], [b for a, b in zip(q, kv) if a]  # sequences with nothing this step are not there
-        if q == kv:  # first pre-fill: nothing cached
-            bias = ab.BlockDiagonalCausalMask.from_seqlens(q, device=device)
-            return bias.make_local_attention(self.window) if self.window else bias
-        bias = ab.BlockDiagonalMask.from_seqlens(q, kv, device=device)
-        if self.window:
-            return bias.make_local_attention_from_bottomright(self.window)
-        return bias.make_causal_from_bottomright()
-
 
 @dataclass(frozen=True, eq=False)
 class SlotMask:
@@ -128,7 +100,7 @@ class SlotMask:
     slots of its row where valid[b] is True. A tensor, not a tuple of lengths as in BlockMask, so that the step holds
     no Python number that changes from one step to the next."""
 
-    valid: torch.Tensor  # (B, 1, 1, P) bool: slot j of row b holds a key query b sees
+    valid: torch.Tensor  # (B, 1, 1, N) bool: slot j of row b holds a key query b sees
 
 
 def _window_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, window: int | None, device) -> torch.Tensor:
@@ -145,10 +117,10 @@ def _window_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, offset: int, window
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMask | SlotMask") -> torch.Tensor:
     """q (S, H, D) -> (S, H, D): softmax(q k^T / sqrt(D)) v under `mask`.
 
-    k and v are packed (Skv, Hkv, D), or with mask.kv_padding = P the cache rows as stored, (B, Hkv, P, D).
-    On CUDA with an xformers that runs there this is one memory_efficient_attention call; elsewhere, and for the
-    kinds of step no xformers operator takes, it is torch SDPA per block, in query tiles that only ever see their
-    window of keys. A SlotMask is a decode step over the cache rows (B, Hkv, P, D) too, in one SDPA call of fixed
+    k and v are packed (Skv, Hkv, D), or with mask.kv_padding = N the cache rows as stored, (B, Hkv, N, D).
+    Where a faster kernel is registered for the device (KERNELS: xformers' memory_efficient_attention on CUDA) and it
+    takes the step, it runs it; elsewhere it is torch SDPA per block, in query tiles that only ever see their
+    window of keys. A SlotMask is a decode step over the cache rows (B, Hkv, N, D) too, in one SDPA call of fixed
     shapes.
     """
     assert q.ndim == 3 and k.shape == v.shape, (q.shape, k.shape, v.shape)
@@ -159,119 +131,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMas
         assert k.ndim == 3 and (q.shape[0], k.shape[0]) == mask.shape, f"q {tuple(q.shape)}, k {tuple(k.shape)}, mask {mask.shape}"
     else:
         assert k.shape[::2] == (len(mask.kv_seqlens), mask.kv_padding), f"k {tuple(k.shape)}, padded mask {mask.shape}"
-    # Under torch.compile, SDPA: torch traces it, and xformers' operator dispatch it does not.
-    if q.device.type in _XFORMERS_DEVICES and not torch.compiler.is_compiling():
-        out = _xformers_attention(q, k, v, mask)
+    kernel = KERNELS.get(q.device.type)
+    # Under torch.compile, SDPA: torch traces it, and a backend's own dispatch (xformers') it does not.
+    if kernel is not None and not torch.compiler.is_compiling():
+        out = kernel(q, k, v, mask)
         if out is not None:
             return out
     return _sdpa_attention(q, k, v, mask)
 
 
-# Where xformers' kernels run. Tests put "cpu" here to run this path with a reference kernel in xformers' place.
-_XFORMERS_DEVICES = ("cuda",)
-
-
-@functools.cache
-def _xformers_ops():
-    """xformers.ops, or None where it is not installed or cannot be imported.
-
-    Not only ImportError: an xformers built for another torch may fail on import with another error, and one that
-    imports anyway still cannot run its own kernels, which _xformers_refuses finds out at the first step.
-    """
-    try:
-        import xformers.ops
-    except ModuleNotFoundError as e:
-        if e.name is not None and e.name.split(".")[0] == "xformers":
-            return None  # not installed: SDPA is the plain path, nothing to say
-        _fall_back(f"importing xformers failed ({_first_line(e)})")
-        return None
-    except Exception as e:
-        _fall_back(f"importing xformers failed ({_first_line(e)})")
-        return None
-    return xformers.ops
-
-
-# (device, dtype, bias type, head_dim) -> None where a memory_efficient_attention operator takes such inputs, else why
-# none does. Asked once per kind of step (first pre-fill, later chunk, decode), at its first call.
-_verdicts: dict[tuple, str | None] = {}
-
-
-def _xformers_refuses(q5: torch.Tensor, k5: torch.Tensor, v5: torch.Tensor, bias) -> str | None:
-    """Why memory_efficient_attention cannot run these inputs (no operator supports them here), or None.
-
-    The answer comes from the dispatch memory_efficient_attention itself uses, which asks every operator for its
-    not_supported_reasons: the device, its compute capability, the dtype, the bias type, the head size, and whether
-    the operator's library was built and loads against this torch.
-    """
-    key = (str(q5.device), q5.dtype, type(bias).__name__, q5.shape[-1])
-    if key not in _verdicts:
-        try:
-            from xformers.ops import fmha
-            from xformers.ops.fmha.dispatch import _dispatch_fw
-
-            inputs = fmha.Inputs(query=q5, key=k5, value=v5, attn_bias=bias)
-            inputs.validate_inputs()
-            _dispatch_fw(inputs, False)
-            _verdicts[key] = None
-        except Exception as e:  # NotImplementedError lists every operator's reasons; anything else is as telling
-            _verdicts[key] = _reasons(e)
-            _fall_back(f"no xformers operator takes {type(bias).__name__} attention in {q5.dtype} on {q5.device} "
-                       f"({_verdicts[key]})")
-    return _verdicts[key]
-
-
-_warned = []
-
-
-def _fall_back(why: str) -> None:
-    """Say once per process that xformers is not used, and why; every later step falls back silently."""
-    if not _warned:
-        _warned.append(why)
-        log.warning("warning: %s; attention runs on torch SDPA where xformers cannot (each xformers wheel works with "
-                    "one torch release: see the README, On a GPU)", why)
-
-
-def _reasons(e: BaseException) -> str:
-    """What xformers' dispatch says, in one line: each operator it tried and why not ("fa2F: device=cpu, ...; ..."),
-    or the error's own text when it is not that."""
-    tried = re.findall(r"`([^`]+)` is not supported because:\n((?:    .*(?:\n|$))+)", str(e))
-    if tried:
-        return "; ".join(f"{op}: {', '.join(line.strip() for line in why.splitlines())}" for op, why in tried)[:600]
-    return " ".join(str(e).split())[:600] or type(e).__name__
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def _xformers_attention(q, k, v, mask: BlockMask) -> torch.Tensor | None:
-    """memory_efficient_attention over the same inputs as _sdpa_attention; None where xformers cannot take them."""
-    ops = _xformers_ops()
-    if ops is None:
-        return None
-    S, H, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv  # query heads per kv head
-    if mask.kv_padding is not None:
-        # Decode over the cache rows as stored, (B, Hkv, P, D): as on the SDPA path, the G query heads that share a
-        # kv head become G queries of one head, and every (row, kv head) pair is a block of P slots. Both reshapes
-        # are views, so no slot is copied; to_xformers says which slots of each block are valid.
-        B, _, P, _ = k.shape
-        assert S == B, f"decode: one query per row, got {S} queries for {B} rows"
-        q5 = q.reshape(1, B * H, 1, 1, D)  # (1, B*Hkv*G, 1, 1, D): block (b, g) holds query heads g*G .. g*G+G-1
-        k5, v5 = (t.view(1, B * Hkv * P, 1, 1, D) for t in (k, v))  # (1, B*Hkv*P, 1, 1, D)
-        key = ("xformers", str(q.device), Hkv, G)
-    else:
-        # xformers takes grouped-query attention as (B, M, G, H, K): Hkv key/value groups of G query heads each.
-        q5 = q.reshape(1, S, Hkv, G, D)
-        k5 = k[None, :, :, None, :].expand(1, k.shape[0], Hkv, G, D)
-        v5 = v[None, :, :, None, :].expand(1, v.shape[0], Hkv, G, D)
-        key = ("xformers", str(q.device))
-    bias = mask.keep(key, lambda: mask.to_xformers(q.device, Hkv, G))
-    if _xformers_refuses(q5, k5, v5, bias) is not None:
-        return None
-    out = ops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)
-    return out.reshape(S, H, D)
+# Kernels faster than SDPA on a kind of device, tried first there: each takes attention's q, k, v and BlockMask and
+# returns None for what it cannot run. mistral/backends/xformers.py puts itself here for "cuda" when imported, which
+# the package's __init__ does; tests put "cpu" here to run that path with a reference kernel in xformers' place.
+KERNELS: dict[str, Callable[..., torch.Tensor | None]] = {}
 
 
 # Queries per SDPA call on the fallback path. With a window, a tile of T queries sees T + W - 1 keys,
@@ -307,7 +179,7 @@ def _sdpa_attention(q, k, v, mask: BlockMask) -> torch.Tensor:
 
 
 def _sdpa_decode(q, k, v, mask: BlockMask) -> torch.Tensor:
-    """One query per row against that row's cache slots (B, Hkv, P, D), all rows in one call."""
+    """One query per row against that row's cache slots (B, Hkv, N, D), all rows in one call."""
     longest = max(mask.kv_seqlens)  # slots fill from 0 up, so only the first `longest` can be valid
     return _sdpa_slots(q, k[:, :, :longest], v[:, :, :longest], mask.key_padding(q.device))
 

@@ -68,13 +68,13 @@ class Row:
 
 @dataclass
 class Plan:
-    """One step, built from the rows by plan_step. Letters: S packed tokens, B cache rows, N scored positions."""
+    """One step, built from the rows by plan_step. Letters: S packed tokens, B cache rows, R scored positions."""
 
     inputs: list[int]  # (S,) the tokens every row feeds, packed
     seqlens: list[int]  # (B,) how many of them each row feeds (0: it sits the step out)
-    scored: list[int]  # (N,) packed positions whose logits are needed
-    owners: list[int]  # (N,) the row of each
-    targets: list[int]  # (N,) what each predicts: a known token, or NEW
+    scored: list[int]  # (R,) packed positions whose logits are needed
+    owners: list[int]  # (R,) the row of each
+    targets: list[int]  # (R,) what each predicts: a known token, or NEW
 
     @property
     def rows(self) -> list[int] | None:
@@ -142,7 +142,7 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     runner = Runner(model, engine, compiled)
     while (plan := plan_step(rows, chunk_size, prompt_logprobs)).inputs:
         ids = torch.tensor(plan.inputs, device=model.device)
-        logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)  # (N, V); None on a rank without the head
+        logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)  # (R, V); None on a rank without the head
         to_sample = [t == NEW for t in plan.targets]
 
         def pick() -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +184,7 @@ def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int]) -
 
 def _pick(logits: torch.Tensor, targets: list[int], runner: Runner, model: Transformer, temperature: float,
           top_p: float, top_k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) tokens, the sampled ones and the known targets, and (N,) their log-probabilities."""
+    """(R,) tokens, the sampled ones and the known targets, and (R,) their log-probabilities."""
     to_sample = [t == NEW for t in targets]
     # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
     picked = runner.greedy(logits) if temperature == 0 and all(to_sample) else None
@@ -193,13 +193,13 @@ def _pick(logits: torch.Tensor, targets: list[int], runner: Runner, model: Trans
     if temperature > 0 and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
         raise _non_finite(model)
     if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-        tokens = sample(logits, temperature, top_p, top_k, generator)  # (N,)
+        tokens = sample(logits, temperature, top_p, top_k, generator)  # (R,)
     else:
-        tokens = torch.tensor(targets, device=logits.device)  # (N,)
+        tokens = torch.tensor(targets, device=logits.device)  # (R,)
         if any(to_sample):
             new = torch.tensor(to_sample, device=logits.device)
             tokens[new] = sample(logits[new], temperature, top_p, top_k, generator)
-    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (R,)
 
 
 def _non_finite(model: Transformer) -> MistralError:

@@ -5,7 +5,8 @@ weight formats swap modules (mistral/quantize.py), as grouped experts do for a m
 and decode steps go to a compiled step (mistral/compiled.py) or, on a CPU, to the engine in mistral/cpu/ when
 mistral/generate.py finds one that takes them.
 
-Letters: S packed tokens, H heads, Hkv kv heads, D head_dim, V vocab.
+Letters (mistral/__init__.py): S packed tokens, R positions whose logits are returned, H heads, Hkv kv heads,
+D head_dim, V vocab.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,7 @@ class Transformer(nn.Module):
         """input_ids (S,): the sequences of the batch packed back to back, seqlens[b] tokens each.
 
         Without a cache, every sequence starts at position 0. With one, row b of the cache continues
-        sequence b, and seqlens[b] may be 0. Returns fp32 logits (S, V), or (N, V) for the N packed positions in
+        sequence b, and seqlens[b] may be 0. Returns fp32 logits (S, V), or (R, V) for the R packed positions in
         `rows`: generation needs the logits of a prompt's last token only, and the output head is the largest
         product there is (V x dim per position). Under pipeline ranks only the last rank, which holds the head, has
         logits; the others return None.
@@ -194,8 +195,8 @@ class Transformer(nn.Module):
         if step.rows == []:
             return torch.empty(0, V, device=self.device)
         if step.rows is not None:
-            h = h[torch.tensor(step.rows, dtype=torch.long, device=h.device)]  # (N, dim)
-        return self.head(h)  # (N, V)
+            h = h[torch.tensor(step.rows, dtype=torch.long, device=h.device)]  # (R, dim)
+        return self.head(h)  # (R, V)
 
     def blocks(self, h: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask | SlotMask,
                caches: list[CacheView | None]) -> torch.Tensor:
@@ -206,7 +207,7 @@ class Transformer(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """h (N, dim) -> fp32 logits (N, V): the last rank's final norm and output head."""
+        """h (R, dim) -> fp32 logits (R, V): the last rank's final norm and output head."""
         return self.output(self.norm(h)).float()
 
     @staticmethod

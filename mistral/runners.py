@@ -31,7 +31,7 @@ class Runner:
 
     def step(self, ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache,
              rows: list[int] | None) -> tuple[torch.Tensor | None, Exception | None]:
-        """(logits (N, V) of `rows`, or None on a pipeline rank without the head; the exception this rank failed on,
+        """(logits (R, V) of `rows`, or None on a pipeline rank without the head; the exception this rank failed on,
         under pipeline ranks, where every rank must hear of it before any raises: None elsewhere, where it is
         raised)."""
         for runner in (self.compiled, self.cpu):

@@ -12,6 +12,7 @@ from oracle import oracle_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mistral.attention as attn
+from mistral.backends import xformers as xf
 from mistral import checkpoint, grouped, pipeline, quantize
 from mistral.attention import BlockMask, attention
 from mistral.cache import RotatingBufferCache
@@ -58,7 +59,7 @@ def test_an_explicit_bf16_without_native_bf16_is_one_line(gpu):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The xformers path (issue #20, items 2, 5, 6), run on a CPU: "cpu" joins attention._XFORMERS_DEVICES, and either
+# The xformers path (issue #20, items 2, 5, 6), run on a CPU: "cpu" joins attention.KERNELS, and either
 # the installed xformers (whose C++ library, built for another torch, does not load here: the very case of an
 # xformers that imports but cannot run) or a stand-in package takes its place.
 
@@ -69,12 +70,12 @@ H, HKV, D, W = 6, 2, 8, 4
 @pytest.fixture
 def xformers_on_cpu(monkeypatch):
     """attention() tries xformers on CPU tensors; what the probe and the import found is forgotten before and after."""
-    monkeypatch.setattr(attn, "_XFORMERS_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(attn, "_verdicts", {})
-    monkeypatch.setattr(attn, "_warned", [])
-    attn._xformers_ops.cache_clear()
+    monkeypatch.setitem(attn.KERNELS, "cpu", xf.attention)
+    monkeypatch.setattr(xf, "verdicts", {})
+    monkeypatch.setattr(xf, "warned", [])
+    xf.ops.cache_clear()
     yield
-    attn._xformers_ops.cache_clear()
+    xf.ops.cache_clear()
 
 
 def fake_xformers(monkeypatch, *, kernel, dispatch=lambda inputs, needs_gradient: "op"):
@@ -153,11 +154,11 @@ def test_an_xformers_that_fails_on_import_falls_back_to_sdpa_with_one_warning(xf
     for name in [m for m in sys.modules if m.split(".")[0] == "xformers"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
-    with caplog.at_level(logging.WARNING, logger="mistral.attention"):
+    with caplog.at_level(logging.WARNING, logger="mistral.backends.xformers"):
         for _ in range(3):
             for q, k, v, mask in steps():
                 torch.testing.assert_close(attention(q, k, v, mask), dense_attention(q, k, v, mask))
-    ours = [r.getMessage() for r in caplog.records if r.name == "mistral.attention"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "mistral.backends.xformers"]
     assert len(ours) == 1, ours
     assert "importing xformers failed (libc10_cuda.so: cannot open shared object file)" in ours[0]
 
@@ -179,13 +180,13 @@ def test_an_xformers_without_an_operator_for_the_inputs_falls_back_with_one_warn
                                   "    device=cpu (supported: {'cuda'})")
 
     fake_xformers(monkeypatch, kernel=lambda *a, **k: called.append(a), dispatch=dispatch)
-    with caplog.at_level(logging.WARNING, logger="mistral.attention"):
+    with caplog.at_level(logging.WARNING, logger="mistral.backends.xformers"):
         for _ in range(3):
             for q, k, v, mask in steps():
                 torch.testing.assert_close(attention(q, k, v, mask), dense_attention(q, k, v, mask))
     assert called == []
     assert len(asked) == 3  # one probe for each kind of step: first pre-fill, chunk, decode
-    ours = [r.getMessage() for r in caplog.records if r.name == "mistral.attention"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "mistral.backends.xformers"]
     assert len(ours) == 1, ours
     assert ("(fa2F@2.8.3-pt: device=cpu (supported: {'cuda'}), operator wasn't built - see `python -m xformers.info` "
             "for more info; cutlassF-pt: device=cpu (supported: {'cuda'}))") in ours[0] and "SDPA" in ours[0]
@@ -197,12 +198,12 @@ def test_the_installed_xformers_that_cannot_run_here_is_not_called(xformers_on_c
     ops = pytest.importorskip("xformers.ops")
     called = []
     monkeypatch.setattr(ops, "memory_efficient_attention", lambda *a, **k: called.append(a))
-    with caplog.at_level(logging.WARNING, logger="mistral.attention"):
+    with caplog.at_level(logging.WARNING, logger="mistral.backends.xformers"):
         for _ in range(2):
             for q, k, v, mask in steps():
                 torch.testing.assert_close(attention(q, k, v, mask), dense_attention(q, k, v, mask))
     assert called == []
-    ours = [r.getMessage() for r in caplog.records if r.name == "mistral.attention"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "mistral.backends.xformers"]
     assert len(ours) == 1 and "device=cpu" in ours[0], ours
 
 
@@ -247,7 +248,7 @@ def test_decode_on_the_xformers_path_passes_xformers_own_checks_and_equals_sdpa(
         return torch.einsum("mrsk,kmrd->smrd", scores.softmax(-1), v5[0])[None]
 
     monkeypatch.setattr(sys.modules["xformers.ops"], "memory_efficient_attention", kernel)
-    monkeypatch.setattr(attn, "_xformers_refuses", lambda *a: None)
+    monkeypatch.setattr(xf, "refuses", lambda *a: None)
     q, k, v, mask, _ = decode_over_cache()
     torch.testing.assert_close(attention(q, k, v, mask), dense_attention(q, k, v, mask))
     reasons = [r for r in got[0] if "device=" not in r and "operator wasn't built" not in r]
@@ -260,8 +261,8 @@ def test_the_xformers_bias_is_built_once_per_forward(xformers_on_cpu, monkeypatc
     model = random_model(tiny_params(n_layers=3))
     cache = RotatingBufferCache(3, 2, model.args.sliding_window, model.args.n_kv_heads, model.args.head_dim)
     calls = []
-    to_xformers = BlockMask.to_xformers
-    monkeypatch.setattr(BlockMask, "to_xformers", lambda self, *a: calls.append(self) or to_xformers(self, *a))
+    attn_bias = xf.attn_bias
+    monkeypatch.setattr(xf, "attn_bias", lambda mask, *a: calls.append(mask) or attn_bias(mask, *a))
     with torch.no_grad():
         for ids, seqlens in [([1, 2, 3, 4, 5], [3, 2]), ([6, 7], [1, 1]), ([8, 9], [1, 1]), ([1, 2, 3], [2, 1])]:
             model(torch.tensor(ids), seqlens, cache)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from mistral.backends import xformers as xf
 from mistral.errors import MistralError
 from mistral.explain import EMPTY, explain, kind, parse_seqlens, render_cache, render_mask, schedule, walk
 
@@ -17,7 +18,7 @@ def parse_grid(text: str) -> tuple[torch.Tensor, list[int]]:
 
 def xformers_visible(step) -> torch.Tensor:
     pytest.importorskip("xformers.ops.fmha.attn_bias")  # an optional extra (pip install -e ".[gpu]")
-    bias = step.meta.mask.to_xformers(torch.device("cpu")).materialize(step.meta.mask.shape)
+    bias = xf.attn_bias(step.meta.mask, torch.device("cpu")).materialize(step.meta.mask.shape)
     return bias == 0
 
 

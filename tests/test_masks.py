@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from mistral.attention import BlockMask, attention
+from mistral.backends import xformers as xf
 from mistral.cache import RotatingBufferCache, unrotate
 
 ab = pytest.importorskip("xformers.ops.fmha.attn_bias")
@@ -39,9 +40,9 @@ def test_decode_over_padded_cache_rows():
 
 @pytest.mark.parametrize("q,kv,padding", [((5, 7, 2), (5, 7, 2), None), ((3, 0, 5), (7, 0, 9), None),
                                           ((1, 1), (4, 2), 4)])
-def test_to_xformers_builds_the_same_mask(q, kv, padding):
+def test_the_xformers_bias_is_the_same_mask(q, kv, padding):
     ours = BlockMask(q, kv, 4, kv_padding=padding)
-    bias = ours.to_xformers(torch.device("cpu"))
+    bias = xf.attn_bias(ours, torch.device("cpu"))
     keep = [i for i, n in enumerate(q) if n] if padding is None else list(range(len(q)))
     cols = torch.cat([torch.arange(sum(kv[:i]), sum(kv[: i + 1])) for i in keep]) if padding is None else torch.arange(ours.shape[1])
     torch.testing.assert_close(ours.materialize()[:, cols], xformers_visible(bias, (ours.shape[0], len(cols))))
@@ -108,9 +109,9 @@ def test_xformers_path_plumbing_on_cpu(case, monkeypatch):
     import types
     import mistral.attention as attn
 
-    monkeypatch.setattr(attn, "_xformers_ops", lambda: types.SimpleNamespace(
+    monkeypatch.setattr(xf, "ops", lambda: types.SimpleNamespace(
         memory_efficient_attention=_reference_memory_efficient_attention))
-    monkeypatch.setattr(attn, "_xformers_refuses", lambda *a: None)  # on a CPU no operator would take them
+    monkeypatch.setattr(xf, "refuses", lambda *a: None)  # on a CPU no operator would take them
     torch.manual_seed(0)
     H, Hkv, D, W = 6, 2, 8, 4
     if case == "decode":
@@ -120,4 +121,4 @@ def test_xformers_path_plumbing_on_cpu(case, monkeypatch):
         mask = BlockMask((5, 7, 2), (5, 7, 2), W) if case == "prefill" else BlockMask((3, 0, 5), (7, 0, 9), W)
         k, v = torch.randn(mask.shape[1], Hkv, D), torch.randn(mask.shape[1], Hkv, D)
     q = torch.randn(mask.shape[0], H, D)
-    torch.testing.assert_close(attn._xformers_attention(q, k, v, mask), attn._sdpa_attention(q, k, v, mask))
+    torch.testing.assert_close(xf.attention(q, k, v, mask), attn._sdpa_attention(q, k, v, mask))
