@@ -1,6 +1,7 @@
 """The CPU decode engine (mistral/cpu/decoder.py) against the torch model it was built from: the same step on the same
 cache gives the same logits and leaves the same cache; what it declines it leaves untouched."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -17,17 +18,79 @@ FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize
            "bf16": lambda m: quantize.bf16_weight_only(m.bfloat16())}
 
 
-def as_the_engine_rounds(self, x):
+def as_the_engine_rounds(self, x, rounding=None):
     """Int4Linear's or Int8Linear's product with x rounded per group of 32 first, as the engine's integer kernels do
-    (int8: up to INT8_ROWS rows; past them the engine leaves int8 products to the model)."""
+    (int8: up to INT8_ROWS rows; past them the engine leaves int8 products to the model). rounding: see
+    rounded_per_group (None: to the nearest integer)."""
     *lead, K = x.shape
     x2 = x.reshape(-1, K)  # (M, K)
     if self.weight.dtype == torch.int8:
         w = self.weight.double() * self.scales.double()[:, None]
-        x64 = rounded_per_group(x2) if x2.shape[0] <= kernels.INT8_ROWS else x2.double()
+        x64 = rounded_per_group(x2, rounding) if x2.shape[0] <= kernels.INT8_ROWS else x2.double()
     else:
-        w, x64 = quantize.int4_dequantized(self.weight, self.scales, K).double(), rounded_per_group(x2)
+        w, x64 = quantize.int4_dequantized(self.weight, self.scales, K).double(), rounded_per_group(x2, rounding)
     return (x64 @ w.T).float().view(*lead, -1)
+
+
+# How near a rounding boundary k + 1/2 (in units of the integer) a value t = x * 127 / max|x| of the model's step is a
+# near tie, which the engine may round the other way. In a decode step the engine computes what feeds each product
+# (norms, RoPE, attention, SiLU) in C, in fp32 in an order of its own (FMA contractions included), so the x it rounds
+# differs from the model's by fp32 noise: up to 6e-4 units in the inputs of layer 1's wo, w1 and w2, measured over 144
+# decode steps of 12 random int4 models (tiny_params, with and without a window), each step from the same cache. The
+# model's torch operations cannot follow the engine's order short of being the engine, so a t this near a boundary
+# goes either way. The first seen: step 5 of test_a_step_is_the_models_step[dense-int4] on an AVX-512 machine, layer
+# 1's wo input, row 0 element 5: the engine's attention output -0.20475712 against the model's -0.20475671 (float64
+# -0.20475673), t = -18.500008 against -18.49997, so -19 against -18, and the logits 0.018 apart. 2e-3 is 3x the
+# noise measured; a value this near a boundary is rounded by the reference both ways (the_models_step).
+NEAR_TIE = 2e-3
+
+
+class NearTies:
+    """Rounding for rounded_per_group: to the nearest integer, except the near ties in `flipped`, rounded to the
+    other integer of the two around them; it records in `met` the near ties it meets. A near tie is named by its t
+    and its group's max (as floats): the same x rounded for wq, wk and wv goes the same way for all three, as the
+    engine rounds it once for the three."""
+
+    def __init__(self, flipped=frozenset()):
+        self.flipped, self.met = flipped, set()
+
+    def __call__(self, t, top):
+        q = t.round()
+        for m, g, j in ((t.double() - t.double().floor() - 0.5).abs() < NEAR_TIE).nonzero().tolist():
+            tie = (t[m, g, j].item(), top[m, g, 0].item())
+            self.met.add(tie)
+            if tie in self.flipped:
+                q[m, g, j] = 2 * t[m, g, j].floor() + 1 - q[m, g, j]  # floor(t) <-> floor(t) + 1
+        return q
+
+
+def the_models_step(model, ids, seqlens, cache, rows, got, ours, monkeypatch, most=3):
+    """(logits, cache after) of model's step on a copy of cache, its products with x rounded as the engine rounds
+    it: the plain one when the engine's step (got, and its cache ours) equals it within fp32 rounding (1e-4), or where
+    none does; else the first, flipping up to `most` of the plain step's near ties (NEAR_TIE) in every way, that it
+    equals. So a near tie that the engine rounds the other way is no failure, and every step is still checked at
+    1e-4."""
+    def run(rounding):
+        def forward(self, x):
+            return as_the_engine_rounds(self, x, rounding)
+
+        monkeypatch.setattr(quantize.Int4Linear, "forward", forward)
+        monkeypatch.setattr(quantize.Int8Linear, "forward", forward)
+        theirs = copy.deepcopy(cache)
+        want = model(ids, seqlens, theirs, rows=rows)
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in
+                   [(got, want), (ours.cache_k, theirs.cache_k), (ours.cache_v, theirs.cache_v)])
+        return want, theirs, same
+
+    plain = NearTies()
+    want, theirs, same = run(plain)
+    if not same:
+        for n in range(1, min(most, len(plain.met)) + 1):
+            for flipped in itertools.combinations(sorted(plain.met), n):
+                flip, flip_theirs, same = run(NearTies(frozenset(flipped)))
+                if same:
+                    return flip, flip_theirs
+    return want, theirs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +113,7 @@ def prefilled(model, prompts):
 def test_a_step_is_the_models_step(params, fmt, monkeypatch):
     """Every decode step past the window, rows dropping out, some rows' logits only: the engine's logits and cache
     equal the torch model's, within fp32 rounding (int8 and int4 with the activations rounded as the engine rounds
-    them)."""
+    them, a near tie either way: the_models_step)."""
     monkeypatch.setattr(quantize.Int4Linear, "forward", as_the_engine_rounds)
     monkeypatch.setattr(quantize.Int8Linear, "forward", as_the_engine_rounds)
     model = FORMATS[fmt](random_model(params))
@@ -66,7 +129,7 @@ def test_a_step_is_the_models_step(params, fmt, monkeypatch):
             ids = torch.randint(0, 64, (sum(seqlens),), generator=gen)
             rows = None if step % 3 else [sum(seqlens) - 1]
             got = decoder.step(ids, seqlens, ours, rows)
-            want = model(ids, seqlens, theirs, rows=rows)
+            want, theirs = the_models_step(model, ids, seqlens, theirs, rows, got, ours, monkeypatch)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
             assert ours.seq_pos == theirs.seq_pos
     torch.testing.assert_close(ours.cache_k, theirs.cache_k, rtol=1e-4, atol=1e-4)

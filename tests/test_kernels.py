@@ -120,6 +120,35 @@ def test_int4_rounds_x_within_its_bound(M):
         assert (err <= bound * 1.001 + 1e-5).all(), (N, K, (err - bound).max())
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("M", [1, 5, 20])
+def test_quantized_weights_round_x_as_rounded_per_group(dtype, M):
+    """The integers the kernel rounds x to are rounded_per_group's, one by one, even for x at a rounding boundary:
+    in each group of 32, its max and then the floats nearest (k + 1/2) / inv, and those one ulp either side, for
+    random k, where an inverse inv = 127 / max rounded another way moves x * inv across k + 1/2 (or off an exact
+    tie). Read through identity weights (8 groups a row: the AVX2 kernels' groups taken eight at a time), output j
+    is x_j rounded, e * its integer."""
+    gen = torch.Generator().manual_seed(M)
+    K = 256
+    top = (0.1 + 4 * torch.rand(M, K // 32, 1, generator=gen)).expand(M, K // 32, 31)
+    k = torch.randint(-127, 127, (M, K // 32, 31), generator=gen) + 0.5
+    near = k / (torch.full_like(top, 127) / top)  # |near| < top: the max stays the group's first
+    step = torch.randint(0, 3, near.shape, generator=gen)
+    x = torch.where(step == 0, near.nextafter(near - 1), torch.where(step == 1, near, near.nextafter(near + 1)))
+    x = torch.cat([top[..., :1], x], 2).view(M, K)
+    eye = torch.eye(K)
+    if dtype == torch.uint8:
+        w, scales = quantize.int4_rows(eye)  # scales -1/8, weights -8 (1) on the diagonal and 0 elsewhere: exact
+    else:
+        w, scales = eye.to(torch.int8), torch.ones(K)
+    e = (x.view(M, K // 32, 32).abs().amax(2, keepdim=True) / 127).expand(M, K // 32, 32).reshape(M, K)
+    got = kernels.matvec(x, w, scales).double() / e  # the kernel's integers, to within its fp32 sums' rounding
+    want = rounded_per_group(x) / e
+    assert (want - want.round()).abs().max() < 1e-4
+    assert (got - want).abs().max() < 0.01, [(j, x[m, j].item(), got[m, j].item(), want[m, j].item())
+                                             for m, j in ((got - want).abs() > 0.01).nonzero().tolist()[:5]]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 5])
 def test_stacked_matches_float64(dtype, M):
