@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from mistral.cache import RotatingBufferCache
-from mistral.checkpoint import gb, memory_available
+from mistral.memory import gb, memory_available
 from mistral.compiled import CompiledDecoder
 from mistral.cpu import CpuDecoder
 from mistral import pipeline
