@@ -1,8 +1,9 @@
 """Where each tensor of a folder is, and reading it.
 
 The files are indexed (safetensors headers, torch.save's zip) without reading any weight, and _plan checks them
-against the model as built on the meta device before it maps each native key to its bytes. A tensor kept as stored
-is then mapped (_mapped), any other read _CHUNK_BYTES at a time (_read) or quantized as it is read (_quantized).
+against the model as built on the meta device before it maps each native key to its bytes. On a CPU a tensor kept
+as stored is then mapped (_mapped); any other is read _CHUNK_BYTES at a time (_read) or quantized as it is read
+(_quantized).
 """
 import ctypes
 import json
