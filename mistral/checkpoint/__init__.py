@@ -19,8 +19,8 @@ leading underscore are shared by these modules only.
 On a CPU, a tensor kept as stored is mapped from its file (copy-on-write), so the page cache is its only copy. Any
 other (converted to another dtype, quantized, put in our RoPE order, or bound for a GPU) is read with ordinary file
 reads, a chunk at a time, straight into the tensor the model keeps (safetensors and torch-zip files both store each
-tensor as one contiguous run of little-endian bytes): mapping the file it is converted from would leave those pages
-resident too, and peak memory would approach twice the weights.
+tensor as one contiguous run of little-endian bytes). Mapping the file of a tensor that is converted would leave its
+pages resident beside the copy, so peak memory would approach twice the weights.
 """
 from mistral.checkpoint.hf import (args_from_hf_config, from_hf_rope_order, hf_config_from_args, hf_name, rope_heads,
                                    to_hf_rope_order)
