@@ -46,7 +46,8 @@ def _child(folder: str, dtype_name: str, how: str, warm: str) -> None:
     import torch
     from safetensors import safe_open
 
-    from mistral.checkpoint import DTYPES, read_args
+    from mistral.checkpoint import load_model, read_args
+    from mistral.device import DTYPES
     from mistral.model import Transformer
 
     dtype, args = DTYPES[dtype_name], read_args(Path(folder))
@@ -65,8 +66,8 @@ def _child(folder: str, dtype_name: str, how: str, warm: str) -> None:
         before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak so far: a lower bound on overhead
         method = "ru_maxrss delta"
     start = time.perf_counter()
-    if how == "from_folder":
-        model = Transformer.from_folder(folder, device="cpu", dtype=dtype)
+    if how == "load_model":
+        model = load_model(folder, device="cpu", dtype=dtype)
     else:
         # What a plain loader does: allocate the model, then copy each tensor from safetensors' mmap.
         with torch.device("meta"):
@@ -101,12 +102,12 @@ def _build(folder: Path) -> dict[str, Path]:
 
 def main() -> None:
     runs = [  # (layout, folder, dtype, loader, process)
-        ("native (safetensors)", "native", "fp32", "from_folder", "warm"),
-        ("native (.pth)", "pth", "fp32", "from_folder", "warm"),
-        ("hf", "hf", "fp32", "from_folder", "warm"),
-        ("native (safetensors)", "native", "bf16", "from_folder", "warm"),
-        ("hf", "hf", "bf16", "from_folder", "warm"),
-        ("native (safetensors), cold process", "native", "fp32", "from_folder", "cold"),
+        ("native (safetensors)", "native", "fp32", "load_model", "warm"),
+        ("native (.pth)", "pth", "fp32", "load_model", "warm"),
+        ("hf", "hf", "fp32", "load_model", "warm"),
+        ("native (safetensors)", "native", "bf16", "load_model", "warm"),
+        ("hf", "hf", "bf16", "load_model", "warm"),
+        ("native (safetensors), cold process", "native", "fp32", "load_model", "cold"),
         ("reference: safe_open + get_tensor + copy", "native", "fp32", "safe_open", "warm"),
     ]
     rows = []

@@ -16,7 +16,7 @@ from mistral import pipeline
 from mistral.cache import RotatingBufferCache, slots_for
 from mistral.compiled import CompiledDecoder
 from mistral.errors import MistralError
-from mistral.checkpoint import gb, memory_available
+from mistral.memory import gb, memory_available
 from mistral.model import Transformer
 from mistral.runners import Runner
 from mistral.sampling import SamplingParams, check_options, sample

@@ -3,13 +3,13 @@
 This file is the definition, in plain PyTorch, and runs on any device. Fast paths are applied from outside: quantized
 weight formats swap modules (mistral/quantize.py), as grouped experts do for a mixture on a GPU (mistral/grouped.py),
 and decode steps go to a compiled step (mistral/compiled.py) or, on a CPU, to the engine in mistral/cpu/ when
-mistral/generate.py finds one that takes them.
+mistral/generate.py finds one that takes them. A folder's weights reach it from outside too: mistral.checkpoint's
+load_model builds it on the meta device and assigns them.
 
 Letters (mistral/__init__.py): S packed tokens, R positions whose logits are returned, H heads, Hkv kv heads,
 D head_dim, V vocab.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -209,13 +209,3 @@ class Transformer(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """h (R, dim) -> fp32 logits (R, V): the last rank's final norm and output head."""
         return self.output(self.norm(h)).float()
-
-    @staticmethod
-    def from_folder(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
-                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    quantize: str | None = None) -> "Transformer":
-        """Load a native folder (params.json + consolidated.*) or a Hugging Face one (config.json + model*.safetensors):
-        mistral.checkpoint.load_model, which says what device, dtype and quantize choose."""
-        from mistral import checkpoint
-
-        return checkpoint.load_model(folder, max_batch_size, num_pipeline_ranks, device, dtype, quantize)

@@ -1,6 +1,6 @@
 """Opt-in speed-ups for inference, applied to a loaded model from outside (the model code knows nothing of them).
 
-    model = Transformer.from_folder(folder)
+    model = load_model(folder)  # mistral.checkpoint
     quantize_int8(model)        # int8 weights, one scale per output feature: 4x fewer bytes than fp32
     quantize_int4(model)        # 4-bit weights, one fp16 scale per 32 of them: 4.5 bits a weight, 7x fewer
     # or, for a model loaded in bf16 on a CPU:

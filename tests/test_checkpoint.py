@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from mistral import checkpoint
 from mistral.args import ModelArgs
 from mistral.cache import RotatingBufferCache
+from mistral.checkpoint import load as loader, read as reader
 from mistral.errors import MistralError
 from mistral.model import Transformer
 
@@ -74,7 +75,7 @@ def hf_model(kind: str, sliding_window: int | None, seed: int = 0, **overrides):
 
 
 def load(folder, dtype=torch.float32) -> Transformer:
-    return Transformer.from_folder(folder, max_batch_size=len(SEQS), device="cpu", dtype=dtype)
+    return checkpoint.load_model(folder, max_batch_size=len(SEQS), device="cpu", dtype=dtype)
 
 
 HF_CASES = {
@@ -183,7 +184,7 @@ def test_bf16_load_rounds_each_tensor_once(tmp_path, monkeypatch):
     fp32 = load(tmp_path)
     # Reads go in pieces of _CHUNK_BYTES; make them small and out of step with rows (32 values) so that
     # every tensor takes several, as large ones do with the real size.
-    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 1000)
     bf16, fp32_in_pieces = load(tmp_path, torch.bfloat16), load(tmp_path)
     # On a CPU, bf16 is the weights' storage: matrices and embeddings, while the norms (tiny) and the arithmetic
     # are fp32.
@@ -243,8 +244,8 @@ def test_a_pipeline_rank_reads_only_its_tensors(hf, tmp_path, monkeypatch):
         rank1 = Transformer(model.args, pipeline_rank=1, num_pipeline_ranks=2)
     read = []
     for how in ("_read", "_mapped"):  # tensors kept as stored are mapped, the others (HF's wq and wk) read
-        real = getattr(checkpoint, how)
-        monkeypatch.setattr(checkpoint, how, lambda source, *a, real=real: read.append(source.key) or real(source, *a))
+        real = getattr(loader, how)
+        monkeypatch.setattr(loader, how, lambda source, *a, real=real: read.append(source.key) or real(source, *a))
     state = checkpoint.load_weights(folder, model.args, rank1.state_dict(), torch.device("cpu"))
     assert sorted(state) == sorted(rank1.state_dict()) and "tok_embeddings.weight" not in state
     assert len(read) == len(state) and not any(".layers.0." in k or k.startswith("layers.0.") for k in read)

@@ -16,10 +16,13 @@ from mistral.backends import xformers as xf
 from mistral import checkpoint, grouped, pipeline, quantize
 from mistral.attention import BlockMask, attention
 from mistral.cache import RotatingBufferCache
+from mistral.checkpoint import load as loader
 from mistral.compiled import CompiledDecoder
+from mistral.device import resolve_dtype
 from mistral.errors import MistralError
 from mistral.generate import generate_ids
 from mistral.grouped import GroupedMoeLayer, group_experts
+from mistral.memory import Memory
 from mistral.model import FeedForward, ModelArgs, Transformer
 from mistral.moe import MoeLayer
 
@@ -42,20 +45,20 @@ def test_auto_picks_fp16_where_the_gpu_has_no_native_bf16(gpu):
     """T4 and V100 get fp16 (xformers refuses bf16 below sm80); Ampere and later get bf16."""
     want = torch.bfloat16 if GPUS[gpu][0] >= 8 else torch.float16
     for stored in (torch.bfloat16, torch.float32):
-        assert checkpoint.resolve_dtype(None, torch.device("cuda", 0), stored=stored) == want
-        assert checkpoint.resolve_dtype("auto", torch.device("cuda", 0), stored=stored) == want
+        assert resolve_dtype(None, torch.device("cuda", 0), stored=stored) == want
+        assert resolve_dtype("auto", torch.device("cuda", 0), stored=stored) == want
 
 
 def test_an_explicit_bf16_without_native_bf16_is_one_line(gpu):
     if GPUS[gpu][0] >= 8:
-        assert checkpoint.resolve_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+        assert resolve_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
         return
     with pytest.raises(MistralError) as e:
-        checkpoint.resolve_dtype("bf16", torch.device("cuda", 0))
+        resolve_dtype("bf16", torch.device("cuda", 0))
     major, minor = GPUS[gpu]
     assert str(e.value) == (f"this GPU ({gpu}, compute capability {major}.{minor}) has no native bf16, which needs 8.0 "
                             "(Ampere) or later: use --dtype fp16 or fp32")
-    assert checkpoint.resolve_dtype("fp16", torch.device("cuda", 0)) == torch.float16
+    assert resolve_dtype("fp16", torch.device("cuda", 0)) == torch.float16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def two_gpus(monkeypatch):
         seen["memory"].append(device)
         raise Reached
 
-    monkeypatch.setattr(checkpoint, "memory_available", memory_available)
+    monkeypatch.setattr(loader, "memory_available", memory_available)
     monkeypatch.setattr(pipeline, "pipeline_rank", lambda n: 1)  # this process is rank 1 of 2
     return seen
 
@@ -463,8 +466,8 @@ def test_grouping_is_counted_in_the_memory_a_run_needs():
     params = tiny_params(dim=512, hidden_dim=8192, **MOE)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_dict(params))
-    plain = checkpoint.Memory.of(model, torch.bfloat16, 0, 4)
-    grouped_ = checkpoint.Memory.of(model, torch.bfloat16, 0, 4, grouped=True)
+    plain = Memory.of(model, torch.bfloat16, 0, 4)
+    grouped_ = Memory.of(model, torch.bfloat16, 0, 4, grouped=True)
     assert grouped_.weights == plain.weights and grouped_.work == 6 * 8192 * 512 * 2 > plain.work
 
 

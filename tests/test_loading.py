@@ -12,6 +12,7 @@ import torch
 from helpers import random_model, save_folder, tiny_params
 
 from mistral import checkpoint, quantize
+from mistral.checkpoint import load as loader, read as reader, write as writer
 from mistral.errors import MistralError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,10 +82,11 @@ def test_quantizing_from_the_file_is_quantizing_the_loaded_model(to, layout, par
     layout no matrix is ever read whole in float (HF's wq and wk are, to put their rows in RoPE order first)."""
     folder = folder_of(tmp_path, torch.float32, layout, **params)
     whole = QUANTIZE_WHOLE[to](checkpoint.load_model(folder, device="cpu"))
-    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 300)
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 300)
     read = []
-    real = checkpoint._read
-    monkeypatch.setattr(checkpoint, "_read", lambda source, *a: read.append(source.key) or real(source, *a))
+    real = reader._read
+    for module in (loader, reader):  # the loader reads floats whole, and so does _quantized for HF's wq and wk
+        monkeypatch.setattr(module, "_read", lambda source, *a: read.append(source.key) or real(source, *a))
     streamed = checkpoint.load_model(folder, device="cpu", quantize=to)
     assert streamed.state_dict().keys() == whole.state_dict().keys()
     for name, t in whole.state_dict().items():
@@ -100,7 +102,7 @@ def test_a_quantized_folder_loads_again_as_it_is(to, dtype, tmp_path, monkeypatc
     dst = checkpoint.quantize(src, tmp_path / to, to=to)
     params = json.loads((dst / "params.json").read_text())
     assert params["quantization"] == to and not list(tmp_path.glob(".*partial"))
-    monkeypatch.setattr(checkpoint, "_quantized", lambda *a: pytest.fail(f"a saved {to} folder was quantized again"))
+    monkeypatch.setattr(loader, "_quantized", lambda *a: pytest.fail(f"a saved {to} folder was quantized again"))
     again = checkpoint.load_model(dst, device="cpu")
     monkeypatch.undo()
     direct = checkpoint.load_model(src, device="cpu", quantize=to)
@@ -134,7 +136,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def full_disk(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_safetensors", full_disk)
+    monkeypatch.setattr(writer, "_write_safetensors", full_disk)
     for write in (lambda dst: checkpoint.quantize(src, dst), lambda dst: checkpoint.convert(src, dst, to="hf")):
         with pytest.raises(MistralError, match="No space left on device.*nothing was left behind"):
             write(tmp_path / "out")
@@ -165,8 +167,8 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path, mo
     from conftest import train_tokenizer
 
     (folder / "tokenizer.model").write_bytes(train_tokenizer(320))
-    monkeypatch.setattr(checkpoint, "_read", lambda *a: pytest.fail("a weight was read"))
-    monkeypatch.setattr(checkpoint, "_mapped", lambda *a: pytest.fail("a weight was mapped"))
+    monkeypatch.setattr(loader, "_read", lambda *a: pytest.fail("a weight was read"))
+    monkeypatch.setattr(loader, "_mapped", lambda *a: pytest.fail("a weight was mapped"))
     import main
 
     def run(*args):
@@ -183,6 +185,6 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path, mo
     # Weights that fit only as int8: the line says so.
     fp32 = 4 * sum(t.numel() for t in random_model(tiny_params(dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2,
                                                                head_dim=32, vocab_size=320)).state_dict().values())
-    monkeypatch.setattr(checkpoint, "memory_available", lambda device: fp32 // 2 + (20 << 20))
+    monkeypatch.setattr(loader, "memory_available", lambda device: fp32 // 2 + (20 << 20))
     code, err = run("--max_tokens", "4")
     assert code == 2 and "--quantize int8 needs" in err and "--dtype bf16 needs" in err, err

@@ -15,6 +15,7 @@ from helpers import random_model, save_folder, tiny_params
 from pipeline_worker import PROMPTS
 
 from mistral.cache import RotatingBufferCache
+from mistral.checkpoint import load_model
 from mistral.errors import MistralError
 from mistral.generate import generate_ids
 from mistral.model import Transformer, pipeline_layers
@@ -59,7 +60,7 @@ def test_ranks_match_one_process(world, folders, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for name, folder in folders.items():
-        model = Transformer.from_folder(folder, max_batch_size=3, device="cpu")
+        model = load_model(folder, max_batch_size=3, device="cpu")
         with torch.no_grad():
             packed = model(torch.tensor(sum(PROMPTS, [])), [len(p) for p in PROMPTS])
             cache = RotatingBufferCache(N_LAYERS, 3, model.args.sliding_window, model.args.n_kv_heads, model.args.head_dim)
@@ -129,9 +130,9 @@ def test_a_dead_rank_ends_the_others(folders, tmp_path):
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         "from datetime import timedelta\n"
-        "from mistral.model import Transformer\n"
+        "from mistral.checkpoint import load_model\n"
         "dist.init_process_group('gloo', timeout=timedelta(seconds=20))\n"
-        f"m = Transformer.from_folder({str(folders['dense'])!r}, num_pipeline_ranks=2, device='cpu')\n"
+        f"m = load_model({str(folders['dense'])!r}, num_pipeline_ranks=2, device='cpu')\n"
         "if dist.get_rank() == 1:\n"
         "    os._exit(3)\n"
         "m(torch.tensor([1, 2, 3]), [3])\n")
@@ -152,9 +153,9 @@ def outcomes(folder: Path, tmp_path: Path, nproc: int, body: str) -> list:
         "import mistral.generate\n"
         "from mistral.errors import MistralError\n"
         "from mistral.generate import generate_ids\n"
-        "from mistral.model import Transformer\n"
+        "from mistral.checkpoint import load_model\n"
         "dist.init_process_group('gloo', timeout=timedelta(seconds=60))\n"
-        f"m = Transformer.from_folder({str(folder)!r}, max_batch_size=3, num_pipeline_ranks={nproc}, device='cpu')\n"
+        f"m = load_model({str(folder)!r}, max_batch_size=3, num_pipeline_ranks={nproc}, device='cpu')\n"
         "rank = dist.get_rank()\n"
         + textwrap.dedent(body)
         + f"open({str(tmp_path)!r} + f'/rank{{rank}}.txt', 'w').write(repr(got))\n"

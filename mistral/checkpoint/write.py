@@ -1,0 +1,146 @@
+"""New model folders, each written whole or not at all: convert (to the native or the HF layout) and quantize (to
+int8 or int4 weights)."""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mistral.args import QUANTIZATIONS
+from mistral.checkpoint.hf import hf_config_from_args, hf_name, rope_heads, to_hf_rope_order
+from mistral.checkpoint.layouts import TOKENIZER_FILES, read_args
+from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _SAFETENSORS_NAMES, _Source, _bytes, _meta_state, _plan,
+                                     _progress, _quantized, _read)
+from mistral.errors import MistralError
+
+# A tensor to write: its dtype, its shape, and what makes it (called once, when its turn comes).
+_Entry = tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def _write_safetensors(path: Path, tensors: dict[str, _Entry]) -> None:
+    """Write tensors one at a time, each made just before it is written, so that writing never holds more than one."""
+    header, end = {}, 0
+    for name, (dtype, shape, _) in tensors.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
+        end += nbytes
+    # transformers refuses safetensors files without format metadata.
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # the data then starts 8-byte aligned, as other writers keep it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, (dtype, shape, make) in tensors.items():
+            t = make()
+            assert t.dtype == dtype and tuple(t.shape) == shape, (name, t.dtype, t.shape)
+            f.write(_bytes(t.contiguous()))
+
+
+@contextmanager
+def _new_folder(dst: Path):
+    """A temporary folder beside dst, renamed to dst once everything is written: a failure leaves nothing behind."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise MistralError(f"{dst} already exists and is not an empty folder; pick a new destination")
+    if not dst.parent.is_dir():
+        raise MistralError(f"{dst.parent} is not a folder, so {dst.name} cannot be made in it")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    except OSError as e:
+        raise MistralError(f"cannot write in {dst.parent} ({e.strerror})") from None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the folder gets the mode any new folder would
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise MistralError(f"writing {dst} failed ({e.strerror}); nothing was left behind") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_tokenizers(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        for path in src.glob(name):
+            shutil.copyfile(path, dst / path.name)
+
+
+def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
+    """Write the model in folder src to the new folder dst, in layout `to`: "native" or "hf".
+
+    native: params.json + consolidated.safetensors. hf: config.json + model.safetensors that transformers'
+    MistralForCausalLM / MixtralForCausalLM.from_pretrained loads. The tokenizer files are copied along. Tensors
+    keep their stored dtype and pass through memory one at a time.
+    """
+    src, dst = Path(src), Path(dst)
+    if to not in ("native", "hf"):
+        raise MistralError(f"unknown target layout {to!r}; use native or hf")
+    args = read_args(src)
+    if to == "hf" and args.quantization is not None:
+        raise MistralError(f"{src} holds {args.quantization} weights, which transformers' Mistral models do not "
+                           "read; convert the float folder it was made from")
+    plan = _plan(src, args)
+    cpu = torch.device("cpu")
+    with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"converting {src.name}") as progress:
+        if to == "native":
+            params = {k: v for k, v in asdict(args).items() if v is not None}
+            (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+            tensors = {n: (s.dtype, s.shape, lambda s=s: _read(s, cpu, s.dtype, progress)) for n, s in plan.items()}
+            _write_safetensors(tmp / "consolidated.safetensors", tensors)
+        else:
+            config = hf_config_from_args(args, plan["tok_embeddings.weight"].dtype)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+            def hf_order(source: _Source, heads: int) -> torch.Tensor:
+                t = _read(source, cpu, source.dtype, progress)
+                return to_hf_rope_order(t, heads) if heads else t
+
+            tensors = {hf_name(n): (s.dtype, s.shape, lambda s=s, n=n: hf_order(s, rope_heads(n, args)))
+                       for n, s in plan.items()}
+            _write_safetensors(tmp / "model.safetensors", tensors)
+        _copy_tokenizers(src, tmp)
+    return dst
+
+
+def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
+    """Write the model in folder src (native or HF) to the new native folder dst with int8 (or int4) linear weights,
+    which every command then loads without quantizing again: params.json says "quantization": "int8" (or "int4"), and
+    consolidated.safetensors holds each linear's "<name>.weight" and "<name>.scales" (int8 and fp32 (N,); for int4,
+    two weights a byte, uint8 (N, G * 16), and fp16 (N, G), G groups of 32 a row: mistral/quantize.py says how they
+    are made) beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read."""
+    src, dst = Path(src), Path(dst)
+    if to not in QUANTIZATIONS:
+        raise MistralError(f"unknown quantization {to!r}; the choices are {' and '.join(QUANTIZATIONS)}")
+    args = read_args(src)
+    if args.quantization is not None:
+        raise MistralError(f"{src} holds {args.quantization} weights already")
+    plan = _plan(src, args)
+    quantized = dataclasses.replace(args, quantization=to)
+    cpu, staging, made = torch.device("cpu"), torch.empty(_CHUNK_BYTES, dtype=torch.uint8), {}
+    with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"quantizing {src.name}") as progress:
+        def weight(name: str) -> torch.Tensor:
+            q, made[name.removesuffix("weight") + "scales"] = _quantized(plan[name], cpu, progress, staging, to)
+            return q
+
+        tensors = {}
+        for name, like in _meta_state(quantized).items():
+            if like.dtype in _QUANTIZED:
+                tensors[name] = (like.dtype, tuple(like.shape), lambda name=name: weight(name))
+            elif name.endswith(".scales"):
+                tensors[name] = (like.dtype, tuple(like.shape), lambda name=name: made.pop(name))
+            else:
+                source = plan[name]
+                tensors[name] = (source.dtype, source.shape, lambda s=source: _read(s, cpu, s.dtype, progress))
+        params = {k: v for k, v in asdict(quantized).items() if v is not None}
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        _write_safetensors(tmp / "consolidated.safetensors", tensors)
+        _copy_tokenizers(src, tmp)
+    return dst
