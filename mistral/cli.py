@@ -1,5 +1,6 @@
-"""Fire commands run as a program: the command line is checked against the commands' signatures before any runs, and
-what goes wrong ends in one line on stderr and an exit status.
+"""Fire commands run as a program: the command line is checked against the commands' signatures before any runs (a
+seed's or a folder name's value when the command reads it), and what goes wrong ends in one line on stderr and an exit
+status.
 
 Exit status: 0 done, 1 the output could not be written (a command may also exit 1 itself), 2 a mistake in the input
 (a MistralError), 3 a lost pipeline rank, 130 Ctrl-C.
@@ -71,7 +72,8 @@ def folder(value, what: str) -> Path:
 
 
 def run(commands: dict[str, Callable]) -> None:
-    """Run the command that sys.argv names, with fire, and exit with the status the module docstring lists."""
+    """Run the command that sys.argv names, with fire; what goes wrong ends the program with the status the module
+    docstring lists."""
     # Back to Python's own Ctrl-C (a KeyboardInterrupt) from main.py's quiet exit while torch was loading.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -26,7 +26,7 @@ def is_printing_rank() -> bool:
 
 
 def info(msg: str) -> None:
-    """A line for the person, on stderr: stdout holds only the model's text."""
+    """A message on stderr, from the printing rank only: stdout is kept for the output."""
     if is_printing_rank():
         print(msg, file=sys.stderr, flush=True)
 
