@@ -83,6 +83,7 @@ def drop_page_cache(folder: Path) -> None:
 def child(folder: str, flags: list[str]) -> None:
     """One path in a process of its own: load, pre-fill each prompt, decode; prints a JSON line."""
     import main
+    from mistral import terminal
     from mistral.generate import generate_ids
 
     setup()
@@ -90,7 +91,7 @@ def child(folder: str, flags: list[str]) -> None:
     t0 = time.perf_counter()
     model, tokenizer = main.load(folder, max_batch_size=1, num_pipeline_ranks=1, device="cpu", dtype="auto",
                                  quantize=quantize, needs=lambda args, _: (max(PROMPTS) + DECODE_STEPS, max(PROMPTS)))
-    out = {"load s": time.perf_counter() - t0, "weights": main._describe(model)}
+    out = {"load s": time.perf_counter() - t0, "weights": terminal.describe(model)}
     # What a decode step reads: every weight but the embedding table, of which it reads a row.
     out["bytes per token"] = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
                                  if not name.startswith("tok_embeddings"))

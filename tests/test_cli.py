@@ -43,6 +43,14 @@ def run_inprocess(monkeypatch, capsys, args, stdin=""):
     return code, out, err
 
 
+def test_importing_main_leaves_ctrl_c_alone():
+    """The quiet exit on Ctrl-C while torch loads is for `python -m main` only: a test or script that imports main
+    keeps Python's KeyboardInterrupt."""
+    check = "import main, signal; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_demo_prints_three_completions_and_a_summary(model_folder):
     code, out, err = run_cli(["demo", str(model_folder), "--max_tokens", "7"])
     assert code == 0, err

@@ -290,11 +290,14 @@ def test_prompts_are_handed_to_the_ranks_without_the_failure_timeout():
     """interactive under torchrun waited for the next line in a broadcast with the 5-minute timeout of a dead peer,
     so an idle person ended the run: the lines go over a group of their own, with no such timeout."""
     import inspect
+    from datetime import timedelta
 
-    source = inspect.getsource(main._read_line)
+    from mistral import terminal
+
+    source = inspect.getsource(terminal._read_line)
     assert "group=_waiting_group()" in source
-    assert main.timedelta(days=365) > pipeline.TIMEOUT and "timeout=timedelta(days=365)" in inspect.getsource(
-        main._waiting_group.__wrapped__)
+    assert timedelta(days=365) > pipeline.TIMEOUT and "timeout=timedelta(days=365)" in inspect.getsource(
+        terminal._waiting_group.__wrapped__)
 
 
 # 7. Interrupts and the terminal ---------------------------------------------------------------------------------

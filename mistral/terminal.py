@@ -1,0 +1,139 @@
+"""What the commands say to the terminal and read from it, under one process or several pipeline ranks.
+
+Under torchrun every rank runs the same command, but only rank 0 (the printing rank) prints, and only it reads stdin:
+it hands each line it reads to the other ranks, so all of them feed the model the same prompt.
+"""
+import functools
+import resource
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mistral.chat import Chat
+from mistral.model import Transformer
+from mistral.tokenizer import Tokenizer
+
+CHAT_COMMANDS = {"/reset": "start the conversation over (the system prompt stays)",
+                 "/system TEXT": "set the system prompt (/system alone: none)",
+                 "/help": "this list"}
+
+
+def is_printing_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def info(msg: str) -> None:
+    """A message on stderr, from the printing rank only: stdout is kept for the output."""
+    if is_printing_rank():
+        print(msg, file=sys.stderr, flush=True)
+
+
+@functools.cache
+def _waiting_group():
+    """The process group over which rank 0 hands every rank the next line. The ranks wait for it as long as a person
+    takes to type it, which is no failure, so the group is one of its own, without the 5-minute timeout of the
+    others. Made at the first line, which every rank reads at once."""
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+
+def lines(empty: str) -> Iterator[tuple[str, str | None]]:
+    """Each line typed or piped in, with what is wrong with it (None: nothing; `empty` for a blank line), until end of
+    input, or Ctrl-C at the prompt."""
+    tty = sys.stdin is not None and sys.stdin.isatty()
+    while True:
+        try:
+            line, problem = _read_line("> " if tty else "")
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return
+        if line is None:
+            return
+        yield line, (empty if problem is None and not line.strip() else problem)
+
+
+def _read_line(marker: str) -> tuple[str | None, str | None]:
+    """(the next line, what is wrong with it), read on the printing rank and broadcast to the others; the line is
+    None at end of input. A line that is not UTF-8 is not guessed at: it comes with its problem instead."""
+    got = (None, None)
+    if is_printing_rank():
+        if marker:
+            print(marker, end="", file=sys.stderr, flush=True)
+        stdin = getattr(sys.stdin, "buffer", None)
+        if sys.stdin is None:  # started with stdin closed: nothing will ever come
+            raw = b""
+        else:
+            raw = stdin.readline() if stdin is not None else sys.stdin.readline().encode()
+        if raw:
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            try:
+                got = (raw.decode("utf-8"), None)
+            except UnicodeDecodeError as e:
+                got = ("", f"that line is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                           "nothing was sent")
+    if dist.is_initialized():
+        box = [got]
+        dist.broadcast_object_list(box, src=0, group=_waiting_group())
+        got = box[0]
+    return got
+
+
+def chat_command(talk: Chat, line: str) -> str | None:
+    """Carry out a chat's /command; returns what is wrong with it, or None."""
+    name, _, text = line.partition(" ")
+    if name == "/reset" and not text.strip():
+        talk.reset()
+        info("[a new conversation]")
+    elif name == "/system":
+        talk.system = text.strip() or None
+        info(f"[system prompt: {talk.system!r}]" if talk.system else "[no system prompt]")
+    elif name == "/help" and not text.strip():
+        info("\n".join(f"{cmd:14} {what}" for cmd, what in CHAT_COMMANDS.items()))
+    else:
+        return f"unknown command {line.split()[0]!r}; the commands are {', '.join(c.split()[0] for c in CHAT_COMMANDS)}"
+    return None
+
+
+class Stream:
+    """Prints a completion as it grows. Decoding the whole completion each time keeps sentencepiece's
+    spacing right; a trailing U+FFFD means a multi-byte character is still incomplete, so it waits."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_text: str):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        if is_printing_rank():
+            print(prompt_text, end="", flush=True)
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if is_printing_rank() and not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown) :], end="", flush=True)
+            self.shown = text
+
+    def end(self) -> None:
+        if is_printing_rank():
+            text = self.tokenizer.decode(self.tokens)
+            print(text[len(self.shown) :] if text.startswith(self.shown) else "", flush=True)
+
+
+# The words and numbers of the lines a run prints about itself.
+
+def describe(model: Transformer) -> str:
+    """The weights' and the activations' dtypes: "int8 weights, fp32 arithmetic", say."""
+    def name(dtype: torch.dtype) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
+                torch.uint8: "int4"}[dtype]
+
+    weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
+    said = f"{weights} weights, {name(model.dtype)} arithmetic"
+    if weights in ("int8", "int4") and model.device.type == "cpu":  # the CPU engine's integer products
+        said += " (activations rounded to int8 per group of 32 in the products)"
+    return said
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
