@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mistral import checkpoint, pipeline
+from mistral import checkpoint, cli, pipeline, terminal
 from mistral.args import QUANTIZATIONS, ModelArgs
+from mistral.cache import slots_for
 from mistral.chat import DEFAULT_CONTEXT, Chat, Turn
 from mistral.errors import MistralError
 from mistral.generate import generate, generate_ids  # noqa: F401  (re-exported)
-from mistral.sampling import SamplingParams, check_options
 from mistral.model import Transformer
+from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
-from mistral import cli, terminal
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "mistral" / "assets"
 # A chat's answers end at EOS, or are cut off after this many tokens.
@@ -75,11 +75,6 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     return model, tokenizer
 
 
-def _slots(args: ModelArgs, reach: int) -> int:
-    """Cache slots per row for sequences of up to `reach` positions: past the window the buffer rolls."""
-    return min(reach, args.sliding_window or reach)
-
-
 def _generator(seed: int, device: torch.device) -> torch.Generator:
     """Sampling draws on the logits' device, so the generator lives there too."""
     return torch.Generator(device=device).manual_seed(seed)
@@ -98,7 +93,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         longest = max(len(tokenizer.encode(p)) for p in DEMO_PROMPTS)
-        return _slots(args, longest + max_tokens), min(chunk_size or longest, longest)
+        return slots_for(longest + max_tokens, args.sliding_window), min(chunk_size or longest, longest)
 
     model, tokenizer = load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                             device=device, dtype=dtype, quantize=quantize, needs=needs)
@@ -144,7 +139,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
                            "to turn it off), after the model folder")
     model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                             dtype=dtype, quantize=quantize,
-                            needs=lambda args, _: (_slots(args, TYPICAL_PROMPT + max_tokens),
+                            needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
                                                    chunk_size or TYPICAL_PROMPT))
     generator = _generator(seed, model.device)
     rejected = 0
