@@ -42,8 +42,9 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     that cannot fit in memory is refused before any weight is read.
 
     quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), "int4" in 4
-    bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the checkpoint's dtype unless --dtype says otherwise,
-    and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16 matrix products several times slower.
+    bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the
+    checkpoint's dtype unless --dtype says otherwise, and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16
+    matrix products several times slower.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MistralError(f"unknown --quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "

@@ -120,7 +120,8 @@ def main() -> None:
     for name, label in labels.items():
         if name in best:
             ms = best[name]
-            rows.append({"path": f"ours {label}, batch 1", "ms/token": ms, "tokens/s": 1e3 / ms, "x roofline": ms / roof})
+            rows.append({"path": f"ours {label}, batch 1", "ms/token": ms, "tokens/s": 1e3 / ms,
+                         "x roofline": ms / roof})
             ratios[f"fp32 / {label} decode"] = fp32 / ms
     if "int8 outside kernels" in best:
         rows.append({"path": "ours int8 weights, time outside the C kernels", "ms/token": best["int8 outside kernels"],

@@ -5,8 +5,9 @@
 For each weight shape of the benchmark model (dim 768, hidden 2048, 12 heads x 64, 4 kv heads, vocab
 32000), at M = 1 and M = 3 rows: ms per call and GB/s of weight bytes for mistral.cpu.kernels's kernel on fp32,
 bf16 (Bf16Linear) and int8 (Int8Linear) weights, and for contrast torch's own: fp32 F.linear (MKL), eager
-bf16 F.linear, and torch._weight_int8pack_mm (what Int8Linear falls back to without the kernel). Every call reads a different copy of its weights, 128 MB of copies per
-kernel, so the weights come from memory as they do in a real decode and not from the 32 MB L3 cache.
+bf16 F.linear, and torch._weight_int8pack_mm (what Int8Linear falls back to without the kernel). Every call reads
+a different copy of its weights, 128 MB of copies per kernel, so the weights come from memory as they do in a real
+decode and not from the 32 MB L3 cache.
 The kernels take turns within each repetition and the best of REPS passes counts, because the machine
 is shared and noisy. The memory bandwidth (a sum over 400 MB of fp32, best of 5) is measured in the same
 run, and the load average is printed, since a busy neighbour changes every number here.
@@ -44,7 +45,8 @@ PER_TOKEN = {"wq": 8 * 2, "wk/wv": 8 * 2, "w1/w3": 8 * 2, "w2": 8, "output": 1} 
 COPY_BYTES = 128e6
 REPS = 5
 KERNELS = ["fp32 kernel", "fp32 MKL", "bf16 kernel", "bf16 eager", "int8 kernel", "int8 eager"]
-BYTES_PER_WEIGHT = {"fp32 kernel": 4, "fp32 MKL": 4, "bf16 kernel": 2, "bf16 eager": 2, "int8 kernel": 1, "int8 eager": 1}
+BYTES_PER_WEIGHT = {"fp32 kernel": 4, "fp32 MKL": 4, "bf16 kernel": 2, "bf16 eager": 2, "int8 kernel": 1,
+                    "int8 eager": 1}
 
 
 def bandwidth_gbs() -> float:
@@ -174,7 +176,8 @@ def main() -> None:
         print("\nwhole model (dim 768, 8 layers, vocab 32000): ms per decode step, ms per 512-token pre-fill")
         ms = models()
         runs = {(name, what): fn for name, model in ms.items() for what, fn in (
-            ("decode_1_row_ms", lambda m=model: decode_time(m, 1)), ("decode_3_rows_ms", lambda m=model: decode_time(m, 3)),
+            ("decode_1_row_ms", lambda m=model: decode_time(m, 1)),
+            ("decode_3_rows_ms", lambda m=model: decode_time(m, 3)),
             ("prefill_512_ms", lambda m=model: prefill_time(m)))}
         best = interleaved_best(runs, REPS)  # the three models take turns: their ratios compare runs seconds apart
         for name in ms:

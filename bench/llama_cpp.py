@@ -62,7 +62,8 @@ def main() -> None:
         for to, folder in COPIES.items():
             gguf, kind = GGUF[to]
             bandwidth = 4e9 / read_time(int(4e9), repeat=2) / 1e9
-            theirs = {"round": round_, "engine": "llama.cpp", "format": kind.upper(), "size GB": gguf.stat().st_size / 1e9,
+            theirs = {"round": round_, "engine": "llama.cpp", "format": kind.upper(),
+                      "size GB": gguf.stat().st_size / 1e9,
                       "bandwidth GB/s": bandwidth, **llama_bench(gguf)}
             ours = run_child(folder, [])
             size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e9
@@ -76,7 +77,8 @@ def main() -> None:
         pairs = [(t, o) for t, o in zip(rows[::2], rows[1::2]) if o["format"] == to]
         for key in ("prefill 63 tokens/s", "prefill 512 tokens/s", "decode tokens/s"):
             values = [o[key] / t[key] for t, o in pairs]
-            ratios[f"ours {to} / llama.cpp {GGUF[to][1].upper()} {key.removesuffix(' tokens/s')}"] = sum(values) / len(values)
+            name = f"ours {to} / llama.cpp {GGUF[to][1].upper()} {key.removesuffix(' tokens/s')}"
+            ratios[name] = sum(values) / len(values)
     report("llama_cpp", rows, ratios)
 
 

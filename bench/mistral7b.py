@@ -99,7 +99,8 @@ def child(folder: str, flags: list[str]) -> None:
     # Mapped weights are read from the disk (or mapped from the page cache) by the first forward that touches
     # them, not by the load: that is part of the time to the first token, and kept out of the pre-fill rates.
     times = []
-    generate_ids([prompt[:PROMPTS[0]]], model, max_tokens=1, on_token=lambda row, tok: times.append(time.perf_counter()))
+    generate_ids([prompt[:PROMPTS[0]]], model, max_tokens=1,
+                 on_token=lambda row, tok: times.append(time.perf_counter()))
     out["first token s"] = times[0] - t0
     layer = fp32_layer()
     for n in PROMPTS:
@@ -135,8 +136,8 @@ def demo_peak_rss(folder: Path, flags: list[str]) -> tuple[float, str]:
 
 def fp32_layer() -> list[torch.Tensor]:
     """Random fp32 weights of one layer's seven matrices and of the head (1.4 GB)."""
-    D, I, KV = PARAMS["dim"], PARAMS["hidden_dim"], PARAMS["n_kv_heads"] * PARAMS["head_dim"]
-    shapes = ((D, D), (KV, D), (KV, D), (D, D), (I, D), (I, D), (D, I), (PARAMS["vocab_size"], D))
+    D, F, KV = PARAMS["dim"], PARAMS["hidden_dim"], PARAMS["n_kv_heads"] * PARAMS["head_dim"]
+    shapes = ((D, D), (KV, D), (KV, D), (D, D), (F, D), (F, D), (D, F), (PARAMS["vocab_size"], D))
     return [torch.randn(n, k) * 0.01 for n, k in shapes]
 
 

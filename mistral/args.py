@@ -79,7 +79,8 @@ class ModelArgs:
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size"):
             setattr(self, name, count_value(getattr(self, name), name, source))
         if self.n_heads % self.n_kv_heads:
-            raise MistralError(f"{source}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise MistralError(f"{source}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                               f"({self.n_kv_heads})")
         if self.head_dim % 2:
             raise MistralError(f"{source}: 'head_dim' must be even (RoPE rotates channel pairs), got {self.head_dim}")
         self.norm_eps = positive_value(self.norm_eps, "norm_eps", source)

@@ -128,7 +128,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMas
         assert k.ndim == 4 and mask.valid.shape == (k.shape[0], 1, 1, k.shape[2]), (k.shape, mask.valid.shape)
         return _sdpa_slots(q, k, v, mask.valid)
     if mask.kv_padding is None:
-        assert k.ndim == 3 and (q.shape[0], k.shape[0]) == mask.shape, f"q {tuple(q.shape)}, k {tuple(k.shape)}, mask {mask.shape}"
+        assert k.ndim == 3 and (q.shape[0], k.shape[0]) == mask.shape, \
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, mask {mask.shape}"
     else:
         assert k.shape[::2] == (len(mask.kv_seqlens), mask.kv_padding), f"k {tuple(k.shape)}, padded mask {mask.shape}"
     kernel = KERNELS.get(q.device.type)

@@ -201,9 +201,11 @@ class RotatingBufferCache:
             kv_seqlens.append(len(slots) + n)
             k += len(slots) + n
         mask = BlockMask(tuple(seqlens), tuple(kv_seqlens), window)
-        meta = CacheMetadata(N, tensor(positions), mask, False, write_src=tensor(write_src), write_dst=tensor(write_dst))
+        meta = CacheMetadata(N, tensor(positions), mask, False, write_src=tensor(write_src),
+                             write_dst=tensor(write_dst))
         if cached_src:
-            meta.kv_cached_src, meta.kv_cached_dst, meta.kv_new_dst = tensor(cached_src), tensor(cached_dst), tensor(new_dst)
+            meta.kv_cached_src, meta.kv_cached_dst = tensor(cached_src), tensor(cached_dst)
+            meta.kv_new_dst = tensor(new_dst)
         return meta
 
     def advance(self, seqlens: list[int]) -> None:

@@ -9,9 +9,10 @@ one CUDA graph (mode="reduce-overhead"). That needs fixed shapes and nothing the
   length never changes;
 - the positions live on the device and are advanced in place; the host copy in the cache is only compared with it.
 
-The step runs the model's own layer loop (Transformer.blocks) and head, with caches and a mask of its own. Anything else (pre-fill, a step some row sits out, a mixture whose routing reads the host, that
-is MoeLayer rather than mistral/grouped.py's GroupedMoeLayer, pipeline ranks, quantized weights) is declined, and
-generate runs it eagerly.
+The step runs the model's own layer loop (Transformer.blocks) and head, with caches and a mask of its own. Anything
+else (pre-fill, a step some row sits out, a mixture whose routing reads the host, that is MoeLayer rather than
+mistral/grouped.py's GroupedMoeLayer, pipeline ranks, quantized weights) is declined, and the model runs it eagerly
+(mistral/runners.py).
 
 Letters: B rows, N slots per row, Hkv kv heads, D head_dim, V vocab.
 """

@@ -47,9 +47,11 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device,
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise MistralError(f"dtype {dtype} is not supported; use fp32, bf16 or fp16")
     if device.type == "cpu" and dtype == torch.float16:
-        raise MistralError("fp16 on CPU runs through a scalar fallback hundreds of times slower than fp32; use fp32 or bf16")
+        raise MistralError("fp16 on CPU runs through a scalar fallback hundreds of times slower than fp32; "
+                           "use fp32 or bf16")
     if device.type == "cuda" and dtype == torch.bfloat16 and not _native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
-        raise MistralError(f"this GPU ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) has no "
+        name = torch.cuda.get_device_name(device)
+        raise MistralError(f"this GPU ({name}, compute capability {major}.{minor}) has no "
                            "native bf16, which needs 8.0 (Ampere) or later: use --dtype fp16 or fp32")
     return dtype

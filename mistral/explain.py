@@ -123,8 +123,12 @@ def _pos(p: int) -> str:
 def render_mask(step: Step) -> str:
     """The mask as a character grid: the query's sequence digit where it sees a key, '.' where not."""
     w = max(len(_pos(p)) for p in step.key_pos + step.query_pos)
-    label = lambda b, p: f"  query seq {b} pos {p:>{w}} |"
-    head = lambda name, xs: f"{name} |".rjust(len(label(0, 0))) + " " + " ".join(str(x).rjust(w) for x in xs)
+    def label(b, p):
+        return f"  query seq {b} pos {p:>{w}} |"
+
+    def head(name, xs):
+        return f"{name} |".rjust(len(label(0, 0))) + " " + " ".join(str(x).rjust(w) for x in xs)
+
     lines = [head("key seq", step.key_seq), head("pos", map(_pos, step.key_pos))]
     if step.meta.decode:  # the keys are the raw slots, so say which
         lines.append(head("slot", [k % step.meta.mask.kv_padding for k in range(len(step.key_pos))]))
@@ -137,7 +141,8 @@ def render_cache(step: Step) -> str:
     """Each sequence's slots after the step ('*' = written this step), and its unrotated view."""
     W = len(step.slots[0])
     w = max(len(_pos(p)) for row in step.slots for p in row)
-    lines = ["cache slot |".rjust(21) + " " + " ".join(f"{s:>{w}} " for s in range(W)) + "  unrotated: the next step reads"]
+    slots = " ".join(f"{s:>{w}} " for s in range(W))
+    lines = ["cache slot |".rjust(21) + " " + slots + "  unrotated: the next step reads"]
     for b, row in enumerate(step.slots):
         cells = " ".join(f"{_pos(p):>{w}}" + ("*" if s in step.written[b] else " ") for s, p in enumerate(row))
         order = step.unrotated(b)
@@ -168,7 +173,10 @@ def _out_folder(out) -> Path:
 
 def parse_seqlens(seqlens: str | int | list[int] | tuple[int, ...]) -> list[int]:
     """'5,7,2', 5 or (5, 7, 2) -> [5, 7, 2]; fire passes any of them."""
-    items = seqlens.split(",") if isinstance(seqlens, str) else seqlens if isinstance(seqlens, (list, tuple)) else [seqlens]
+    if isinstance(seqlens, str):
+        items = seqlens.split(",")
+    else:
+        items = seqlens if isinstance(seqlens, (list, tuple)) else [seqlens]
     # 0 stands for anything that is not a whole number, so one check below rejects it too
     lens = [int(x) if isinstance(x, int) or (isinstance(x, str) and x.strip().isdigit()) else 0 for x in items]
     if not 1 <= len(lens) <= 10 or min(lens) <= 0 or max(lens) > MOST:

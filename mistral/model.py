@@ -44,7 +44,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask,
+                cache: CacheView | None) -> torch.Tensor:
         S = x.shape[0]
         xq = self.wq(x).view(S, self.n_heads, self.head_dim)  # (S, H, D)
         xk = self.wk(x).view(S, self.n_kv_heads, self.head_dim)  # (S, Hkv, D)
@@ -79,7 +80,8 @@ class TransformerBlock(nn.Module):
             gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
             self.feed_forward = MoeLayer(experts, gate, args.moe.num_experts_per_tok)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask, cache: CacheView | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask,
+                cache: CacheView | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -113,9 +115,11 @@ class Transformer(nn.Module):
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise MistralError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
         if not 1 <= num_pipeline_ranks <= args.n_layers:
-            raise MistralError(f"num_pipeline_ranks must be between 1 and n_layers ({args.n_layers}), got {num_pipeline_ranks}")
+            raise MistralError(f"num_pipeline_ranks must be between 1 and n_layers ({args.n_layers}), "
+                               f"got {num_pipeline_ranks}")
         if not pipeline_layers(args.n_layers, num_pipeline_ranks, num_pipeline_ranks - 1):
-            raise MistralError(f"{args.n_layers} layers split {-(-args.n_layers // num_pipeline_ranks)} per rank leave the "
+            per_rank = -(-args.n_layers // num_pipeline_ranks)
+            raise MistralError(f"{args.n_layers} layers split {per_rank} per rank leave the "
                                f"last of {num_pipeline_ranks} ranks without layers; use another num_pipeline_ranks")
         self.args = args
         self.max_batch_size = max_batch_size
@@ -158,7 +162,8 @@ class Transformer(nn.Module):
         found here is found alike on every pipeline rank."""
         seqlens = [int(n) for n in seqlens]
         if input_ids.ndim != 1 or input_ids.shape[0] != sum(seqlens):
-            raise MistralError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, got shape {tuple(input_ids.shape)}")
+            raise MistralError(f"input_ids must be 1-D with sum(seqlens)={sum(seqlens)} tokens, "
+                               f"got shape {tuple(input_ids.shape)}")
         S = input_ids.shape[0]
         if rows is not None and not all(0 <= r < S for r in rows):
             raise MistralError(f"rows must be positions of the {S} packed tokens, got {rows}")

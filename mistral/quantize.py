@@ -121,8 +121,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
+        # K % 8: torch 2.13's CPU kernel reads out of bounds for other K
         if (x2.shape[0] <= FEW_ROWS and x2.device.type == "cpu" and K % 8 == 0
-                and not (torch.is_grad_enabled() and x2.requires_grad)):  # torch 2.13's CPU kernel reads out of bounds for other K
+                and not (torch.is_grad_enabled() and x2.requires_grad)):
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
             return y.to(x.dtype).view(*lead, -1)
         return _converted_linear(x2, self.weight, self.scales).view(*lead, -1)
@@ -165,7 +166,8 @@ def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.reshape(N, G * GROUP // 2), scales.view(N, G)
 
 
-def int4_dequantized(packed: torch.Tensor, scales: torch.Tensor, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def int4_dequantized(packed: torch.Tensor, scales: torch.Tensor, K: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The (N, K) weights that int4_rows' (packed, scales) stand for, unpacked into out (N, G * 32) if given (its
     dtype; else a new fp32 tensor): a view of its first K columns."""
     N, G = scales.shape

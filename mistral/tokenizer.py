@@ -2,7 +2,7 @@
 
 The official downloads name the file by its version:
 
-    tekken.json           tiktoken-style BPE (Mistral NeMo, Mistral Small 2501, Ministral, Pixtral); its version is inside
+    tekken.json           tiktoken-style BPE (Mistral NeMo, Mistral Small 2501, Ministral, Pixtral); version inside
     tokenizer.model.vN    sentencepiece, version N: v3 for Mistral 7B v0.3, Mixtral 8x22B, Codestral, Mathstral; v7, ...
     tokenizer.model       sentencepiece, version 1 (Mistral 7B v0.1/v0.2, Mixtral 8x7B)
 
@@ -158,7 +158,7 @@ class Tokenizer:
         if len(answer_ids) != n_answers:
             raise MistralError(f"{len(answer_ids)} answer_ids for {n_answers} assistant messages")
         # Each assistant message is encoded as its text's ids and then EOS, and EOS appears nowhere else: so with a
-        # placeholder for every answer, each EOS is preceded by the placeholder's ids, which are swapped for the answer's.
+        # placeholder for every answer, each EOS is preceded by the placeholder's ids, swapped for the answer's.
         ids = self._encode_chat([{**m, "content": _PLACEHOLDER} if m["role"] == "assistant" else m for m in messages])
         stand_in = self._placeholder_ids
         out, start = [], 0

@@ -244,7 +244,8 @@ def main() -> None:
     params = {k: v for k, v in dataclasses.asdict(ARGS).items() if v is not None}
     (opts.out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     size = sum(f.stat().st_size for f in opts.out.glob("*") if f.is_file())
-    print(f"done: {opts.steps} steps, {opts.steps * B * T:,} tokens seen ({opts.steps * B * T / len(train):.2f} epochs)")
+    seen = opts.steps * B * T
+    print(f"done: {opts.steps} steps, {seen:,} tokens seen ({seen / len(train):.2f} epochs)")
     print(f"training time {train_time / 60:.1f} min ({train_time:.0f} s)")
     print(f"final train loss {train_loss:.3f} (smoothed), final val loss {val_loss:.3f} over {n_val} windows "
           f"of {T} tokens ({val_loss / math.log(2) * len(val) / sum(map(len, val_texts)):.3f} bits/char)")

@@ -167,7 +167,7 @@ def _locate(name: str, shape: tuple[int, ...], args: ModelArgs, kind: str,
     expert = _FUSED_EXPERT.fullmatch(name) if fused else None
     if expert:
         layer, e, w = expert[1], int(expert[2]), expert[3]
-        E, I, D = args.moe.num_experts, args.hidden_dim, args.dim
+        E, I, D = args.moe.num_experts, args.hidden_dim, args.dim  # noqa: E741  (I: hidden, as in the shapes above)
         if w == "w2":
             return f"model.layers.{layer}.mlp.experts.down_proj", (E, D, I), e * D * I
         return f"model.layers.{layer}.mlp.experts.gate_up_proj", (E, 2 * I, D), (2 * e + (w == "w3")) * I * D

@@ -16,7 +16,8 @@ run in C: with x rounded per group of 32, their integer multiply-adds (kernels.c
 on the widened weights. Such a step with weights of other formats is declined: MKL is the fastest there is for them.
 
 It reads the model's weights as they are (fp32, bf16, int8 or int4: mistral/quantize.py's Bf16Linear, Int8Linear and
-Int4Linear; int8 and int4 against x rounded to int8 per group of 32, kernels.c 1b) and gathers them once, when built; a weight replaced afterwards (a new tensor, not changed in place) needs a new decoder.
+Int4Linear; int8 and int4 against x rounded to int8 per group of 32, kernels.c 1b) and gathers them once, when built;
+a weight replaced afterwards (a new tensor, not changed in place) needs a new decoder.
 Its answers are the model's forward: tests/test_decoder.py checks them against float64 and against the torch model.
 """
 import contextlib

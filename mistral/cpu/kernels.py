@@ -274,7 +274,8 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
     if not all((layer.router is None) == (first.router is None) and layer.top_k == top_k
                and len(layer.weights) == 4 + 3 * experts for layer in layers) or not 1 <= top_k <= experts:
         return None
-    shapes = _attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ((hidden, dim), (hidden, dim), (dim, hidden)) * experts
+    ffn = ((hidden, dim), (hidden, dim), (dim, hidden))  # w1, w3, w2 of each expert
+    shapes = _attention_shapes(dim, n_heads, n_kv_heads, head_dim) + ffn * experts
     weights = [pair for layer in layers for pair in layer.weights]
     norms = [n.contiguous() for layer in layers for n in layer.norms]
     routers = [layer.router.contiguous() for layer in layers if layer.router is not None]
