@@ -214,7 +214,7 @@ class Int4Linear(nn.Module):
 class Bf16Linear(nn.Module):
     """A bias-free nn.Linear that stores its weight in bf16 and computes in fp32 (the activations' dtype)."""
 
-    scales = None  # as Linear's: only int8 weights have scales
+    scales = None  # as Linear's: only int8 and int4 weights have scales
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()

@@ -17,7 +17,7 @@ from mistral.model import Transformer
 
 
 def _stored_dtype(plan: dict[str, _Source]) -> torch.dtype:
-    """The float dtype that holds most of the weights' bytes (an int8 folder's scales aside)."""
+    """The float dtype that holds most of the weights' bytes (a quantized folder's scales aside)."""
     total: dict[torch.dtype, int] = {}
     for name, source in plan.items():
         if source.dtype.is_floating_point and not name.endswith(".scales"):

@@ -35,7 +35,8 @@ from mistral.rope import inverse_frequencies
 
 
 def _pair(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, scales) of a linear layer: scales for mistral.quantize's Int8Linear, None for the others."""
+    """(weight, scales) of a linear layer: scales for mistral.quantize's Int8Linear and
+    Int4Linear, None for the others."""
     return linear.weight, getattr(linear, "scales", None)
 
 

@@ -605,7 +605,7 @@ void rms_norm_f32(const float *x, const float *w, float *y, int64_t M, int64_t K
 }
 
 /* 4. A SwiGLU feed-forward at decode: out (M, dim) = w2 (silu(w1 x) * w3 x) for x (M, dim), in one parallel region
-as the attention above. w and s: w1, w3, w2 and their scales (int8 only, else NULL). gate_up (M, 2 hidden) and
+as the attention above. w and s: w1, w3, w2 and their scales (int8 and int4, else NULL). gate_up (M, 2 hidden) and
 act (M, hidden): scratch. */
 static void ffn_phases(enum wtype t, const float *x, const void *const *w, const float *const *s, float *gate_up,
                        float *act, float *out, int64_t M, int64_t dim, int64_t hidden) {
