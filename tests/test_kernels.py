@@ -279,7 +279,8 @@ def check_blocks(dtype, L, moe, H, Hkv, D):
     slots = torch.where(lengths < W, lengths - 1, 11)
     positions = torch.where(lengths < W, lengths - 1, 2 * W + 11)
     x = torch.randn(len(rows), dim, generator=gen) * 3
-    shapes = [(H * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, H * D)] + [(hidden, dim), (hidden, dim), (dim, hidden)] * E
+    shapes = ([(H * D, dim), (Hkv * D, dim), (Hkv * D, dim), (dim, H * D)]
+              + [(hidden, dim), (hidden, dim), (dim, hidden)] * E)
     layers = []
     for _ in range(L):
         norms = (torch.rand(dim, generator=gen) + 0.5, torch.rand(dim, generator=gen) + 0.5)

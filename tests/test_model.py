@@ -15,7 +15,8 @@ from mistral.model import FeedForward
 
 W = 5
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)), [8, 1, 4, 2, 63, 0, 12, 7, 7, 30, 31]]
+PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)),
+           [8, 1, 4, 2, 63, 0, 12, 7, 7, 30, 31]]
 
 
 def expected(model, seqs):
