@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TINY = dict(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
             vocab_size=64, sliding_window=5, rope_theta=1e4)
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}  # params.json's "moe" block: 4 experts, 2 a token
+SIX_EXPERTS = dict(moe={"num_experts": 6, "num_experts_per_tok": 2})  # overrides for tiny_params: 6 experts, 2 a token
 # Three prompts around a window of 5: one longer than two windows, one shorter than a window, one in between.
 PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
 
@@ -101,6 +103,11 @@ def one_error(code, err, pattern, status=2):
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("loaded ")]
     assert code == status, (code, err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), err
+
+
+def has_c_compiler() -> bool:
+    """Whether mistral.cpu's kernels can be built here: a C compiler, cc or gcc, is on the PATH."""
+    return shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
 def engine_first(model):

@@ -13,7 +13,6 @@ from mistral.checkpoint import load_model
 from mistral.generate import generate_ids
 
 
-
 def recording(collective, seen: list):
     """collective, noting the shape and dtype of every tensor it sends."""
     def run(tensor, *args, **kwargs):

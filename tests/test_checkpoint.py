@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import params_json, random_model, randomized, save_folder, tiny_params
+from helpers import MOE, params_json, random_model, randomized, save_folder, tiny_params
 from safetensors.torch import load_file, save_file
 
 from mistral import checkpoint
@@ -24,7 +24,6 @@ SEQLENS = [3, 20, 37]  # two prompts longer than the window of 5
 _gen = torch.Generator().manual_seed(1)
 SEQS = [torch.randint(0, 64, (n,), generator=_gen).tolist() for n in SEQLENS]
 CHUNKS = [5, 1, 9, 2, 7]  # uneven chunk sizes, around and across the window
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
 
 def packed(model: Transformer) -> torch.Tensor:

@@ -18,7 +18,6 @@ from mistral.errors import MistralError
 from mistral.generate import generate, generate_ids
 
 
-
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, tokenizer_file) -> Path:
     """A tiny random model with a real sentencepiece tokenizer, in the native layout."""

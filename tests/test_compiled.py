@@ -2,15 +2,12 @@
 import copy
 
 import torch
-from helpers import random_model, tiny_params
+from helpers import SIX_EXPERTS as MOE, random_model, tiny_params
 
 from mistral.cache import RotatingBufferCache
 from mistral.compiled import CompiledDecoder
 from mistral.generate import generate_ids
 from mistral.grouped import group_experts
-
-
-MOE = dict(moe={"num_experts": 6, "num_experts_per_tok": 2})
 
 
 def test_the_decode_step_compiles_in_full_once_and_gives_the_eager_logits():

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import random_model, rounded_per_group, tiny_params
+from helpers import MOE, random_model, rounded_per_group, tiny_params
 
 from mistral import quantize
 from mistral.cache import RotatingBufferCache
@@ -13,7 +13,6 @@ from mistral.cpu import CpuDecoder, kernels
 from mistral.generate import generate_ids
 from mistral.model import ModelArgs, Transformer
 
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize.quantize_int4,
            "bf16": lambda m: quantize.bf16_weight_only(m.bfloat16())}
 

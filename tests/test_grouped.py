@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import random_model, save_folder, tiny_params
+from helpers import SIX_EXPERTS as MOE, random_model, save_folder, tiny_params
 from oracle import oracle_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -44,9 +44,6 @@ def test_moe_routing_waits_for_the_host_once_per_layer(tokens, monkeypatch):
     with torch.no_grad(), HostWaits() as waits:
         layer(torch.randn(tokens, 16))
     assert waits.seen == [] and reads == [(E,)]
-
-
-MOE = dict(moe={"num_experts": 6, "num_experts_per_tok": 2})
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import has_c_compiler
 
 from mistral.cpu import kernels
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compiler():
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
+    if not has_c_compiler():
         pytest.skip("no C compiler: the kernel cannot be built here")
 
 

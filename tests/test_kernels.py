@@ -2,11 +2,10 @@
 compiled library may come from: tests/test_kernel_build.py."""
 import ctypes
 import mmap
-import shutil
 
 import pytest
 import torch
-from helpers import rounded_per_group
+from helpers import has_c_compiler, rounded_per_group
 
 from mistral import quantize
 from mistral.cpu import kernels
@@ -44,7 +43,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.int8, torch.uint8]
 
 @pytest.fixture(scope="module", autouse=True)
 def compiled():
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
+    if not has_c_compiler():
         pytest.skip("no C compiler: the kernel cannot be built here")
     assert kernels.available(), "a C compiler is present, so the kernel must build: see the warning logged above"
 

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_model, save_folder, tiny_params
+from helpers import MOE, ROOT, random_model, save_folder, tiny_params
 
 from mistral import checkpoint, quantize
 from mistral.checkpoint import load as loader, read as reader, write as writer
 from mistral.errors import MistralError
 
-ROOT = Path(__file__).resolve().parent.parent
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SEQ = torch.tensor([3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1])
 
 

@@ -1,12 +1,9 @@
 """The memory a run needs (mistral/memory.py)."""
 import torch
-from helpers import tiny_params
+from helpers import SIX_EXPERTS as MOE, tiny_params
 
 from mistral.memory import Memory
 from mistral.model import ModelArgs, Transformer
-
-
-MOE = dict(moe={"num_experts": 6, "num_experts_per_tok": 2})
 
 
 def test_grouping_is_counted_in_the_memory_a_run_needs():

@@ -2,12 +2,10 @@
 and a mixture, for packed prompts longer than the window, pre-filled in chunks around W and then decoded."""
 import pytest
 import torch
-from helpers import random_model, tiny_params
+from helpers import MOE, random_model, tiny_params
 
 import one_file_ref as ref
 from mistral.cache import RotatingBufferCache
-
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
 
 def reference(model) -> ref.Transformer:

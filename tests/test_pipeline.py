@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB
-from helpers import PROMPTS, Reached, inprocess, one_error, random_model, save_with_tokenizer, tiny_params
+from helpers import PROMPTS, ROOT, Reached, inprocess, one_error, random_model, save_with_tokenizer, tiny_params
 
 import main
 from mistral import checkpoint
@@ -21,7 +21,6 @@ from mistral.errors import MistralError
 from mistral.generate import generate_ids
 from mistral.model import Transformer, pipeline_layers
 
-ROOT = Path(__file__).resolve().parent.parent
 N_LAYERS = 5  # divides by neither 2 nor 3
 
 
