@@ -105,11 +105,6 @@ def one_error(code, err, pattern, status=2):
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), err
 
 
-def has_c_compiler() -> bool:
-    """Whether mistral.cpu's kernels can be built here: a C compiler, cc or gcc, is on the PATH."""
-    return shutil.which("cc") is not None or shutil.which("gcc") is not None
-
-
 def engine_first(model):
     """What generate runs each step: a decode step on mistral.cpu's engine where it takes it, anything else on the
     model. Skips the test where the engine does not apply (a model not on a CPU) or cannot be built (no C compiler)."""

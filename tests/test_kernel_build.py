@@ -11,15 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import has_c_compiler
 
 from mistral.cpu import kernels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiler():
-    if not has_c_compiler():
-        pytest.skip("no C compiler: the kernel cannot be built here")
+pytestmark = pytest.mark.usefixtures("c_compiler")
 
 
 @pytest.fixture

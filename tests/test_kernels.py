@@ -5,7 +5,7 @@ import mmap
 
 import pytest
 import torch
-from helpers import has_c_compiler, rounded_per_group
+from helpers import rounded_per_group
 
 from mistral import quantize
 from mistral.cpu import kernels
@@ -42,9 +42,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.int8, torch.uint8]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compiled():
-    if not has_c_compiler():
-        pytest.skip("no C compiler: the kernel cannot be built here")
+def compiled(c_compiler):
     assert kernels.available(), "a C compiler is present, so the kernel must build: see the warning logged above"
 
 
