@@ -1,15 +1,28 @@
-"""Tiny random models for the tests."""
+"""What several test files share: tiny random models and their folders, and running the command line."""
 import dataclasses
+import io
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
+import main
 from mistral.model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = dict(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
             vocab_size=64, sliding_window=5, rope_theta=1e4)
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}  # params.json's "moe" block: 4 experts, 2 a token
+SIX_EXPERTS = dict(moe={"num_experts": 6, "num_experts_per_tok": 2})  # overrides for tiny_params: 6 experts, 2 a token
+# Three prompts around a window of 5: one longer than two windows, one shorter than a window, one in between.
+PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
 
 
 def tiny_params(**overrides) -> dict:
@@ -20,11 +33,18 @@ def random_model(params: dict, seed: int = 0, max_batch_size: int = 4) -> Transf
     """A model with random weights of a useful scale: logits differ clearly between tokens."""
     torch.manual_seed(seed)
     model = Transformer(ModelArgs.from_dict(dict(params)), max_batch_size=max_batch_size)
+    return randomized(model, "tok_embeddings")
+
+
+def randomized(model: torch.nn.Module, embedding: str) -> torch.nn.Module:
+    """model with random weights of a useful scale, drawn from torch's global generator: norm weights near 1, the
+    embedding (the parameter whose name holds `embedding`) of unit variance, every other matrix scaled by its
+    fan-in. In eval mode."""
     with torch.no_grad():
         for name, t in model.named_parameters():
             if name.endswith("norm.weight"):
                 t.copy_(1 + 0.1 * torch.randn_like(t))
-            elif name == "tok_embeddings.weight":
+            elif embedding in name:
                 t.normal_()
             else:
                 t.normal_(std=t.shape[-1] ** -0.5)
@@ -47,11 +67,47 @@ def save_folder(model: Transformer, folder: Path, fmt: str = "safetensors") -> P
     return folder
 
 
+def save_with_tokenizer(model: Transformer, folder: Path, tokenizer_file: Path) -> Path:
+    """save_folder, with tokenizer_file beside the weights as tokenizer.model."""
+    save_folder(model, folder)
+    shutil.copy(tokenizer_file, folder / "tokenizer.model")
+    return folder
+
+
+class Reached(Exception):
+    """Raised where loading would first touch the GPU: everything before it ran."""
+
+
+def cli(*args, stdin: bytes | str | None = b"", shell: str | None = None, timeout: int = 300):
+    """`python -m main *args` (or the shell command `shell`) in a process of its own: (exit status, stdout, stderr)."""
+    cmd = shell if shell is not None else [sys.executable, "-m", "main", *map(str, args)]
+    stdin = stdin.encode() if isinstance(stdin, str) else stdin
+    proc = subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, timeout=timeout, shell=shell is not None)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def inprocess(monkeypatch, capsys, *args, stdin: str = ""):
+    """main.main() with argv `main *args` and stdin `stdin`, in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["main", *map(str, args)])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as e:
+        main.main()
+        sys.exit(0)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def one_error(code, err, pattern, status=2):
+    """Exactly one line, 'error: ...', matching pattern (beside the 'loaded ...' line of a failure after loading); no
+    traceback."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("loaded ")]
+    assert code == status, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), err
+
+
 def engine_first(model):
     """What generate runs each step: a decode step on mistral.cpu's engine where it takes it, anything else on the
     model. Skips the test where the engine does not apply (a model not on a CPU) or cannot be built (no C compiler)."""
-    import pytest
-
     from mistral.cpu import CpuDecoder
 
     decoder = CpuDecoder.of(model)

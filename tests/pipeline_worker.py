@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from helpers import PROMPTS
+
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import load_model
 from mistral.generate import generate_ids
-
-PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
 
 
 def recording(collective, seen: list):

@@ -2,21 +2,18 @@
 are mistral_common's encoding with the sampled answers in place; and the chat command as a user meets it."""
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mistral_common
 import pytest
 import torch
-from helpers import random_model, save_folder, tiny_params
+from helpers import cli, random_model, save_folder, tiny_params
 
 from mistral.chat import Chat
 from mistral.cpu import CpuDecoder, kernels
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(mistral_common.__file__).parent / "data"
 FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3",
          "v7": "mistral_instruct_tokenizer_241114.model.v7", "tekken": "tekken_240718.json"}
@@ -129,7 +126,8 @@ def every_logit(monkeypatch):
 
     import mistral.chat
 
-    monkeypatch.setattr(mistral.chat, "generate_ids", functools.partial(mistral.chat.generate_ids, prompt_logprobs=True))
+    monkeypatch.setattr(mistral.chat, "generate_ids",
+                        functools.partial(mistral.chat.generate_ids, prompt_logprobs=True))
 
 
 @pytest.mark.parametrize("version", ["v1", "v7"])
@@ -224,12 +222,6 @@ def folders(tmp_path_factory):
     return out
 
 
-def run_chat(args, stdin: bytes):
-    proc = subprocess.run([sys.executable, "-m", "main", "chat", *args], cwd=ROOT, input=stdin, capture_output=True,
-                          timeout=300)
-    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
-
-
 STATS = r"prefill \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), decode \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), " \
         r"context \d+ tokens"
 
@@ -237,7 +229,7 @@ STATS = r"prefill \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), decode \d+ tokens
 @pytest.mark.parametrize("where", ["shipped", "v3", "tekken"])
 def test_chat_answers_each_line_with_a_stats_line(where, folders):
     args = [] if where == "shipped" else [str(folders[where]), "--max_tokens", "8"]
-    code, out, err = run_chat(args, b"Hello\nAnd then?\n")
+    code, out, err = cli("chat", *args, stdin=b"Hello\nAnd then?\n")
     assert code == 0, err
     import re
 
@@ -249,8 +241,8 @@ def test_chat_answers_each_line_with_a_stats_line(where, folders):
 
 
 def test_bad_lines_get_one_line_each_and_the_session_goes_on(folders):
-    code, out, err = run_chat([str(folders["v3"]), "--max_tokens", "3"],
-                              b"Hello\n\n   \n/frobnicate\n\xff\xfeabc\n/reset\n/system Be brief.\nAgain\n")
+    code, out, err = cli("chat", folders["v3"], "--max_tokens", "3",
+                         stdin=b"Hello\n\n   \n/frobnicate\n\xff\xfeabc\n/reset\n/system Be brief.\nAgain\n")
     assert code == 0, err
     lines = err.splitlines()
     assert sum(line.startswith("error: empty message") for line in lines) == 2

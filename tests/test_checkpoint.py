@@ -5,11 +5,12 @@ Tests that need transformers skip without it; the native layouts, the converter'
 malformed case run anyway.
 """
 import json
+import math
 import shutil
 
 import pytest
 import torch
-from helpers import params_json, random_model, save_folder, tiny_params
+from helpers import MOE, params_json, random_model, randomized, save_folder, tiny_params
 from safetensors.torch import load_file, save_file
 
 from mistral import checkpoint
@@ -23,7 +24,6 @@ SEQLENS = [3, 20, 37]  # two prompts longer than the window of 5
 _gen = torch.Generator().manual_seed(1)
 SEQS = [torch.randint(0, 64, (n,), generator=_gen).tolist() for n in SEQLENS]
 CHUNKS = [5, 1, 9, 2, 7]  # uneven chunk sizes, around and across the window
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
 
 def packed(model: Transformer) -> torch.Tensor:
@@ -63,15 +63,7 @@ def hf_model(kind: str, sliding_window: int | None, seed: int = 0, **overrides):
     else:
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
             **dims, num_local_experts=4, num_experts_per_tok=2, **overrides))
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                t.copy_(1 + 0.1 * torch.randn_like(t))
-            elif "embed_tokens" in name:
-                t.normal_()
-            else:
-                t.normal_(std=t.shape[-1] ** -0.5)
-    return model.eval()
+    return randomized(model, "embed_tokens")
 
 
 def load(folder, dtype=torch.float32) -> Transformer:
@@ -379,3 +371,22 @@ def test_hf_config_round_trips_through_our_args():
     args = ModelArgs(dim=32, n_layers=2, head_dim=16, hidden_dim=48, n_heads=4, n_kv_heads=1, norm_eps=1e-5,
                      vocab_size=64, sliding_window=None, rope_theta=1e6, moe=MOE)
     assert checkpoint.args_from_hf_config(checkpoint.hf_config_from_args(args, torch.bfloat16)) == args
+
+
+@pytest.mark.parametrize("key, value, message", [("rms_norm_eps", math.nan, "'rms_norm_eps' must be a finite"),
+                                                 ("rope_theta", -1, "'rope_theta' must be a finite"),
+                                                 ("hidden_size", "32", "'hidden_size' must be a whole number"),
+                                                 ("sliding_window", 1e15, "'sliding_window' must be a whole number"),
+                                                 ("head_dim", 9, "'head_dim' must be even")])
+def test_hf_config_values_are_checked_as_well_and_name_config_json(key, value, message):
+    config = {"model_type": "mistral", "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 2, "intermediate_size": 48, "vocab_size": 64, key: value}
+    with pytest.raises(MistralError, match=message) as e:
+        checkpoint.args_from_hf_config(config, "config.json")
+    assert str(e.value).startswith("config.json")
+
+
+@pytest.mark.parametrize("to", ["native", "hf"])
+def test_convert_writes_configs_the_loader_takes(folder, tmp_path, to):
+    dst = checkpoint.convert(folder, tmp_path / to, to=to)
+    assert checkpoint.read_args(dst) == checkpoint.read_args(folder)

@@ -1,46 +1,28 @@
 """The command line: demo and interactive output, one_file_ref agreement, and errors a person can act on."""
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import VOCAB
-from helpers import random_model, save_folder, tiny_params
+from helpers import ROOT, cli, inprocess, one_error, random_model, save_with_tokenizer, tiny_params
 
 import main
-
-ROOT = Path(__file__).resolve().parent.parent
+from mistral import checkpoint
+from mistral.errors import MistralError
+from mistral.generate import generate, generate_ids
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, tokenizer_file) -> Path:
     """A tiny random model with a real sentencepiece tokenizer, in the native layout."""
-    folder = save_folder(random_model(tiny_params(vocab_size=VOCAB, n_layers=3)), tmp_path_factory.mktemp("model"))
-    shutil.copy(tokenizer_file, folder / "tokenizer.model")
-    return folder
-
-
-def run_cli(args, stdin=""):
-    proc = subprocess.run([sys.executable, "-m", "main", *args], cwd=ROOT, input=stdin, capture_output=True,
-                          text=True, timeout=300)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def run_inprocess(monkeypatch, capsys, args, stdin=""):
-    import io
-
-    monkeypatch.setattr(sys, "argv", ["main", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        main.main()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    model = random_model(tiny_params(vocab_size=VOCAB, n_layers=3))
+    return save_with_tokenizer(model, tmp_path_factory.mktemp("model"), tokenizer_file)
 
 
 def test_importing_main_leaves_ctrl_c_alone():
@@ -52,7 +34,7 @@ def test_importing_main_leaves_ctrl_c_alone():
 
 
 def test_demo_prints_three_completions_and_a_summary(model_folder):
-    code, out, err = run_cli(["demo", str(model_folder), "--max_tokens", "7"])
+    code, out, err = cli("demo", model_folder, "--max_tokens", "7")
     assert code == 0, err
     blocks = out.split("=" * 20 + "\n")
     assert len(blocks) == 4 and blocks[-1] == ""
@@ -91,8 +73,8 @@ def test_shipped_model_demo_is_the_same_with_int8_and_bf16_weights():
 
 
 def test_interactive_answers_piped_prompts_and_exits_at_eof(model_folder, monkeypatch, capsys):
-    code, out, err = run_inprocess(monkeypatch, capsys,
-                                   ["interactive", str(model_folder), "--max_tokens", "5"], "To be\nThe slings\n")
+    code, out, err = inprocess(monkeypatch, capsys, "interactive", model_folder, "--max_tokens", "5",
+                               stdin="To be\nThe slings\n")
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("To be") and lines[1].startswith("The slings")
@@ -111,9 +93,10 @@ def test_interactive_instruct_sends_the_chat_encoding(model_folder, monkeypatch,
 
     sent = []
     real = main.generate_ids
-    monkeypatch.setattr(main, "generate_ids", lambda prompts, *a, **k: (sent.append(prompts[0]), real(prompts, *a, **k))[1])
-    code, out, err = run_inprocess(monkeypatch, capsys,
-                                   ["interactive", str(model_folder), "--max_tokens", "3", "--instruct"], " To be \n")
+    monkeypatch.setattr(main, "generate_ids",
+                        lambda prompts, *a, **k: (sent.append(prompts[0]), real(prompts, *a, **k))[1])
+    code, out, err = inprocess(monkeypatch, capsys, "interactive", model_folder, "--max_tokens", "3", "--instruct",
+                               stdin=" To be \n")
     assert code == 0 and len(out.splitlines()) == 1, err
     reference = MistralTokenizer.from_file(str(model_folder / "tokenizer.model"))
     want = reference.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content=" To be ")])).tokens
@@ -121,17 +104,17 @@ def test_interactive_instruct_sends_the_chat_encoding(model_folder, monkeypatch,
 
 
 def test_interactive_prints_a_stats_line_after_each_answer(model_folder, monkeypatch, capsys):
-    code, out, err = run_inprocess(monkeypatch, capsys, ["interactive", str(model_folder), "--max_tokens", "4"],
-                                   "To be\nThe slings\n")
+    code, out, err = inprocess(monkeypatch, capsys, "interactive", model_folder, "--max_tokens", "4",
+                               stdin="To be\nThe slings\n")
     stats = [line for line in err.splitlines() if line.startswith("prefill ")]
     assert code == 0 and len(stats) == 2, err
-    assert __import__("re").fullmatch(r"prefill \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), decode 3 tokens in [\d.]+ s "
-                                      r"\([\d,.]+ tokens/s\), context \d+ tokens", stats[0]), stats[0]
+    assert __import__("re").fullmatch(r"prefill \d+ tokens in [\d.]+ s \([\d,.]+ tokens/s\), "
+                                      r"decode 3 tokens in [\d.]+ s \([\d,.]+ tokens/s\), context \d+ tokens",
+                                      stats[0]), stats[0]
 
 
 def test_interactive_rejects_an_empty_prompt_and_carries_on(model_folder, monkeypatch, capsys):
-    code, out, err = run_inprocess(monkeypatch, capsys, ["interactive", str(model_folder), "--max_tokens", "2"],
-                                   "\nTo be\n")
+    code, out, err = inprocess(monkeypatch, capsys, "interactive", model_folder, "--max_tokens", "2", stdin="\nTo be\n")
     assert code == 1
     assert "error: empty prompt" in err
     assert out.startswith("To be")
@@ -179,7 +162,8 @@ FOLDER_ERRORS = {
     "params unknown key": (_edit_params(use_biases=True), "use_biases"),
     "shape mismatch": (_reweight(extra=False), r"'layers.1.attention.wk.weight' .* shape \[8, 32\] .* \[16, 32\]"),
     "extra key": (_reweight(extra=True), "layers.0.attention.wz.weight"),
-    "vocab mismatch": (_edit_params(vocab_size=128), "tokenizer.model has 320 tokens but params.json says vocab_size=128"),
+    "vocab mismatch": (_edit_params(vocab_size=128),
+                       "tokenizer.model has 320 tokens but params.json says vocab_size=128"),
 }
 
 
@@ -187,7 +171,7 @@ FOLDER_ERRORS = {
 def test_broken_model_folder(case, model_folder, tmp_path, monkeypatch, capsys):
     change, message = FOLDER_ERRORS[case]
     folder = _broken(tmp_path, model_folder, change)
-    code, out, err = run_inprocess(monkeypatch, capsys, ["demo", str(folder), "--max_tokens", "2"])
+    code, out, err = inprocess(monkeypatch, capsys, "demo", folder, "--max_tokens", "2")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert __import__("re").search(message, err), err
@@ -199,7 +183,7 @@ def test_tokenizer_for_another_model(model_folder, tmp_path, monkeypatch, capsys
 
     other = train_tokenizer(300)
     folder = _broken(tmp_path, model_folder, lambda f: (f / "tokenizer.model").write_bytes(other))
-    code, _, err = run_inprocess(monkeypatch, capsys, ["demo", str(folder)])
+    code, _, err = inprocess(monkeypatch, capsys, "demo", folder)
     assert code == 2 and f"has 300 tokens but params.json says vocab_size={VOCAB}" in err
 
 
@@ -207,7 +191,8 @@ OPTION_ERRORS = {
     "negative max_tokens": (["--max_tokens", "-1"], "max_tokens must be"),
     "fractional max_tokens": (["--max_tokens", "2.5"], "max_tokens must be"),
     "negative temperature": (["--temperature", "-0.1"], "temperature must be a finite number >= 0"),
-    "temperature not a number": (["--temperature", "hot"], r"temperature must be a finite number >= 0 \(0 is greedy\), got 'hot'"),
+    "temperature not a number": (["--temperature", "hot"],
+                                 r"temperature must be a finite number >= 0 \(0 is greedy\), got 'hot'"),
     "top_p zero": (["--top_p", "0"], r"top_p must be in \(0, 1\]"),
     "top_p above one": (["--top_p", "1.5"], r"top_p must be in \(0, 1\]"),
     "unknown device": (["--device", "tpu"], "unknown device 'tpu'|device 'tpu'"),
@@ -225,7 +210,7 @@ OPTION_ERRORS = {
 def test_bad_option(case, model_folder, monkeypatch, capsys):
     flags, message = OPTION_ERRORS[case]
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    code, out, err = run_inprocess(monkeypatch, capsys, ["demo", str(model_folder), *flags])
+    code, out, err = inprocess(monkeypatch, capsys, "demo", model_folder, *flags)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert __import__("re").search(message, err), err
@@ -234,5 +219,178 @@ def test_bad_option(case, model_folder, monkeypatch, capsys):
 def test_user_errors_print_no_traceback_end_to_end(model_folder):
     for args in (["demo", "/no/such/folder"], ["demo", str(model_folder), "--top_p", "2"],
                  ["interactive", str(model_folder), "--device", "quantum"]):
-        code, out, err = run_cli(args)
+        code, out, err = cli(*args)
         assert code == 2 and "Traceback" not in err and err.startswith("error: "), (args, err)
+
+
+FLAGS = {
+    "two misspelled options": (["demo", "{m}", "--max_token", "5", "--temprature", "0.7"],
+                               r"demo has no option --max_token; did you mean --max_tokens\?"),
+    "convert --too": (["convert", "{m}", "{tmp}/out", "--too", "hf"],
+                      r"convert has no option --too; did you mean --to\?"),
+    "a command misspelled": (["dmeo"], r"unknown command 'dmeo'; did you mean demo\?"),
+    "chat --temp": (["chat", "{m}", "--temp", "0.5"], r"chat has no option --temp; did you mean --temperature|--top_p"),
+    "interactive --instrct": (["interactive", "{m}", "--instrct"], r"did you mean --instruct\?"),
+    "explain --seqlen": (["explain", "--seqlen", "3,4"], r"did you mean --seqlens\?"),
+    "quantize --to8": (["quantize", "{m}", "{tmp}/q", "--to8"], r"quantize has no option --to8"),
+    "too many positional arguments": (["convert", "a", "b", "c", "d"], r"convert takes at most 3 arguments in order"),
+}
+
+
+@pytest.mark.parametrize("case", FLAGS)
+def test_arguments_are_checked_before_anything_runs(case, folder, tmp_path, monkeypatch, capsys):
+    args = [a.format(m=folder, tmp=tmp_path) for a in FLAGS[case][0]]
+    code, out, err = inprocess(monkeypatch, capsys, *args)
+    one_error(code, err, FLAGS[case][1])
+    assert out == "" and not list(tmp_path.iterdir())  # nothing generated, nothing written
+
+
+def test_options_may_be_spelled_with_dashes_and_negated(folder, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "interactive", folder, "--max-tokens", "2", "--noinstruct",
+                               stdin="To be\n")
+    assert code == 0 and out.startswith("To be"), err
+
+
+def test_a_broken_config_stops_the_cli_in_one_line(folder, tmp_path, monkeypatch, capsys):
+    broken = shutil.copytree(folder, tmp_path / "m")
+    params = json.loads((broken / "params.json").read_text())
+    (broken / "params.json").write_text(json.dumps({**params, "norm_eps": float("nan")}))  # json writes NaN
+    code, out, err = inprocess(monkeypatch, capsys, "demo", broken, "--max_tokens", "2")
+    one_error(code, err, r"params.json: 'norm_eps' must be a finite number above 0, got nan")
+
+
+@pytest.mark.parametrize("seed, ok", [(-1, False), (2**64, False), (10**30, False), (1.5, False), (0, True),
+                                      (2**64 - 1, True)])
+def test_seeds_out_of_range_get_one_line(seed, ok, folder, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "demo", folder, "--max_tokens", "1", "--seed", str(seed))
+    if ok:
+        assert code == 0, err
+    else:
+        one_error(code, err, r"seed must be a whole number from 0 to 2\*\*64 - 1")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_temperatures_that_are_not_finite_are_refused(value, folder, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "demo", folder, "--temperature", value)
+    one_error(code, err, r"temperature must be a finite number >= 0")
+
+
+def test_a_cache_for_a_billion_positions_is_refused_before_allocating(folder, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "demo", folder, "--max_tokens", "1000000000")
+    one_error(code, err, r"this run needs about [\d,.]+ GB .* cache")
+    with pytest.raises(MistralError, match="need a cache of .* more than the .* available"):
+        generate_ids([[1, 2]], random_model(tiny_params(sliding_window=None)), max_tokens=10**12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seqlens", "99999999999999999999"], r"seqlens must be 1 to 10 prompt lengths from 1 to 256"),
+    (["--seqlens", "5,100000"], r"seqlens must be 1 to 10 prompt lengths"),
+    (["--decode_steps", "100000000"], r"decode_steps must be a whole number from 0 to 256"),
+    (["--sliding_window", "10000000"], r"sliding_window must be a whole number from 1 to 256"),
+    (["--chunk_size", "10000000"], r"chunk_size must be a whole number from 1 to 256"),
+])
+def test_explain_refuses_walks_too_long_to_read(args, message, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "explain", *args)
+    one_error(code, err, message)
+
+
+def test_explain_out_places_that_take_no_files(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    cases = [(str(tmp_path / "a-file"), r"is a file; name a folder"),
+             (str(tmp_path / "a-file" / "under"), r"cannot write the pictures in .*Not a directory"),
+             ("", r"--out must name a folder"), ("   ", r"--out must name a folder")]
+    for out, message in cases:
+        code, _, err = inprocess(monkeypatch, capsys, "explain", "--out", out)
+        one_error(code, err, message)
+
+
+def test_explain_out_on_a_full_disk(tmp_path, monkeypatch, capsys):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plt.Figure, "savefig", full)
+    code, _, err = inprocess(monkeypatch, capsys, "explain", "--out", tmp_path / "pics")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: writing the pictures in") and \
+        "No space left on device" in err
+
+
+def test_convert_places_that_take_no_folder(folder, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    cases = [(tmp_path / "a-file", r"already exists and is not an empty folder"),
+             (tmp_path / "a-file" / "under", r"is not a folder, so under cannot be made in it"),
+             ("", r"DST must name a folder")]
+    for dst, message in cases:
+        code, _, err = inprocess(monkeypatch, capsys, "convert", folder, dst, "--to", "hf")
+        one_error(code, err, message)
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # as in a folder this user may not write (root may anyway)
+    code, _, err = inprocess(monkeypatch, capsys, "convert", folder, tmp_path / "new", "--to", "hf")
+    one_error(code, err, r"cannot write in .*Permission denied")
+    assert not (tmp_path / "new").exists()
+
+
+def test_ctrl_c_while_torch_loads_ends_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "main", "demo"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(0.4)  # importing torch and the rest takes a few seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err, err
+
+
+def test_what_would_have_been_changed_silently_gets_one_line(folder, tokenizer_file, monkeypatch, capsys):
+    for value in ("no", "0", "yes"):  # --instruct=False and =True are what they say
+        code, _, err = inprocess(monkeypatch, capsys, "interactive", folder, f"--instruct={value}")
+        one_error(code, err, r"--instruct takes no value")
+    for device in ("cpu:7", "cpu:1"):
+        code, _, err = inprocess(monkeypatch, capsys, "demo", folder, "--device", device)
+        one_error(code, err, r"a CPU has no numbered devices")
+    from mistral.tokenizer import Tokenizer
+
+    model = random_model(tiny_params(vocab_size=VOCAB))
+    with pytest.raises(MistralError, match=r"prompts must be a list of strings, got str; for one prompt: \[prompt\]"):
+        generate("some text", model, Tokenizer(tokenizer_file), max_tokens=2)
+    with pytest.raises(MistralError, match="prompts must be a list of lists of token ids"):
+        generate_ids([1, 2, 3], model, max_tokens=2)
+    for bad in (-3, 0, 2.0, True):
+        with pytest.raises(MistralError, match="max_batch_size must be a whole number >= 1"):
+            random_model(tiny_params(), max_batch_size=bad)
+
+
+def test_non_finite_logits_are_said_not_printed(folder, tmp_path, monkeypatch, capsys):
+    """NaN weights gave ⁇ output with exit status 0."""
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(folder, tmp_path / "nan")
+    state = load_file(broken / "consolidated.safetensors")
+    state["layers.1.feed_forward.w2.weight"][0, 0] = float("nan")
+    save_file(state, str(broken / "consolidated.safetensors"))
+    for extra in ([], ["--temperature", "0.7"]):
+        code, out, err = inprocess(monkeypatch, capsys, "demo", broken, *extra)
+        one_error(code, err, r"the model gave non-finite logits \(NaN or inf\): its weights are damaged")
+        assert out == ""
+
+
+def test_messages_name_the_real_problem(folder, tmp_path, monkeypatch, capsys):
+    code, _, err = inprocess(monkeypatch, capsys, "demo", folder / "params.json")
+    one_error(code, err, r"params.json' is a file; give the model folder that holds it")
+    hf = checkpoint.convert(folder, tmp_path / "hf", to="hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    code, _, err = inprocess(monkeypatch, capsys, "demo", hf)
+    one_error(code, err, r"has \d+ tokens but config.json says vocab_size=100")
+    pth = tmp_path / "pth"
+    pth.mkdir()
+    shutil.copy(folder / "params.json", pth / "params.json")
+    shutil.copy(folder / "tokenizer.model", pth / "tokenizer.model")
+    for damage in (b"hello world" * 10, b"PK\x03\x04" + bytes(100)):
+        (pth / "consolidated.00.pth").write_bytes(damage)
+        code, _, err = inprocess(monkeypatch, capsys, "demo", pth)
+        one_error(code, err, r"cannot read .*consolidated.00.pth: it is not a complete torch.save file")

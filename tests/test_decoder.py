@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import random_model, rounded_per_group, tiny_params
+from helpers import MOE, random_model, rounded_per_group, tiny_params
 
 from mistral import quantize
 from mistral.cache import RotatingBufferCache
@@ -13,7 +13,6 @@ from mistral.cpu import CpuDecoder, kernels
 from mistral.generate import generate_ids
 from mistral.model import ModelArgs, Transformer
 
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize.quantize_int4,
            "bf16": lambda m: quantize.bf16_weight_only(m.bfloat16())}
 
@@ -139,8 +138,8 @@ def test_a_step_is_the_models_step(params, fmt, monkeypatch):
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("params", [tiny_params(), tiny_params(moe=MOE)], ids=["dense", "moe"])
 def test_a_prefill_with_quantized_weights_is_the_models_with_x_rounded(params, fmt, monkeypatch):
-    """Pre-fill steps of an int4 or int8 model (the forward, with its products in C): a ragged batch of chunks, one past the
-    window, multi-token chunks on a non-empty cache, a row bringing nothing, some rows' logits only.
+    """Pre-fill steps of an int4 or int8 model (the forward, with its products in C): a ragged batch of chunks, one past
+    the window, multi-token chunks on a non-empty cache, a row bringing nothing, some rows' logits only.
 
     Each product equals float64's on the x it was given, with x rounded per group as the kernel rounds it. The whole
     step's logits and cache equal the torch model's with that rounding, within what a flipped rounding allows: fp32

@@ -1,15 +1,13 @@
 """generate(): what it returns must be what the model says when the whole text is scored in one pass."""
 import pytest
 import torch
-from helpers import random_model, tiny_params
+from helpers import PROMPTS, random_model, tiny_params
 
 from mistral.errors import MistralError
 from mistral.generate import generate, generate_ids
-from mistral.sampling import sample, sample_top_p
 from mistral.tokenizer import Tokenizer
 
 W = 5
-PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 4, 2, 13], [1, 6, 7], [1, *range(40, 52)]]
 
 
 def rescore(model, prompts, generated):
@@ -93,33 +91,6 @@ def test_model_without_sliding_window():
     generated, logprobs = generate_ids(PROMPTS, model, max_tokens=8, chunk_size=3, prompt_logprobs=True)
     for lp, want in zip(logprobs, rescore(model, PROMPTS, generated)):
         torch.testing.assert_close(torch.tensor(lp), want, rtol=0, atol=1e-5)
-
-
-def test_seeded_sampling_repeats_and_greedy_limits():
-    model = random_model(tiny_params())
-
-    def run(seed, **kw):
-        return generate_ids(PROMPTS, model, max_tokens=10, generator=torch.Generator().manual_seed(seed), **kw)[0]
-
-    assert run(0, temperature=1.0) == run(0, temperature=1.0)
-    assert run(0, temperature=1.0) != run(1, temperature=1.0)
-    greedy = generate_ids(PROMPTS, model, max_tokens=10)[0]
-    assert run(0, temperature=1.0, top_k=1) == greedy
-    assert run(0, temperature=1.0, top_p=1e-6) == greedy
-
-
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    seen = {sample_top_p(probs, 0.8, torch.Generator().manual_seed(s)).item() for s in range(200)}
-    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.8
-    seen = {sample_top_p(probs, 0.81, torch.Generator().manual_seed(s)).item() for s in range(200)}
-    assert seen == {0, 1, 2}
-
-
-def test_top_k_masks_all_but_k():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    seen = {sample(logits, 5.0, top_p=1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
-    assert seen == {1, 3}
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +15,7 @@ import torch
 from mistral.cpu import kernels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiler():
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: the kernel cannot be built here")
+pytestmark = pytest.mark.usefixtures("c_compiler")
 
 
 @pytest.fixture
@@ -93,7 +91,8 @@ def test_a_library_planted_in_a_shared_folder_is_never_loaded(fresh_build, monke
     assert kernels.available() and not marker.exists()
     x, w = torch.randn(2, 16), torch.randn(8, 16)
     torch.testing.assert_close(kernels.matvec(x, w).double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
-    ctypes.CDLL(str(tmp_path / "planted.so"))  # the planted library is a real one: it would have run, had it been loaded
+    # the planted library is a real one: it would have run, had it been loaded
+    ctypes.CDLL(str(tmp_path / "planted.so"))
     assert marker.exists()
 
 
@@ -110,3 +109,22 @@ def test_a_damaged_cached_build_is_built_again(fresh_build, monkeypatch, tmp_pat
     assert (tmp_path / "b" / "mistral" / name).read_bytes() == (tmp_path / "a" / "mistral" / name).read_bytes()
     x, w = torch.randn(3, 16), torch.randn(8, 16)
     torch.testing.assert_close(kernels.matvec(x, w).double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
+
+
+def test_ctrl_c_while_the_kernels_compile_leaves_them_on(monkeypatch):
+    from mistral.cpu import kernels
+
+    kernels.load.cache_clear()
+    real = kernels._build
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kernels, "_build", interrupted)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fresh-{os.getpid()}"))
+    with pytest.raises(KeyboardInterrupt):
+        kernels.load()
+    monkeypatch.setattr(kernels, "_build", real)
+    assert kernels.available()  # the next use builds them: nothing was kept of the interrupted attempt
+    monkeypatch.undo()
+    kernels.load.cache_clear()

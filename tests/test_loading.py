@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_model, save_folder, tiny_params
+from helpers import MOE, ROOT, random_model, save_folder, tiny_params
 
 from mistral import checkpoint, quantize
 from mistral.checkpoint import load as loader, read as reader, write as writer
 from mistral.errors import MistralError
 
-ROOT = Path(__file__).resolve().parent.parent
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 SEQ = torch.tensor([3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1])
 
 
@@ -188,3 +186,23 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path, mo
     monkeypatch.setattr(loader, "memory_available", lambda device: fp32 // 2 + (20 << 20))
     code, err = run("--max_tokens", "4")
     assert code == 2 and "--quantize int8 needs" in err and "--dtype bf16 needs" in err, err
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantize_on_cuda_is_refused_in_one_line(two_gpus, tiny_folder, quantize):
+    """int8 and int4 are CPU formats here: refused before anything is read or reaches the GPU."""
+    with pytest.raises(MistralError) as e:
+        checkpoint.load_model(tiny_folder, device="cuda", quantize=quantize)
+    assert str(e.value).startswith(f"--quantize {quantize} is a CPU format: on CUDA every product would widen")
+    assert "\n" not in str(e.value) and two_gpus["memory"] == []
+
+
+def test_a_quantized_folder_on_cuda_is_refused_in_one_line(two_gpus, tmp_path):
+    """A folder `quantize` wrote holds a CPU format: refused before anything is read or reaches the GPU."""
+    folder = checkpoint.quantize(save_folder(random_model(tiny_params()), tmp_path / "f"), tmp_path / "q", "int8")
+    with pytest.raises(MistralError) as e:
+        checkpoint.load_model(folder, device="cuda")
+    assert str(e.value) == (f"{folder} holds int8 weights, a CPU format: on CUDA every product would widen them back "
+                            "to float, slower than bf16; load the folder it was made from, or run this one with "
+                            "--device cpu")
+    assert two_gpus["memory"] == []

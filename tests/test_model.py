@@ -1,11 +1,10 @@
 """Logits on every path (packed, cached, chunked, decode) against the naive oracle in tests/oracle.py."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import engine_first, random_model, tiny_params
+from helpers import ROOT, engine_first, random_model, tiny_params
 from oracle import oracle_logits
 
 from mistral.cache import RotatingBufferCache
@@ -14,8 +13,8 @@ from mistral.moe import MoeLayer
 from mistral.model import FeedForward
 
 W = 5
-ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)), [8, 1, 4, 2, 63, 0, 12, 7, 7, 30, 31]]
+PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)),
+           [8, 1, 4, 2, 63, 0, 12, 7, 7, 30, 31]]
 
 
 def expected(model, seqs):

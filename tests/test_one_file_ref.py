@@ -2,19 +2,17 @@
 and a mixture, for packed prompts longer than the window, pre-filled in chunks around W and then decoded."""
 import pytest
 import torch
-from helpers import random_model, tiny_params
+from helpers import MOE, random_model, tiny_params
 
 import one_file_ref as ref
 from mistral.cache import RotatingBufferCache
-
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 
 
 def reference(model) -> ref.Transformer:
     """The spec's model, built from the package model's args and loaded with its state dict as it is."""
     a = model.args
-    args = ref.ModelArgs(dim=a.dim, n_layers=a.n_layers, head_dim=a.head_dim, hidden_dim=a.hidden_dim, n_heads=a.n_heads,
-                         n_kv_heads=a.n_kv_heads, norm_eps=a.norm_eps, vocab_size=a.vocab_size,
+    args = ref.ModelArgs(dim=a.dim, n_layers=a.n_layers, head_dim=a.head_dim, hidden_dim=a.hidden_dim,
+                         n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, norm_eps=a.norm_eps, vocab_size=a.vocab_size,
                          sliding_window=a.sliding_window, rope_theta=a.rope_theta,
                          moe=None if a.moe is None else {"num_experts": a.moe.num_experts,
                                                          "num_experts_per_tok": a.moe.num_experts_per_tok})
@@ -51,7 +49,8 @@ def test_the_spec_and_the_package_give_the_same_logits(params, chunk):
     # The spec: one sequence at a time, all of it in one forward, on its own plain rolling caches.
     for b, prompt in enumerate(prompts):
         tokens = prompt + decoded[b]
-        caches = [ref.RollingCache(W or 40, args.n_kv_heads, args.head_dim, torch.float32) for _ in range(args.n_layers)]
+        caches = [ref.RollingCache(W or 40, args.n_kv_heads, args.head_dim, torch.float32)
+                  for _ in range(args.n_layers)]
         with torch.no_grad():
             theirs = spec(tokens, 0, caches)  # (T, V)
         torch.testing.assert_close(torch.cat(ours[b]), theirs, rtol=1e-4, atol=1e-4)

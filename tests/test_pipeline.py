@@ -1,7 +1,6 @@
 """Pipeline sharding with real processes: torchrun, gloo, 2 and 3 ranks over 5 layers."""
 import ast
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB
-from helpers import random_model, save_folder, tiny_params
-from pipeline_worker import PROMPTS
+from helpers import PROMPTS, ROOT, Reached, inprocess, one_error, random_model, save_with_tokenizer, tiny_params
+
+import main
+from mistral import checkpoint
 
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import load_model
@@ -20,7 +21,6 @@ from mistral.errors import MistralError
 from mistral.generate import generate_ids
 from mistral.model import Transformer, pipeline_layers
 
-ROOT = Path(__file__).resolve().parent.parent
 N_LAYERS = 5  # divides by neither 2 nor 3
 
 
@@ -35,9 +35,7 @@ def folders(tmp_path_factory, tokenizer_file):
     out = {}
     for name, extra in [("dense", {}), ("moe", {"moe": {"num_experts": 4, "num_experts_per_tok": 2}})]:
         model = random_model(tiny_params(n_layers=N_LAYERS, vocab_size=VOCAB, **extra))
-        folder = save_folder(model, tmp_path_factory.mktemp(name))
-        shutil.copy(tokenizer_file, folder / "tokenizer.model")
-        out[name] = folder
+        out[name] = save_with_tokenizer(model, tmp_path_factory.mktemp(name), tokenizer_file)
     return out
 
 
@@ -63,7 +61,8 @@ def test_ranks_match_one_process(world, folders, tmp_path):
         model = load_model(folder, max_batch_size=3, device="cpu")
         with torch.no_grad():
             packed = model(torch.tensor(sum(PROMPTS, [])), [len(p) for p in PROMPTS])
-            cache = RotatingBufferCache(N_LAYERS, 3, model.args.sliding_window, model.args.n_kv_heads, model.args.head_dim)
+            cache = RotatingBufferCache(N_LAYERS, 3, model.args.sliding_window, model.args.n_kv_heads,
+                                        model.args.head_dim)
             chunked = torch.cat([model(torch.tensor(PROMPTS[0][i : i + 4]), [len(PROMPTS[0][i : i + 4])], cache)
                                  for i in range(0, len(PROMPTS[0]), 4)])
         greedy = generate_ids(PROMPTS, model, max_tokens=12, chunk_size=5)
@@ -101,7 +100,8 @@ def test_ranks_match_one_process(world, folders, tmp_path):
 
 def test_torchrun_demo_prints_what_one_process_prints(folders):
     args = ["demo", str(folders["dense"]), "--max_tokens", "10", "--chunk_size", "4"]
-    single = subprocess.run([sys.executable, "-m", "main", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    single = subprocess.run([sys.executable, "-m", "main", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=240)
     piped = torchrun(2, "-m", "main", *args, "--num_pipeline_ranks", "2")
     assert single.returncode == 0 and piped.returncode == 0, piped.stderr[-3000:]
     assert piped.stdout == single.stdout  # printed once, by rank 0
@@ -219,3 +219,51 @@ def test_a_failure_on_the_last_rank_ends_every_rank_with_its_message(folders, tm
         """)
     for rank, got in enumerate(ranks):
         assert got == "MistralError: sampling failed on the last rank", rank
+
+
+def test_a_pipeline_rank_takes_its_gpu_from_local_rank(two_gpus, tiny_folder, monkeypatch):
+    """Library users who call init_process_group themselves may never pick a GPU: the rank's is cuda:LOCAL_RANK."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(Reached):
+        checkpoint.load_model(tiny_folder, num_pipeline_ranks=2, device="cuda")
+    assert two_gpus["memory"] == [torch.device("cuda", 1)] and two_gpus["current"] == [torch.device("cuda", 1)]
+
+
+def test_a_pipeline_rank_keeps_the_gpu_it_was_given(two_gpus, tiny_folder, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(Reached):
+        checkpoint.load_model(tiny_folder, num_pipeline_ranks=2, device="cuda:0")
+    assert two_gpus["memory"] == [torch.device("cuda", 0)]
+
+
+def test_a_pipeline_rank_that_cannot_tell_its_gpu_is_one_line(two_gpus, tiny_folder, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(MistralError) as e:
+        checkpoint.load_model(tiny_folder, num_pipeline_ranks=2, device="cuda")
+    assert str(e.value) == ("pipeline rank 1 on CUDA needs its own GPU: set LOCAL_RANK (torchrun does) or pass "
+                            "device='cuda:N'")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(MistralError, match=r"^pipeline rank 1 was given cuda:2 but this machine has 2 GPUs"):
+        checkpoint.load_model(tiny_folder, num_pipeline_ranks=2, device="cuda")
+    assert two_gpus["memory"] == []
+
+
+@pytest.mark.parametrize("flags, message", [([], "torchrun started 2 processes but --num_pipeline_ranks is 1"),
+                                            (["--num_pipeline_ranks", "3"],
+                                             "--num_pipeline_ranks 3 but torchrun started 2 processes")])
+def test_a_pipeline_set_up_that_does_not_add_up_is_said_once(flags, message, folder):
+    proc = torchrun(2, "-m", "main", "demo", str(folder), "--max_tokens", "2", *flags)
+    code, out = proc.returncode, proc.stdout + proc.stderr
+    assert code != 0 and out.count(message) == 1, out[-3000:]
+    assert "==========" not in out.split("error:")[0]  # nothing was generated before it
+
+
+def test_a_lost_rank_ends_the_others_in_one_line(folder, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    def lost(*args, **kwargs):
+        raise dist.DistBackendError("Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(main, "generate_ids", lost)
+    code, out, err = inprocess(monkeypatch, capsys, "demo", folder)
+    one_error(code, err, r"pipeline rank .* lost another rank and stops \(Connection closed by peer", status=3)

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from helpers import engine_first, random_model, tiny_params
+from helpers import MOE, engine_first, random_model, tiny_params
 from torch import nn
 
 from mistral import quantize
@@ -25,7 +25,6 @@ from mistral.generate import generate_ids
 from mistral.moe import MoeLayer
 from mistral.quantize import Bf16Linear, Int8Linear, bf16_weight_only, quantize_int8
 
-MOE = {"num_experts": 4, "num_experts_per_tok": 2}
 # K = 44 inputs also exercise the kernel's tail after its 8-wide vector loop.
 K44 = dict(dim=44, hidden_dim=44, n_heads=2, n_kv_heads=1, head_dim=22)
 PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 3, 9, 60, 1, 2], [5, 6, 7], list(range(40, 57)), [8, 1, 4, 2, 63, 0, 12, 7]]

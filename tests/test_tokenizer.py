@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mistral_common
 import pytest
-from helpers import random_model, save_folder, tiny_params
+from helpers import ROOT, random_model, save_folder, tiny_params
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -18,7 +18,6 @@ from mistral import checkpoint
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer, find
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(mistral_common.__file__).parent / "data"
 # The released tokenizer files, under the name an official download gives them, with their version and vocabulary.
 RELEASED = {

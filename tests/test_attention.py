@@ -44,7 +44,8 @@ def test_the_xformers_bias_is_the_same_mask(q, kv, padding):
     ours = BlockMask(q, kv, 4, kv_padding=padding)
     bias = xf.attn_bias(ours, torch.device("cpu"))
     keep = [i for i, n in enumerate(q) if n] if padding is None else list(range(len(q)))
-    cols = torch.cat([torch.arange(sum(kv[:i]), sum(kv[: i + 1])) for i in keep]) if padding is None else torch.arange(ours.shape[1])
+    cols = (torch.cat([torch.arange(sum(kv[:i]), sum(kv[: i + 1])) for i in keep]) if padding is None
+            else torch.arange(ours.shape[1]))
     torch.testing.assert_close(ours.materialize()[:, cols], xformers_visible(bias, (ours.shape[0], len(cols))))
 
 
