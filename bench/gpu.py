@@ -239,9 +239,10 @@ def hf_ms_per_step(model: Transformer, batch: int, steps: int) -> float | None:
 def run_tests(device: torch.device, dry_run: bool, seconds: float) -> str:
     """The test suite with --device, the tests that run models on the device first; its summary line."""
     if dry_run:  # one quick test: the mechanism, not the suite
-        chosen = ["tests/test_cuda.py", "-k", "auto_picks_fp16"]
+        chosen = ["tests/test_device.py", "-k", "auto_picks_fp16"]
     else:  # the tests that run models on the device first, then the rest
-        chosen = ["tests/test_cuda.py", "tests/test_model.py", "tests", "test_generate.py"]
+        chosen = ["tests/test_device.py", "tests/test_backends_xformers.py", "tests/test_grouped.py",
+                  "tests/test_compiled.py", "tests/test_model.py", "tests", "test_generate.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--device={device}", *chosen]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds)
