@@ -50,14 +50,7 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
         raise MistralError(f"unknown --quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
                            "it out)")
     folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
-    if not isinstance(num_pipeline_ranks, int) or isinstance(num_pipeline_ranks, bool) or num_pipeline_ranks < 1:
-        raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")
-    world = os.environ.get("WORLD_SIZE", "1")
-    if num_pipeline_ranks == 1 and world != "1":
-        raise MistralError(f"torchrun started {world} processes but --num_pipeline_ranks is 1, so each would run the "
-                           f"whole model and print it all: add --num_pipeline_ranks {world}, or run without torchrun")
-    if num_pipeline_ranks > 1:
-        pipeline.init(num_pipeline_ranks, device)
+    pipeline.init(num_pipeline_ranks, device)
     checkpoint.layout(folder)  # a folder, holding a model
     # The tokenizer and the config, checked against each other before gigabytes of weights are read.
     tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder)

@@ -21,12 +21,25 @@ TIMEOUT = timedelta(minutes=5)
 
 
 def init(num_pipeline_ranks: int, device: str) -> None:
-    if "WORLD_SIZE" not in os.environ:
+    """Check --num_pipeline_ranks against the processes torchrun started (WORLD_SIZE), and join the process group
+    where there are several."""
+    if not isinstance(num_pipeline_ranks, int) or isinstance(num_pipeline_ranks, bool) or num_pipeline_ranks < 1:
+        raise MistralError(f"num_pipeline_ranks must be a whole number >= 1, got {num_pipeline_ranks!r}")
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and not world.isdigit():
+        raise MistralError(f"WORLD_SIZE is {world!r}, not a number of processes: leave it to torchrun, or unset it")
+    if num_pipeline_ranks == 1:
+        if world not in (None, "1"):
+            raise MistralError(f"torchrun started {world} processes but --num_pipeline_ranks is 1, so each would run "
+                               f"the whole model and print it all: add --num_pipeline_ranks {world}, or run without "
+                               "torchrun")
+        return
+    if world is None:
         raise MistralError(f"--num_pipeline_ranks {num_pipeline_ranks} needs one process per rank: run "
                            f"torchrun --nproc-per-node {num_pipeline_ranks} -m main ...")
-    if int(os.environ["WORLD_SIZE"]) != num_pipeline_ranks:
-        raise MistralError(f"--num_pipeline_ranks {num_pipeline_ranks} but torchrun started {os.environ['WORLD_SIZE']} "
-                           "processes; make --nproc-per-node and --num_pipeline_ranks equal")
+    if world != str(num_pipeline_ranks):
+        raise MistralError(f"--num_pipeline_ranks {num_pipeline_ranks} but torchrun started {world} processes; make "
+                           "--nproc-per-node and --num_pipeline_ranks equal")
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
