@@ -97,24 +97,30 @@ def chat_command(talk: Chat, line: str) -> str | None:
 
 
 class Stream:
-    """Prints a completion as it grows. Decoding the whole completion each time keeps sentencepiece's
-    spacing right; a trailing U+FFFD means a multi-byte character is still incomplete, so it waits."""
+    """Prints a prompt and its completion as the completion grows: what is shown is always the decode of the two
+    together. Decoding the completion alone would lose what depends on what comes before it: sentencepiece drops the
+    space that starts a text, so "Hello" + "▁world" would print as "Helloworld". A trailing U+FFFD means a multi-byte
+    character is still incomplete, so it waits."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_text: str):
-        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        """prompt_text: the text that was completed, encoded as generation encoded it ("" for a chat's answer, which
+        stands on its own)."""
+        self.tokenizer, self.tokens = tokenizer, []
+        self.prompt = tokenizer.encode(prompt_text, bos=True) if prompt_text else []
+        self.shown = tokenizer.decode(self.prompt)  # the prompt as the model reads it
         if is_printing_rank():
-            print(prompt_text, end="", flush=True)
+            print(self.shown, end="", flush=True)
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
+        text = self.tokenizer.decode(self.prompt + self.tokens)
         if is_printing_rank() and not text.endswith("\ufffd") and text.startswith(self.shown):
             print(text[len(self.shown) :], end="", flush=True)
             self.shown = text
 
     def end(self) -> None:
         if is_printing_rank():
-            text = self.tokenizer.decode(self.tokens)
+            text = self.tokenizer.decode(self.prompt + self.tokens)
             print(text[len(self.shown) :] if text.startswith(self.shown) else "", flush=True)
 
 
