@@ -60,11 +60,39 @@ def memory_available(device: torch.device) -> int:
         free = int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 1 << 62  # not Linux: nothing to go by, so nothing is refused
+    return min(free, cgroup_room())
+
+
+def cgroup_room(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes the memory limits of this process's cgroups leave it: the least over its cgroup and every one above it
+    (a limit set higher up, as `systemd-run --scope -p MemoryMax=` or a container sets, applies below it), in
+    cgroup v2 (memory.max, memory.current) or v1 (the memory controller's memory.limit_in_bytes,
+    memory.usage_in_bytes). No limit found: 2**62.
+
+    /proc/self/cgroup names the cgroup: "0::/user.slice/run-u7.scope" (v2), or "4:memory:/docker/abc" (v1). Where
+    the files are mounted as the process sees its own cgroup at the root (inside most containers), the walk finds its
+    limit at the root."""
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            free = min(free, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return free
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return 1 << 62
+    room = 1 << 62
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy, at root, or at root/unified beside v1's (a hybrid set-up)
+            base = root if (root / "cgroup.controllers").exists() else root / "unified"
+            limit_file, used_file = "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_file, used_file = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it
+            folder = base.joinpath(*parts[:depth])
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 62:  # v1 writes "no limit" as a huge number
+                    room = min(room, int(limit) - int((folder / used_file).read_text()))
+            except (OSError, ValueError):
+                continue
+    return room
