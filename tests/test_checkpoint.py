@@ -128,11 +128,16 @@ def test_converting_hf_to_native_and_back(kind, tmp_path):
     hf = hf_model(kind, 5)
     hf.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.model").write_bytes(b"sentencepiece bytes")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' tokenizer: carried along, not read
+        (tmp_path / "hf" / name).write_text('{"from": "%s"}' % name)
     expected = hf_logits(hf)
 
     native = checkpoint.convert(tmp_path / "hf", tmp_path / "native")
-    assert sorted(p.name for p in native.iterdir()) == ["consolidated.safetensors", "params.json", "tokenizer.model"]
+    assert sorted(p.name for p in native.iterdir()) == ["consolidated.safetensors", "generation_config.json",
+                                                        "params.json", "tokenizer.json", "tokenizer.model",
+                                                        "tokenizer_config.json"]
     assert (native / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert (native / "tokenizer.json").read_text() == '{"from": "tokenizer.json"}'
     torch.testing.assert_close(packed(load(native)), expected, atol=1e-4, rtol=0)
 
     back = checkpoint.convert(native, tmp_path / "back", to="hf")
@@ -390,3 +395,19 @@ def test_hf_config_values_are_checked_as_well_and_name_config_json(key, value, m
 def test_convert_writes_configs_the_loader_takes(folder, tmp_path, to):
     dst = checkpoint.convert(folder, tmp_path / to, to=to)
     assert checkpoint.read_args(dst) == checkpoint.read_args(folder)
+
+
+@pytest.mark.parametrize("write", ["convert", "quantize"])
+def test_a_folder_with_only_a_hugging_face_tokenizer_is_refused_before_writing(folder, tmp_path, write):
+    """An HF folder with tokenizer.json alone "converted" into a folder that no command loads (they read tekken.json
+    or tokenizer.model*): refused in one line, before anything is written."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    for name in ("tokenizer.model", "tekken.json"):
+        (src / name).unlink(missing_ok=True)
+    (src / "tokenizer.json").write_text("{}")
+    with pytest.raises(MistralError, match="has only tokenizer.json, a Hugging Face tokenizer") as e:
+        getattr(checkpoint, write)(src, tmp_path / "dst")
+    assert "\n" not in str(e.value) and not (tmp_path / "dst").exists()

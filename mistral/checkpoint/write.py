@@ -67,8 +67,23 @@ def _new_folder(dst: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# What a Hugging Face folder carries beside the weights for transformers' tokenizer and generate: copied along, so a
+# converted folder keeps them, although this library reads only TOKENIZER_FILES.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _check_tokenizer(src: Path) -> None:
+    """Refuse, before writing anything, a folder whose copy no command could load: Hugging Face's tokenizer.json alone,
+    without the tokenizer this library reads."""
+    ours = any(any(src.glob(name)) for name in TOKENIZER_FILES)
+    if not ours and (src / "tokenizer.json").is_file():
+        raise MistralError(f"{src} has only tokenizer.json, a Hugging Face tokenizer, which this library does not "
+                           "read, so no command could load what this writes; copy in the tekken.json or "
+                           "tokenizer.model.vN of the model it was made from first")
+
+
 def _copy_tokenizers(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, *HF_TOKENIZER_FILES):
         for path in src.glob(name):
             shutil.copyfile(path, dst / path.name)
 
@@ -84,6 +99,7 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
     if to not in ("native", "hf"):
         raise MistralError(f"unknown target layout {to!r}; use native or hf")
     args = read_args(src)
+    _check_tokenizer(src)
     if to == "hf" and args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights, which transformers' Mistral models do not "
                            "read; convert the float folder it was made from")
@@ -120,6 +136,7 @@ def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
     if to not in QUANTIZATIONS:
         raise MistralError(f"unknown quantization {to!r}; the choices are {' and '.join(QUANTIZATIONS)}")
     args = read_args(src)
+    _check_tokenizer(src)
     if args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights already")
     plan = _plan(src, args)
