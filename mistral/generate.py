@@ -142,16 +142,18 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     runner = Runner(model, engine, compiled)
     while (plan := plan_step(rows, chunk_size, prompt_logprobs)).inputs:
         ids = torch.tensor(plan.inputs, device=model.device)
-        logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)  # (R, V); None on a rank without the head
         to_sample = [t == NEW for t in plan.targets]
+        with runner.threads(plan.seqlens):
+            # logits (R, V); None on a pipeline rank without the head
+            logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)
 
-        def pick() -> tuple[torch.Tensor, torch.Tensor]:
-            return _pick(logits, plan.targets, runner, model, temperature, top_p, top_k, generator)
+            def pick() -> tuple[torch.Tensor, torch.Tensor]:
+                return _pick(logits, plan.targets, runner, model, temperature, top_p, top_k, generator)
 
-        if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
-            tokens, lps = pipeline.last_rank_pick(model, pick, len(plan.targets), failure)
-        else:
-            tokens, lps = (t.tolist() for t in pick()) if plan.scored else ([], [])
+            if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
+                tokens, lps = pipeline.last_rank_pick(model, pick, len(plan.targets), failure)
+            else:
+                tokens, lps = (t.tolist() for t in pick()) if plan.scored else ([], [])
         for b, tok, lp, new in zip(plan.owners, tokens, lps, to_sample):
             if math.isnan(lp):  # NaN or inf among the logits: the model's numbers are broken, not its choices
                 raise _non_finite(model)

@@ -4,18 +4,20 @@ A step is packed token ids, their seqlens, the cache and the rows whose logits a
 tried in this order, each declining (None) what it does not take:
 
     compiled    a decode step that every row of its cache takes part in (mistral/compiled.py, CUDA graphs)
-    cpu         the CPU engine (mistral/cpu): a decode step in one C call, or a pre-fill whose int4/int8 products
-                run in C
+    cpu         the CPU engine (mistral/cpu): a decode step in one C call, on one thread or all of them, whichever
+                has been faster lately (mistral/cpu/threads.py), or a pre-fill whose int4/int8 products run in C
     eager       the model's own forward, which takes everything
 
 Under pipeline ranks the eager forward is wrapped by mistral/pipeline.py, which tells the next rank of a failure.
 """
+import contextlib
+
 import torch
 
 from mistral import pipeline
 from mistral.cache import RotatingBufferCache
 from mistral.compiled import CompiledDecoder
-from mistral.cpu import CpuDecoder
+from mistral.cpu import CpuDecoder, threads
 from mistral.model import Transformer
 
 
@@ -28,6 +30,7 @@ class Runner:
         takes run as its one compiled graph, the others as without it."""
         self.model, self.compiled = model, compiled
         self.cpu = CpuDecoder.of(model) if engine else None
+        self.threads_choice = threads.choice_for(model) if self.cpu is not None else None
 
     def step(self, ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache,
              rows: list[int] | None) -> tuple[torch.Tensor | None, Exception | None]:
@@ -44,6 +47,13 @@ class Runner:
             return pipeline.forward(self.model, ids, seqlens, cache, rows), None
         except Exception as e:
             return None, e
+
+    def threads(self, seqlens: list[int]) -> contextlib.AbstractContextManager:
+        """Around a whole step, its picking included: a decode step of the CPU engine runs on one thread or all of
+        them, whichever has been faster lately (mistral/cpu/threads.py); other steps as torch is set."""
+        if self.threads_choice is None or not all(n <= 1 for n in seqlens):
+            return contextlib.nullcontext()
+        return self.threads_choice.chosen()
 
     def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Each row's argmax and its log-softmax in one call where the CPU engine takes the logits; else None."""

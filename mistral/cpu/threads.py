@@ -1,0 +1,87 @@
+"""How many threads the CPU engine's decode steps use: all of torch's, or one, whichever has been faster lately.
+
+The C kernels split each product of a step between the threads and meet at a barrier after it, dozens of times a
+step. On a machine where another process keeps a core busy, the thread that shares its core is descheduled for a
+scheduler slice now and then, and every barrier waits for it: a decode step then takes several times, up to 60
+times, what it takes on one thread (bench/contention.py measures it). A step on one thread waits for nobody.
+
+So the engine times its decode steps with each count and keeps the faster one. Now and then it tries the other
+again, for a few steps, and then waits before the next try until the chosen count has run WAIT_FACTOR times as long
+as the try took: the watching costs about 1 / WAIT_FACTOR of the time whatever the load and the model, and a change
+of load is followed within a few seconds.
+"""
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+FIRST_TRY = 2  # steps of the first count before the first try of the other
+PROBE_STEPS = 3  # steps a try lasts: the first may pay for waking threads, and is not counted
+WAIT_FACTOR = 50  # between tries, the chosen count runs this many times as long as the last try took
+MARGIN = 0.95  # the other count must be this much faster to take over: noise alone does not switch
+
+
+class ThreadChoice:
+    """The thread count of one model's decode steps, learned from their times (ms per step, smoothed)."""
+
+    def __init__(self, most: int, clock: Callable[[], float] = time.perf_counter):
+        self.counts = (most, 1) if most > 1 else (1,)
+        self.current = most
+        self.ms = {n: None for n in self.counts}  # recent ms per step with each count: None until timed
+        self.steps_left, self.ms_left = FIRST_TRY, 0.0  # of the chosen count before the next try of the other
+        self.probing = 0  # steps of a try still to run
+        self.tried: list[float] = []
+        self.clock = clock
+
+    @contextmanager
+    def chosen(self) -> Iterator[None]:
+        """Within: torch (and so the kernels, which share its OpenMP runtime) has the chosen number of threads. The
+        block is one decode step, the picking of its tokens included; its time is recorded unless it raises."""
+        if len(self.counts) == 1:
+            yield
+            return
+        n = self._count()
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        start = self.clock()
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+        self._record(n, (self.clock() - start) * 1e3)
+
+    def _other(self) -> int:
+        return self.counts[1] if self.current == self.counts[0] else self.counts[0]
+
+    def _count(self) -> int:
+        if not self.probing and self.steps_left <= 0 and self.ms_left <= 0:
+            self.probing, self.tried = PROBE_STEPS, []
+        return self._other() if self.probing else self.current
+
+    def _record(self, n: int, ms: float) -> None:
+        if n == self.current:
+            old = self.ms[n]
+            self.ms[n] = ms if old is None else 0.7 * old + 0.3 * ms
+            self.steps_left, self.ms_left = self.steps_left - 1, self.ms_left - ms
+            return
+        self.tried.append(ms)
+        self.probing -= 1
+        if self.probing:
+            return
+        mean = sum(self.tried[1:]) / len(self.tried[1:])  # the first step of a try may pay for waking threads
+        self.ms[n] = mean
+        if self.ms[self.current] is not None and mean < MARGIN * self.ms[self.current]:
+            self.current = n  # the other is faster now: it becomes the choice
+        self.steps_left, self.ms_left = PROBE_STEPS, WAIT_FACTOR * sum(self.tried)
+
+
+_choices: "weakref.WeakKeyDictionary[torch.nn.Module, ThreadChoice]" = weakref.WeakKeyDictionary()
+
+
+def choice_for(model: torch.nn.Module) -> ThreadChoice:
+    """The model's ThreadChoice, kept across generations (a chat's turns, a server's steps) for as long as it lives."""
+    if model not in _choices:
+        _choices[model] = ThreadChoice(torch.get_num_threads())
+    return _choices[model]
