@@ -250,3 +250,69 @@ def test_bad_lines_get_one_line_each_and_the_session_goes_on(folders):
     assert sum("not valid UTF-8 (byte 0xff at offset 0); nothing was sent" in line for line in lines) == 1
     assert "[a new conversation]" in err and "[system prompt: 'Be brief.']" in err
     assert sum(line.startswith("prefill ") for line in lines) == 2 and "Traceback" not in err
+
+
+
+# --- a turn that fails, a long message, a full context ------------------------------------------------------------
+
+def fresh_answer(model, tokenizer, history, user, **options):
+    """The answer of a new Chat, its cache empty, given the turns `history` and then `user`."""
+    fresh = Chat(model, tokenizer, **options)
+    fresh.turns = list(history)
+    return fresh.say(user).answer
+
+
+def fail_when(now, real=None):
+    """A callable that raises MemoryError when now() is true, and otherwise calls `real` (if any)."""
+    def maybe(*args, **kwargs):
+        if now():
+            raise MemoryError("injected")
+        return real(*args, **kwargs) if real is not None else None
+
+    return maybe
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("how", ["nan", "prefill", "decode", "engine"])
+def test_a_turn_that_fails_is_forgotten(how, window, tokenizers, monkeypatch):
+    """A turn that raises (non-finite logits from a damaged embedding row; a MemoryError in a layer during pre-fill or
+    decode, or in the CPU engine's decode) propagates, and the next turn is what a fresh conversation without it gives:
+    its logits those of a fresh forward, its answer a new Chat's. Without a window the cache goes back to before the
+    failed turn (only the new turn is pre-filled); with one of 6 it wrapped: the conversation is pre-filled again."""
+    tok = tokenizers["v7"]
+    model, talk, rec = make("v7", tokenizers, window=window, max_tokens=4, chunk_size=3)
+    check_turn(model, talk, rec, "Hello there")
+    history, fed, context = list(talk.turns), list(talk.fed), talk.context
+    hooks = []
+    with monkeypatch.context() as m:
+        if how == "nan":
+            failing, error = "Hello zebra", MistralError
+            others = set(talk.ids("And then?")) | set(talk.fed)
+            bad = next(t for t in talk.ids(failing) if t not in others)
+            with torch.no_grad():
+                model.tok_embeddings.weight[bad] = float("nan")
+        else:
+            failing, error = "Tell me more", MemoryError
+            assert len(talk.ids(failing)) - len(fed) > 3  # pre-filled in two chunks at least
+            calls = []
+            if how == "engine":  # its second decode step, after two tokens were sampled
+                if CpuDecoder.of(model) is None:
+                    pytest.skip("the CPU engine does not apply here")
+                m.setattr(kernels, "blocks", fail_when(lambda: len(sent) == 2, kernels.blocks))
+            else:  # the second chunk of the pre-fill, or the second decode step, all on the layers
+                m.setattr(CpuDecoder, "of", staticmethod(lambda model: None))
+                fail = fail_when(lambda: len(calls) == 1 if how == "prefill" else len(sent) == 2)
+                hooks.append(model.layers["1"].register_forward_pre_hook(lambda module, args: calls.append(fail())))
+        sent = []
+        with pytest.raises(error, match="non-finite logits" if how == "nan" else "injected"):
+            talk.say(failing, on_token=sent.append)
+        for hook in hooks:
+            hook.remove()
+    assert len(sent) == (0 if how in ("nan", "prefill") else 2)
+    assert talk.turns == history and talk.context == context
+    if window is None:  # the cache is back to before the failed turn (with a window, its chunks overwrote it)
+        assert talk.fed == fed
+    turn = check_turn(model, talk, rec, "And then?", reuse=window is None)
+    if window is not None:  # read again from the start
+        assert turn.prefilled == turn.context - len(turn.answer) - 1
+    assert turn.answer == fresh_answer(model, tok, history, "And then?", max_tokens=4, chunk_size=3)
