@@ -7,11 +7,12 @@ from pathlib import Path
 import mistral_common
 import pytest
 import torch
-from helpers import cli, random_model, save_folder, tiny_params
+from helpers import cli, inprocess, random_model, save_folder, tiny_params
 
 from mistral.chat import Chat
 from mistral.cpu import CpuDecoder, kernels
 from mistral.errors import MistralError
+from mistral.generate import PREFILL_CHUNK
 from mistral.tokenizer import Tokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
@@ -316,3 +317,47 @@ def test_a_turn_that_fails_is_forgotten(how, window, tokenizers, monkeypatch):
     if window is not None:  # read again from the start
         assert turn.prefilled == turn.context - len(turn.answer) - 1
     assert turn.answer == fresh_answer(model, tok, history, "And then?", max_tokens=4, chunk_size=3)
+
+
+def test_a_long_message_is_prefilled_in_bounded_chunks(tokenizers):
+    """A message longer than PREFILL_CHUNK, with no chunk_size given: no step feeds more than PREFILL_CHUNK tokens, and
+    the turn's logits are a fresh forward's, its answer that of a Chat that pre-fills it in one step."""
+    model, talk, rec = make("v7", tokenizers, window=None, max_tokens=4)
+    check_turn(model, talk, rec, "Hello")
+    start = len(rec.steps)
+    long_message = "word " * (PREFILL_CHUNK + 100)
+    turn = check_turn(model, talk, rec, long_message)
+    sizes = [len(ids) for ids, _, _ in rec.steps[start:-1]]  # the last: check_turn's fresh forward, in one piece
+    assert turn.prefilled > PREFILL_CHUNK + 100 and max(sizes) == PREFILL_CHUNK and sizes[1] > 1
+    assert turn.answer == fresh_answer(model, tokenizers["v7"], talk.turns[:-1], long_message, max_tokens=4,
+                                       chunk_size=None)
+
+
+@pytest.mark.parametrize("command", ["chat", "interactive"])
+def test_the_commands_prefill_in_bounded_chunks_by_default(command, folders, monkeypatch, capsys):
+    """chat and interactive, with no --chunk_size: a line longer than PREFILL_CHUNK is pre-filled PREFILL_CHUNK tokens
+    at a time; --chunk_size N overrides it. (demo's prompts are shorter than a chunk: its output does not change.)"""
+    import inspect
+
+    import main
+    from mistral.model import Transformer
+
+    sizes, real = [], Transformer.forward
+
+    def forward(self, input_ids, *args, **kwargs):
+        sizes.append(input_ids.shape[0])
+        return real(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    line = "word " * (PREFILL_CHUNK + 100) + "\n"
+    code, out, err = inprocess(monkeypatch, capsys, command, folders["v3"], "--max_tokens", "2", stdin=line)
+    assert code == 0, err
+    assert max(sizes) == PREFILL_CHUNK and sum(sizes) > PREFILL_CHUNK + 100
+    sizes.clear()
+    code, out, err = inprocess(monkeypatch, capsys, command, folders["v3"], "--max_tokens", "2", "--chunk_size", "100",
+                               stdin=line)
+    assert code == 0, err
+    assert max(sizes) == 100
+    assert main.TYPICAL_PROMPT == PREFILL_CHUNK
+    assert all(inspect.signature(f).parameters["chunk_size"].default == PREFILL_CHUNK
+               for f in (main.demo, main.interactive, main.chat))
