@@ -361,3 +361,36 @@ def test_the_commands_prefill_in_bounded_chunks_by_default(command, folders, mon
     assert main.TYPICAL_PROMPT == PREFILL_CHUNK
     assert all(inspect.signature(f).parameters["chunk_size"].default == PREFILL_CHUNK
                for f in (main.demo, main.interactive, main.chat))
+
+
+def test_a_full_context_is_refilled_once_every_several_turns(tokenizers, caplog):
+    """Without a window, a conversation that reaches its limit drops its oldest turns down to about half of it: the
+    whole conversation is pre-filled again at that turn, and then not for several turns. After each refill the ids are
+    mistral_common's encoding of the kept turns, the logits a fresh forward's, the answer a new Chat's given them."""
+    tok, limit = tokenizers["v7"], 120
+    model, talk, rec = make("v7", tokenizers, window=None, max_tokens=4, context=limit)
+    users = ["Tell me more", "Why is that so?", "And then?", "Go on, please"]
+    refills = []
+    with caplog.at_level(logging.WARNING):
+        for i in range(30):
+            user, history, caplog.records[:] = users[i % len(users)], list(talk.turns), []
+            turn = check_turn(model, talk, rec, user, reuse=False)
+            whole = turn.context - len(turn.answer) - 1  # the ids of the conversation this turn answered
+            assert turn.context <= limit
+            if i == 0 or turn.prefilled <= 12:  # the first turn, or only the new ids: the last answer's end, user
+                assert not caplog.records
+                continue
+            refills.append(i)
+            kept = talk.turns[:-1]
+            assert len(kept) < len(history) and kept == history[len(history) - len(kept):]
+            # All but the ids the kept turns begin with as the dropped ones did (BOS, [INST]): they stayed.
+            assert whole - 3 <= turn.prefilled < whole and whole <= limit // 2
+            messages = []
+            for said, _ in kept:
+                messages += [{"role": "user", "content": said}, {"role": "assistant", "content": "-"}]
+            expected = tok.encode_chat(messages + [{"role": "user", "content": user}], [a for _, a in kept])
+            assert talk.fed[:whole] == expected and len(expected) == whole
+            assert turn.answer == fresh_answer(model, tok, kept, user, max_tokens=4, context=limit)
+            dropped = len(history) - len(kept)
+            assert f"dropped the oldest {dropped} turn{'s' * (dropped != 1)}, {whole} tokens remain" in caplog.text
+    assert len(refills) >= 3 and all(b - a >= 4 for a, b in zip(refills, refills[1:])), refills
