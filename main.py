@@ -20,7 +20,7 @@ from mistral.args import QUANTIZATIONS, ModelArgs
 from mistral.cache import slots_for
 from mistral.chat import DEFAULT_CONTEXT, Chat, Turn
 from mistral.errors import MistralError
-from mistral.generate import generate, generate_ids  # noqa: F401  (re-exported)
+from mistral.generate import PREFILL_CHUNK, generate, generate_ids  # noqa: F401  (re-exported)
 from mistral.model import Transformer
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
@@ -29,7 +29,7 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / "mistral" / "assets"
 # A chat's answers end at EOS, or are cut off after this many tokens.
 CHAT_MAX_TOKENS = 256
 # What the memory check before loading assumes of a prompt it has not seen yet (interactive, chat).
-TYPICAL_PROMPT = 512
+TYPICAL_PROMPT = PREFILL_CHUNK
 DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", "Now is the winter of our"]
 
 
@@ -76,7 +76,7 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
 
 def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
          top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
-         chunk_size: int | None = None, num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto",
+         chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto",
          quantize: str | None = None) -> None:
     """Complete three fixed prompts as one packed batch and print each, followed by a line of '='.
 
@@ -117,8 +117,8 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
 def interactive(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
                 top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
-                chunk_size: int | None = None, num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto",
-                quantize: str | None = None, instruct: bool = False) -> None:
+                chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto",
+                dtype: str = "auto", quantize: str | None = None, instruct: bool = False) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
 
     Each line stands alone: it is completed as text, or with --instruct answered as a one-message chat in the
@@ -171,8 +171,9 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
 
 def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
          temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
-         top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = None, num_pipeline_ranks: int = 1,
-         device: str = "auto", dtype: str = "auto", quantize: str | None = None, context: int | None = None) -> None:
+         top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = PREFILL_CHUNK,
+         num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
+         context: int | None = None) -> None:
     """Talk with an instruction-tuned model: each line is a user message, the answer streams, and the
     conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer
     on stderr.

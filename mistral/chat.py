@@ -9,7 +9,14 @@ that differs, as long as it has not wrapped around its window; otherwise the who
 Either way the ids in the cache are exactly the conversation's, so the logits are those of a fresh forward over it.
 
 With a sliding window the conversation goes on for as long as it likes. Without one, every id stays in the cache, so
-a conversation is bounded (`context`): the oldest turns are dropped when the next one would not fit.
+a conversation is bounded (`context`): when the next turn would not fit, the oldest turns are dropped, down to about
+half the limit. Dropping a turn moves every position after it, so what is kept is pre-filled again whole; dropping down
+to half makes that refill come once every many turns, rather than at every turn once the limit is reached.
+
+A turn pre-fills its new ids PREFILL_CHUNK at a time unless chunk_size says otherwise, so that a long pasted message
+needs no more memory than a short one. A turn that fails (an exception other than Ctrl-C) is forgotten: the cache goes
+back to where it was before it, or, where the turn overwrote slots of earlier positions, starts over and the next turn
+pre-fills the whole conversation; the exception propagates.
 """
 import logging
 import time
@@ -19,7 +26,7 @@ import torch
 
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
-from mistral.generate import generate_ids
+from mistral.generate import PREFILL_CHUNK, generate_ids
 from mistral.model import Transformer
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
@@ -54,8 +61,11 @@ class Chat:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_tokens: int,
                  temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
-                 top_k: int = SamplingParams.top_k, chunk_size: int | None = None,
+                 top_k: int = SamplingParams.top_k, chunk_size: int | None = PREFILL_CHUNK,
                  generator: torch.Generator | None = None, context: int | None = None):
+        """chunk_size: the most tokens a turn pre-fills in one step (None: a turn's new ids in one step, whatever
+        their number). context: the most ids a conversation holds, for a model without a sliding window (None:
+        DEFAULT_CONTEXT)."""
         check_options(max_tokens, temperature, top_p, top_k, chunk_size)
         if max_tokens < 1:
             raise MistralError(f"a chat answers: max_tokens must be at least 1, got {max_tokens}")
@@ -79,22 +89,24 @@ class Chat:
         """Start over: no turns; the system prompt stays. (The cache is cut back at the next turn.)"""
         self.turns, self.context = [], 0
 
-    def messages(self, user: str) -> list[dict]:
-        """The conversation so far and then `user`, as encode_chat takes it."""
+    def messages(self, user: str, turns: list[tuple[str, list[int]]] | None = None) -> list[dict]:
+        """The conversation so far (or `turns`) and then `user`, as encode_chat takes it."""
         out = [{"role": "system", "content": self.system}] if self.system else []
-        for said, answer in self.turns:
+        for said, answer in self.turns if turns is None else turns:
             # The content of an answer only stands in for its ids (encode_chat's answer_ids), but must not be empty.
             out += [{"role": "user", "content": said}, {"role": "assistant", "content": "-"}]
         return out + [{"role": "user", "content": user}]
 
-    def ids(self, user: str) -> list[int]:
-        """The conversation's ids with `user` as its next message."""
-        return self.tokenizer.encode_chat(self.messages(user), [answer for _, answer in self.turns])
+    def ids(self, user: str, turns: list[tuple[str, list[int]]] | None = None) -> list[int]:
+        """The conversation's ids (or those of `turns`) with `user` as its next message."""
+        turns = self.turns if turns is None else turns
+        return self.tokenizer.encode_chat(self.messages(user, turns), [answer for _, answer in turns])
 
     def say(self, user: str, on_token=None) -> Turn:
         """Answer `user`, streaming each sampled id to on_token(id). Ctrl-C stops the answer: what was sampled is kept
         as the answer (closed by EOS at the next turn, as any answer), and a turn stopped before its first token is
-        forgotten."""
+        forgotten. So is a turn that raises anything else, which propagates: the next turn goes on from the
+        conversation before it (turns dropped to fit the limit stay dropped)."""
         target = self._fit(user)
         max_tokens = self.options["max_tokens"]
         kept = 0  # how much of the cache is the start of target
@@ -123,6 +135,9 @@ class Chat:
                          **self.options)
         except KeyboardInterrupt:
             stopped = True
+        except BaseException:
+            self._forget(len(target) + len(sampled))
+            raise
         end = time.perf_counter()
         n_cached = self.cache.seq_pos[0]
         if stopped and not sampled:
@@ -141,24 +156,45 @@ class Chat:
         first = times[0] if times else end
         return Turn(answer, len(new), first - start, len(sampled) - 1, end - first, self.context, stopped=stopped)
 
+    def _forget(self, reached: int) -> None:
+        """Back to the cache before a turn that raised, whose steps fed positions up to `reached` (not included).
+        generate_ids counted only the steps that completed, but those wrote the turn's keys: the cache is rewound to
+        the ids it held before the turn (self.fed), unless a step reached past its slots, which then held earlier
+        positions of the conversation: then it starts over, and the next turn pre-fills the whole conversation."""
+        if reached <= self.cache.slots:
+            self.cache.rewind(0, len(self.fed))
+        else:
+            self.fed = []
+            self.cache.reset()
+
     def _fit(self, user: str) -> list[int]:
-        """The ids of the conversation with `user` next, after dropping the oldest turns if it would not fit."""
+        """The ids of the conversation with `user` next. Where they would not fit the limit with the longest answer,
+        the oldest turns are dropped, as few as leave the ids at most half the limit (all of them if none does)."""
         target = self.ids(user)
-        if self.limit is None:
+        budget = None if self.limit is None else self.limit - self.options["max_tokens"] - 1  # the longest answer, EOS
+        if budget is None or len(target) <= budget:
             return target
-        budget = self.limit - self.options["max_tokens"] - 1  # room for the longest answer and its EOS
-        dropped = 0
-        while len(target) > budget and self.turns:
-            self.turns.pop(0)
-            dropped += 1
-            target = self.ids(user)
+        # Dropping the first turn moves the positions of every later one, so the kept ones are pre-filled again whole.
+        # Keeping at most half the limit puts the next such refill as many tokens of conversation away.
+        goal = min(budget, self.limit // 2)
+        lo, hi = 1, len(self.turns)  # the fewest turns to drop is in lo..hi (hi: all of them); fewer ids for more
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.ids(user, self.turns[mid:])) <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        kept = self.turns[lo:]
+        target = self.ids(user, kept)
         if len(target) > budget:
             raise MistralError(f"this message is {len(target)} tokens with the template, and with max_tokens "
                                f"{self.options['max_tokens']} it would not fit the conversation's limit of "
                                f"{self.limit} tokens (the model has no sliding window): send less, or raise context")
-        if dropped:
-            log.warning("[the conversation would pass its limit of %d tokens (the model has no sliding window): "
-                        "dropped the oldest %d turn%s]", self.limit, dropped, "s" * (dropped > 1))
+        dropped = len(self.turns) - len(kept)
+        self.turns = kept
+        log.warning("[the conversation would pass its limit of %d tokens (the model has no sliding window): dropped "
+                    "the oldest %d turn%s, %d tokens remain with this message, pre-filled again]", self.limit, dropped,
+                    "s" * (dropped != 1), len(target))
         return target
 
     def _make_room(self, reach: int) -> None:

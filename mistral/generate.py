@@ -23,6 +23,12 @@ from mistral.sampling import SamplingParams, check_options, sample
 from mistral.tokenizer import Tokenizer
 
 NEW = -1  # the target of a position whose logits sample a new token, rather than score a known one
+# Tokens a session (demo, interactive, chat) pre-fills at a time unless told otherwise (--chunk_size). A step's largest
+# intermediate, the FFN's (S, hidden_dim), grows with its S tokens: a 100k-token paste pre-filled in one step needs
+# about 6 GB for it alone on a 7B. In chunks of this many its memory is bounded, and what the check before loading
+# assumes of a prompt (main.py's TYPICAL_PROMPT) holds whatever the prompt's length. A library caller of
+# generate_ids chooses for itself: chunk_size=None pre-fills each prompt in one step.
+PREFILL_CHUNK = 512
 
 
 class Row:
@@ -124,6 +130,17 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     Without one, a cache is built with as many slots as the longest row can reach, or the model's window if that is
     fewer. engine=False runs every step on the model, in torch. compiled: the decode steps every row of its cache
     takes (pass that cache too) run as its one compiled graph (mistral/compiled.py), the others as without it.
+
+    A step that raises (in its forward, on whatever runs it, or on non-finite logits; Ctrl-C included) is not counted:
+    the exception propagates, and each row's cache.seq_pos is what it was before that step, so it counts exactly the
+    positions of the steps that completed, whose tokens were taken. The slots the failed step may have written are
+    zeroed (a masked slot that held NaN would still poison the decode attention that reads it). A row whose failed
+    step stayed within its slots (seq_pos + the tokens it fed <= N) holds every position it counts, and can be rewound
+    to any of them. A row that wrapped, before or in the failed step, may no longer hold some positions it counts: the
+    failed step's slots held the N positions before its own. After one token (decode) that is one position that no
+    query reads again when N is the window; after a chunk, positions still in the window: the caller must not trust
+    that row, and should reset it (cache.rewind(b, 0) needs it unwrapped: cache.reset() forgets every row) and
+    pre-fill it again. Rows that fed nothing in the failed step are untouched.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
@@ -141,26 +158,52 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     rows = [Row(p, max_tokens, eos_id) for p in prompts]
     runner = Runner(model, engine, compiled)
     while (plan := plan_step(rows, chunk_size, prompt_logprobs)).inputs:
-        ids = torch.tensor(plan.inputs, device=model.device)
-        to_sample = [t == NEW for t in plan.targets]
-        with runner.threads(plan.seqlens):
-            # logits (R, V); None on a pipeline rank without the head
-            logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)
-
-            def pick() -> tuple[torch.Tensor, torch.Tensor]:
-                return _pick(logits, plan.targets, runner, model, temperature, top_p, top_k, generator)
-
-            if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
-                tokens, lps = pipeline.last_rank_pick(model, pick, len(plan.targets), failure)
-            else:
-                tokens, lps = (t.tolist() for t in pick()) if plan.scored else ([], [])
-        for b, tok, lp, new in zip(plan.owners, tokens, lps, to_sample):
-            if math.isnan(lp):  # NaN or inf among the logits: the model's numbers are broken, not its choices
-                raise _non_finite(model)
+        seen = list(cache.seq_pos)  # (B,) to go back to if the step raises
+        try:
+            with runner.threads(plan.seqlens):
+                tokens, lps = _run_step(plan, runner, model, cache, temperature, top_p, top_k, generator)
+        except BaseException:
+            _forget(cache, seen, plan.seqlens)
+            raise
+        for b, tok, lp, new in zip(plan.owners, tokens, lps, (t == NEW for t in plan.targets)):
             rows[b].take(tok, lp, new)
             if new and on_token is not None:
                 on_token(b, tok)
     return [row.generated for row in rows], [row.logprobs for row in rows]
+
+
+def _run_step(plan: Plan, runner: Runner, model: Transformer, cache: RotatingBufferCache, temperature: float,
+              top_p: float, top_k: int, generator: torch.Generator | None) -> tuple[list[int], list[float]]:
+    """Run one step and pick its tokens: (R,) tokens and (R,) their log-probabilities."""
+    ids = torch.tensor(plan.inputs, device=model.device)
+    logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)  # (R, V); None on a rank without the head
+
+    def pick() -> tuple[torch.Tensor, torch.Tensor]:
+        return _pick(logits, plan.targets, runner, model, temperature, top_p, top_k, generator)
+
+    if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
+        tokens, lps = pipeline.last_rank_pick(model, pick, len(plan.targets), failure)
+    else:
+        tokens, lps = (t.tolist() for t in pick()) if plan.scored else ([], [])
+    if any(math.isnan(lp) for lp in lps):  # NaN or inf among the logits: the model's numbers are broken
+        raise _non_finite(model)
+    return tokens, lps
+
+
+def _forget(cache: RotatingBufferCache, seen: list[int], seqlens: list[int]) -> None:
+    """Undo a step that raised: row b is back at seen[b] positions, and the slots where the step would have written
+    its seqlens[b] new positions (the last N of them, at most) are zeroed, whether or not it got that far.
+
+    seen [2, 9], seqlens [3, 1], N=4: row 0 forgets positions 2, 3, 4: slots 2, 3 and 0, which held position 0, still
+    counted but lost (the row wrapped in the step). Row 1 forgets position 9: slot 1, which held position 5, the one
+    that a query at position 9 no longer sees with a window of 4."""
+    N = cache.slots
+    for b, n in enumerate(seqlens):
+        if n:
+            slots = sorted({p % N for p in range(seen[b] + max(n - N, 0), seen[b] + n)})
+            cache.cache_k[:, b, :, slots] = 0  # (L, Hkv, n, D)
+            cache.cache_v[:, b, :, slots] = 0
+    cache.seq_pos[:] = seen
 
 
 def _cache_for(model: Transformer, reach: list[int]) -> RotatingBufferCache:

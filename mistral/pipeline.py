@@ -80,8 +80,8 @@ def forward(model: Transformer, ids: torch.Tensor, seqlens: list[int], cache: Ro
     """model(ids, seqlens, cache, rows=rows) on one pipeline rank, telling the next rank if this one fails.
 
     The next rank is waiting for this one's output. On a failure it gets NaN, not nothing, so that it reaches the end
-    of the step, where last_rank_pick tells every rank which one failed, instead of waiting out the timeout. (The
-    caches of the ranks then differ: the failed step advanced some and not others.) A mistake in the step's inputs
+    of the step, where last_rank_pick tells every rank which one failed, instead of waiting out the timeout. (Every rank
+    then raises from the step, and generate_ids puts each rank's cache back as it was before it.) A mistake in the step's inputs
     is found by every rank alike, before anything is sent, and is raised as it is.
     """
     step = model.prepare(ids, seqlens, cache, rows)
@@ -104,7 +104,7 @@ def last_rank_pick(model: Transformer, pick: Callable[[], tuple[torch.Tensor, to
     last rank's tokens (exact in float64) and their log-probabilities, then a flag per rank, 1 where it failed. The
     first rank that failed then sends its error, and every rank raises, none left waiting for a step that will not
     come: the one that failed its own error, the others a MistralError where that was a user's mistake, else a
-    DistError, which says the process group can go no further (the ranks' caches no longer agree).
+    DistError, which says a rank failed on something other than the user's input.
     """
     R, rank = model.num_pipeline_ranks, model.pipeline_rank
     box = torch.zeros(2, n + R, dtype=torch.float64, device=model.device)  # [tokens, failed], [logprobs, unused]

@@ -7,11 +7,12 @@ from pathlib import Path
 import mistral_common
 import pytest
 import torch
-from helpers import cli, random_model, save_folder, tiny_params
+from helpers import cli, inprocess, random_model, save_folder, tiny_params
 
 from mistral.chat import Chat
 from mistral.cpu import CpuDecoder, kernels
 from mistral.errors import MistralError
+from mistral.generate import PREFILL_CHUNK
 from mistral.tokenizer import Tokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
@@ -250,3 +251,146 @@ def test_bad_lines_get_one_line_each_and_the_session_goes_on(folders):
     assert sum("not valid UTF-8 (byte 0xff at offset 0); nothing was sent" in line for line in lines) == 1
     assert "[a new conversation]" in err and "[system prompt: 'Be brief.']" in err
     assert sum(line.startswith("prefill ") for line in lines) == 2 and "Traceback" not in err
+
+
+
+# --- a turn that fails, a long message, a full context ------------------------------------------------------------
+
+def fresh_answer(model, tokenizer, history, user, **options):
+    """The answer of a new Chat, its cache empty, given the turns `history` and then `user`."""
+    fresh = Chat(model, tokenizer, **options)
+    fresh.turns = list(history)
+    return fresh.say(user).answer
+
+
+def fail_when(now, real=None):
+    """A callable that raises MemoryError when now() is true, and otherwise calls `real` (if any)."""
+    def maybe(*args, **kwargs):
+        if now():
+            raise MemoryError("injected")
+        return real(*args, **kwargs) if real is not None else None
+
+    return maybe
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("how", ["nan", "prefill", "decode", "engine"])
+def test_a_turn_that_fails_is_forgotten(how, window, tokenizers, monkeypatch):
+    """A turn that raises (non-finite logits from a damaged embedding row; a MemoryError in a layer during pre-fill or
+    decode, or in the CPU engine's decode) propagates, and the next turn is what a fresh conversation without it gives:
+    its logits those of a fresh forward, its answer a new Chat's. Without a window the cache goes back to before the
+    failed turn (only the new turn is pre-filled); with one of 6 it wrapped: the conversation is pre-filled again."""
+    tok = tokenizers["v7"]
+    model, talk, rec = make("v7", tokenizers, window=window, max_tokens=4, chunk_size=3)
+    check_turn(model, talk, rec, "Hello there")
+    history, fed, context = list(talk.turns), list(talk.fed), talk.context
+    hooks = []
+    with monkeypatch.context() as m:
+        if how == "nan":
+            failing, error = "Hello zebra", MistralError
+            others = set(talk.ids("And then?")) | set(talk.fed)
+            bad = next(t for t in talk.ids(failing) if t not in others)
+            with torch.no_grad():
+                model.tok_embeddings.weight[bad] = float("nan")
+        else:
+            failing, error = "Tell me more", MemoryError
+            assert len(talk.ids(failing)) - len(fed) > 3  # pre-filled in two chunks at least
+            calls = []
+            if how == "engine":  # its second decode step, after two tokens were sampled
+                if CpuDecoder.of(model) is None:
+                    pytest.skip("the CPU engine does not apply here")
+                m.setattr(kernels, "blocks", fail_when(lambda: len(sent) == 2, kernels.blocks))
+            else:  # the second chunk of the pre-fill, or the second decode step, all on the layers
+                m.setattr(CpuDecoder, "of", staticmethod(lambda model: None))
+                fail = fail_when(lambda: len(calls) == 1 if how == "prefill" else len(sent) == 2)
+                hooks.append(model.layers["1"].register_forward_pre_hook(lambda module, args: calls.append(fail())))
+        sent = []
+        with pytest.raises(error, match="non-finite logits" if how == "nan" else "injected"):
+            talk.say(failing, on_token=sent.append)
+        for hook in hooks:
+            hook.remove()
+    assert len(sent) == (0 if how in ("nan", "prefill") else 2)
+    assert talk.turns == history and talk.context == context
+    if window is None:  # the cache is back to before the failed turn (with a window, its chunks overwrote it)
+        assert talk.fed == fed
+    turn = check_turn(model, talk, rec, "And then?", reuse=window is None)
+    if window is not None:  # read again from the start
+        assert turn.prefilled == turn.context - len(turn.answer) - 1
+    assert turn.answer == fresh_answer(model, tok, history, "And then?", max_tokens=4, chunk_size=3)
+
+
+def test_a_long_message_is_prefilled_in_bounded_chunks(tokenizers):
+    """A message longer than PREFILL_CHUNK, with no chunk_size given: no step feeds more than PREFILL_CHUNK tokens, and
+    the turn's logits are a fresh forward's, its answer that of a Chat that pre-fills it in one step."""
+    model, talk, rec = make("v7", tokenizers, window=None, max_tokens=4)
+    check_turn(model, talk, rec, "Hello")
+    start = len(rec.steps)
+    long_message = "word " * (PREFILL_CHUNK + 100)
+    turn = check_turn(model, talk, rec, long_message)
+    sizes = [len(ids) for ids, _, _ in rec.steps[start:-1]]  # the last: check_turn's fresh forward, in one piece
+    assert turn.prefilled > PREFILL_CHUNK + 100 and max(sizes) == PREFILL_CHUNK and sizes[1] > 1
+    assert turn.answer == fresh_answer(model, tokenizers["v7"], talk.turns[:-1], long_message, max_tokens=4,
+                                       chunk_size=None)
+
+
+@pytest.mark.parametrize("command", ["chat", "interactive"])
+def test_the_commands_prefill_in_bounded_chunks_by_default(command, folders, monkeypatch, capsys):
+    """chat and interactive, with no --chunk_size: a line longer than PREFILL_CHUNK is pre-filled PREFILL_CHUNK tokens
+    at a time; --chunk_size N overrides it. (demo's prompts are shorter than a chunk: its output does not change.)"""
+    import inspect
+
+    import main
+    from mistral.model import Transformer
+
+    sizes, real = [], Transformer.forward
+
+    def forward(self, input_ids, *args, **kwargs):
+        sizes.append(input_ids.shape[0])
+        return real(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    line = "word " * (PREFILL_CHUNK + 100) + "\n"
+    code, out, err = inprocess(monkeypatch, capsys, command, folders["v3"], "--max_tokens", "2", stdin=line)
+    assert code == 0, err
+    assert max(sizes) == PREFILL_CHUNK and sum(sizes) > PREFILL_CHUNK + 100
+    sizes.clear()
+    code, out, err = inprocess(monkeypatch, capsys, command, folders["v3"], "--max_tokens", "2", "--chunk_size", "100",
+                               stdin=line)
+    assert code == 0, err
+    assert max(sizes) == 100
+    assert main.TYPICAL_PROMPT == PREFILL_CHUNK
+    assert all(inspect.signature(f).parameters["chunk_size"].default == PREFILL_CHUNK
+               for f in (main.demo, main.interactive, main.chat))
+
+
+def test_a_full_context_is_refilled_once_every_several_turns(tokenizers, caplog):
+    """Without a window, a conversation that reaches its limit drops its oldest turns down to about half of it: the
+    whole conversation is pre-filled again at that turn, and then not for several turns. After each refill the ids are
+    mistral_common's encoding of the kept turns, the logits a fresh forward's, the answer a new Chat's given them."""
+    tok, limit = tokenizers["v7"], 120
+    model, talk, rec = make("v7", tokenizers, window=None, max_tokens=4, context=limit)
+    users = ["Tell me more", "Why is that so?", "And then?", "Go on, please"]
+    refills = []
+    with caplog.at_level(logging.WARNING):
+        for i in range(30):
+            user, history, caplog.records[:] = users[i % len(users)], list(talk.turns), []
+            turn = check_turn(model, talk, rec, user, reuse=False)
+            whole = turn.context - len(turn.answer) - 1  # the ids of the conversation this turn answered
+            assert turn.context <= limit
+            if i == 0 or turn.prefilled <= 12:  # the first turn, or only the new ids: the last answer's end, user
+                assert not caplog.records
+                continue
+            refills.append(i)
+            kept = talk.turns[:-1]
+            assert len(kept) < len(history) and kept == history[len(history) - len(kept):]
+            # All but the ids the kept turns begin with as the dropped ones did (BOS, [INST]): they stayed.
+            assert whole - 3 <= turn.prefilled < whole and whole <= limit // 2
+            messages = []
+            for said, _ in kept:
+                messages += [{"role": "user", "content": said}, {"role": "assistant", "content": "-"}]
+            expected = tok.encode_chat(messages + [{"role": "user", "content": user}], [a for _, a in kept])
+            assert talk.fed[:whole] == expected and len(expected) == whole
+            assert turn.answer == fresh_answer(model, tok, kept, user, max_tokens=4, context=limit)
+            dropped = len(history) - len(kept)
+            assert f"dropped the oldest {dropped} turn{'s' * (dropped != 1)}, {whole} tokens remain" in caplog.text
+    assert len(refills) >= 3 and all(b - a >= 4 for a, b in zip(refills, refills[1:])), refills

@@ -126,3 +126,64 @@ def test_generate_text(tokenizer_file):
     torch.testing.assert_close(torch.tensor(sum(logprobs, [])), torch.tensor(sum(lps, [])), rtol=0, atol=1e-5)
     with pytest.raises(MistralError, match="empty prompt"):
         generate(["ok", ""], model, tok, max_tokens=2)
+
+
+@pytest.mark.parametrize("where", ["head", "engine", "nan"])
+def test_a_step_that_raises_is_not_counted_in_the_callers_cache(where, monkeypatch):
+    """generate_ids on a caller's cache, two rows: a step that raises (a MemoryError in the output head, after the
+    layers wrote the step's keys and the model counted them; on the CPU engine's decode step, after its kernels did;
+    non-finite logits in pre-fill) propagates, and leaves each row at the positions of the steps that completed. The
+    cache then goes on exactly: a decode step on it gives the logits of a fresh forward over what each row holds, even
+    for the shorter row, whose keys past its end the failed step wrote (NaN, in the last case) and attention masks."""
+    from mistral.cache import RotatingBufferCache
+    from mistral.cpu import CpuDecoder, kernels
+
+    model = random_model(tiny_params(sliding_window=None, rope_theta=1e4))
+    if where == "engine" and CpuDecoder.of(model) is None:
+        pytest.skip("the CPU engine does not apply here")
+    args = model.args
+    cache = RotatingBufferCache(args.n_layers, 2, 40, args.n_kv_heads, args.head_dim)
+    first, _ = generate_ids([PROMPTS[1], PROMPTS[2]], model, max_tokens=3, cache=cache)
+    held = [PROMPTS[1] + first[0][:-1], PROMPTS[2] + first[1][:-1]]  # (3 + 2, 13 + 2): row 0 is the shorter
+    assert cache.seq_pos[:2] == [len(h) for h in held]
+    bad = next(t for t in range(args.vocab_size) if t not in held[0] + held[1])
+    new = [[first[0][-1], bad, 8], [first[1][-1], 9]]
+    sampled = [[], []]
+    if where == "nan":  # row 0's second new token has a NaN embedding: its pre-fill gives NaN logits
+        with torch.no_grad():
+            model.tok_embeddings.weight[bad] = float("nan")
+    elif where == "head":  # the third step: pre-fill, one decode step, then this one
+        calls = []
+
+        def head(module, inputs):
+            calls.append(None)
+            if len(calls) == 3:
+                raise MemoryError("injected")
+
+        model.output.register_forward_pre_hook(head)
+    else:  # the engine's second decode step, once its kernels ran, in its head
+        real, calls = kernels.stacked, []
+
+        def stacked(*a, **k):
+            calls.append(None)
+            if len(calls) == 2:
+                raise MemoryError("injected")
+            return real(*a, **k)
+
+        monkeypatch.setattr(kernels, "stacked", stacked)
+    with pytest.raises(MistralError if where == "nan" else MemoryError, match="non-finite|injected"):
+        generate_ids(new, model, max_tokens=5, cache=cache, engine=where != "head",
+                     on_token=lambda row, token: sampled[row].append(token))
+    monkeypatch.undo()
+    if where == "nan":  # nothing completed
+        assert sampled == [[], []]
+        now = held
+    else:  # the pre-fill and one decode step completed: each row holds its new ids and its first sampled token
+        assert [len(s) for s in sampled] == [2, 2]
+        now = [held[b] + new[b] + sampled[b][:1] for b in range(2)]
+    assert cache.seq_pos[:2] == [len(n) for n in now]
+    with torch.no_grad():
+        got = model(torch.tensor([11, 12]), [1, 1], cache)  # (2, V): one decode step of both rows on the cache
+        want = torch.stack([model(torch.tensor(n + [t]), [len(n) + 1])[-1] for n, t in zip(now, [11, 12])])
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want)
