@@ -1,10 +1,11 @@
 """The command line run as a program: sys.argv is parsed against the commands' signatures and every value converted by
-its parameter's type before any command runs, and what goes wrong ends in one line on stderr and an exit status. fire
-writes only the --help pages.
+its parameter's type before any command runs, and what goes wrong ends in one line on stderr and an exit status.
 
-Exit status: 0 done (every line of a session answered), 1 a session went on past a line it refused or could not
-answer, or the output could not be written, 2 a mistake in the input (a MistralError), 3 a lost pipeline rank, 130
-Ctrl-C.
+Exit status: 0 done, every line of a session answered (also when a reader such as `head` stopped reading early); 1 a
+session went on past a line it refused or could not answer, or the output could not be written (stdout closed or on a
+full disk: one line on stderr); 2 a mistake in the command line, the options or the model folder, said before anything
+runs, or one that stopped a run (`demo` on damaged weights); 3 a lost pipeline rank; 130 Ctrl-C (at a session's
+prompt, or while loading).
 """
 import difflib
 import errno
@@ -18,7 +19,6 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-import fire
 import torch
 import torch.distributed as dist
 
@@ -94,6 +94,35 @@ def parse(commands: dict[str, Callable], argv: list[str]) -> tuple[Callable, dic
     return commands[name], {p: _convert(params[p], text) for p, text in named.items()}
 
 
+def usage(commands: dict[str, Callable], name: str | None = None) -> str:
+    """The help of command `name` (its docstring and its options), or of the program: what -h and --help print."""
+    if name not in commands:
+        width = max(map(len, commands))
+        return "\n".join(["usage: python -m main COMMAND [ARGUMENTS] [--OPTION VALUE ...]", "", "commands:",
+                          *(f"  {n:{width}}  {_summary(c)}" for n, c in commands.items()), "",
+                          "python -m main COMMAND -h lists a command's options."])
+    params = inspect.signature(commands[name]).parameters.values()
+    required = " ".join(p.name.upper() for p in params if p.default is inspect.Parameter.empty)
+    lines = [f"usage: python -m main {name} {required + ' ' if required else ''}[options]", "",
+             inspect.getdoc(commands[name]), "",
+             "options, as --name VALUE or --name=VALUE (- or _ in names); the first ones may also be given in",
+             "order, without their names:"]
+    for p in params:
+        kinds = _kinds(p)
+        what = (f"on/off: --{p.name}, --no{p.name}" if kinds == {bool} else "a whole number" if int in kinds
+                else "a number" if float in kinds else "text")
+        said = ("required" if p.default is inspect.Parameter.empty else "default: none" if p.default is None
+                else f"default: {p.default}")
+        lines.append(f"  --{p.name:20} {what}; {said}")
+    return "\n".join(lines)
+
+
+def _summary(command: Callable) -> str:
+    """The first sentence of a command's docstring, up to its colon if it is long."""
+    sentence = " ".join(inspect.getdoc(command).split("\n\n")[0].split()).split(". ")[0]
+    return sentence.split(": ")[0] if len(sentence) > 100 else sentence
+
+
 def _kinds(param: inspect.Parameter) -> set[type]:
     """The types a parameter takes, None left out: int | None -> {int}."""
     ann = param.annotation
@@ -155,9 +184,7 @@ def run(commands: dict[str, Callable]) -> None:
     argv = sys.argv[1:]
     try:
         if not argv or any(a in HELP for a in argv[: argv.index("--") if "--" in argv else len(argv)]):
-            # The help of the command named (not of a call fire would make of the rest), or of them all.
-            fire.Fire(commands, command=[argv[0], "--help"] if argv and argv[0] in commands else ["--help"],
-                      name="main")
+            print(usage(commands, argv[0] if argv else None))
             return
         command, kwargs = parse(commands, argv)
         command(**kwargs)
