@@ -193,15 +193,15 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
     on stderr.
 
     /reset starts over, /system TEXT sets the system prompt, /help lists them; a line starting with // is sent as a
-    message starting with / (one slash removed). Ctrl-C stops an answer and keeps
-    what it had said; a second Ctrl-C, at the prompt, exits, as does end of input (Ctrl-D). --context N bounds a
-    conversation of a model without a sliding window (default 32768 tokens; the oldest turns are dropped to fit).
+    message starting with / (one slash removed). Ctrl-C stops an answer and keeps what it had said; a second Ctrl-C,
+    at the prompt, exits, as does end of input (Ctrl-D). --context N bounds a conversation of a model without a
+    sliding window (default 32768 tokens; the oldest turns are dropped to fit).
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     cli.check_seed(seed)
     if max_tokens < 1:
         raise MistralError(f"a chat answers: max_tokens must be at least 1, got {max_tokens}")
-    if context is not None and context <= 0:
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context <= 0):
         raise MistralError(f"context must be a positive number of tokens, got {context!r}")
     cli.check_stdout()
 
