@@ -38,13 +38,13 @@ DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", 
 
 def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
          quantize: str | None = None, needs: Callable[[ModelArgs, Tokenizer], tuple[int, int]] | None = None,
-         shrinks_cache: str = "a smaller --max_tokens") -> tuple[Transformer, Tokenizer]:
+         shrinks_cache: str | None = None) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a folder (the shipped model when model_path is None).
 
     needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
     that cannot fit in memory is refused before any weight is read; shrinks_cache: the option that refusal names
-    when the cache is a large part of the need (the loader's words name rows and run length, which a command may
-    not let the user choose).
+    when the cache is a large part of the need, for a command that has no rows to choose (None: the loader's own
+    words, fewer rows or a shorter run).
 
     quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), "int4" in 4
     bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the
@@ -71,6 +71,8 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
                                       dtype=None if dtype == "auto" else dtype, quantize=quantize, cache_slots=slots,
                                       prefill_tokens=prefill)
     except MistralError as e:
+        if shrinks_cache is None:
+            raise
         raise MistralError(str(e).replace(LOADER_SHRINKS_CACHE, shrinks_cache)) from None
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
@@ -142,7 +144,8 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                             dtype=dtype, quantize=quantize,
                             needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
-                                                   chunk_size or TYPICAL_PROMPT))
+                                                   chunk_size or TYPICAL_PROMPT),
+                            shrinks_cache="a smaller --max_tokens")
     generator = _generator(seed, model.device)
     refused = 0  # lines refused or not answered: the exit status says so
     for prompt, problem in terminal.lines("empty prompt; type some text (Ctrl-D to quit)"):
