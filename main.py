@@ -9,64 +9,24 @@ if __name__ == "__main__":
 
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from mistral import checkpoint, cli, pipeline, terminal
-from mistral.args import QUANTIZATIONS, ModelArgs
+from mistral import checkpoint, cli, terminal
+from mistral.args import ModelArgs
 from mistral.cache import slots_for
 from mistral.chat import DEFAULT_CONTEXT, Chat, Turn
 from mistral.errors import MistralError
 from mistral.generate import PREFILL_CHUNK, generate, generate_ids  # noqa: F401  (re-exported)
-from mistral.model import Transformer
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "mistral" / "assets"
 # A chat's answers end at EOS, or are cut off after this many tokens.
 CHAT_MAX_TOKENS = 256
 # What the memory check before loading assumes of a prompt it has not seen yet (interactive, chat).
 TYPICAL_PROMPT = PREFILL_CHUNK
 DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", "Now is the winter of our"]
-
-
-def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
-         quantize: str | None = None,
-         needs: Callable[[ModelArgs, Tokenizer], tuple[int, int]] | None = None) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of a folder (the shipped model when model_path is None).
-
-    needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
-    that cannot fit in memory is refused before any weight is read.
-
-    quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), "int4" in 4
-    bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the
-    checkpoint's dtype unless --dtype says otherwise, and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16
-    matrix products several times slower.
-    """
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise MistralError(f"unknown --quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
-                           "it out)")
-    folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
-    pipeline.init(num_pipeline_ranks, device)
-    checkpoint.layout(folder)  # a folder, holding a model
-    # The tokenizer and the config, checked against each other before gigabytes of weights are read.
-    tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder)
-    if tokenizer.n_words != args.vocab_size:
-        config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
-        raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
-                           f"vocab_size={args.vocab_size}: the tokenizer belongs to another model")
-    slots, prefill = (0, TYPICAL_PROMPT) if needs is None else needs(args, tokenizer)
-    start = time.perf_counter()
-    model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
-                                  device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
-                                  quantize=quantize, cache_slots=slots, prefill_tokens=prefill)
-    n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
-                  f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")
-    return model, tokenizer
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -84,12 +44,13 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     cli.check_seed(seed)
+    cli.check_stdout()
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         longest = max(len(tokenizer.encode(p)) for p in DEMO_PROMPTS)
         return slots_for(longest + max_tokens, args.sliding_window), min(chunk_size or longest, longest)
 
-    model, tokenizer = load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
+    model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                             device=device, dtype=dtype, quantize=quantize, needs=needs)
     encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
     first_token_at = {}
@@ -128,19 +89,18 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     cli.check_seed(seed)
-    if not isinstance(instruct, bool):  # fire reads --instruct=no, or --instruct FOLDER, as a value
-        raise MistralError(f"--instruct takes no value, got {instruct!r}: write --instruct to turn it on (--noinstruct "
-                           "to turn it off), after the model folder")
-    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
+    cli.check_stdout()
+    model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                             dtype=dtype, quantize=quantize,
                             needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
-                                                   chunk_size or TYPICAL_PROMPT))
+                                                   chunk_size or TYPICAL_PROMPT),
+                            shrinks_cache="a smaller --max_tokens")
     generator = _generator(seed, model.device)
-    rejected = 0
+    refused = 0  # lines refused or not answered: the exit status says so
     for prompt, problem in terminal.lines("empty prompt; type some text (Ctrl-D to quit)"):
         if problem is not None:
             terminal.info(f"error: {problem}")
-            rejected += 1
+            refused += 1
             continue
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if instruct else tokenizer.encode(prompt)
         stream = terminal.Stream(tokenizer, prompt_text="" if instruct else prompt)
@@ -160,12 +120,19 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
             stream.end()
             terminal.info("[stopped]")
             continue
+        except MistralError as e:  # this prompt cannot be answered (non-finite logits, say); the session goes on
+            if dist.is_initialized():
+                raise
+            stream.end()
+            terminal.info(f"error: {e}")
+            refused += 1
+            continue
         stream.end()
         end = time.perf_counter()
         first = times[0] if times else end
         terminal.info(Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first,
                            len(ids) + len(times)).stats())
-    if rejected:
+    if refused:
         sys.exit(1)
 
 
@@ -178,32 +145,53 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
     conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer
     on stderr.
 
-    /reset starts over, /system TEXT sets the system prompt, /help lists them. Ctrl-C stops an answer and keeps
-    what it had said; a second Ctrl-C, at the prompt, exits, as does end of input (Ctrl-D). --context N bounds a
-    conversation of a model without a sliding window (default 32768 tokens; the oldest turns are dropped to fit).
+    /reset starts over, /system TEXT sets the system prompt, /help lists them; a line starting with // is sent as a
+    message starting with / (one slash removed). Ctrl-C stops an answer and keeps what it had said; a second Ctrl-C,
+    at the prompt, exits, as does end of input (Ctrl-D). --context N bounds a conversation of a model without a
+    sliding window (default 32768 tokens; the oldest turns are dropped to fit).
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     cli.check_seed(seed)
-    # A conversation may fill the window, or the context of a model without one.
-    model, tokenizer = load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
-                            dtype=dtype, quantize=quantize,
-                            needs=lambda args, _: (args.sliding_window or context or DEFAULT_CONTEXT,
-                                                   chunk_size or TYPICAL_PROMPT))
+    if max_tokens < 1:
+        raise MistralError(f"a chat answers: max_tokens must be at least 1, got {max_tokens}")
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context <= 0):
+        raise MistralError(f"context must be a positive number of tokens, got {context!r}")
+    cli.check_stdout()
+
+    def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
+        """What Chat would refuse once loaded, refused from the config before any weight is read; then the cache: a
+        conversation may fill the window, or the context of a model without one."""
+        if context is not None and args.sliding_window is not None:
+            raise MistralError(f"this model has a sliding window of {args.sliding_window} tokens, so its conversations "
+                               "have no length limit: leave out --context")
+        limit = args.sliding_window or context or DEFAULT_CONTEXT
+        if args.sliding_window is None and max_tokens >= limit:
+            raise MistralError(f"--max_tokens {max_tokens} leaves no room for a message in a conversation of at most "
+                               f"{limit} tokens (--context): lower --max_tokens, or raise --context")
+        return limit, chunk_size or TYPICAL_PROMPT
+
+    model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
+                            dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --context")
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
+    refused = 0  # lines refused or not answered: the exit status says so
     for line, problem in terminal.lines("empty message; type some text (/help lists the commands, Ctrl-D quits)"):
-        if problem is None and line.startswith("/"):
+        if problem is None and line.startswith("//"):  # a message that starts with /: one slash is the escape
+            line = line[1:]
+        elif problem is None and line.startswith("/"):
             problem = terminal.chat_command(talk, line)
             if problem is None:
                 continue
         if problem is not None:
             terminal.info(f"error: {problem}")
+            refused += 1
             continue
         stream = terminal.Stream(tokenizer, prompt_text="")
         try:
             turn = talk.say(line, on_token=stream.add)
         except MistralError as e:  # this message cannot be sent (too long for the context); the session goes on
             terminal.info(f"error: {e}")
+            refused += 1
             continue
         stream.end()
         if turn.stopped:
@@ -212,13 +200,16 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
             terminal.info("[stopped: the answer so far is kept]" if turn.answer
                           else "[stopped: this message is forgotten]")
         terminal.info(turn.stats())
+    if refused:
+        sys.exit(1)
 
 
-def explain(seqlens: str | tuple = "5,7,2", sliding_window: int = 3, chunk_size: int | None = 4,
+def explain(seqlens: str = "5,7,2", sliding_window: int = 3, chunk_size: int | None = 4,
             decode_steps: int = 3, out: str | None = None) -> None:
     """Walk through a generation step by step: each mask, each cache slot, each unrotated view."""
     from mistral.explain import explain as run
 
+    cli.check_stdout()
     run(seqlens=seqlens, sliding_window=sliding_window, chunk_size=chunk_size, decode_steps=decode_steps, out=out)
 
 

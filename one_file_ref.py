@@ -7,6 +7,7 @@ completions as `python -m main demo`.
 """
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,14 +174,33 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
+def refuse(problem: str):
+    """A mistake in the input ends the program as `python -m main` does: one line on stderr, exit status 2."""
+    print(f"error: {problem}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load(folder: Path) -> tuple[Transformer, SentencePieceProcessor]:
+    """A native folder of full-precision weights in one file; the package reads the other kinds."""
+    if not folder.is_dir():
+        refuse(f"model folder {str(folder)!r} " + ("is not a folder" if folder.exists() else "does not exist"))
+    if not (folder / "params.json").exists():
+        hf = (folder / "config.json").exists()
+        refuse(f"{folder} has no params.json" + (f": it is a Hugging Face folder (config.json); python -m main convert "
+                                                 f"{folder} NEW_FOLDER writes it as a native one" if hf else ""))
     params = json.loads((folder / "params.json").read_text())
+    if "quantization" in params:
+        refuse(f"{folder} holds {params['quantization']} weights; one_file_ref reads full-precision ones (python -m "
+               f"main demo {folder} reads these)")
     args = ModelArgs(**params)
     if args.rope_theta is None:
         args.rope_theta = 1e4 if args.sliding_window is not None else 1e6
     if (folder / "consolidated.safetensors").exists():
         from safetensors.torch import load_file
         state = load_file(folder / "consolidated.safetensors")
+    elif not (folder / "consolidated.00.pth").exists():
+        refuse(f"{folder} has no consolidated.safetensors or consolidated.00.pth (one_file_ref reads weights in one "
+               "file; python -m main demo reads shards)")
     else:
         state = torch.load(folder / "consolidated.00.pth", weights_only=True, mmap=True)
     with torch.device("meta"):
@@ -194,7 +214,7 @@ def load_tokenizer(folder: Path) -> SentencePieceProcessor:
     files = sorted(folder.glob("tokenizer.model*"))
     if not files:
         hint = "; tekken.json needs the package (python -m main demo)" if (folder / "tekken.json").exists() else ""
-        raise SystemExit(f"error: {folder} has no sentencepiece tokenizer.model*{hint}")
+        refuse(f"{folder} has no sentencepiece tokenizer.model*{hint}")
     tokenizer = SentencePieceProcessor()
     tokenizer.Load(str(files[-1]))
     return tokenizer
@@ -218,11 +238,18 @@ def generate(prompt: str, model: Transformer, tokenizer: SentencePieceProcessor,
     return tokenizer.decode(tokens + generated)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage and error
+        refuse(message)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("model_path", nargs="?", default=str(Path(__file__).resolve().parent / "mistral" / "assets"))
     parser.add_argument("--max_tokens", type=int, default=35)
     opts = parser.parse_args()
+    if opts.max_tokens < 0:
+        refuse(f"max_tokens must be a whole number >= 0, got {opts.max_tokens}")
     torch.manual_seed(0)
     model, tokenizer = load(Path(opts.model_path))
     for prompt in DEMO_PROMPTS:

@@ -82,14 +82,14 @@ def drop_page_cache(folder: Path) -> None:
 
 def child(folder: str, flags: list[str]) -> None:
     """One path in a process of its own: load, pre-fill each prompt, decode; prints a JSON line."""
-    import main
+    from mistral import cli
     from mistral import terminal
     from mistral.generate import generate_ids
 
     setup()
     quantize = flags[flags.index("--quantize") + 1] if "--quantize" in flags else None
     t0 = time.perf_counter()
-    model, tokenizer = main.load(folder, max_batch_size=1, num_pipeline_ranks=1, device="cpu", dtype="auto",
+    model, tokenizer = cli.load(folder, max_batch_size=1, num_pipeline_ranks=1, device="cpu", dtype="auto",
                                  quantize=quantize, needs=lambda args, _: (max(PROMPTS) + DECODE_STEPS, max(PROMPTS)))
     out = {"load s": time.perf_counter() - t0, "weights": terminal.describe(model)}
     # What a decode step reads: every weight but the embedding table, of which it reads a row.

@@ -1,9 +1,11 @@
-"""Fire commands run as a program: the command line is checked against the commands' signatures before any runs (a
-seed's or a folder name's value when the command reads it), and what goes wrong ends in one line on stderr and an exit
-status.
+"""The command line run as a program: sys.argv is parsed against the commands' signatures and every value converted by
+its parameter's type before any command runs, and what goes wrong ends in one line on stderr and an exit status.
 
-Exit status: 0 done, 1 the output could not be written (a command may also exit 1 itself), 2 a mistake in the input
-(a MistralError), 3 a lost pipeline rank, 130 Ctrl-C.
+Exit status: 0 done, every line of a session answered (also when a reader such as `head` stopped reading early); 1 a
+session went on past a line it refused or could not answer, or the output could not be written (stdout closed or on a
+full disk: one line on stderr); 2 a mistake in the command line, the options or the model folder, said before anything
+runs, or one that stopped a run (`demo` on damaged weights); 3 a lost pipeline rank; 130 Ctrl-C (at a session's
+prompt, or while loading).
 """
 import difflib
 import errno
@@ -12,50 +14,150 @@ import logging
 import os
 import signal
 import sys
+import time
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
-import fire
 import torch
 import torch.distributed as dist
 
+from mistral import checkpoint, pipeline, terminal
+from mistral.args import QUANTIZATIONS, ModelArgs
 from mistral.errors import MistralError
+from mistral.generate import PREFILL_CHUNK
+from mistral.model import Transformer
+from mistral.tokenizer import Tokenizer
 
 HELP = ("--help", "-h")
+# What an option takes, said when its value is not of its type; the commands check the ranges of values that are.
+TAKES = {"seed": "a whole number from 0 to 2**64 - 1", "max_tokens": "a whole number >= 0",
+         "temperature": "a finite number >= 0 (0 is greedy)", "top_p": "a number in (0, 1]",
+         "top_k": "a whole number >= 0 (0 turns it off)", "chunk_size": "a positive number of tokens"}
 
 
-def check_arguments(commands: dict[str, Callable], argv: list[str]) -> None:
-    """Refuse, before anything runs, a command line that fire would only complain about after running the command:
-    an unknown command or option (with the closest valid one), or more positional arguments than the command takes.
-    Options are --name value, --name=value, or a bare --name (true; --noname: false), with - or _ in names."""
-    if not argv or argv[0] in HELP or any(a in HELP for a in argv):
-        return
+def parse(commands: dict[str, Callable], argv: list[str]) -> tuple[Callable, dict[str, object]]:
+    """(the command argv names, its arguments by name), each converted by its parameter's type: a str parameter (a
+    folder, a choice) is the text as typed, whatever it looks like (2407, None, [v3]); int, float and bool ones are
+    refused in one line unless the text is one. Options are --name value, --name=value, or a bare --name of a bool
+    parameter (true; --noname: false), with - or _ in names; the other words fill the parameters not named, in
+    order; after `--` every word is a positional one."""
     name, args = argv[0], argv[1:]
     if name not in commands:
         near = difflib.get_close_matches(name, commands, n=1)
         raise MistralError(f"unknown command {name!r}" + (f"; did you mean {near[0]}?" if near else "")
                            + f" The commands are {', '.join(commands)}")
     params = inspect.signature(commands[name]).parameters
-    positional, i = [], 0
+    options = ", ".join("--" + p for p in params)
+    named, positional, i, rest = {}, [], 0, False
     while i < len(args):
         arg = args[i]
-        if arg == "--":  # what follows is for fire itself
-            break
-        if arg.startswith("--") and len(arg) > 2:
-            option = arg[2:].split("=", 1)[0].replace("-", "_")
-            if option not in params and not (option.startswith("no") and option[2:] in params):
-                near = difflib.get_close_matches(option, params, n=1)
-                raise MistralError(f"{name} has no option --{option}" + (f"; did you mean --{near[0]}?" if near else "")
-                                   + f" Its options: {', '.join('--' + p for p in params)}")
-            # fire gives a bare option the next argument as its value, unless that is an option too.
-            if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
-                i += 1
-        else:
-            positional.append(arg)
         i += 1
-    if len(positional) > len(params):
-        raise MistralError(f"{name} takes at most {len(params)} arguments in order ({', '.join(params)}), got "
+        if rest or not arg.startswith("-") or arg == "-" or _is_number(arg):
+            positional.append(arg)
+            continue
+        if arg == "--":
+            rest = True
+            continue
+        if not arg.startswith("--"):
+            raise MistralError(f"{name} has no option {arg}: options are written in full after two dashes ({options}; "
+                               "-h for help)")
+        option, has_value, value = arg[2:].partition("=")
+        option = option.replace("-", "_")
+        negated = option not in params and option.startswith("no") and option[2:] in params
+        key = option[2:] if negated else option
+        if key not in params:
+            near = difflib.get_close_matches(option, params, n=1)
+            raise MistralError(f"{name} has no option --{option}" + (f"; did you mean --{near[0]}?" if near else "")
+                               + f" Its options: {options}")
+        flag = _kinds(params[key]) == {bool}
+        if negated and not flag:
+            raise MistralError(f"--{option}: --{key} is not an on/off option; give it a value (--{key} VALUE)")
+        if key in named:
+            raise MistralError(f"--{key} is given twice ({named[key]!r} and {value if has_value else '...'!r}); "
+                               "give it once")
+        if negated or (flag and not has_value):
+            if negated and has_value:
+                raise MistralError(f"--{option} takes no value, got {value!r}")
+            value = "False" if negated else "True"
+        elif not has_value:
+            # The next word is the value, unless it is an option itself (a negative number is a value).
+            if i == len(args) or (args[i].startswith("--") and not _is_number(args[i])):
+                raise MistralError(f"--{key} needs a value: --{key} VALUE or --{key}=VALUE")
+            value, i = args[i], i + 1
+        named[key] = value
+    free = [p for p in params if p not in named]
+    if len(positional) > len(free):
+        raise MistralError(f"{name} takes at most {len(free)} arguments in order ({', '.join(free)}), got "
                            f"{len(positional)}: {' '.join(positional)}")
+    named.update(zip(free, positional))
+    missing = [p for p in params if p not in named and params[p].default is inspect.Parameter.empty]
+    if missing:
+        usage = " ".join(p.upper() for p in params if params[p].default is inspect.Parameter.empty)
+        raise MistralError(f"{name} needs {' and '.join(p.upper() for p in missing)}: python -m main {name} {usage} "
+                           "[options] (-h for help)")
+    return commands[name], {p: _convert(params[p], text) for p, text in named.items()}
+
+
+def usage(commands: dict[str, Callable], name: str | None = None) -> str:
+    """The help of command `name` (its docstring and its options), or of the program: what -h and --help print."""
+    if name not in commands:
+        width = max(map(len, commands))
+        return "\n".join(["usage: python -m main COMMAND [ARGUMENTS] [--OPTION VALUE ...]", "", "commands:",
+                          *(f"  {n:{width}}  {_summary(c)}" for n, c in commands.items()), "",
+                          "python -m main COMMAND -h lists a command's options."])
+    params = inspect.signature(commands[name]).parameters.values()
+    required = " ".join(p.name.upper() for p in params if p.default is inspect.Parameter.empty)
+    lines = [f"usage: python -m main {name} {required + ' ' if required else ''}[options]", "",
+             inspect.getdoc(commands[name]), "",
+             "options, as --name VALUE or --name=VALUE (- or _ in names); the first ones may also be given in",
+             "order, without their names:"]
+    for p in params:
+        kinds = _kinds(p)
+        what = (f"on/off: --{p.name}, --no{p.name}" if kinds == {bool} else "a whole number" if int in kinds
+                else "a number" if float in kinds else "text")
+        said = ("required" if p.default is inspect.Parameter.empty else "default: none" if p.default is None
+                else f"default: {p.default}")
+        lines.append(f"  --{p.name:20} {what}; {said}")
+    return "\n".join(lines)
+
+
+def _summary(command: Callable) -> str:
+    """The first sentence of a command's docstring, up to its colon if it is long."""
+    sentence = " ".join(inspect.getdoc(command).split("\n\n")[0].split()).split(". ")[0]
+    return sentence.split(": ")[0] if len(sentence) > 100 else sentence
+
+
+def _kinds(param: inspect.Parameter) -> set[type]:
+    """The types a parameter takes, None left out: int | None -> {int}."""
+    ann = param.annotation
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    return {a for a in (typing.get_args(ann) if union else (ann,)) if a is not type(None)}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _convert(param: inspect.Parameter, text: str) -> object:
+    kinds = _kinds(param)
+    if bool in kinds:
+        if text not in ("True", "False"):
+            raise MistralError(f"--{param.name} takes no value, got {text!r}: write --{param.name} to turn it on "
+                               f"(--no{param.name} to turn it off)")
+        return text == "True"
+    for kind, what in ((int, "a whole number"), (float, "a number")):
+        if kind in kinds:
+            try:
+                return kind(text)
+            except ValueError:
+                raise MistralError(f"{param.name} must be {TAKES.get(param.name, what)}, got {text!r}") from None
+    return text
 
 
 def check_seed(seed: int) -> None:
@@ -71,16 +173,27 @@ def folder(value, what: str) -> Path:
     return Path(value)
 
 
+def check_stdout() -> None:
+    """Refuse to start a command whose output would vanish: Python runs with stdout closed (`>&-`) as if it were
+    /dev/null."""
+    if sys.stdout is None:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+
 def run(commands: dict[str, Callable]) -> None:
-    """Run the command that sys.argv names, with fire; what goes wrong ends the program with the status the module
-    docstring lists."""
+    """Run the command that sys.argv names; what goes wrong ends the program with the status the module docstring
+    lists."""
     # Back to Python's own Ctrl-C (a KeyboardInterrupt) from main.py's quiet exit while torch was loading.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    argv = sys.argv[1:]
     try:
-        check_arguments(commands, sys.argv[1:])
-        fire.Fire(commands)
+        if not argv or any(a in HELP for a in argv[: argv.index("--") if "--" in argv else len(argv)]):
+            print(usage(commands, argv[0] if argv else None))
+            return
+        command, kwargs = parse(commands, argv)
+        command(**kwargs)
         if dist.is_initialized():
             # Every rank done before any tears its connections down: a gloo rank whose peer closes first
             # can abort ("terminate called without an active exception").
@@ -101,12 +214,65 @@ def run(commands: dict[str, Callable]) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EBADF):
             raise
         # The output cannot be written (stdout on a full disk, say): say so where it can still be read.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"error: cannot write the output ({e.strerror})", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# Loading a model for a command.
+
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets"
+# The loader's refusal of a run too large for memory names this as what would shrink the cache; load() names the
+# command's own option instead.
+LOADER_SHRINKS_CACHE = "fewer rows or a shorter run"
+
+
+def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
+         quantize: str | None = None, needs: Callable[[ModelArgs, Tokenizer], tuple[int, int]] | None = None,
+         shrinks_cache: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of a folder (the shipped model when model_path is None).
+
+    needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
+    that cannot fit in memory is refused before any weight is read; shrinks_cache: the option that refusal names
+    when the cache is a large part of the need, for a command that has no rows to choose (None: the loader's own
+    words, fewer rows or a shorter run).
+
+    quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), "int4" in 4
+    bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the
+    checkpoint's dtype unless --dtype says otherwise, and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16
+    matrix products several times slower.
+    """
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise MistralError(f"unknown --quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
+                           "it out)")
+    folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
+    pipeline.init(num_pipeline_ranks, device)
+    checkpoint.layout(folder)  # a folder, holding a model
+    # The tokenizer and the config, checked against each other before gigabytes of weights are read.
+    tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder)
+    if tokenizer.n_words != args.vocab_size:
+        config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
+        raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
+                           f"vocab_size={args.vocab_size}: the tokenizer belongs to another model")
+    slots, prefill = (0, PREFILL_CHUNK) if needs is None else needs(args, tokenizer)
+    start = time.perf_counter()
+    try:
+        model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
+                                      device=None if device == "auto" else device,
+                                      dtype=None if dtype == "auto" else dtype, quantize=quantize, cache_slots=slots,
+                                      prefill_tokens=prefill)
+    except MistralError as e:
+        if shrinks_cache is None:
+            raise
+        raise MistralError(str(e).replace(LOADER_SHRINKS_CACHE, shrinks_cache)) from None
+    n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
+                  f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer

@@ -172,7 +172,7 @@ def _out_folder(out) -> Path:
 
 
 def parse_seqlens(seqlens: str | int | list[int] | tuple[int, ...]) -> list[int]:
-    """'5,7,2', 5 or (5, 7, 2) -> [5, 7, 2]; fire passes any of them."""
+    """'5,7,2', 5 or (5, 7, 2) -> [5, 7, 2]: the command line passes text, a library caller any of them."""
     if isinstance(seqlens, str):
         items = seqlens.split(",")
     else:

@@ -80,9 +80,9 @@ def forward(model: Transformer, ids: torch.Tensor, seqlens: list[int], cache: Ro
     """model(ids, seqlens, cache, rows=rows) on one pipeline rank, telling the next rank if this one fails.
 
     The next rank is waiting for this one's output. On a failure it gets NaN, not nothing, so that it reaches the end
-    of the step, where last_rank_pick tells every rank which one failed, instead of waiting out the timeout. (Every rank
-    then raises from the step, and generate_ids puts each rank's cache back as it was before it.) A mistake in the step's inputs
-    is found by every rank alike, before anything is sent, and is raised as it is.
+    of the step, where last_rank_pick tells every rank which one failed, instead of waiting out the timeout. (Every
+    rank then raises from the step, and generate_ids puts each rank's cache back as it was before it.) A mistake in
+    the step's inputs is found by every rank alike, before anything is sent, and is raised as it is.
     """
     step = model.prepare(ids, seqlens, cache, rows)
     try:

@@ -18,7 +18,8 @@ from mistral.tokenizer import Tokenizer
 
 CHAT_COMMANDS = {"/reset": "start the conversation over (the system prompt stays)",
                  "/system TEXT": "set the system prompt (/system alone: none)",
-                 "/help": "this list"}
+                 "/help": "this list",
+                 "//TEXT": "send /TEXT as a message (a line starting with / is a command)"}
 
 
 def is_printing_rank() -> bool:
@@ -41,14 +42,14 @@ def _waiting_group():
 
 def lines(empty: str) -> Iterator[tuple[str, str | None]]:
     """Each line typed or piped in, with what is wrong with it (None: nothing; `empty` for a blank line), until end of
-    input, or Ctrl-C at the prompt."""
+    input. Ctrl-C at the prompt ends the line and raises KeyboardInterrupt (exit status 130)."""
     tty = sys.stdin is not None and sys.stdin.isatty()
     while True:
         try:
             line, problem = _read_line("> " if tty else "")
         except KeyboardInterrupt:
             print(file=sys.stderr)
-            return
+            raise
         if line is None:
             return
         yield line, (empty if problem is None and not line.strip() else problem)
@@ -82,17 +83,21 @@ def _read_line(marker: str) -> tuple[str | None, str | None]:
 
 def chat_command(talk: Chat, line: str) -> str | None:
     """Carry out a chat's /command; returns what is wrong with it, or None."""
-    name, _, text = line.partition(" ")
-    if name == "/reset" and not text.strip():
+    name, text = (line.split(None, 1) + [""])[:2]
+    if name in ("/reset", "/help") and text.strip():
+        return f"{name} takes no text, got {text.strip()!r}; nothing was done (//TEXT sends /TEXT as a message)"
+    if name == "/reset":
         talk.reset()
         info("[a new conversation]")
     elif name == "/system":
         talk.system = text.strip() or None
         info(f"[system prompt: {talk.system!r}]" if talk.system else "[no system prompt]")
-    elif name == "/help" and not text.strip():
+    elif name == "/help":
         info("\n".join(f"{cmd:14} {what}" for cmd, what in CHAT_COMMANDS.items()))
     else:
-        return f"unknown command {line.split()[0]!r}; the commands are {', '.join(c.split()[0] for c in CHAT_COMMANDS)}"
+        commands = ", ".join(c.split()[0] for c in CHAT_COMMANDS if not c.startswith("//"))
+        return (f"unknown command {line.split()[0]!r}; the commands are {commands}, and //TEXT sends /TEXT as a "
+                "message")
     return None
 
 

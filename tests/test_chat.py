@@ -244,7 +244,7 @@ def test_chat_answers_each_line_with_a_stats_line(where, folders):
 def test_bad_lines_get_one_line_each_and_the_session_goes_on(folders):
     code, out, err = cli("chat", folders["v3"], "--max_tokens", "3",
                          stdin=b"Hello\n\n   \n/frobnicate\n\xff\xfeabc\n/reset\n/system Be brief.\nAgain\n")
-    assert code == 0, err
+    assert code == 1, err  # some lines were refused: status 1 (README, Exit status)
     lines = err.splitlines()
     assert sum(line.startswith("error: empty message") for line in lines) == 2
     assert sum("unknown command '/frobnicate'" in line for line in lines) == 1

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB
-from helpers import ROOT, cli, inprocess, one_error, random_model, save_with_tokenizer, tiny_params
+from helpers import ROOT, Reached, cli, inprocess, one_error, random_model, save_with_tokenizer, tiny_params
 
 import main
 from mistral import checkpoint
+from mistral.cli import load as load_for_a_command
 from mistral.errors import MistralError
 from mistral.generate import generate, generate_ids
 
@@ -79,7 +80,8 @@ def test_interactive_answers_piped_prompts_and_exits_at_eof(model_folder, monkey
     lines = out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("To be") and lines[1].startswith("The slings")
     # The streamed text is exactly what generate() returns.
-    model, tok = main.load(str(model_folder), max_batch_size=1, num_pipeline_ranks=1, device="cpu", dtype="auto")
+    model, tok = load_for_a_command(str(model_folder), max_batch_size=1, num_pipeline_ranks=1, device="cpu",
+                                    dtype="auto")
     texts, _ = main.generate(["To be"], model, tok, max_tokens=5, eos_id=tok.eos_id)
     assert lines[0] == texts[0]
 
@@ -394,3 +396,196 @@ def test_messages_name_the_real_problem(folder, tmp_path, monkeypatch, capsys):
         (pth / "consolidated.00.pth").write_bytes(damage)
         code, _, err = inprocess(monkeypatch, capsys, "demo", pth)
         one_error(code, err, r"cannot read .*consolidated.00.pth: it is not a complete torch.save file")
+
+
+# Issue: every option is checked before anything loads, and sessions say what happened.
+
+@pytest.mark.parametrize("name", ["2407", "1e3", "True", "a,b", "[v3]", "None", "-2407", "--odd"])
+def test_a_folder_name_is_the_text_as_typed(name, folder, tmp_path, monkeypatch, capsys):
+    """Release folders are named by date (2407): fire read them as numbers, lists or None (the shipped model)."""
+    shutil.copytree(folder, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    typed = ["--max_tokens", "1", "--", name] if name.startswith("--") else [name, "--max_tokens", "1"]
+    code, out, err = inprocess(monkeypatch, capsys, "demo", *typed)
+    assert code == 0 and f"loaded {name}:" in err, err
+
+
+def test_convert_takes_folders_named_as_numbers(folder, tmp_path, monkeypatch, capsys):
+    shutil.copytree(folder, tmp_path / "2407")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = inprocess(monkeypatch, capsys, "convert", "2407", "2408", "--to", "hf")
+    assert code == 0 and (tmp_path / "2408" / "config.json").exists(), err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "--context", "abc"], r"context must be a whole number, got 'abc'"),
+    (["chat", "--context", "2.5"], r"context must be a whole number, got '2.5'"),
+    (["chat", "--context", "True"], r"context must be a whole number, got 'True'"),
+    (["demo", "--max_tokens", "1e3"], r"max_tokens must be a whole number >= 0, got '1e3'"),
+    (["demo", "--top_k", "x"], r"top_k must be a whole number >= 0 \(0 turns it off\), got 'x'"),
+    (["explain", "--decode_steps", "many"], r"decode_steps must be a whole number, got 'many'"),
+    (["demo", "--max_tokens"], r"--max_tokens needs a value"),
+    (["demo", "--max_tokens", "3", "--max-tokens=4"], r"--max_tokens is given twice"),
+    (["demo", "--nomax_tokens"], r"--max_tokens is not an on/off option"),
+    (["interactive", "--noinstruct=1"], r"--noinstruct takes no value"),
+])
+def test_a_value_not_of_the_option_type_gets_one_line(args, message, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, *args)
+    one_error(code, err, message)
+    assert out == ""
+
+
+def test_options_and_positional_arguments_in_any_order(folder, monkeypatch, capsys):
+    """A bool option takes no value, so the folder after --instruct is the folder; options before it too."""
+    code, out, err = inprocess(monkeypatch, capsys, "interactive", "--max-tokens=2", "--instruct", folder,
+                               stdin="To be\n")
+    assert code == 0 and len(out.splitlines()) == 1 and f"loaded {folder}" in err, err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model's weights raises Reached: a refusal must come before it."""
+    def load_model(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--context", "-5"], r"context must be a positive number of tokens, got -5"),
+    (["--context", "0"], r"context must be a positive number of tokens, got 0"),
+    (["--max_tokens", "0"], r"a chat answers: max_tokens must be at least 1, got 0"),
+    (["--max_tokens", "100", "--context", "100"], r"--max_tokens 100 leaves no room for a message .* 100 tokens"),
+    (["--max_tokens", "40000"], r"--max_tokens 40000 leaves no room for a message .* 32768 tokens"),
+])
+def test_chat_options_are_refused_before_loading(args, message, folder, no_loading, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "chat", folder, *args, stdin="Hello\n")
+    one_error(code, err, message)
+
+
+def test_chat_context_on_a_model_with_a_sliding_window_is_refused_before_loading(model_folder, no_loading,
+                                                                                  monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "chat", model_folder, "--context", "100", stdin="Hello\n")
+    one_error(code, err, r"sliding window of 5 tokens, so its conversations have no length limit: leave out --context")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "{m}", "-verbose"], r"chat has no option -verbose: options are written in full after two dashes"),
+    (["chat", "{m}", "-m", "3"], r"chat has no option -m"),
+    (["chat", "-t", "0.5", "{m}"], r"chat has no option -t"),
+    (["chat", "{m}", "-c", "100"], r"chat has no option -c"),
+    (["convert", "{m}"], r"convert needs DST: python -m main convert SRC DST"),
+    (["convert"], r"convert needs SRC and DST"),
+    (["quantize", "{m}"], r"quantize needs DST"),
+])
+def test_single_dash_options_and_missing_arguments_get_one_line_before_anything_runs(args, message, folder,
+                                                                                      monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, *[a.format(m=folder) for a in args], stdin="Hello\n")
+    one_error(code, err, message)
+    assert out == ""
+
+
+def test_dash_h_is_still_help():
+    """-h and --help print the options this parser takes: fire's help offered -c and -s, which are refused."""
+    for args in (["demo", "-h"], ["chat", "FOLDER", "--help"], ["-h"]):
+        code, out, err = cli(*args)
+        assert code == 0 and out.startswith("usage: python -m main") and err == "", (args, err)
+        assert "-c," not in out and "-s," not in out
+    assert "--max_tokens" in cli("demo", "-h")[1] and "convert SRC DST [options]" in cli("convert", "-h")[1]
+
+
+def _one_file_ref(*args):
+    proc = subprocess.run([sys.executable, "-m", "one_file_ref", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_one_file_ref_refuses_what_it_cannot_read_in_one_line(folder, tmp_path):
+    hf = checkpoint.convert(folder, tmp_path / "hf", to="hf")
+    quantized = checkpoint.quantize(folder, tmp_path / "q", to="int8")
+    for args, message in [([tmp_path / "missing"], r"does not exist"),
+                          ([hf], r"has no params.json: it is a Hugging Face folder .* convert"),
+                          ([quantized], r"holds int8 weights; one_file_ref reads full-precision ones"),
+                          ([folder, "--max_tokens", "-3"], r"max_tokens must be a whole number >= 0, got -3"),
+                          ([folder, "--max_tokens", "abc"], r"--max_tokens: invalid int value: 'abc'")]:
+        code, out, err = _one_file_ref(*args)
+        one_error(code, err, message)
+        assert out == "", args
+
+
+def test_interactive_cache_refusal_names_max_tokens(folder, monkeypatch, capsys):
+    """interactive has no rows to choose: the refusal names the option that would shrink the cache."""
+    code, out, err = inprocess(monkeypatch, capsys, "interactive", folder, "--max_tokens", "100000000")
+    one_error(code, err, r"a smaller --max_tokens would shrink the cache")
+    assert "rows" not in err
+
+
+def test_reset_and_help_take_no_text(folder, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, "chat", folder, "--max_tokens", "2",
+                               stdin="/reset extra\n/help me\n/frob\n")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 3, err
+    assert errors[0].startswith("error: /reset takes no text, got 'extra'; nothing was done")
+    assert errors[1].startswith("error: /help takes no text, got 'me'")
+    assert "//TEXT sends /TEXT as a message" in errors[2] and "[a new conversation]" not in err
+
+
+def test_a_chat_message_starting_with_a_slash_is_sent_after_a_double_slash(folder, monkeypatch, capsys):
+    said = []
+    real = main.Chat.say
+    monkeypatch.setattr(main.Chat, "say", lambda self, user, **kw: (said.append(user), real(self, user, **kw))[1])
+    code, out, err = inprocess(monkeypatch, capsys, "chat", folder, "--max_tokens", "2",
+                               stdin="//usr/bin is a folder\n/help\n")
+    assert code == 0 and said == ["/usr/bin is a folder"], err
+    assert "//TEXT" in err  # /help lists the escape
+    assert "//TEXT" in (ROOT / "README.md").read_text()
+
+
+def _nan_folder(folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(folder, tmp_path / "nan")
+    state = load_file(broken / "consolidated.safetensors")
+    state["layers.1.feed_forward.w2.weight"][0, 0] = float("nan")
+    save_file(state, str(broken / "consolidated.safetensors"))
+    return broken
+
+
+@pytest.mark.parametrize("command", ["chat", "interactive"])
+def test_sessions_exit_1_after_a_line_refused_or_not_answered(command, folder, tmp_path, monkeypatch, capsys):
+    code, out, err = inprocess(monkeypatch, capsys, command, folder, "--max_tokens", "2", stdin="\nTo be\n")
+    assert code == 1 and "error: empty" in err and out.strip(), err
+    code, out, err = inprocess(monkeypatch, capsys, command, _nan_folder(folder, tmp_path), "--max_tokens", "2",
+                               stdin="To be\nThe slings\n")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 2 and "non-finite logits" in errors[0], err
+
+
+@pytest.mark.parametrize("command", ["chat", "interactive"])
+def test_ctrl_c_at_the_prompt_exits_130(command, folder, monkeypatch, capsys):
+    from mistral import terminal
+
+    def interrupted(marker):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(terminal, "_read_line", interrupted)
+    code, out, err = inprocess(monkeypatch, capsys, command, folder)
+    assert code == 130 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["demo", "chat", "interactive"])
+def test_a_closed_stdout_is_said_before_running(command, folder):
+    code, out, err = cli(shell=f"{sys.executable} -m main {command} {folder} --max_tokens 2 >&-", stdin=b"To be\n")
+    assert code == 1 and err.strip().splitlines() == ["error: cannot write the output (stdout is closed)"], err
+
+
+def test_readme_exit_statuses_are_the_code_s():
+    """README's exit-status list is the one mistral/cli.py's docstring gives, word for word."""
+    import re
+
+    from mistral import cli as cli_module
+
+    def said(text):
+        return " ".join(re.search(r"Exit status: (.*?)(\n\n|$)", text, re.S)[1].split())
+
+    assert said((ROOT / "README.md").read_text()) == said(cli_module.__doc__)
