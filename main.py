@@ -51,7 +51,8 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
         return slots_for(longest + max_tokens, args.sliding_window), min(chunk_size or longest, longest)
 
     model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
-                            device=device, dtype=dtype, quantize=quantize, needs=needs)
+                                device=device, dtype=dtype, quantize=quantize, needs=needs,
+                                shrinks_cache="a smaller --max_tokens")
     encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
     first_token_at = {}
 
@@ -91,10 +92,10 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     cli.check_seed(seed)
     cli.check_stdout()
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
-                            dtype=dtype, quantize=quantize,
-                            needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
-                                                   chunk_size or TYPICAL_PROMPT),
-                            shrinks_cache="a smaller --max_tokens")
+                                dtype=dtype, quantize=quantize,
+                                needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
+                                                       chunk_size or TYPICAL_PROMPT),
+                                shrinks_cache="a smaller --max_tokens")
     generator = _generator(seed, model.device)
     refused = 0  # lines refused or not answered: the exit status says so
     for prompt, problem in terminal.lines("empty prompt; type some text (Ctrl-D to quit)"):
@@ -171,7 +172,7 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         return limit, chunk_size or TYPICAL_PROMPT
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
-                            dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --context")
+                                dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --context")
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
     refused = 0  # lines refused or not answered: the exit status says so

@@ -179,7 +179,7 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path, mo
     code, err = run("--max_tokens", str(10**9))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"this run needs about [\d,.]+ GB \(weights 0\.0 GB, cache [\d,]+\.\d GB, work space [\d.]+ GB\) "
-                     r"but [\d,.]+ GB is available on cpu: .*fewer rows or a shorter run would shrink the cache", err)
+                     r"but [\d,.]+ GB is available on cpu: .*a smaller --max_tokens would shrink the cache", err)
     # Weights that fit only as int8: the line says so.
     fp32 = 4 * sum(t.numel() for t in random_model(tiny_params(dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2,
                                                                head_dim=32, vocab_size=320)).state_dict().values())
