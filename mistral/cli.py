@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from mistral import checkpoint, pipeline, terminal
 from mistral.args import QUANTIZATIONS, ModelArgs
+from mistral.cpu import kernels
 from mistral.errors import MistralError
 from mistral.generate import PREFILL_CHUNK
 from mistral.model import Transformer
@@ -275,4 +276,8 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
                   f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")
+    if model.device.type == "cpu":  # the engine's kernels, built now if need be: not in the first step's time
+        start = time.perf_counter()
+        if kernels.available() and time.perf_counter() - start > 0.1:
+            terminal.info(f"built the CPU kernels ({kernels.SOURCE.name}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
