@@ -13,14 +13,20 @@ included). Measured on these tiny models, weights alone: 4-8% at most (per-chann
 nearly tied tokens, so generation is compared int8 against int8, not against fp32.
 """
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import MOE, engine_first, random_model, rounded_per_group, tiny_params
+from conftest import VOCAB
+from helpers import (MOE, ROOT, engine_first, inprocess, random_model, rounded_per_group, save_with_tokenizer,
+                     tiny_params)
 from torch import nn
 
 from mistral import quantize
 from mistral.cache import RotatingBufferCache
+from mistral.cpu import kernels
 from mistral.generate import generate_ids
 from mistral.moe import MoeLayer
 from mistral.quantize import Bf16Linear, Int8Linear, bf16_weight_only, quantize_int8
@@ -321,3 +327,44 @@ def test_quantize_int4_swaps_the_linears_of_a_model():
     ids = torch.tensor(PROMPTS[0])
     with torch.no_grad():
         torch.testing.assert_close(model(ids, [len(ids)]), ref(ids, [len(ids)]), rtol=1e-4, atol=1e-4)
+
+
+# Every path, the same products ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory, tokenizer_file):
+    model = random_model(tiny_params(vocab_size=VOCAB, moe=MOE))
+    return save_with_tokenizer(model, tmp_path_factory.mktemp("moe"), tokenizer_file)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("model", ["shipped", "moe"])
+def test_without_the_kernels_the_same_tokens(model, fmt, moe_folder, monkeypatch, capsys):
+    """The torch forward of Int8Linear and Int4Linear, which runs where the kernels cannot be built (no C compiler),
+    computes the products the kernels do, x rounded per group of 32: greedy `demo` prints the same text with and
+    without them, on the shipped model and on a mixture of experts."""
+    if not kernels.available():
+        pytest.skip("no C compiler: nothing to compare the torch forward with")
+    args = ["demo", *([] if model == "shipped" else [moe_folder]), "--quantize", fmt, "--max_tokens", "48"]
+    code, in_c, _ = inprocess(monkeypatch, capsys, *args)
+    assert code == 0
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    code, in_torch, err = inprocess(monkeypatch, capsys, *args)
+    assert code == 0 and "activations rounded to int8 per group of 32" in err
+    assert in_torch == in_c
+
+
+def test_no_compiler_prints_what_the_kernels_print(tmp_path):
+    """`CC=/nonexistent` in a process whose cache holds no kernels built before: a warning, then the same text."""
+    if not kernels.available():
+        pytest.skip("no C compiler: nothing to compare the torch forward with")
+
+    def demo(**env):
+        return subprocess.run([sys.executable, "-m", "main", "demo", "--quantize", "int8", "--max_tokens", "24"],
+                              cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+
+    in_c, in_torch = demo(), demo(CC="/nonexistent", XDG_CACHE_HOME=str(tmp_path))
+    assert in_c.returncode == 0 and in_torch.returncode == 0, in_torch.stderr[-3000:]
+    assert "compiling kernels.c failed" in in_torch.stderr and not any(tmp_path.rglob("*.so"))
+    assert in_torch.stdout == in_c.stdout
