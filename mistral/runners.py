@@ -8,7 +8,7 @@ tried in this order, each declining (None) what it does not take:
     eager       the model's own forward, which takes everything
 
 Whichever runs it, int8 and int4 weights compute the same products (mistral/quantize.py): on a CPU in C, by the
-engine or by the modules mistral/cpu/linears.py put in the model's place at load (or when the engine is built).
+engine or by the modules mistral/cpu/linears.py put in the model's place when the engine is built (CpuDecoder.of).
 
 Under pipeline ranks the eager forward is wrapped by mistral/pipeline.py, which tells the next rank of a failure.
 """

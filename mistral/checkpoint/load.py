@@ -8,7 +8,6 @@ import torch
 from mistral import grouped, pipeline, quantize as formats
 from mistral.args import QUANTIZATIONS, ModelArgs
 from mistral.checkpoint.layouts import read_args
-from mistral.cpu.linears import with_kernels
 from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _mapped, _on_meta, _plan, _progress,
                                      _quantized, _read)
 from mistral.device import resolve_device, resolve_dtype
@@ -138,6 +137,4 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     model.load_state_dict(load_weights(folder, args, model.state_dict(), device, plan), assign=True, strict=True)
     if group:
         grouped.group_experts(model)
-    if device.type == "cpu":  # int8 and int4 products in C (on every pipeline rank too), where the kernels build
-        with_kernels(model)
     return model.eval()

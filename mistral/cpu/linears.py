@@ -10,8 +10,9 @@ INT8_ROWS), and otherwise call the torch forward they inherit. So whatever runs 
 ranks, a decode step in mistral/cpu's engine or a pre-fill in the model's forward) computes the same products; the
 C and torch ones differ by the order of their fp32 sums only.
 
-mistral.checkpoint.load_model applies it to a model loaded on a CPU, and CpuDecoder.of to a model it runs, as for one
-quantized in memory (mistral.quantize.quantize_int8): for either the second call changes nothing.
+CpuDecoder.of applies it, on a CPU, to every model it is asked to run (mistral.runners.Runner asks for every
+generation, pipeline ranks included), loaded or quantized in memory (mistral.quantize.quantize_int8); a second call
+changes nothing. A model called directly, never run by a Runner, keeps the torch forward: the same products.
 """
 import torch
 from torch import nn
