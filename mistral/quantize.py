@@ -16,15 +16,17 @@ hardware bf16 (the 2-core AVX2 machine this was measured on) torch's eager kerne
 bf16 `F.linear` rounds the activations to bf16, multiplies matrices 7x slower than fp32 (pre-fill), and
 collapses (5-20x slower) when another process takes a core from one of its two threads.
 
-So decode steps on a CPU go to mistral/cpu's engine, which reads the int8 or bf16 weights of these modules as
-they are stored, converts them in registers and computes in fp32; for 4-bit weights it also rounds the activations
-to int8, a group of 32 at a time, and multiplies integers (mistral/cpu/kernels.c, 1b), so int4 decode on a CPU is
-not weight-only. The modules' own forward, below, is torch:
-the weight is converted to the activation dtype a block of rows at a time and multiplied by `F.linear`, the
-conversion paid once per call and amortized over the rows (pre-fill). Off the CPU (CUDA) that is the only path:
-the point of int8 there is memory. (`torch._weight_int8pack_mm` gained a CUDA kernel in 2025, pytorch PR
-159325; it is not used because it could not be checked: this work had no GPU.) A few rows of int8 on a CPU
-without the engine (no compiler) go to `torch._weight_int8pack_mm` (int8, bf16-rounded inputs and outputs).
+So the products of int8 and int4 weights are defined as integer ones, which a CPU computes fast: x is rounded to
+int8 a group of 32 along its row at a time (round_per_group), and the rounded x times the integer weights, times the
+scales, is the product. int8 takes x as it is, in fp32 products with the widened weights, for more than INT8_ROWS rows:
+there MKL's matrix-matrix product beats the integer kernel. That is one arithmetic wherever the weights run: the
+modules' forward, below, computes it in torch (in float64, rounded once to x's dtype: the exact product of the rounded
+x and the weights), and on a CPU mistral/cpu/linears.py puts in their place subclasses whose forward runs the same
+products in C (mistral/cpu/kernels.c, 1b), their sums in fp32 in an order of their own, so the two agree up to fp32
+rounding; mistral/cpu's engine runs whole decode steps with them. The torch forward is what runs where no kernel can:
+no C compiler, autograd on (gradients pass the rounding as if it were not there), off the CPU.
+The weights of the modules' forward are converted a block of rows at a time and multiplied by `F.linear`, the
+conversion paid once per call and amortized over the rows (pre-fill).
 
 Letters: M rows (tokens), N output features, K input features.
 """
@@ -39,9 +41,12 @@ from torch import nn
 from mistral.moe import MoeLayer
 
 CONVERT_BLOCK_BYTES = 8 << 20  # see _converted_linear
-# Up to this many rows, torch._weight_int8pack_mm beats converting an int8 weight to multiply it.
-FEW_ROWS = 16
-_scratch = threading.local()  # .block: the fp32 block _converted_linear converts into, reused from call to call
+# Up to this many rows an int8 product rounds x per group (round_per_group); beyond, x is used as it is. On a 7B layer's
+# shapes here, one thread, the C kernel's integer products against MKL on the widened weights: 1.3x at 63 rows, even at
+# 128, 0.85x at 256 (int4 1.6-2.2x at 63 to 512 rows: no limit). Every path keeps to the same number, so that a step
+# of a given number of rows computes the same products however it runs.
+INT8_ROWS = 112
+_scratch = threading.local()  # .blocks: the blocks _blockwise converts into, one per dtype, reused from call to call
 
 
 def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,14 +86,39 @@ def _blockwise(x: torch.Tensor, N: int, K: int,
     def block(shape: tuple[int, ...]) -> torch.Tensor:
         if not reuse:
             return torch.empty(shape, dtype=x.dtype)
-        n, buf = math.prod(shape), getattr(_scratch, "block", None)
-        if buf is None or buf.numel() < n or buf.dtype != x.dtype:
-            buf = _scratch.block = torch.empty(max(n, CONVERT_BLOCK_BYTES // 4), dtype=x.dtype)
+        blocks = _scratch.__dict__.setdefault("blocks", {})
+        n, buf = math.prod(shape), blocks.get(x.dtype)
+        if buf is None or buf.numel() < n:
+            buf = blocks[x.dtype] = torch.empty(max(n, CONVERT_BLOCK_BYTES // x.element_size()), dtype=x.dtype)
         return buf[:n].view(shape)
 
-    rows = N if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (K * 4))
+    rows = N if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (K * x.element_size()))
     y = [product(start, min(start + rows, N), block) for start in range(0, N, rows)]
     return y[0] if len(y) == 1 else torch.cat(y, dim=-1)
+
+
+def round_per_group(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as the integer products take it, in float64: each group of 32 along a row (the last one shorter if
+    32 does not divide K) becomes e * q, e = max|x| / 127 of the group and q = round(x * (127 / max|x|)) an integer
+    in -127 .. 127 (0 for a group of zeros). Every operation is kernels.c's, in fp32: 127 / max|x| one division (not
+    torch's `127 / top`, which multiplies by a rounded reciprocal), the product with x, rounding half to even (lrintf),
+    e one division; e * q is then exact in float64. Under autograd the gradient passes through as if x were unrounded.
+
+    x = [[0.5, -1.27, 0.02]] (one short group): max|x| = 1.27, 127 / 1.27 = 100, x * 100 = [50, -127, 2],
+    e = 0.01, so [[0.5, -1.27, 0.02]] again, up to the fp32 rounding of e.
+    """
+    x = x.float()
+    M, K = x.shape
+    G = -(-K // GROUP)
+    xg = F.pad(x, (0, G * GROUP - K)).view(M, G, GROUP)  # (M, G, 32), zeros past K
+    top = xg.detach().abs().amax(2, keepdim=True)  # (M, G, 1)
+    inv = torch.where(top > 0, torch.full_like(top, 127).div(top), 0)
+    q = (xg.detach() * inv).round_()
+    rounded = (q.double() * top.div(torch.full_like(top, 127)).double()).view(M, G * GROUP)[:, :K]  # (M, K)
+    if torch.is_grad_enabled() and x.requires_grad:
+        x64 = x.double()
+        return x64 + (rounded - x64).detach()  # exactly `rounded`: the two differ by less than a unit of x's group
+    return rounded
 
 
 def int8_rows(w: torch.Tensor, out: torch.Tensor | None = None,
@@ -119,14 +149,13 @@ class Int8Linear(nn.Module):
         return cls(*int8_rows(linear.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The products of the format (see the module's doc): up to INT8_ROWS rows, x rounded per group times the
+        weights, in float64; beyond, x as it is, in x's dtype."""
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
-        # K % 8: torch 2.13's CPU kernel reads out of bounds for other K
-        if (x2.shape[0] <= FEW_ROWS and x2.device.type == "cpu" and K % 8 == 0
-                and not (torch.is_grad_enabled() and x2.requires_grad)):
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
-            return y.to(x.dtype).view(*lead, -1)
-        return _converted_linear(x2, self.weight, self.scales).view(*lead, -1)
+        if x2.shape[0] > INT8_ROWS:
+            return _converted_linear(x2, self.weight, self.scales).view(*lead, -1)
+        return _converted_linear(round_per_group(x2), self.weight, self.scales).to(x.dtype).view(*lead, -1)
 
     def extra_repr(self) -> str:
         N, K = self.weight.shape
@@ -196,16 +225,17 @@ class Int4Linear(nn.Module):
         return cls(*int4_rows(linear.weight), linear.weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ the dequantized weights, unpacked a block of rows at a time (see _converted_linear)."""
+        """x rounded per group times the dequantized weights, in float64 (see the module's doc), the weights unpacked a
+        block of rows at a time (see _converted_linear)."""
         *lead, K = x.shape
-        x2 = x.reshape(-1, K)  # (M, K)
+        x64 = round_per_group(x.reshape(-1, K))  # (M, K)
         N, G = self.scales.shape
 
         def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
             w = int4_dequantized(self.weight[start:end], self.scales[start:end], K, out=block((end - start, G * GROUP)))
-            return F.linear(x2, w)
+            return F.linear(x64, w)
 
-        return _blockwise(x2, N, K, product).view(*lead, N)
+        return _blockwise(x64, N, K, product).to(x.dtype).view(*lead, N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.scales.shape[0]}, group={GROUP}"

@@ -5,8 +5,11 @@ tried in this order, each declining (None) what it does not take:
 
     compiled    a decode step that every row of its cache takes part in (mistral/compiled.py, CUDA graphs)
     cpu         the CPU engine (mistral/cpu): a decode step in one C call, on one thread or all of them, whichever
-                has been faster lately (mistral/cpu/threads.py), or a pre-fill whose int4/int8 products run in C
+                has been faster lately (mistral/cpu/threads.py)
     eager       the model's own forward, which takes everything
+
+Whichever runs it, int8 and int4 weights compute the same products (mistral/quantize.py): on a CPU in C, by the
+engine or by the modules mistral/cpu/linears.py put in the model's place when the engine is built (CpuDecoder.of).
 
 Under pipeline ranks the eager forward is wrapped by mistral/pipeline.py, which tells the next rank of a failure.
 """

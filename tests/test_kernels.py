@@ -8,7 +8,7 @@ import torch
 from helpers import rounded_per_group
 
 from mistral import quantize
-from mistral.cpu import kernels
+from mistral.cpu import kernels, linears
 from mistral.rope import inverse_frequencies
 
 # Every tile of the kernel: M = 1, 2, 3 and blocks of 4 plus a remainder; K with and without a tail of
@@ -80,6 +80,40 @@ def test_quantized_weights_take_a_prefills_rows(dtype, M):
         biggest = 127 / 64 if dtype == torch.int8 else 12
         torch.testing.assert_close(kernels.matvec(x, w, scales).double(), reference(x, w, scales), rtol=1e-5,
                                    atol=1e-5 * K ** 0.5 * biggest)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_c_linears_compute_the_formats_products(fmt, monkeypatch):
+    """mistral/cpu/linears.py: with_kernels puts C-backed modules in place of Int8Linear and Int4Linear, holding the
+    same tensors, once (a second call changes nothing). Their products run in C where the kernel takes x (int8 up to
+    INT8_ROWS rows, int4 any number; not under autograd), the torch forward elsewhere, and either way they are the
+    format's products: x rounded per group (int8 past INT8_ROWS: x as it is, the torch forward's bit for bit)."""
+    gen = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(300, 40, bias=False)
+    torch.nn.init.normal_(lin.weight, generator=gen)
+    plain = {"int8": quantize.Int8Linear, "int4": quantize.Int4Linear}[fmt].from_linear(lin)
+    model = torch.nn.Sequential(plain)
+    assert linears.with_kernels(model) is model and type(model[0]) is not type(plain)
+    swapped = model[0]
+    assert isinstance(swapped, type(plain)) and swapped.weight is plain.weight and swapped.scales is plain.scales
+    linears.with_kernels(model)
+    assert model[0] is swapped
+    in_c = []
+    real = kernels.matvec
+    monkeypatch.setattr(kernels, "matvec", lambda *a: in_c.append(1) or real(*a))
+    for M in [1, 3, 17, kernels.INT8_ROWS, kernels.INT8_ROWS + 1, 150]:
+        x = torch.randn(M, 300, generator=gen)
+        in_c.clear()
+        with torch.no_grad():
+            got, want = swapped(x), plain(x)
+        if fmt == "int8" and M > kernels.INT8_ROWS:
+            assert not in_c and torch.equal(got, want)
+        else:
+            assert in_c == [1]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * 300 ** 0.5 * want.abs().max().item())
+    x = torch.randn(2, 300, generator=gen, requires_grad=True)
+    in_c.clear()
+    assert torch.equal(swapped(x), plain(x)) and not in_c  # autograd: torch's forward
 
 
 @pytest.mark.parametrize("K", [485, 768])

@@ -107,6 +107,31 @@ def test_torchrun_demo_prints_what_one_process_prints(folders):
     assert piped.stdout == single.stdout  # printed once, by rank 0
 
 
+@pytest.fixture(scope="module")
+def shipped_int8(tmp_path_factory) -> Path:
+    """The shipped model, written with int8 weights by `quantize --to int8`."""
+    out = tmp_path_factory.mktemp("int8") / "model"
+    checkpoint.quantize(ROOT / "mistral" / "assets", out, to="int8")
+    return out
+
+
+@pytest.mark.parametrize("model, flags, world", [
+    ("shipped", ["--quantize", "int8"], 2), ("shipped", ["--quantize", "int4"], 3), ("int8 folder", [], 2),
+    ("moe", ["--quantize", "int4"], 2), ("moe", ["--quantize", "int8"], 3)])
+def test_torchrun_demo_of_int8_and_int4_weights_prints_what_one_process_prints(model, flags, world, folders,
+                                                                               shipped_int8):
+    """Pipeline ranks compute the int8 and int4 products as one process does (x rounded per group of 32, in C on
+    every rank: mistral/cpu/linears.py), so greedy decoding gives the same tokens, on the shipped model (with
+    --quantize, or a folder `quantize` wrote) and a mixture of experts."""
+    path = {"shipped": [], "int8 folder": [str(shipped_int8)], "moe": [str(folders["moe"])]}[model]
+    args = ["demo", *path, "--max_tokens", "24", *flags]
+    single = subprocess.run([sys.executable, "-m", "main", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=240)
+    piped = torchrun(world, "-m", "main", *args, "--num_pipeline_ranks", str(world))
+    assert single.returncode == 0 and piped.returncode == 0, (single.stderr + piped.stderr)[-3000:]
+    assert piped.stdout == single.stdout
+
+
 def test_torchrun_interactive_reads_on_rank_zero_and_stops_at_eof(folders):
     args = ["interactive", str(folders["moe"]), "--max_tokens", "6", "--num_pipeline_ranks", "3"]
     single = subprocess.run([sys.executable, "-m", "main", *args[:-2]], cwd=ROOT, input="To be\nThe slings\n",

@@ -11,26 +11,22 @@ block's router, top-k and chosen experts), then the final norm and the head, als
     decoder = CpuDecoder.of(model)                   # None where it does not apply: then the model runs every step
     logits = decoder.step(ids, seqlens, cache)       # None for a step it does not take
 
-A step of many tokens (pre-fill) is the model's own forward, except that the products of its int4 and int8 linears
-run in C: with x rounded per group of 32, their integer multiply-adds (kernels.c, 1b) are faster than MKL's fp32 ones
-on the widened weights. Such a step with weights of other formats is declined: MKL is the fastest there is for them.
+A step of many tokens (pre-fill) is declined: the model's own forward runs it. Its int8 and int4 products still run
+in C, as the engine's do: CpuDecoder.of puts mistral/cpu/linears.py's kernel-backed modules in their place, once.
 
 It reads the model's weights as they are (fp32, bf16, int8 or int4: mistral/quantize.py's Bf16Linear, Int8Linear and
 Int4Linear; int8 and int4 against x rounded to int8 per group of 32, kernels.c 1b) and gathers them once, when built;
 a weight replaced afterwards (a new tensor, not changed in place) needs a new decoder.
 Its answers are the model's forward: tests/test_decoder.py checks them against float64 and against the torch model.
 """
-import contextlib
-import functools
-
 import torch
 from torch import nn
 
 from mistral.cache import RotatingBufferCache
 from mistral.cpu import kernels
+from mistral.cpu.linears import with_kernels
 from mistral.model import FeedForward, Transformer
 from mistral.moe import MoeLayer
-from mistral.quantize import Int4Linear, Int8Linear
 from mistral.rope import inverse_frequencies
 
 
@@ -55,30 +51,6 @@ def _layer(block: nn.Module) -> kernels.KernelLayer | None:
     return kernels.KernelLayer((block.attention_norm.weight, block.ffn_norm.weight), weights, router, top_k)
 
 
-def _rounded_product(linear: Int4Linear | Int8Linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(x), in C where the kernel takes x (fp32, on a CPU, outside autograd), for any number of rows."""
-    *lead, K = x.shape
-    x2 = x.reshape(-1, K)  # (M, K)
-    if not kernels.usable(x2, linear.weight):
-        # The class's own forward, not linear(x): this is linear's forward for the step, already inside its call
-        # (hooks have run), and calling the module again would come back here.
-        return type(linear).forward(linear, x)
-    return kernels.matvec(x2, linear.weight, linear.scales).view(*lead, -1)
-
-
-@contextlib.contextmanager
-def _products_in_c(linears: list[Int4Linear | Int8Linear]):
-    """Within: each of these modules computes its products with _rounded_product. The model's definition is untouched:
-    the instances' own forward shadows the class's for the length of one step, then goes."""
-    for linear in linears:
-        linear.forward = functools.partial(_rounded_product, linear)
-    try:
-        yield
-    finally:
-        for linear in linears:
-            linear.__dict__.pop("forward", None)
-
-
 class CpuDecoder:
     """Decode steps of one model on a CPU: each row brings one token, and all the blocks run in one C call."""
 
@@ -88,13 +60,16 @@ class CpuDecoder:
         self.window, self.eps, self.norm = args.sliding_window, args.norm_eps, model.norm.weight
         self.inv_freq = inverse_frequencies(args.head_dim, args.rope_theta, torch.device("cpu"))
         self.embed = model.tok_embeddings
-        self.quantized = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
 
     @staticmethod
     def of(model: Transformer) -> "CpuDecoder | None":
         """The engine for this model, or None where it does not apply: not on a CPU, split over pipeline ranks, the
-        kernels not built, or weights and blocks of kinds they do not take."""
-        if model.device.type != "cpu" or model.num_pipeline_ranks > 1 or not kernels.available():
+        kernels not built, or weights and blocks of kinds they do not take. On a CPU, the model's int8 and int4 linears
+        become mistral/cpu/linears.py's first (in place; a second call changes nothing), whatever the answer."""
+        if model.device.type != "cpu":
+            return None
+        with_kernels(model)
+        if model.num_pipeline_ranks > 1 or not kernels.available():
             return None
         layers = [_layer(block) for block in model.layers.values()]
         if any(layer is None for layer in layers) or model.norm.weight.dtype != torch.float32:
@@ -108,16 +83,11 @@ class CpuDecoder:
 
     def step(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None,
              rows: list[int] | None = None) -> torch.Tensor | None:
-        """What model(input_ids, seqlens, cache, rows=rows) returns: for a step in which every row of the cache that
-        brings anything brings one token (decode), all in C; for any other step, the model's forward with its int4
-        and int8 products in C. None, with nothing done, for a step it does not take (one of many tokens, with no
-        int4 or int8 weights)."""
+        """What model(input_ids, seqlens, cache, rows=rows) returns, for a step in which every row of the cache that
+        brings anything brings one token (decode), all in C. None, with nothing done, for a step it does not take."""
         M = input_ids.shape[0]
         if cache is None or not 0 < M <= kernels.MAX_ROWS or any(n > 1 for n in seqlens) or sum(seqlens) != M:
-            if not self.quantized:
-                return None
-            with _products_in_c(self.quantized):
-                return self.model(input_ids, seqlens, cache, rows=rows)
+            return None
         grad = torch.is_grad_enabled()
         if not kernels.takes_cache(cache.cache_k, cache.cache_v) or (grad and self.plan.needs_grad):
             return None

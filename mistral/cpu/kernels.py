@@ -25,15 +25,13 @@ from typing import NamedTuple
 
 import torch
 
-from mistral.quantize import int4_shapes
+from mistral.quantize import INT8_ROWS, int4_shapes
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # beyond this, a matrix-matrix product (MKL) is faster: the weights are no longer the cost
-# ... except for int8 and int4 weights, which multiply x rounded to int8 per group (kernels.c, 1b). On a 7B layer's
-# shapes here, one thread, against MKL on the widened weights: int4 1.6-2.2x at 63 to 512 rows, no limit; int8 1.3x
-# at 63 rows, even at 128, 0.85x at 256, so up to INT8_ROWS.
-INT8_ROWS = 112
+# ... except for int8 and int4 weights, which multiply x rounded to int8 per group (kernels.c, 1b): int4 any number of
+# rows, int8 up to INT8_ROWS, where the format stops rounding x (mistral/quantize.py, which measured it).
 SOURCE = Path(__file__).parent / "kernels.c"
 # -fopenmp first; a compiler without OpenMP (Apple's clang) still gets a single-threaded kernel.
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])

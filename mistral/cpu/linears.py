@@ -1,0 +1,61 @@
+"""The products of int8 and int4 weights in C, put in place of the torch ones once, from outside the model.
+
+    with_kernels(model)  # each Int8Linear / Int4Linear becomes a CInt8Linear / CInt4Linear, in place
+
+mistral/quantize.py defines what an int8 or int4 product is: x rounded to int8 per group of 32 along its row (int8:
+up to INT8_ROWS rows, beyond them x as it is), times the integer weights, times the scales. Its modules compute that
+in torch. The subclasses here compute the same in C (kernels.matvec: kernels.c, 1b) wherever kernels.usable holds,
+which is every product of any number of rows on a CPU outside autograd once the kernels are built (int8: up to
+INT8_ROWS), and otherwise call the torch forward they inherit. So whatever runs a model (one process or pipeline
+ranks, a decode step in mistral/cpu's engine or a pre-fill in the model's forward) computes the same products; the
+C and torch ones differ by the order of their fp32 sums only.
+
+CpuDecoder.of applies it, on a CPU, to every model it is asked to run (mistral.runners.Runner asks for every
+generation, pipeline ranks included), loaded or quantized in memory (mistral.quantize.quantize_int8); a second call
+changes nothing. A model called directly, never run by a Runner, keeps the torch forward: the same products.
+"""
+import torch
+from torch import nn
+
+from mistral.cpu import kernels
+from mistral.quantize import Int4Linear, Int8Linear
+
+
+def _in_c(linear: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """linear(x) by kernels.matvec; None where the kernel does not take x and the weights."""
+    *lead, K = x.shape
+    x2 = x.reshape(-1, K)  # (M, K)
+    if not kernels.usable(x2, linear.weight):
+        return None
+    return kernels.matvec(x2, linear.weight, linear.scales).view(*lead, -1)
+
+
+class CInt8Linear(Int8Linear):
+    """Int8Linear, its products in C (kernels.c, 1b) where the kernel takes them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _in_c(self, x)
+        return super().forward(x) if y is None else y
+
+
+class CInt4Linear(Int4Linear):
+    """Int4Linear, its products in C (kernels.c, 1b) where the kernel takes them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _in_c(self, x)
+        return super().forward(x) if y is None else y
+
+
+def with_kernels(model: nn.Module) -> nn.Module:
+    """model, each of its Int8Linear and Int4Linear modules replaced, in place, by CInt8Linear and CInt4Linear holding
+    the same tensors; unchanged where the kernels are not built. Returns the model."""
+    swaps = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+             if type(child) in (Int8Linear, Int4Linear)]
+    if not swaps or not kernels.available():  # a model of other weights does not build the kernels here
+        return model
+    for module, name, child in swaps:
+        if type(child) is Int8Linear:
+            setattr(module, name, CInt8Linear(child.weight, child.scales).train(child.training))
+        else:
+            setattr(module, name, CInt4Linear(child.weight, child.scales, child.in_features).train(child.training))
+    return model
