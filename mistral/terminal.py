@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from mistral.chat import Chat
 from mistral.model import Transformer
+from mistral.quantize import INT8_ROWS
 from mistral.tokenizer import Tokenizer
 
 CHAT_COMMANDS = {"/reset": "start the conversation over (the system prompt stays)",
@@ -140,7 +141,8 @@ def describe(model: Transformer) -> str:
     weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
     said = f"{weights} weights, {name(model.dtype)} arithmetic"
     if weights in ("int8", "int4") and model.device.type == "cpu":  # the CPU engine's integer products
-        said += " (activations rounded to int8 per group of 32 in the products)"
+        said += " (activations rounded to int8 per group of 32 in the products"
+        said += ")" if weights == "int4" else f" of up to {INT8_ROWS} rows)"
     return said
 
 
