@@ -4,11 +4,14 @@ People run models on laptops where something else always runs. The engine's C ke
 the threads and meet at a barrier after it; a thread that shares its core with a busy process is descheduled for a
 scheduler slice now and then, and every barrier waits for it. This bench decodes with the engine on one thread, on
 all of them (2 here), and as it runs by default (whichever of the two has been faster lately,
-mistral/cpu/threads.py, starting afresh each run), on a quiet machine and with a busy loop (a plain `while True`
+mistral/cpu/threads.py, learnt afresh in each run, as in a new process: the cost of learning is in the figure), on
+a quiet machine and with a busy loop (a plain `while True`
 at normal priority, in a process of its own) on the side; the conditions and counts take turns, REPS times, and each
 figure is the median of its runs.
 
-Models: the shipped model (mistral/assets, 5.6M parameters, fp32) and the 100M bench model (fp32 and int8 weights).
+Models: the shipped model (mistral/assets, 5.6M parameters, fp32) and the 100M bench model (fp32 and int8 weights);
+with --7b also the random Mistral-7B-shaped int4 folder of bench.mistral7b (made first if it is not there: a few
+minutes and 18 GB of disk under ~/.cache/mistral-bench).
 """
 import argparse
 import statistics
@@ -44,6 +47,18 @@ def busy_core(on: bool):
         spinner.wait()
 
 
+def seven_b_int4():
+    """bench.mistral7b's int4 folder, made (with the bf16 folder it comes from) if it is not there."""
+    from bench import mistral7b
+
+    if not mistral7b.COPIES["int4"].exists():
+        if not mistral7b.FOLDER.exists():
+            mistral7b.build()
+        subprocess.run([sys.executable, "-m", "main", "quantize", str(mistral7b.FOLDER), str(mistral7b.COPIES["int4"]),
+                        "--to", "int4"], cwd=ROOT, check=True)
+    return mistral7b.COPIES["int4"]
+
+
 def tokens_per_s(model, steps: int, how: str) -> float:
     """Steady-state decode tokens/s of one row: `how` is "1 thread", "2 threads" or "adaptive"."""
     most = torch.get_num_threads()
@@ -63,14 +78,18 @@ def tokens_per_s(model, steps: int, how: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
-    reps = parser.parse_args().reps
+    parser.add_argument("--7b", dest="big", action="store_true", help="add the 7B int4 folder")
+    opts = parser.parse_args()
+    reps = opts.reps
     setup()
     if torch.get_num_threads() < 2:
         sys.exit("this bench compares one thread with several: run it where torch has 2 threads or more")
     bench_model = random_model()
-    models = {"shipped fp32": (load_model(ROOT / "mistral" / "assets", device="cpu"), 200),
-              "100M fp32": (bench_model, 96),
-              "100M int8": (quantize_int8(random_model()), 96)}
+    models = {"shipped fp32": (load_model(ROOT / "mistral" / "assets", device="cpu"), 1000),
+              "100M fp32": (bench_model, 150),
+              "100M int8": (quantize_int8(random_model()), 150)}
+    if opts.big:
+        models["7B int4 folder"] = (load_model(seven_b_int4(), device="cpu"), 16)
     hows = ("1 thread", "2 threads", "adaptive")
     got: dict[tuple[str, str, str], list[float]] = {}
     for rep in range(reps):

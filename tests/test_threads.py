@@ -44,7 +44,8 @@ def test_the_faster_count_is_followed_as_the_load_changes():
     switched = busy.index(1) if busy[-1] == 1 else None
     assert switched is not None and switched <= 300  # noticed within 50 times a try's 48 ms: 240 steps of 10 ms
     tail = busy[switched + 100:]
-    assert tail.count(2) * 60 / (tail.count(2) * 60 + tail.count(1) * 17) < 0.03  # the tries cost < 3% of the time
+    # The tries of 2 threads cost < 5% of the time: 3 steps of 60 ms at most every LONGEST_WAIT_MS (5 s).
+    assert tail.count(2) * 60 / (tail.count(2) * 60 + tail.count(1) * 17) < 0.05
     machine.busy = False
     again = run(choice, machine, 2000)
     assert choice.current == 2 and again.index(2) < 600 and again[-500:].count(1) < 10

@@ -7,8 +7,10 @@ times, what it takes on one thread (bench/contention.py measures it). A step on 
 
 So the engine times its decode steps with each count and keeps the faster one. Now and then it tries the other
 again, for a few steps, and then waits before the next try until the chosen count has run WAIT_FACTOR times as long
-as the try took: the watching costs about 1 / WAIT_FACTOR of the time whatever the load and the model, and a change
-of load is followed within a few seconds.
+as that try will take, or LONGEST_WAIT_MS: the watching costs about 1 / WAIT_FACTOR of the time (more where a try of
+the other count is very slow, as two threads on a busy machine: up to that try's length every LONGEST_WAIT_MS), and
+a change of load is followed within a few seconds. Learning costs one step on all threads, the first: on a busy
+machine, the one slow step there is.
 """
 import time
 import weakref
@@ -17,9 +19,10 @@ from contextlib import contextmanager
 
 import torch
 
-FIRST_TRY = 2  # steps of the first count before the first try of the other
+FIRST_TRY = 1  # steps of the first count (all threads) before the first try of the other
 PROBE_STEPS = 3  # steps a try lasts: the first may pay for waking threads, and is not counted
-WAIT_FACTOR = 50  # between tries, the chosen count runs this many times as long as the last try took
+WAIT_FACTOR = 50  # between tries, the chosen count runs this many times as long as the last try took ...
+LONGEST_WAIT_MS = 5000  # ... but no longer than this: a change of load is followed within a few seconds
 MARGIN = 0.95  # the other count must be this much faster to take over: noise alone does not switch
 
 
@@ -74,7 +77,9 @@ class ThreadChoice:
         self.ms[n] = mean
         if self.ms[self.current] is not None and mean < MARGIN * self.ms[self.current]:
             self.current = n  # the other is faster now: it becomes the choice
-        self.steps_left, self.ms_left = PROBE_STEPS, WAIT_FACTOR * sum(self.tried)
+        # The next try costs PROBE_STEPS steps of the count not chosen: wait WAIT_FACTOR times that.
+        self.steps_left = PROBE_STEPS
+        self.ms_left = min(WAIT_FACTOR * PROBE_STEPS * self.ms[self._other()], LONGEST_WAIT_MS)
 
 
 _choices: "weakref.WeakKeyDictionary[torch.nn.Module, ThreadChoice]" = weakref.WeakKeyDictionary()
