@@ -89,7 +89,7 @@ def main() -> None:
               "100M fp32": (bench_model, 150),
               "100M int8": (quantize_int8(random_model()), 150)}
     if opts.big:
-        models["7B int4 folder"] = (load_model(seven_b_int4(), device="cpu"), 16)
+        models["7B int4 folder"] = (load_model(seven_b_int4(), device="cpu"), 48)
     hows = ("1 thread", "2 threads", "adaptive")
     got: dict[tuple[str, str, str], list[float]] = {}
     for rep in range(reps):

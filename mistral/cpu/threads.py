@@ -7,10 +7,10 @@ times, what it takes on one thread (bench/contention.py measures it). A step on 
 
 So the engine times its decode steps with each count and keeps the faster one. Now and then it tries the other
 again, for a few steps, and then waits before the next try until the chosen count has run WAIT_FACTOR times as long
-as that try will take, or LONGEST_WAIT_MS: the watching costs about 1 / WAIT_FACTOR of the time (more where a try of
-the other count is very slow, as two threads on a busy machine: up to that try's length every LONGEST_WAIT_MS), and
-a change of load is followed within a few seconds. Learning costs one step on all threads, the first: on a busy
-machine, the one slow step there is.
+as that try will take, or LONGEST_WAIT_MS if that is shorter but still LEAST_FACTOR times the try: the watching
+costs 1 / WAIT_FACTOR to 1 / LEAST_FACTOR of the time, and a change of load is followed within a few seconds (within
+LEAST_FACTOR tries' time for a model whose steps take a second). Learning costs one step on all threads, the first:
+on a busy machine, the one slow step there is.
 """
 import time
 import weakref
@@ -21,8 +21,9 @@ import torch
 
 FIRST_TRY = 1  # steps of the first count (all threads) before the first try of the other
 PROBE_STEPS = 3  # steps a try lasts: the first may pay for waking threads, and is not counted
-WAIT_FACTOR = 50  # between tries, the chosen count runs this many times as long as the last try took ...
-LONGEST_WAIT_MS = 5000  # ... but no longer than this: a change of load is followed within a few seconds
+WAIT_FACTOR = 50  # between tries, the chosen count runs this many times as long as the next try will take ...
+LONGEST_WAIT_MS = 5000  # ... but no longer than this, so that a change of load is followed within seconds ...
+LEAST_FACTOR = 20  # ... unless that is under this many times the try: a large model's try can take seconds
 MARGIN = 0.95  # the other count must be this much faster to take over: noise alone does not switch
 
 
@@ -79,7 +80,8 @@ class ThreadChoice:
             self.current = n  # the other is faster now: it becomes the choice
         # The next try costs PROBE_STEPS steps of the count not chosen: wait WAIT_FACTOR times that.
         self.steps_left = PROBE_STEPS
-        self.ms_left = min(WAIT_FACTOR * PROBE_STEPS * self.ms[self._other()], LONGEST_WAIT_MS)
+        cost = PROBE_STEPS * self.ms[self._other()]
+        self.ms_left = min(WAIT_FACTOR * cost, max(LONGEST_WAIT_MS, LEAST_FACTOR * cost))
 
 
 _choices: "weakref.WeakKeyDictionary[torch.nn.Module, ThreadChoice]" = weakref.WeakKeyDictionary()
