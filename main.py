@@ -16,7 +16,7 @@ import torch.distributed as dist
 from mistral import checkpoint, cli, terminal
 from mistral.args import ModelArgs
 from mistral.cache import slots_for
-from mistral.chat import DEFAULT_CONTEXT, Chat, Turn
+from mistral.chat import Chat, Turn, conversation_limit
 from mistral.errors import MistralError
 from mistral.generate import PREFILL_CHUNK, generate, generate_ids  # noqa: F401  (re-exported)
 from mistral.sampling import SamplingParams, check_options
@@ -153,23 +153,13 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     cli.check_seed(seed)
-    if max_tokens < 1:
-        raise MistralError(f"a chat answers: max_tokens must be at least 1, got {max_tokens}")
-    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context <= 0):
-        raise MistralError(f"context must be a positive number of tokens, got {context!r}")
     cli.check_stdout()
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         """What Chat would refuse once loaded, refused from the config before any weight is read; then the cache: a
         conversation may fill the window, or the context of a model without one."""
-        if context is not None and args.sliding_window is not None:
-            raise MistralError(f"this model has a sliding window of {args.sliding_window} tokens, so its conversations "
-                               "have no length limit: leave out --context")
-        limit = args.sliding_window or context or DEFAULT_CONTEXT
-        if args.sliding_window is None and max_tokens >= limit:
-            raise MistralError(f"--max_tokens {max_tokens} leaves no room for a message in a conversation of at most "
-                               f"{limit} tokens (--context): lower --max_tokens, or raise --context")
-        return limit, chunk_size or TYPICAL_PROMPT
+        limit = conversation_limit(args.sliding_window, max_tokens, context)
+        return args.sliding_window or limit, chunk_size or TYPICAL_PROMPT
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --context")

@@ -37,6 +37,25 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 32768
 
 
+def conversation_limit(window: int | None, max_tokens: int, context: int | None) -> int | None:
+    """The most ids a conversation holds, for a model whose sliding window is `window` (None: no limit, with a window),
+    after checking max_tokens and context against it: what a Chat refuses, and the chat command before loading."""
+    if max_tokens < 1:
+        raise MistralError(f"a chat answers: max_tokens must be at least 1, got {max_tokens}")
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context <= 0):
+        raise MistralError(f"context must be a positive number of tokens, got {context!r}")
+    if context is not None and window is not None:
+        raise MistralError(f"this model has a sliding window of {window} tokens, so its conversations have no "
+                           "length limit: leave out --context")
+    if window is not None:
+        return None
+    limit = context or DEFAULT_CONTEXT
+    if max_tokens >= limit:
+        raise MistralError(f"--max_tokens {max_tokens} leaves no room for a message in a conversation of at most "
+                           f"{limit} tokens (--context): lower --max_tokens, or raise --context")
+    return limit
+
+
 @dataclass
 class Turn:
     """What one answer took: the new ids pre-filled, and the tokens after the first, each a decode step."""
@@ -67,18 +86,10 @@ class Chat:
         their number). context: the most ids a conversation holds, for a model without a sliding window (None:
         DEFAULT_CONTEXT)."""
         check_options(max_tokens, temperature, top_p, top_k, chunk_size)
-        if max_tokens < 1:
-            raise MistralError(f"a chat answers: max_tokens must be at least 1, got {max_tokens}")
-        window = model.args.sliding_window
-        if context is not None and window is not None:
-            raise MistralError(f"this model has a sliding window of {window} tokens, so its conversations have no "
-                               "length limit: leave out context")
-        if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context <= 0):
-            raise MistralError(f"context must be a positive number of tokens, got {context!r}")
         self.model, self.tokenizer = model, tokenizer
         self.options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             chunk_size=chunk_size, generator=generator)
-        self.limit = None if window is not None else context or DEFAULT_CONTEXT  # None: no limit
+        self.limit = conversation_limit(model.args.sliding_window, max_tokens, context)  # None: no limit
         self.system: str | None = None
         self.turns: list[tuple[str, list[int]]] = []  # (user message, answer ids), oldest first
         self.fed: list[int] = []  # the ids whose keys and values the cache holds, in order
