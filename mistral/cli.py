@@ -230,20 +230,17 @@ def run(commands: dict[str, Callable]) -> None:
 # Loading a model for a command.
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "assets"
-# The loader's refusal of a run too large for memory names this as what would shrink the cache; load() names the
-# command's own option instead.
-LOADER_SHRINKS_CACHE = "fewer rows or a shorter run"
 
 
 def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
          quantize: str | None = None, needs: Callable[[ModelArgs, Tokenizer], tuple[int, int]] | None = None,
-         shrinks_cache: str | None = None) -> tuple[Transformer, Tokenizer]:
+         shrinks_cache: str = "fewer rows or a shorter run") -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a folder (the shipped model when model_path is None).
 
     needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
-    that cannot fit in memory is refused before any weight is read; shrinks_cache: the option that refusal names
-    when the cache is a large part of the need, for a command that has no rows to choose (None: the loader's own
-    words, fewer rows or a shorter run).
+    that cannot fit in memory is refused before any weight is read; shrinks_cache: what that refusal names as
+    shrinking the cache, when the cache is a large part of the need (a command's own option: it has no rows to
+    choose).
 
     quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), "int4" in 4
     bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the
@@ -264,15 +261,10 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
                            f"vocab_size={args.vocab_size}: the tokenizer belongs to another model")
     slots, prefill = (0, PREFILL_CHUNK) if needs is None else needs(args, tokenizer)
     start = time.perf_counter()
-    try:
-        model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
-                                      device=None if device == "auto" else device,
-                                      dtype=None if dtype == "auto" else dtype, quantize=quantize, cache_slots=slots,
-                                      prefill_tokens=prefill)
-    except MistralError as e:
-        if shrinks_cache is None:
-            raise
-        raise MistralError(str(e).replace(LOADER_SHRINKS_CACHE, shrinks_cache)) from None
+    model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
+                                  device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
+                                  quantize=quantize, cache_slots=slots, prefill_tokens=prefill,
+                                  shrinks_cache=shrinks_cache)
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
                   f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")

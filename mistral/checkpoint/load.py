@@ -81,19 +81,22 @@ def _checked_args(folder: Path, device: torch.device, quantize: str | None) -> M
     return args
 
 
-def _refusal(need: Memory, free: int, device: torch.device, others: list[tuple[str, int]]) -> MistralError:
+def _refusal(need: Memory, free: int, device: torch.device, others: list[tuple[str, int]],
+             shrinks_cache: str) -> MistralError:
     """The one line that refuses a run needing `need` where `free` bytes are available: it names each of `others`
-    (a flag, and the bytes the run would need with it) that would fit, and the cache when it is a large share."""
+    (a flag, and the bytes the run would need with it) that would fit, and the cache when it is a large share (as
+    what `shrinks_cache` does)."""
     fits = [f"{flag} needs {gb(total)}" for flag, total in others if total <= free]
     if need.cache > need.weights / 4:
-        fits.append(f"fewer rows or a shorter run would shrink the cache ({gb(need.cache)})")
+        fits.append(f"{shrinks_cache} would shrink the cache ({gb(need.cache)})")
     return MistralError(f"this run needs about {gb(need.total)} ({need}) but {gb(free)} is available on "
                         f"{device.type}: {'; '.join(fits) or 'no option of this library fits it here'}")
 
 
 def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
                device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-               quantize: str | None = None, cache_slots: int = 0, prefill_tokens: int = 512) -> Transformer:
+               quantize: str | None = None, cache_slots: int = 0, prefill_tokens: int = 512,
+               shrinks_cache: str = "fewer rows or a shorter run") -> Transformer:
     """The model of a native or Hugging Face folder, ready to run.
 
     device: cuda when available, else cpu. dtype: on CUDA the activations' and weights' (auto: bf16); on a CPU the
@@ -105,7 +108,8 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
 
     Before any weight is read, what the run will need (the weights as they will be kept, a cache of cache_slots
     per row for max_batch_size rows, and the work space of pre-filling prefill_tokens at a time) is compared with
-    the memory available, and a run that cannot fit is refused in one line that says what would.
+    the memory available, and a run that cannot fit is refused in one line that says what would (shrinks_cache: what
+    the caller can do to shrink the cache, said where the cache is a large share of the need).
     """
     folder, device = Path(folder), resolve_device(device)
     args = _checked_args(folder, device, quantize)
@@ -133,7 +137,7 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
                   for flag, how in (("--dtype bf16", (torch.bfloat16, None)),
                                     *((f"--quantize {q}", (dtype, q)) for q in QUANTIZATIONS))
                   if how != (dtype, quantize) and args.quantization is None]
-        raise _refusal(need, free, device, others)
+        raise _refusal(need, free, device, others, shrinks_cache)
     model.load_state_dict(load_weights(folder, args, model.state_dict(), device, plan), assign=True, strict=True)
     if group:
         grouped.group_experts(model)
