@@ -211,9 +211,10 @@ def _cache_for(model: Transformer, reach: list[int]) -> RotatingBufferCache:
     args, B = model.args, len(reach)
     slots = slots_for(max(reach), args.sliding_window)
     size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
-    if size > memory_available(model.device):
+    free = memory_available(model.device)
+    if size > free:
         raise MistralError(f"{B} rows of up to {max(reach):,} positions need a cache of {gb(size)}, more than the "
-                           f"{gb(memory_available(model.device))} available: ask for fewer tokens or rows")
+                           f"{gb(free)} available: ask for fewer tokens or rows")
     return RotatingBufferCache(model.n_local_layers, B, slots, args.n_kv_heads, args.head_dim, device=model.device,
                                dtype=model.dtype)
 

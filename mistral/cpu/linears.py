@@ -21,29 +21,24 @@ from mistral.cpu import kernels
 from mistral.quantize import Int4Linear, Int8Linear
 
 
-def _in_c(linear: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor | None:
-    """linear(x) by kernels.matvec; None where the kernel does not take x and the weights."""
-    *lead, K = x.shape
-    x2 = x.reshape(-1, K)  # (M, K)
-    if not kernels.usable(x2, linear.weight):
-        return None
-    return kernels.matvec(x2, linear.weight, linear.scales).view(*lead, -1)
+class _InC:
+    """Before a quantized linear of mistral/quantize.py in the bases: its products by kernels.matvec where the kernel
+    takes x and the weights, else by the torch forward of that class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, K = x.shape
+        x2 = x.reshape(-1, K)  # (M, K)
+        if not kernels.usable(x2, self.weight):
+            return super().forward(x)  # the format's own forward, inside this module's call
+        return kernels.matvec(x2, self.weight, self.scales).view(*lead, -1)
 
 
-class CInt8Linear(Int8Linear):
+class CInt8Linear(_InC, Int8Linear):
     """Int8Linear, its products in C (kernels.c, 1b) where the kernel takes them."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _in_c(self, x)
-        return super().forward(x) if y is None else y
 
-
-class CInt4Linear(Int4Linear):
+class CInt4Linear(_InC, Int4Linear):
     """Int4Linear, its products in C (kernels.c, 1b) where the kernel takes them."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _in_c(self, x)
-        return super().forward(x) if y is None else y
 
 
 def with_kernels(model: nn.Module) -> nn.Module:
