@@ -1,4 +1,5 @@
-"""Command line: `python -m main demo|interactive|chat|explain|convert|quantize`. Run `python -m main --help`."""
+"""Command line: `python -m main demo|interactive|chat|serve|explain|convert|quantize`. Run `python -m main --help`."""
+import logging
 import os
 import signal
 
@@ -24,6 +25,10 @@ from mistral.tokenizer import Tokenizer
 
 # A chat's answers end at EOS, or are cut off after this many tokens.
 CHAT_MAX_TOKENS = 256
+# A request's max_tokens, at most, unless serve --max_tokens says otherwise; and the positions a request may hold on a
+# model without a sliding window, unless serve --context says otherwise.
+SERVE_MAX_TOKENS = 4096
+SERVE_CONTEXT = 8192
 # What the memory check before loading assumes of a prompt it has not seen yet (interactive, chat).
 TYPICAL_PROMPT = PREFILL_CHUNK
 DEMO_PROMPTS = ["To be, or not to be, that is", "ROMEO:\nBut soft, what light", "Now is the winter of our"]
@@ -217,8 +222,65 @@ def quantize(src: str, dst: str, to: str = "int8") -> None:
     checkpoint.quantize(cli.folder(src, "SRC"), cli.folder(dst, "DST"), to=to)
 
 
-COMMANDS = {"demo": demo, "interactive": interactive, "chat": chat, "explain": explain, "convert": convert,
-            "quantize": quantize}
+def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
+          max_queue: int = 64, max_tokens: int = SERVE_MAX_TOKENS, api_key: str | None = None,
+          context: int | None = None, chunk_size: int = PREFILL_CHUNK, num_pipeline_ranks: int = 1,
+          device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> None:
+    """Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), answering up
+    to --max_batch_size requests at once, --max_queue more waiting (past that: 429).
+
+    --api_key KEY (or the MISTRAL_API_KEY environment variable): every route but /health wants `Authorization:
+    Bearer KEY`. --max_tokens caps what a request may ask for. --context N: the most positions a request may hold, for
+    a model without a sliding window (default 8192; with a window, requests have no length limit). The whole cache
+    is allocated at start. Ctrl-C or SIGTERM ends what runs and exits.
+    """
+    from mistral import server
+    from mistral.engine import Engine
+
+    for name, value, least in (("port", port, 1), ("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0),
+                               ("max_tokens", max_tokens, 1), ("chunk_size", chunk_size, 1)):
+        if value < least:
+            raise MistralError(f"--{name} must be at least {least}, got {value}")
+    if port > 65535:
+        raise MistralError(f"--port must be at most 65535, got {port}")
+    if num_pipeline_ranks != 1:
+        raise MistralError("serve runs in one process: --num_pipeline_ranks is not supported by it yet (run one "
+                           "process per machine, with --quantize int4 to fit a larger model)")
+    api_key = api_key if api_key is not None else os.environ.get("MISTRAL_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise MistralError("--api_key is empty: give a key, or leave it out to serve without one")
+
+    def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
+        if context is not None and args.sliding_window is not None:
+            raise MistralError(f"this model has a sliding window of {args.sliding_window} tokens, so requests have "
+                               "no length limit: leave out --context")
+        if context is not None and context < 2:
+            raise MistralError(f"--context must be at least 2, got {context}")
+        return args.sliding_window or context or SERVE_CONTEXT, chunk_size
+
+    folder = cli.SHIPPED_MODEL if model_path is None else cli.folder(model_path, "model_path")
+    checkpoint.layout(folder)
+    needs(checkpoint.read_args(folder), None)  # before the server starts: a mistake is said in one line
+    cli.check_port(host, port)
+    front = server.Server(folder.resolve().name, api_key=api_key, max_tokens=max_tokens)
+
+    def load():
+        model, tokenizer = cli.load(model_path, max_batch_size=max_batch_size, num_pipeline_ranks=1, device=device,
+                                    dtype=dtype, quantize=quantize, needs=needs,
+                                    shrinks_cache="a smaller --max_batch_size or --context")
+        slots, _ = needs(model.args, tokenizer)
+        if model.device.type == "cuda":
+            terminal.info("serve runs its steps eagerly: the compiled decode step takes only steps in which every row "
+                          "of its cache decodes, and a server's rows come and go")
+        return Engine(model, tokenizer.eos_id, rows=max_batch_size, slots=slots, max_queue=max_queue,
+                      chunk_size=chunk_size), tokenizer
+
+    logging.getLogger("mistral").setLevel(logging.INFO)
+    server.run(front, host, port, load)
+
+
+COMMANDS = {"demo": demo, "interactive": interactive, "chat": chat, "serve": serve, "explain": explain,
+            "convert": convert, "quantize": quantize}
 
 
 def main() -> None:

@@ -174,6 +174,20 @@ def folder(value, what: str) -> Path:
     return Path(value)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before loading, a port that cannot be listened on (taken, or privileged)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise MistralError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port, or --host") \
+            from None
+    except UnicodeError:
+        raise MistralError(f"--host {host!r} is not a host name or address") from None
+
+
 def check_stdout() -> None:
     """Refuse to start a command whose output would vanish: Python runs with stdout closed (`>&-`) as if it were
     /dev/null."""

@@ -40,21 +40,38 @@ class Row:
         step        1       2       3           4      5
         feeds       [5 6]   [7 8]   [9]         [g1]   [g2]
         predicts    [6 7]   [8 9]   [NEW] -> g1 [g2]   [g3]     (g3 is not fed: the row is done)
+
+    Each row picks its tokens its own way (sampling, generator: rows that share both are sampled together, in one
+    draw), and may ask for the top_logprobs most likely tokens at each token it samples, or (score_prompt) for the
+    log-probability of each prompt token after its first.
     """
 
-    def __init__(self, prompt: list[int], max_tokens: int, eos_id: int | None = None):
+    def __init__(self, prompt: list[int], max_tokens: int, eos_id: int | None = None,
+                 sampling: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
+                 top_logprobs: int = 0, score_prompt: bool = False):
         self.prompt, self.max_tokens, self.eos_id = prompt, max_tokens, eos_id
+        self.sampling, self.generator, self.top_logprobs, self.score_prompt = (sampling, generator, top_logprobs,
+                                                                               score_prompt)
         self.fed = 0  # prompt tokens fed so far
         self.generated: list[int] = []
         self.logprobs: list[float] = []  # of each scored position, in order
+        self.top: list[list[tuple[int, float]]] = []  # with top_logprobs: (token, logprob) pairs of each sampled one
         self.finished = max_tokens == 0
+        self.failed: str | None = None  # why the row was stopped by its own broken numbers (Batch(strict=False))
 
-    def feed(self, chunk_size: int | None) -> tuple[list[int], list[int]]:
-        """(the tokens this row feeds in the next step, what the logits of each predict: the next prompt token, or
-        NEW); its last prompt token predicts nothing when max_tokens is 0."""
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    def feed(self, limit: int | None) -> tuple[list[int], list[int]]:
+        """(the tokens this row feeds in the next step, at most `limit` of its prompt (None: all of it), and what the
+        logits of each predict: the next prompt token, or NEW); its last prompt token predicts nothing when max_tokens
+        is 0."""
         prompt = self.prompt
-        if self.fed < len(prompt):
-            chunk = prompt[self.fed : self.fed + (chunk_size or len(prompt))]
+        if self.prefilling:
+            if limit == 0:
+                return [], []
+            chunk = prompt[self.fed : self.fed + (limit or len(prompt))]
             nexts = prompt[self.fed + 1 : self.fed + len(chunk) + 1]
             if self.fed + len(chunk) == len(prompt) and not self.finished:
                 nexts = nexts + [NEW]
@@ -64,11 +81,13 @@ class Row:
             return self.generated[-1:], [NEW]
         return [], []
 
-    def take(self, token: int, logprob: float, new: bool) -> None:
+    def take(self, token: int, logprob: float, new: bool, top: list[tuple[int, float]] | None = None) -> None:
         """Record a scored position: a known prompt token (new=False) or a sampled one, which may end the row."""
         self.logprobs.append(logprob)
         if new:
             self.generated.append(token)
+            if top is not None:
+                self.top.append(top)
             self.finished = token == self.eos_id or len(self.generated) == self.max_tokens
 
 
@@ -88,14 +107,29 @@ class Plan:
         return None if len(self.scored) == len(self.inputs) else self.scored
 
 
-def plan_step(rows: list[Row | None], chunk_size: int | None, prompt_logprobs: bool = False) -> Plan:
+def plan_step(rows: list[Row | None], chunk_size: int | None, prompt_logprobs: bool = False,
+              budget: int | None = None) -> Plan:
     """What every row feeds next, packed: a row that ends pre-fill early starts decoding while the others still
-    pre-fill. rows[b] is cache row b (None: a free row). Without prompt_logprobs only the positions that sample are
-    scored."""
+    pre-fill. rows[b] is cache row b (None: a free row). Without prompt_logprobs (or the row's score_prompt) only the
+    positions that sample are scored.
+
+    budget: the most tokens the step feeds, where it can: every decoding row takes its one token, and the pre-filling
+    ones share what is left, in row order, each its next chunk of chunk_size (those it does not fit sit the step out;
+    the first goes whatever its size). A long prompt then comes in over several steps while the other rows keep
+    decoding, one token a step, and it is cut into the same chunks as it would be alone."""
     plan = Plan([], [], [], [], [])
+    decoding = sum(row is not None and not row.prefilling and not row.finished for row in rows)
+    left = None if budget is None else max(budget - decoding, 0)  # tokens the pre-filling rows may still feed
     for b, row in enumerate(rows):
-        chunk, nexts = row.feed(chunk_size) if row is not None else ([], [])
-        if not prompt_logprobs:
+        limit = chunk_size
+        if row is not None and row.prefilling and left is not None:
+            # A whole chunk or none, so that a prompt is cut into the same chunks whatever else runs; the first one
+            # goes even past the budget, so that a chunk larger than it still comes in.
+            whole = min(chunk_size or len(row.prompt), len(row.prompt) - row.fed)
+            limit = whole if whole <= left or left == budget - decoding else 0
+            left = max(left - whole, 0) if limit else left
+        chunk, nexts = row.feed(limit) if row is not None else ([], [])
+        if not (prompt_logprobs or (row is not None and row.score_prompt)):
             nexts = [NEW] if nexts and nexts[-1] == NEW else []
             first = len(plan.inputs) + len(chunk) - len(nexts)
         else:
@@ -155,39 +189,116 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     # The positions each row will have fed: its prompt and every generated token but the last.
     reach = [len(p) + max(max_tokens - 1, 0) for p in prompts]
     cache = _cache_for(model, reach) if cache is None else _checked(cache, model, reach)
-    rows = [Row(p, max_tokens, eos_id) for p in prompts]
-    runner = Runner(model, engine, compiled)
-    while (plan := plan_step(rows, chunk_size, prompt_logprobs)).inputs:
-        seen = list(cache.seq_pos)  # (B,) to go back to if the step raises
+    sampling = SamplingParams(temperature, top_p, top_k)
+    batch = Batch(model, cache, Runner(model, engine, compiled), chunk_size, prompt_logprobs=prompt_logprobs)
+    batch.rows = [Row(p, max_tokens, eos_id, sampling, generator) for p in prompts]
+    while batch.step(on_token):
+        pass
+    return [row.generated for row in batch.rows], [row.logprobs for row in batch.rows]
+
+
+class Batch:
+    """The rows of one cache, stepped together: rows[b] is row b of the cache (None: free). generate_ids fills them
+    once and steps until every row is done; a server (mistral/engine.py) puts a new Row in a free row, or takes one
+    out, between any two steps.
+
+    strict: a row whose logits are not finite (damaged weights that only some inputs touch) fails the whole step, which
+    raises and is forgotten, as any exception. Otherwise that row alone stops, with row.failed saying why: the others'
+    numbers do not depend on it, and they go on."""
+
+    def __init__(self, model: Transformer, cache: RotatingBufferCache, runner: Runner, chunk_size: int | None,
+                 budget: int | None = None, prompt_logprobs: bool = False, strict: bool = True, split: bool = False):
+        self.model, self.cache, self.runner = model, cache, runner
+        self.chunk_size, self.budget, self.prompt_logprobs = chunk_size, budget, prompt_logprobs
+        self.strict, self.split = strict, split
+        self.failed: list[int] = []  # the rows of the forward that raised last
+        self.rows: list[Row | None] = [None] * cache.max_batch_size
+
+    @torch.inference_mode()
+    def step(self, on_token: Callable[[int, int], None] | None = None) -> bool:
+        """Run one step of every row that has something to feed, and give each its tokens (on_token(row, token) for
+        each sampled one, as soon as it is). False, with nothing done, when no row has anything to feed.
+
+        A step that raises (in its forward, on whatever runs it, or on non-finite logits under strict; Ctrl-C
+        included) is not counted, as generate_ids says. With split, the step runs as several forwards: the rows that
+        feed one token together (a decode step, which the CPU engine takes), and each pre-filling row alone, so that
+        no row's numbers depend on which others run beside it; each forward is counted, or forgotten, on its own."""
+        plan = plan_step(self.rows, self.chunk_size, self.prompt_logprobs, self.budget)
+        if not plan.inputs:
+            return False
+        for part in _split(plan) if self.split else [plan]:
+            self._run(part, on_token)
+        return True
+
+    def _run(self, plan: Plan, on_token: Callable[[int, int], None] | None) -> None:
+        seen = list(self.cache.seq_pos)  # (B,) to go back to if the step raises
         try:
-            with runner.threads(plan.seqlens):
-                tokens, lps = _run_step(plan, runner, model, cache, temperature, top_p, top_k, generator)
+            with self.runner.threads(plan.seqlens):
+                tokens, lps, tops, broken = _run_step(plan, self.rows, self.runner, self.model, self.cache,
+                                                      self.strict)
         except BaseException:
-            _forget(cache, seen, plan.seqlens)
+            _forget(self.cache, seen, plan.seqlens)
+            self.failed = [b for b, n in enumerate(plan.seqlens) if n]
             raise
-        for b, tok, lp, new in zip(plan.owners, tokens, lps, (t == NEW for t in plan.targets)):
-            rows[b].take(tok, lp, new)
-            if new and on_token is not None:
-                on_token(b, tok)
-    return [row.generated for row in rows], [row.logprobs for row in rows]
+        for b in broken:
+            self.rows[b].failed = str(_non_finite(self.model))
+            self.rows[b].finished = True
+        for b, tok, lp, top, target in zip(plan.owners, tokens, lps, tops, plan.targets):
+            if b not in broken:
+                self.rows[b].take(tok, lp, target == NEW, top)
+                if target == NEW and on_token is not None:
+                    on_token(b, tok)
 
 
-def _run_step(plan: Plan, runner: Runner, model: Transformer, cache: RotatingBufferCache, temperature: float,
-              top_p: float, top_k: int, generator: torch.Generator | None) -> tuple[list[int], list[float]]:
-    """Run one step and pick its tokens: (R,) tokens and (R,) their log-probabilities."""
+def _split(plan: Plan) -> list[Plan]:
+    """The plan as several: the rows that feed one token, together, then each row that feeds more, alone."""
+    starts = [sum(plan.seqlens[:b]) for b in range(len(plan.seqlens))]
+    groups = [[b for b, n in enumerate(plan.seqlens) if n == 1]] + [[b] for b, n in enumerate(plan.seqlens) if n > 1]
+    parts = []
+    for group in groups:
+        if not group:
+            continue
+        part, at = Plan([], [0] * len(plan.seqlens), [], [], []), {}
+        for b in group:
+            at[b] = len(part.inputs) - starts[b]  # moves row b's packed positions to the part's
+            part.inputs.extend(plan.inputs[starts[b] : starts[b] + plan.seqlens[b]])
+            part.seqlens[b] = plan.seqlens[b]
+        for s, b, t in zip(plan.scored, plan.owners, plan.targets):
+            if b in at:
+                part.scored.append(s + at[b])
+                part.owners.append(b)
+                part.targets.append(t)
+        parts.append(part)
+    return parts
+
+
+def _run_step(plan: Plan, rows: list[Row], runner: Runner, model: Transformer, cache: RotatingBufferCache,
+              strict: bool) -> tuple[list[int], list[float], list[list[tuple[int, float]] | None], set[int]]:
+    """Run one step and pick its tokens: (R,) tokens, (R,) their log-probabilities, (R,) the top_logprobs pairs of
+    each (None where its row asks for none), and the rows whose logits are not finite (strict: it raises instead)."""
     ids = torch.tensor(plan.inputs, device=model.device)
     logits, failure = runner.step(ids, plan.seqlens, cache, plan.rows)  # (R, V); None on a rank without the head
+    broken: set[int] = set()
+    if not strict and plan.scored:
+        finite = torch.isfinite(logits).all(dim=1).tolist()  # (R,)
+        broken = {b for b, ok in zip(plan.owners, finite) if not ok}
+        if broken:  # the others' picks need no numbers of theirs: those rows pick from zeros, and are dropped
+            logits = logits.masked_fill(~torch.tensor(finite, device=logits.device)[:, None], 0.0)
 
     def pick() -> tuple[torch.Tensor, torch.Tensor]:
-        return _pick(logits, plan.targets, runner, model, temperature, top_p, top_k, generator)
+        return _pick(logits, plan.targets, [rows[b] for b in plan.owners], runner, model)
 
+    tops: list = [None] * len(plan.targets)
     if model.num_pipeline_ranks > 1:  # every step, scored or not: it is where a failure on any rank is told
         tokens, lps = pipeline.last_rank_pick(model, pick, len(plan.targets), failure)
+    elif plan.scored:
+        tokens, lps = (t.tolist() for t in pick())
+        tops = _tops(logits, plan.targets, [rows[b] for b in plan.owners])
     else:
-        tokens, lps = (t.tolist() for t in pick()) if plan.scored else ([], [])
+        tokens, lps = [], []
     if any(math.isnan(lp) for lp in lps):  # NaN or inf among the logits: the model's numbers are broken
         raise _non_finite(model)
-    return tokens, lps
+    return tokens, lps, tops, broken
 
 
 def _forget(cache: RotatingBufferCache, seen: list[int], seqlens: list[int]) -> None:
@@ -228,24 +339,41 @@ def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int]) -
     return cache
 
 
-def _pick(logits: torch.Tensor, targets: list[int], runner: Runner, model: Transformer, temperature: float,
-          top_p: float, top_k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R,) tokens, the sampled ones and the known targets, and (R,) their log-probabilities."""
+def _pick(logits: torch.Tensor, targets: list[int], owners: list[Row], runner: Runner,
+          model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) tokens, the sampled ones and the known targets, and (R,) their log-probabilities. owners[r] is the row of
+    position r: the sampled positions of rows with the same sampling and generator are drawn together, in order."""
     to_sample = [t == NEW for t in targets]
     # A greedy decode step on a CPU: the engine picks each row's argmax and its log-softmax in one call.
-    picked = runner.greedy(logits) if temperature == 0 and all(to_sample) else None
+    greedy = all(row.sampling.temperature == 0 for row in owners)
+    picked = runner.greedy(logits) if greedy and all(to_sample) else None
     if picked is not None:
         return picked
-    if temperature > 0 and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
+    draws: dict[tuple, list[int]] = {}  # (sampling, generator) -> the positions it samples
+    for r, (row, new) in enumerate(zip(owners, to_sample)):
+        if new:
+            draws.setdefault((row.sampling, id(row.generator)), []).append(r)
+    if not greedy and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
         raise _non_finite(model)
-    if all(to_sample):  # every decode step: each row samples, and no tensor of targets is needed
-        tokens = sample(logits, temperature, top_p, top_k, generator)  # (R,)
-    else:
-        tokens = torch.tensor(targets, device=logits.device)  # (R,)
-        if any(to_sample):
-            new = torch.tensor(to_sample, device=logits.device)
-            tokens[new] = sample(logits[new], temperature, top_p, top_k, generator)
+    tokens = torch.tensor(targets, device=logits.device)  # (R,)
+    for (params, _), at in draws.items():
+        generator = owners[at[0]].generator
+        if len(at) == len(targets):  # every decode step of one kind of rows: no gather
+            tokens = sample(logits, params.temperature, params.top_p, params.top_k, generator)  # (R,)
+        else:
+            index = torch.tensor(at, device=logits.device)
+            tokens[index] = sample(logits[index], params.temperature, params.top_p, params.top_k, generator)
     return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (R,)
+
+
+def _tops(logits: torch.Tensor, targets: list[int], owners: list[Row]) -> list[list[tuple[int, float]] | None]:
+    """For each sampled position whose row asks for top_logprobs k: its k most likely (token, logprob) pairs."""
+    out: list[list[tuple[int, float]] | None] = [None] * len(targets)
+    for r, (row, target) in enumerate(zip(owners, targets)):
+        if target == NEW and row.top_logprobs:
+            values, ids = torch.log_softmax(logits[r].float(), dim=-1).topk(row.top_logprobs)
+            out[r] = list(zip(ids.tolist(), values.tolist()))
+    return out
 
 
 def _non_finite(model: Transformer) -> MistralError:

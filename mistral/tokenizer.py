@@ -129,6 +129,18 @@ class Tokenizer:
         """Text of ids, leaving out control tokens (BOS, EOS, [INST], ...)."""
         return self._sp.decode(ids) if self._sp is not None else self._tekken.decode(ids)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, as a text shows them (a sentencepiece piece's "▁" as a space; b"" for a
+        control token): what a server's logprobs name each token by."""
+        if self._sp is None:
+            return self._tekken.id_to_byte_piece(token)
+        if self._sp.IsControl(token):
+            return b""
+        piece = self._sp.id_to_piece(token)
+        if self._sp.IsByte(token):  # <0x0A>
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
     @cached_property
     def _mistral_common(self):
         """mistral_common's MistralTokenizer for this file. A tokenizer.model whose version was read from its pieces is

@@ -187,3 +187,50 @@ def test_a_step_that_raises_is_not_counted_in_the_callers_cache(where, monkeypat
         want = torch.stack([model(torch.tensor(n + [t]), [len(n) + 1])[-1] for n, t in zip(now, [11, 12])])
     assert torch.isfinite(want).all()
     torch.testing.assert_close(got, want)
+
+
+def test_a_budget_lets_decoding_rows_go_on_while_a_prompt_comes_in_whole_chunks():
+    from mistral.generate import NEW, Row, plan_step
+
+    rows = [Row([1, 2, 3], 5), Row(list(range(10, 40)), 5), Row(list(range(50, 70)), 5), None]
+    plan = plan_step(rows, chunk_size=8, budget=12)  # row 0 (3 tokens) and row 1's first chunk: 11; row 2 waits
+    assert plan.seqlens == [3, 8, 0, 0] and plan.targets == [NEW]
+    rows[0].take(99, 0.0, new=True)
+    plan = plan_step(rows, chunk_size=8, budget=12)  # row 0 decodes; 11 left: row 1's next 8; row 2's 8 do not fit
+    assert plan.seqlens == [1, 8, 0, 0] and plan.inputs[0] == 99
+    plan = plan_step(rows, chunk_size=8, budget=4)  # a chunk over the budget still goes when it is the only one
+    assert plan.seqlens == [1, 8, 0, 0]
+
+
+def test_rows_with_their_own_sampling_and_generators_pick_as_they_would_alone():
+    from mistral.cache import RotatingBufferCache
+    from mistral.generate import Batch, Row
+    from mistral.runners import Runner
+    from mistral.sampling import SamplingParams
+
+    model = random_model(tiny_params())
+    args = model.args
+
+    def run(prompts_and_seeds, split):
+        cache = RotatingBufferCache(args.n_layers, len(prompts_and_seeds), W, args.n_kv_heads, args.head_dim)
+        batch = Batch(model, cache, Runner(model), chunk_size=4, budget=6, strict=False, split=split)
+        batch.rows = [Row(p, 8, None, SamplingParams(t, 0.9, 0), torch.Generator().manual_seed(s), top_logprobs=2)
+                      for p, s, t in prompts_and_seeds]
+        while batch.step():
+            pass
+        return [(r.generated, r.logprobs, r.top) for r in batch.rows]
+
+    asks = [(PROMPTS[0], 1, 0.8), (PROMPTS[1], 2, 0.0), (PROMPTS[2], 3, 1.5)]
+    together = run(asks, split=True)
+    for ask, got in zip(asks, together):
+        alone = run([ask], split=True)[0]
+        # The same draws; the numbers to rounding (the fp32 kernel sums one row in another order beside others).
+        assert got[0] == alone[0]
+        assert [[t for t, _ in top] for top in got[2]] == [[t for t, _ in top] for top in alone[2]]
+        torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(alone[1]), rtol=0, atol=1e-5)
+    packed = run(asks, split=False)
+    for got, want in zip(packed, together):
+        assert got[0] == want[0]
+        torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(want[1]), rtol=0, atol=1e-5)
+    for generated, logprobs, top in together:  # the top pairs hold the sampled token's logprob where it is the top
+        assert all(len(pairs) == 2 and pairs[0][1] >= pairs[1][1] for pairs in top)

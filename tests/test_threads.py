@@ -1,9 +1,20 @@
 """The CPU engine's thread count (mistral/cpu/threads.py): it follows whichever count decodes faster, when the other
 core is busy and when it is not, and pays little for watching."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
 from mistral.cpu import threads
-from mistral.cpu.threads import ThreadChoice
+from mistral.cpu.threads import LONGEST_WAIT_MS, ThreadChoice, looks_busy
+
+
+def never_busy(threads: int) -> bool:
+    return False
 
 
 class Machine:
@@ -35,7 +46,7 @@ def run(choice: ThreadChoice, machine: Machine, steps: int) -> list[int]:
 def test_the_faster_count_is_followed_as_the_load_changes():
     before = torch.get_num_threads()
     machine = Machine()
-    choice = ThreadChoice(2, clock=machine.clock)
+    choice = ThreadChoice(2, clock=machine.clock, busy=never_busy)
     quiet = run(choice, machine, 2000)
     assert choice.current == 2 and quiet.count(1) / len(quiet) < 0.02  # a few tries of 1 thread
     machine.busy = True
@@ -54,7 +65,7 @@ def test_the_faster_count_is_followed_as_the_load_changes():
 
 def test_one_thread_has_nothing_to_choose():
     machine = Machine()
-    choice = ThreadChoice(1, clock=machine.clock)
+    choice = ThreadChoice(1, clock=machine.clock, busy=never_busy)
     assert set(run(choice, machine, 50)) == {torch.get_num_threads()}
 
 
@@ -62,3 +73,30 @@ def test_a_model_keeps_its_choice_across_generations():
     model = torch.nn.Linear(2, 2)
     assert threads.choice_for(model) is threads.choice_for(model)
     assert threads.choice_for(torch.nn.Linear(2, 2)) is not threads.choice_for(model)
+
+
+def test_a_machine_that_looks_busy_starts_on_one_thread_and_tries_all_later():
+    machine = Machine()
+    machine.busy = True
+    choice = ThreadChoice(2, clock=machine.clock, busy=lambda threads: True)
+    ran = run(choice, machine, 400)
+    first_try = ran.index(2)
+    # The try ends after its first counted step, which is no faster.
+    assert first_try * 17 >= LONGEST_WAIT_MS and ran[first_try:first_try + 3] == [2, 2, 1] and choice.current == 1
+    # A wrong guess (the machine is quiet after all) costs one wait: then all threads are chosen.
+    machine = Machine()
+    choice = ThreadChoice(2, clock=machine.clock, busy=lambda threads: True)
+    ran = run(choice, machine, 1000)
+    assert ran[0] == 1 and choice.current == 2 and ran.index(2) * 16 < LONGEST_WAIT_MS + 100
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc")
+def test_a_spinning_process_makes_the_machine_look_busy():
+    cpus = os.cpu_count()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert looks_busy(cpus)  # the spinner is always runnable, and our cpus threads would not fit beside it
+    finally:
+        spinner.kill()
+        spinner.wait()
