@@ -13,10 +13,12 @@ Reading order. The definition, each file importing only the ones before it:
 Then what runs it:
 
     sampling.py   SamplingParams and sample()
-    generate.py   Row, the state of one sequence, and the generation loop over the rows
+    generate.py   Row, the state of one sequence, and Batch, one step over the rows; the generation loop
     runners.py    what runs each step: the compiled step, the CPU engine, or the model
     pipeline.py   layers split over torchrun ranks
     chat.py       a conversation kept in the cache
+    engine.py     continuous batching: requests join and leave the rows of one cache between steps
+    api.py  server.py   OpenAI's protocol, served over HTTP
     checkpoint/   model folders: layouts, Hugging Face names, reading, loading, writing
     memory.py  device.py  quantize.py  grouped.py  compiled.py  backends/  cpu/   the engines and formats
     tokenizer.py  terminal.py  explain.py

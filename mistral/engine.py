@@ -97,6 +97,8 @@ class Engine:
     # Called from any thread.
 
     def submit(self, request: Request) -> None:
+        """Queue a request (QueueFull past max_queue; MistralError for one that would not fit a row)."""
+        self.check_fits(len(request.ids), request.max_tokens)
         with self.lock:
             if self.stopping:
                 raise QueueFull("the server is stopping")

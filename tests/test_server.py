@@ -410,3 +410,27 @@ def test_serve_refuses_bad_options_in_one_line():
             assert out.returncode == 2 and out.stderr.count("\n") == 1 and pattern in out.stderr, out.stderr
     finally:
         busy.close()
+
+
+def test_prefix_reuse_on_a_row_past_its_window_only_goes_forward(model, tokenizer):
+    running = Running(model, tokenizer, rows=1)
+    try:
+        prompt = completion_ids(tokenizer, "one two three four five six seven eight nine ten eleven twelve")
+        assert len(prompt) > WINDOW
+        a = running.client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+        answer = _greedy(model, prompt, 5, tokenizer.eos_id)
+        assert a.usage.completion_tokens == len(answer) == 5
+        longer = prompt + answer + completion_ids(tokenizer, "and more")[1:]
+        b = running.client.completions.create(model="tiny", prompt=longer, max_tokens=4, temperature=0, logprobs=0)
+        # The row wrapped, but holds the last W positions of what it saw: it goes on from there.
+        assert b.usage.prompt_tokens_details.cached_tokens == len(prompt) + len(answer) - 1
+        want = [t for t in _greedy(model, longer, 4, tokenizer.eos_id) if t != tokenizer.eos_id]
+        _, lps = reference(model, longer, want)
+        torch.testing.assert_close(torch.tensor(b.choices[0].logprobs.token_logprobs[: len(lps)]),
+                                   torch.tensor(lps), rtol=0, atol=1e-4)
+        # One that differs early cannot go back into a wrapped row: all of it is pre-filled.
+        c = running.client.completions.create(model="tiny", prompt=prompt[:5] + longer[6:], max_tokens=2,
+                                              temperature=0)
+        assert c.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        running.close()
