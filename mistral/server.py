@@ -275,16 +275,18 @@ class Run:
 
     async def whole(self, request: Request) -> dict:
         """The answer as one JSON object, once every choice is done; a client that leaves cancels its rows."""
+        async def watch() -> None:  # the body has been read: what comes next is the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
             while not self._done():
-                try:
-                    index, kind, data = await asyncio.wait_for(self.queue.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return {}
-                    continue
+                index, kind, data = await self.queue.get()
                 self._take(index, kind, data)
         finally:
+            watcher.cancel()
             self.cancel()
         failed = [c.error for c in self.choices if c.error]
         if failed:

@@ -207,26 +207,35 @@ def test_n_choices_and_seeds(served):
 
 def test_staggered_clients_each_equal_to_themselves_alone(served, model, tokenizer):
     prompts = [" ".join(["word"] * k) + f" number {k}" for k in (1, 3, 9, 14, 2, 20, 5, 11)]  # around W=12 tokens
-    alone = [served.client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0, logprobs=0)
-             for p in prompts]
-    got = [None] * len(prompts)
+    ask = dict(model="tiny", max_tokens=40, temperature=0, logprobs=0)
+    alone = [served.client.completions.create(prompt=p, **ask) for p in prompts]
+    got, rows_in_use = [None] * len(prompts), []
+    step = served.engine.batch.step
 
-    def ask(i):
-        time.sleep(0.03 * i)
-        got[i] = served.client.completions.create(model="tiny", prompt=prompts[i], max_tokens=10, temperature=0,
-                                                  logprobs=0)
+    def counted(*args):
+        rows_in_use.append(sum(r is not None for r in served.engine.batch.rows))
+        return step(*args)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    def client(i):
+        time.sleep(0.005 * i)
+        got[i] = served.client.completions.create(prompt=prompts[i], **ask)
+
+    served.engine.batch.step = counted
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del served.engine.batch.step
+    assert max(rows_in_use) == 4  # the clients overlapped: every row in use, and some waited
     for p, a, g in zip(prompts, alone, got):
         assert g.choices[0].text == a.choices[0].text
         torch.testing.assert_close(torch.tensor(g.choices[0].logprobs.token_logprobs),
                                    torch.tensor(a.choices[0].logprobs.token_logprobs), rtol=0, atol=1e-5)
         ids = completion_ids(tokenizer, p)
-        answer = _greedy(model, ids, 10, tokenizer.eos_id)
+        answer = _greedy(model, ids, 40, tokenizer.eos_id)
         _, lps = reference(model, ids, [t for t in answer if t != tokenizer.eos_id])
         torch.testing.assert_close(torch.tensor(g.choices[0].logprobs.token_logprobs[: len(lps)]), torch.tensor(lps),
                                    rtol=0, atol=1e-4)
@@ -242,6 +251,32 @@ def test_a_client_that_leaves_frees_its_row(served):
     while served.metric("requests_running") > 0:
         assert time.time() < deadline, "the row was not freed"
         time.sleep(0.05)
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(served):
+    step = served.engine.batch.step
+
+    def slow(*args):  # 64 steps take over a second: the server notices the client has gone well before
+        time.sleep(0.02)
+        return step(*args)
+
+    before = served.metric("generation_tokens_total")
+    served.engine.batch.step = slow
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+        conn.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     body=json.dumps({"prompt": "Once", "max_tokens": 64, "temperature": 0.8}))
+        deadline = time.time() + 5
+        while served.metric("requests_running") == 0:
+            assert time.time() < deadline, "the request never ran"
+            time.sleep(0.01)
+        conn.sock.close()  # gone without reading the answer
+        while served.metric("requests_running") > 0:
+            assert time.time() < deadline + 5, "the row was not freed"
+            time.sleep(0.05)
+        assert served.metric("generation_tokens_total") - before < 64
+    finally:
+        del served.engine.batch.step
 
 
 def test_prefix_reuse_equals_a_cold_prefill(model, tokenizer):
@@ -391,6 +426,8 @@ def test_serve_command_loads_serves_and_exits_0_on_sigterm(tmp_path):
         next(iter(stream))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        log = proc.stderr.read()
+        assert f"{r.id}: {r.usage.prompt_tokens} prompt tokens (0 cached), 5 generated" in log  # a line a request
     finally:
         proc.kill()
         proc.wait()
