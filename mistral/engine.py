@@ -42,6 +42,7 @@ from mistral.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+MIN_REUSE = 16  # ids a new request must find in a row to take it over from an empty one (a BOS alone is not worth it)
 
 
 @dataclass(eq=False)
@@ -236,9 +237,10 @@ class Engine:
             self.counts["requests"] += 1
 
     def _row_for(self, request: Request) -> tuple[int, int]:
-        """(the free row to use, how many of the request's first ids it holds and can keep): the row that can keep the
-        most, else the one least recently used (whose ids a later request is least likely to want)."""
-        ids, best = request.ids, None
+        """(the free row to use, how many of the request's first ids it holds and can keep): the row that keeps the
+        most, where that is worth a row (MIN_REUSE ids, or all it holds); else an empty row; else the one least recently
+        used (whose ids a later request is least likely to want)."""
+        ids, best, best_key = request.ids, None, None
         for b in (b for b, owner in enumerate(self.owners) if owner is None):
             held, kept = self.held[b], 0
             limit = 0 if request.score_prompt else min(len(held), len(ids) - 1)  # at least one id is fed
@@ -246,6 +248,8 @@ class Engine:
                 kept += 1
             if kept < self.cache.seq_pos[b] and not self.cache.can_rewind(b):
                 kept = 0  # it wrapped: it can go on from its end, but not go back
-            if best is None or (kept, -self.used[b]) > (best[1], -self.used[best[0]]):
-                best = (b, kept)
+            worth = kept if kept >= MIN_REUSE or kept == len(held) else 0
+            key = (worth, not held, -self.used[b])
+            if best_key is None or key > best_key:
+                best, best_key = (b, worth), key
         return best

@@ -282,7 +282,7 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_row(served):
 def test_prefix_reuse_equals_a_cold_prefill(model, tokenizer):
     running = Running(model, tokenizer, rows=2)
     try:
-        first = [{"role": "user", "content": "Hello"}]
+        first = [{"role": "user", "content": "Now is the winter of our discontent made glorious summer by this sun"}]
         a = running.client.chat.completions.create(model="tiny", messages=first, max_tokens=5, temperature=0)
         assert a.usage.prompt_tokens_details.cached_tokens == 0
         second = first + [{"role": "assistant", "content": a.choices[0].message.content or "-"},
