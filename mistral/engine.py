@@ -222,17 +222,21 @@ class Engine:
                 request.emit("end", "cancelled")
                 continue
             b, kept = self._row_for(request)
+            try:
+                seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
+                generator = torch.Generator(device=self.model.device).manual_seed(seed)
+                row = Row(request.ids[kept:], request.max_tokens, self.eos_id, request.sampling, generator,
+                          request.top_logprobs, request.score_prompt)
+            except Exception as e:  # nothing of this request's may stop the loop that serves the others
+                request.emit("end", f"error: {type(e).__name__}: {e}")
+                continue
             if kept < self.cache.seq_pos[b]:
                 if self.cache.can_rewind(b):
                     self.cache.rewind(b, kept)
                 else:
                     self.cache.seq_pos[b] = 0  # a new sequence: no slot is read before it is written again
-            seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
-            generator = torch.Generator(device=self.model.device).manual_seed(seed)
-            request.cached = kept
-            request.row = Row(request.ids[kept:], request.max_tokens, self.eos_id, request.sampling, generator,
-                              request.top_logprobs, request.score_prompt)
-            self.batch.rows[b], self.owners[b] = request.row, request
+            request.cached, request.row = kept, row
+            self.batch.rows[b], self.owners[b] = row, request
             self.used[b] = next(_ids)
             self.counts["requests"] += 1
 

@@ -232,6 +232,8 @@ class Run:
                 engine.submit(choice.request)
             except QueueFull as e:
                 self.cancel()
+                if engine.stopping:
+                    raise ApiError(503, "the server is stopping", kind="server_error") from None
                 raise ApiError(429, f"the server is busy ({e}): try again shortly", kind="rate_limit_error",
                                code="queue_full") from None
 
