@@ -269,6 +269,10 @@ INLINE __m256i group_dot(__m256i u, const int8_t *xq) {
 }
 #endif
 
+/* How far ahead the int4 product asks for its weights: 2048 bytes ran 4-row steps as fast as 3072 and faster than
+1024 or 4096, and 1-row steps 1.2x as fast as with the hardware prefetcher alone. */
+#define PREFETCH_I4 2048
+
 /* y[(m0 + m) * ldy] for m < MB: row wn (G groups, scales sn) against rows m0 .. m0 + MB - 1 of the rounded x. */
 INLINE void row_i4(rounded r, const uint8_t *wn, const uint16_t *sn, float *y, int64_t ldy, int64_t K, int64_t G,
                    int64_t m0, const int MB) {
@@ -280,6 +284,11 @@ INLINE void row_i4(rounded r, const uint8_t *wn, const uint16_t *sn, float *y, i
     and each pair of groups' dot products in one register, lanes 0-3 the first group's and 4-7 the second's. */
     const int64_t G8 = paired_groups(K);
     for (int64_t g0 = 0; g0 < G8; g0 += 8) {
+        /* The 128 bytes of weights this iteration reads, PREFETCH_I4 ahead (into the next row, which this thread
+        reads next): without it a step of 4 rows, with 4 times the arithmetic between the loads, left memory idle
+        in between and took 1.6x as long as one of 1 row; with it 1.0-1.1x (the 7B int4 folder, 2 threads). */
+        __builtin_prefetch(wn + 16 * g0 + PREFETCH_I4);
+        __builtin_prefetch(wn + 16 * g0 + PREFETCH_I4 + 64);
         const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sn + g0)));
         __m256 de[4];
         for (int m = 0; m < MB; m++) {
