@@ -94,6 +94,10 @@ class Engine:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.counts = collections.Counter()  # for /metrics: prefilled, generated, requests, ttft_sum, ttft_count
+        # Called after a step whose tokens went out, before the next: a server waits there (briefly) until it has sent
+        # them, so that its thread does not take a core from the next step's kernels, whose threads would all wait
+        # for the one it displaced at their next barrier.
+        self.settle: Callable[[], None] | None = None
 
     # Called from any thread.
 
@@ -163,6 +167,8 @@ class Engine:
             try:
                 if not self.batch.step(self._took):  # cannot happen: every row that has not finished feeds
                     time.sleep(0.01)
+                elif self.settle is not None:
+                    self.settle()
             except Exception as e:  # a forward that raised: its rows end with the error, the others go on
                 log.exception("a step failed")
                 self._fail_step(f"error: {type(e).__name__}: {e}")

@@ -52,13 +52,28 @@ class Server:
         self.engine: Engine | None = None
         self.tokenizer: Tokenizer | None = None
         self.created = int(time.time())
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop the routes run on, once one has
         self.app = self._routes()
 
     def ready(self, engine: Engine, tokenizer: Tokenizer) -> None:
         self.engine, self.tokenizer = engine, tokenizer
+        engine.settle = self._settle
+
+    def _settle(self, most_s: float = 0.005) -> None:
+        """From the engine's thread, after a step: wait until the event loop has run what the step's tokens woke (at
+        most most_s), so that sending them does not overlap the next step's kernels."""
+        loop, done = self.loop, threading.Event()
+        if loop is None:
+            return
+        try:  # the second hop runs after the callbacks the first found queued, and the tasks they woke
+            loop.call_soon_threadsafe(loop.call_soon, done.set)
+        except RuntimeError:  # the loop has closed
+            return
+        done.wait(most_s)
 
     async def __call__(self, scope, receive, send) -> None:
         """The ASGI app: the key and the body's declared size are checked before any route runs."""
+        self.loop = asyncio.get_running_loop()
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             refusal = None
