@@ -130,12 +130,17 @@ class Engine:
         if self.thread is not None:
             self.thread.join(timeout)
 
+    def room(self, n_ids: int) -> int | None:
+        """The most tokens a prompt of n_ids may be followed by; None where rows roll (the model has a sliding window,
+        and a row holds all of it), so that a request may go on as long as it likes."""
+        window = self.model.args.sliding_window
+        return None if window is not None and self.cache.slots >= window else self.cache.slots - n_ids + 1
+
     def check_fits(self, n_ids: int, max_tokens: int) -> None:
         """Refuse a request that would need more positions than a row holds (a model without a window), with the
         numbers: it is never cut to fit."""
         reach = n_ids + max(max_tokens - 1, 0)
-        window = self.model.args.sliding_window
-        if reach > self.cache.slots and (window is None or self.cache.slots < window):
+        if self.room(n_ids) is not None and reach > self.cache.slots:
             raise MistralError(f"this request needs {reach} positions ({n_ids} prompt tokens and max_tokens "
                                f"{max_tokens}), more than the {self.cache.slots} a request may hold here (the model "
                                "has no sliding window; the server's --context): send less, or lower max_tokens")
@@ -203,8 +208,7 @@ class Engine:
         """Row b takes no more steps; its cache keeps what it holds for a later request to reuse, unless clear (its
         numbers are broken: a masked slot holding NaN still poisons an attention that reads it)."""
         row, request = self.batch.rows[b], self.owners[b]
-        self.held[b] = ((request.ids[: request.cached] + row.prompt + row.generated)[: self.cache.seq_pos[b]]
-                        if not clear else [])
+        self.held[b] = [] if clear else (request.ids + row.generated)[: self.cache.seq_pos[b]]
         if clear:
             self.cache.cache_k[:, b] = 0
             self.cache.cache_v[:, b] = 0

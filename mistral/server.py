@@ -173,11 +173,6 @@ class Server:
             chunks.append(chunk)
         return api.parse_json(b"".join(chunks))
 
-    def _room(self, n_ids: int) -> int | None:
-        """The most tokens a prompt of n_ids may be followed by: None with a sliding window (rows roll)."""
-        window, slots = self.engine.model.args.sliding_window, self.engine.cache.slots
-        return None if window is not None and slots >= window else slots - n_ids + 1
-
     async def _complete(self, request: Request, chat: bool):
         body = await self._body(request)
         self._loaded()
@@ -185,7 +180,7 @@ class Server:
         if name is not None and name != self.model_id:
             raise ApiError(404, f"model {name!r} is not served here; this server serves {self.model_id!r}", "model",
                            code="model_not_found")
-        job = api.parse(body, self.tokenizer, chat, self.cap, self._room)
+        job = api.parse(body, self.tokenizer, chat, self.cap, self.engine.room)
         run = Run(self, job)
         if job.stream:
             return StreamingResponse(run.stream(request), media_type="text/event-stream",
