@@ -63,8 +63,15 @@ def find(folder: Path) -> Path:
 class Tokenizer:
     """A tekken.json or a sentencepiece tokenizer.model[.vN]: encode, decode, and the chat format of its version."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, proto: bytes | None = None):
+        """path: the tokenizer file; or, with proto (a serialized sentencepiece model), the file it was built from."""
         self.path = path = Path(path)
+        self._proto = proto
+        if proto is not None:
+            self._sp, self._tekken = SentencePieceProcessor(), None
+            self._sp.LoadFromSerializedProto(proto)
+            self.version = self._version_from_pieces(quiet=True)
+            return
         if not path.is_file():
             raise MistralError(f"tokenizer {str(path)!r} does not exist; a model folder holds tekken.json, "
                                "tokenizer.model.vN or tokenizer.model")
@@ -93,15 +100,31 @@ class Tokenizer:
 
     @staticmethod
     def from_folder(folder: Path | str) -> "Tokenizer":
-        return Tokenizer(find(Path(folder)))
+        """The tokenizer of a model folder; for a GGUF file (or a folder of one), a tokenizer file beside it, else the
+        one the file holds."""
+        from mistral.checkpoint import gguf
 
-    def _version_from_pieces(self) -> str:
+        folder = Path(folder)
+        if not gguf.is_gguf(folder):
+            return Tokenizer(find(folder))
+        beside = folder if folder.is_dir() else folder.parent
+        if any(any(beside.glob(name)) for name in ("tekken.json", "tokenizer.model", "tokenizer.model.v*")):
+            return Tokenizer(find(beside))
+        proto = gguf.sentencepiece_model(folder)
+        if proto is None:
+            raise MistralError(f"{folder} holds no tokenizer (tokenizer.ggml.model); put the model's tekken.json or "
+                               "tokenizer.model.vN beside it")
+        return Tokenizer(folder, proto)
+
+    def _version_from_pieces(self, quiet: bool = False) -> str:
         """v1, unless the file has the control tokens of a later version: a tokenizer.model.v3 renamed, say. Read as
         v1, its [INST] would be encoded as plain text, a prompt format the model never saw."""
         controls = {self._sp.id_to_piece(i) for i in range(min(self._sp.vocab_size(), 1000)) if self._sp.IsControl(i)}
         if "[INST]" not in controls:
             return "v1"
         version = "v7" if "[SYSTEM_PROMPT]" in controls else "v3" if "[IMG]" in controls else "v2"
+        if quiet:
+            return version
         log.warning("warning: %s has the control tokens of a %s tokenizer, not of v1 as its name says; reading it as "
                     "%s (rename it %s.%s to say so)", self.path, version, version, self.path.name, version)
         return version
@@ -147,6 +170,11 @@ class Tokenizer:
         offered to mistral_common under the versioned name, since mistral_common takes the version from the name."""
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+        if self._proto is not None:  # built from a GGUF file: mistral_common reads files, so one is written for it
+            with tempfile.TemporaryDirectory() as tmp:
+                built = Path(tmp) / ("tokenizer.model" if self.version == "v1" else f"tokenizer.model.{self.version}")
+                built.write_bytes(self._proto)
+                return MistralTokenizer.from_file(str(built))
         if self.version is None or _VERSIONED.fullmatch(self.path.name) or self.version == "v1":
             return MistralTokenizer.from_file(str(self.path))
         with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from mistral.args import ModelArgs
+from mistral.checkpoint import gguf
 from mistral.checkpoint.hf import args_from_hf_config
 from mistral.errors import MistralError
 
@@ -14,9 +15,13 @@ TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "tokenizer.model.v*")
 
 
 def layout(folder: Path) -> str:
-    """"native" or "hf". params.json wins when its weights are there too: some downloads carry both layouts."""
+    """"native", "hf" or "gguf" (a .gguf file, or a folder holding one and no params.json or config.json).
+    params.json wins when its weights are there too: some downloads carry both layouts."""
+    folder = Path(folder)
+    if gguf.is_gguf(folder):
+        return "gguf"
     if folder.exists() and not folder.is_dir():
-        raise MistralError(f"{str(folder)!r} is a file; give the model folder that holds it")
+        raise MistralError(f"{str(folder)!r} is a file; give the model folder that holds it, or a .gguf file")
     if not folder.is_dir():
         raise MistralError(f"model folder {str(folder)!r} does not exist")
     has_params, has_config = (folder / "params.json").is_file(), (folder / "config.json").is_file()
@@ -28,10 +33,15 @@ def layout(folder: Path) -> str:
                        "the weights and a tokenizer")
 
 
-def read_args(folder: Path) -> ModelArgs:
-    """The model a folder describes, from params.json or, for a Hugging Face folder, config.json."""
+def read_args(folder: Path, sliding_window: int | None = None) -> ModelArgs:
+    """The model a folder describes, from params.json or, for a Hugging Face folder, config.json; for a GGUF file
+    from its metadata, with sliding_window as the window (the file has none)."""
     folder = Path(folder)
     kind = layout(folder)
+    if kind == "gguf":
+        return gguf.read_args(folder, sliding_window)
+    if sliding_window is not None:
+        raise MistralError(f"--sliding_window is for GGUF files, which hold no window; {folder} says its own")
     path = folder / ("params.json" if kind == "native" else "config.json")
     try:
         params = json.loads(path.read_text())

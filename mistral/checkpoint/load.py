@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-from mistral import grouped, pipeline, quantize as formats
+from mistral import ggml, grouped, pipeline, quantize as formats
 from mistral.args import QUANTIZATIONS, ModelArgs
 from mistral.checkpoint.layouts import read_args
-from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _mapped, _on_meta, _plan, _progress,
-                                     _quantized, _read)
+from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _bytes, _mapped, _on_meta, _plan,
+                                     _progress, _quantized, _read, _read_exactly)
 from mistral.device import resolve_device, resolve_dtype
 from mistral.errors import MistralError
 from mistral.memory import Memory, gb, memory_available
@@ -41,7 +41,8 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
 
     def as_stored(name: str) -> bool:
         source = plan[name]
-        return device.type == "cpu" and wanted[name].dtype == source.dtype and not source.rope_heads
+        return (device.type == "cpu" and wanted[name].dtype == source.dtype and wanted[name].shape == source.shape
+                and not source.rope_heads)
 
     out = {}
     to_read = sum(plan[n].nbytes for n in wanted if n in plan and not as_stored(n))
@@ -50,7 +51,10 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
             if name not in plan:  # the scales of a weight quantized while loading: made with it, below
                 assert name.endswith(".scales"), name
                 continue
-            if like.dtype in _QUANTIZED and plan[name].dtype != like.dtype:
+            if plan[name].ggml == ggml.TYPES["Q4_0"] and not as_stored(name):  # a GGUF's Q4_0 matrix as int4
+                out[name], out[name.removesuffix("weight") + "scales"] = _q4_0_as_int4(plan[name], device, progress,
+                                                                                       staging)
+            elif like.dtype in _QUANTIZED and plan[name].dtype != like.dtype:
                 out[name], out[name.removesuffix("weight") + "scales"] = _quantized(plan[name], device, progress,
                                                                                      staging, _QUANTIZED[like.dtype])
             elif as_stored(name):
@@ -60,7 +64,48 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
     return out
 
 
-def _checked_args(folder: Path, device: torch.device, quantize: str | None) -> ModelArgs:
+def _q4_0_as_int4(source: _Source, device: torch.device, progress, staging: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """A GGUF file's Q4_0 matrix (N, G * 18 bytes) as int4's (packed (N, G * 16), scales (N, G)), read a block of rows
+    at a time: the same weights (mistral/ggml.py, q4_0_as_int4), the file's pages never held beside them."""
+    N, width = source.shape
+    rows = max(1, _CHUNK_BYTES // width)
+    packed, scales = torch.empty(N, width // 18 * 16, dtype=torch.uint8), torch.empty(N, width // 18,
+                                                                                       dtype=torch.float16)
+    with open(source.path, "rb", buffering=0) as f:
+        f.seek(source.offset)
+        for start in range(0, N, rows):
+            block = staging[: min(rows, N - start) * width].view(-1, width)
+            _read_exactly(f, _bytes(block), source, progress)
+            packed[start : start + len(block)], scales[start : start + len(block)] = ggml.q4_0_as_int4(block)
+    return packed.to(device), scales.to(device)
+
+
+def _block_modules(model: Transformer, plan: dict[str, _Source]) -> None:
+    """A GGUF file's block-format matrices, as the model keeps them (in place, on the meta device): each linear becomes
+    a GgmlLinear of the rows of blocks as stored, or an Int4Linear for Q4_0 (the same weights); the token embedding a
+    GgmlEmbedding."""
+    def meta(shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    for prefix, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            source = plan.get(f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
+            if source is None or not source.ggml:
+                continue
+            if name == "tok_embeddings":
+                setattr(module, name, ggml.GgmlEmbedding(meta(source.shape, torch.uint8), source.ggml, model.args.dim))
+                continue
+            K = child.weight.shape[1]
+            if source.ggml == ggml.TYPES["Q4_0"]:
+                packed, scales = formats.int4_shapes(source.shape[0], K)
+                setattr(module, name, formats.Int4Linear(meta(packed, torch.uint8), meta(scales, torch.float16), K))
+            else:
+                setattr(module, name, ggml.GgmlLinear(meta(source.shape, torch.uint8), source.ggml, K))
+
+
+def _checked_args(folder: Path, device: torch.device, quantize: str | None,
+                  sliding_window: int | None = None) -> ModelArgs:
     """The folder's model, after refusing what the run cannot have: an unknown quantize, or any on CUDA (int8 and int4
     are CPU formats), before the folder is read; then a quantize other than the folder's own, or its quantized weights
     on CUDA."""
@@ -71,7 +116,7 @@ def _checked_args(folder: Path, device: torch.device, quantize: str | None) -> M
         raise MistralError(f"--quantize {quantize} is a CPU format: on CUDA every product would widen its weights back "
                            "to float, slower than bf16, and the whole model would reach the GPU before being "
                            "quantized; leave out --quantize (CUDA runs bf16, or fp16 before Ampere)")
-    args = read_args(folder)
+    args = read_args(folder, sliding_window)
     if args.quantization is not None and quantize not in (None, args.quantization):
         raise MistralError(f"{folder} holds {args.quantization} weights already; leave out --quantize")
     if args.quantization is not None and device.type == "cuda":
@@ -96,7 +141,7 @@ def _refusal(need: Memory, free: int, device: torch.device, others: list[tuple[s
 def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
                device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                quantize: str | None = None, cache_slots: int = 0, prefill_tokens: int = 512,
-               shrinks_cache: str = "fewer rows or a shorter run") -> Transformer:
+               shrinks_cache: str = "fewer rows or a shorter run", sliding_window: int | None = None) -> Transformer:
     """The model of a native or Hugging Face folder, ready to run.
 
     device: cuda when available, else cpu. dtype: on CUDA the activations' and weights' (auto: bf16); on a CPU the
@@ -110,10 +155,17 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     per row for max_batch_size rows, and the work space of pre-filling prefill_tokens at a time) is compared with
     the memory available, and a run that cannot fit is refused in one line that says what would (shrinks_cache: what
     the caller can do to shrink the cache, said where the cache is a large share of the need).
+
+    A GGUF file (or a folder holding one) loads too: its block-format matrices are kept as stored (mistral/ggml.py),
+    and it runs with full attention unless sliding_window gives a window (the file holds none).
     """
     folder, device = Path(folder), resolve_device(device)
-    args = _checked_args(folder, device, quantize)
+    args = _checked_args(folder, device, quantize, sliding_window)
     plan = _plan(folder, args)
+    blocks = {ggml.BLOCKS[s.ggml][0] for s in plan.values() if s.ggml}
+    if blocks and quantize is not None:
+        raise MistralError(f"{folder.name} holds {' and '.join(sorted(blocks))} weights, quantized already; leave out "
+                           "--quantize")
     dtype = resolve_dtype(dtype, device, stored=_stored_dtype(plan))
     rank = 0
     if num_pipeline_ranks > 1:
@@ -126,7 +178,10 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
         linears = args.quantization or quantize or ("bf16" if compute != dtype else "float")
         with _on_meta():
             model = Transformer(args, rank, num_pipeline_ranks, max_batch_size)
-        return formats.prepare(model, linears, embeddings=dtype, compute=compute)
+        model = formats.prepare(model, linears, embeddings=dtype, compute=compute)
+        if blocks:
+            _block_modules(model, plan)
+        return model
 
     model = built(dtype, quantize)
     group = args.moe is not None and grouped.fused(device, dtype)  # routing with no host read (mistral/grouped.py)

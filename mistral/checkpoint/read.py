@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mistral import quantize
 from mistral.args import ModelArgs
+from mistral.checkpoint import gguf
 from mistral.checkpoint.hf import _locate, from_hf_rope_order, rope_heads
 from mistral.checkpoint.layouts import layout, weight_files
 from mistral.errors import MistralError
@@ -124,6 +125,7 @@ class _Source:
     dtype: torch.dtype
     shape: tuple[int, ...]
     rope_heads: int = 0
+    ggml: int = 0  # a GGUF block format's type number (mistral/ggml.py): the bytes are rows of blocks, (N, row_bytes)
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +135,8 @@ class _Source:
 def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
     """Native key -> its bytes, for the whole model, after checking the files hold exactly that model."""
     kind = layout(folder)
+    if kind == "gguf":
+        return gguf.plan(folder, {name: tuple(t.shape) for name, t in _meta_state(args).items()})
     config_name = "params.json" if kind == "native" else "config.json"
     stored = _index(weight_files(folder, kind))
     if kind == "hf":

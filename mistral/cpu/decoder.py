@@ -25,14 +25,17 @@ from torch import nn
 from mistral.cache import RotatingBufferCache
 from mistral.cpu import kernels
 from mistral.cpu.linears import with_kernels
+from mistral.ggml import GgmlLinear
 from mistral.model import FeedForward, Transformer
 from mistral.moe import MoeLayer
 from mistral.rope import inverse_frequencies
 
 
 def _pair(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, scales) of a linear layer: scales for mistral.quantize's Int8Linear and
-    Int4Linear, None for the others."""
+    """(weight, scales) of a linear layer as kernels.prepare takes it: scales for mistral.quantize's Int8Linear and
+    Int4Linear, the type number for a GgmlLinear, None for the others."""
+    if isinstance(linear, GgmlLinear):
+        return linear.weight, linear.code
     return linear.weight, getattr(linear, "scales", None)
 
 
@@ -54,7 +57,7 @@ def _layer(block: nn.Module) -> kernels.KernelLayer | None:
 class CpuDecoder:
     """Decode steps of one model on a CPU: each row brings one token, and all the blocks run in one C call."""
 
-    def __init__(self, model: Transformer, plan: kernels.BlocksPlan, head: kernels.Prepared):
+    def __init__(self, model: Transformer, plan: kernels.BlocksPlan, head: kernels.Prepared | None):
         self.model, self.plan, self.head = model, plan, head
         args = model.args
         self.window, self.eps, self.norm = args.sliding_window, args.norm_eps, model.norm.weight
@@ -76,8 +79,8 @@ class CpuDecoder:
             return None
         args = model.args
         plan = kernels.plan_blocks(layers, args.norm_eps, args.n_heads, args.n_kv_heads, args.head_dim)
-        head = kernels.prepare([_pair(model.output)], 3)
-        if plan is None or head is None:
+        head = kernels.prepare([_pair(model.output)], 3)  # None: the head's own forward (a GGUF's Q6_K beside Q4_0)
+        if plan is None:
             return None
         return CpuDecoder(model, plan, head)
 
@@ -101,7 +104,8 @@ class CpuDecoder:
             h = h[rows]
             if not rows:
                 return torch.empty(0, self.model.args.vocab_size)
-        return kernels.stacked(kernels.rms_norm(h, self.norm, self.eps), self.head)  # (N, V)
+        h = kernels.rms_norm(h, self.norm, self.eps)
+        return kernels.stacked(h, self.head) if self.head is not None else self.model.output(h)  # (N, V)
 
     def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Each row's argmax and its log-softmax, in one call; None where the kernel does not take the logits."""

@@ -35,7 +35,7 @@ typedef float v8 __attribute__((vector_size(32)));  /* 8 floats: one AVX registe
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
-enum wtype { F32, BF16, I8, I4 };  /* I4: see section 1b */
+enum wtype { F32, BF16, I8, I4, GG };  /* I4: see section 1b; GG: llama.cpp's block formats, 1c */
 
 INLINE int wsize(enum wtype t) { return t == F32 ? 4 : 2; }  /* bytes per fp32 or bf16 weight */
 
@@ -109,7 +109,8 @@ INLINE void row(const float *x, const void *wn, float *y, int64_t ldy, int64_t K
 }
 
 /* Up to three weight matrices of K columns, stacked: n[j] rows each (0: absent), int8 and int4 ones with their
-scales (int4's are fp16, behind the same pointer type). */
+scales (int4's are fp16, behind the same pointer type); for the block formats of 1c (GG), scales[j] points to the
+matrix's type number, as a float. */
 typedef struct {
     const void *w[3];
     const float *scales[3];
@@ -483,6 +484,207 @@ static void rounded_products(const float *x, stack st, float *y, int64_t M, int6
     #pragma omp barrier
 }
 
+/* 1c. llama.cpp's block formats (mistral/ggml.py), multiplied as a GGUF file stores them. A row of w is K / 256
+super-blocks: one block of Q4_K, Q5_K or Q6_K, or eight 34-byte blocks of Q8_0. Each is unpacked into 256 small
+integers q, in the order rounded x holds its groups (1b: in pairs with AVX2), and per group of 32 a factor f: with a
+min b for Q4_K and Q5_K (weight = f q - b, q unsigned, 4 or 5 bits), or with an integer scale s per 16 for Q6_K and
+Q8_0 (weight = f s q, q signed; s = 1 for Q8_0). A group's dot product with x, rounded as in 1b to e xq, is then
+
+    e (f sum(q xq) - b sum(xq))   or   e f (s0 sum(q xq over its first 16) + s1 sum(q xq over its last 16))
+
+integer multiply-adds as in 1b, sum(xq) e being known per group of x (1b's c / 8). A row is unpacked once per block
+of x rows (x_block), into a buffer of its thread, and every row of the block is multiplied by it. */
+enum gtype { GQ8_0 = 8, GQ4_K = 12, GQ5_K = 13, GQ6_K = 14 };  /* llama.cpp's type numbers */
+
+typedef struct {
+    uint8_t q[256];  /* unsigned (Q4_K, Q5_K) or signed (Q6_K, Q8_0) */
+    int16_t s[16];   /* per 16 weights: Q6_K, Q8_0 */
+    float f[8], b[8];
+} unpacked;
+
+INLINE int64_t super_bytes(int t) { return t == GQ4_K ? 144 : t == GQ5_K ? 176 : t == GQ6_K ? 210 : 272; }
+
+/* Where weight j of a super-block goes in q: groups in pairs, as 1b rounds x (g's first 16, g + 1's first 16, g's last
+16, g + 1's last 16), with AVX2; in order without. */
+INLINE int q_at(int j) {
+#ifdef __AVX2__
+    return (j & ~48) | (j & 16) << 1 | (j & 32) >> 1;
+#else
+    return j;
+#endif
+}
+
+INLINE float f16_at(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
+
+/* Q4_K's and Q5_K's 12 bytes of eight 6-bit scales and mins (mistral/ggml.py, _scale_min). */
+INLINE void scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+        *m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+
+static void unpack(int t, const uint8_t *blk, unpacked *u) {
+    if (t == GQ4_K || t == GQ5_K) {
+        const float d = f16_at(blk), dmin = f16_at(blk + 2);
+        const uint8_t *qh = blk + 16, *qs = blk + (t == GQ5_K ? 48 : 16);
+        for (int g = 0; g < 8; g++) {
+            int sc, m;
+            scale_min(blk + 4, g, &sc, &m);
+            u->f[g] = d * (float)sc;
+            u->b[g] = dmin * (float)m;
+        }
+        for (int c = 0; c < 4; c++)  /* 32 bytes of qs: sub-block 2c in the low nibbles, 2c + 1 in the high */
+            for (int h = 0; h < 2; h++) {
+                uint8_t *lo = u->q + q_at(64 * c + 16 * h), *hi = u->q + q_at(64 * c + 32 + 16 * h);
+                for (int i = 0; i < 16; i++) {
+                    const int l = 16 * h + i;
+                    lo[i] = qs[32 * c + l] & 15;
+                    hi[i] = qs[32 * c + l] >> 4;
+                    if (t == GQ5_K) {  /* bit j of qh[l]: the fifth bit of weight l of sub-block j */
+                        lo[i] |= (qh[l] >> (2 * c) & 1) << 4;
+                        hi[i] |= (qh[l] >> (2 * c + 1) & 1) << 4;
+                    }
+                }
+            }
+    } else if (t == GQ6_K) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        const float d = f16_at(blk + 208);
+        for (int g = 0; g < 8; g++) u->f[g] = d;
+        for (int h = 0; h < 16; h++) u->s[h] = ((const int8_t *)(blk + 192))[h];
+        for (int n = 0; n < 2; n++)  /* halves of 128: runs k of 32 from ql's low, then high nibbles, qh's bits 2k */
+            for (int k = 0; k < 4; k++)
+                for (int h = 0; h < 2; h++) {
+                    int8_t *q = (int8_t *)u->q + q_at(128 * n + 32 * k + 16 * h);
+                    for (int i = 0; i < 16; i++) {
+                        const int l = 16 * h + i, b = ql[64 * n + 32 * (k & 1) + l];
+                        q[i] = (int8_t)(((k < 2 ? b & 15 : b >> 4) | (qh[32 * n + l] >> (2 * k) & 3) << 4) - 32);
+                    }
+                }
+    } else {  /* Q8_0 */
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *b = blk + 34 * g;
+            u->f[g] = f16_at(b);
+            u->s[2 * g] = u->s[2 * g + 1] = 1;
+            for (int h = 0; h < 2; h++) memcpy(u->q + q_at(32 * g + 16 * h), b + 2 + 16 * h, 16);
+        }
+    }
+}
+
+/* y[(m0 + m) * ldy] for m < MB: one unpacked row (S super-blocks) against rows m0 .. m0 + MB - 1 of the rounded x. */
+INLINE void row_blocks(rounded r, const unpacked *u, int sgn, float *y, int64_t ldy, int64_t S, int64_t G, int64_t m0,
+                       const int MB) {
+    float out[4] = {0}, corr[4] = {0};
+#ifdef __AVX2__
+    __m256 acc[4], corr8[4];
+    for (int m = 0; m < MB; m++) acc[m] = corr8[m] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; s++, u++) {
+        const __m256 f8 = _mm256_loadu_ps(u->f);
+        __m256 fe[4];
+        for (int m = 0; m < MB; m++) {
+            const int64_t at = (m0 + m) * G + 8 * s;
+            fe[m] = _mm256_mul_ps(f8, _mm256_loadu_ps(r.e + at));
+            if (!sgn) corr8[m] = _mm256_fmadd_ps(_mm256_loadu_ps(u->b), _mm256_loadu_ps(r.c + at), corr8[m]);
+        }
+        for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1: lanes 0-3 of the sums are the first's, 4-7 the second's */
+            const __m256i A = _mm256_loadu_si256((const __m256i *)(u->q + 64 * p));
+            const __m256i B = _mm256_loadu_si256((const __m256i *)(u->q + 64 * p + 32));
+            const __m256i lanes = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+                                                    2 * p + 1);
+            const __m256i sA = _mm256_set_m128i(_mm_set1_epi16(u->s[4 * p + 2]), _mm_set1_epi16(u->s[4 * p]));
+            const __m256i sB = _mm256_set_m128i(_mm_set1_epi16(u->s[4 * p + 3]), _mm_set1_epi16(u->s[4 * p + 1]));
+            const __m256i uA = sgn ? _mm256_abs_epi8(A) : A, uB = sgn ? _mm256_abs_epi8(B) : B;
+            for (int m = 0; m < MB; m++) {
+                const int8_t *xq = r.xq + 32 * ((m0 + m) * G + 8 * s + 2 * p);
+                __m256i XA = _mm256_loadu_si256((const __m256i *)xq), XB = _mm256_loadu_si256((const __m256i *)(xq + 32));
+                __m256i I;
+                if (sgn) {  /* |q| times xq with q's sign, as 1b's int8; each 16's pair sums times its scale */
+                    XA = _mm256_sign_epi8(XA, A);
+                    XB = _mm256_sign_epi8(XB, B);
+                    I = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(uA, XA), sA),
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(uB, XB), sB));
+                } else {
+#ifdef DPBUSD
+                    I = DPBUSD(DPBUSD(_mm256_setzero_si256(), A, XA), B, XB);
+#else
+                    I = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(A, XA), _mm256_maddubs_epi16(B, XB)),
+                                          _mm256_set1_epi16(1));  /* |.| <= 2 * 2 * 31 * 127 */
+#endif
+                }
+                acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(fe[m], lanes), _mm256_cvtepi32_ps(I), acc[m]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        v8 a = (v8)acc[m], c = (v8)corr8[m];
+        for (int j = 0; j < 8; j++) {
+            out[m] += a[j];
+            corr[m] += c[j];
+        }
+    }
+#else
+    for (int64_t s = 0; s < S; s++, u++)
+        for (int g = 0; g < 8; g++)
+            for (int m = 0; m < MB; m++) {
+                const int64_t at = (m0 + m) * G + 8 * s + g;
+                const int8_t *xq = r.xq + 32 * at;
+                int32_t dot = 0;
+                for (int j = 0; j < 32; j++) {
+                    const int q = sgn ? ((const int8_t *)u->q)[32 * g + j] * u->s[2 * g + j / 16] : u->q[32 * g + j];
+                    dot += q * xq[j];
+                }
+                out[m] += u->f[g] * r.e[at] * (float)dot;
+                if (!sgn) corr[m] += u->b[g] * r.c[at];
+            }
+#endif
+    for (int m = 0; m < MB; m++) y[(m0 + m) * ldy] = out[m] - corr[m] / 8;
+}
+
+static __thread unpacked *unpack_buf;
+static __thread int64_t unpack_cap;
+
+/* Column n of y: row n of w, of type t, unpacked, against rows m0 .. m1 - 1 of the rounded x, four at a time. */
+static void column_blocks(rounded r, int t, const uint8_t *w, float *y, int64_t ldy, int64_t m0, int64_t m1,
+                          int64_t K, int64_t n) {
+    const int64_t S = K / 256, bytes = super_bytes(t);
+    if (S > unpack_cap) {
+        free(unpack_buf);
+        unpack_buf = malloc(S * sizeof(unpacked));
+        unpack_cap = S;
+    }
+    const uint8_t *row = w + n * S * bytes;
+    for (int64_t s = 0; s < S; s++) {
+        __builtin_prefetch(row + s * bytes + PREFETCH_I4);
+        unpack(t, row + s * bytes, unpack_buf + s);
+    }
+    const int sgn = t == GQ6_K || t == GQ8_0;
+    const int64_t G = K / 32;
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) row_blocks(r, unpack_buf, sgn, y, ldy, S, G, m, 4);
+    for (; m + 2 <= m1; m += 2) row_blocks(r, unpack_buf, sgn, y, ldy, S, G, m, 2);
+    for (; m < m1; m++) row_blocks(r, unpack_buf, sgn, y, ldy, S, G, m, 1);
+}
+
+/* The stacked block-format matrices (1c), each of its own type, against x rounded per group, as rounded_products. */
+static void block_products(const float *x, stack st, float *y, int64_t M, int64_t K) {
+    const int64_t N = st.n[0] + st.n[1] + st.n[2], XB = x_block(M, K / 32);
+    const rounded r = round_rows(x, M, K);
+    for (int64_t m0 = 0; m0 < M; m0 += XB) {
+        const int64_t m1 = m0 + XB < M ? m0 + XB : M;
+        #pragma omp for schedule(static) nowait
+        for (int64_t n = 0; n < N; n++) {
+            int j = 0;
+            int64_t i = n;
+            while (i >= st.n[j]) i -= st.n[j++];
+            column_blocks(r, (int)st.scales[j][0], (const uint8_t *)st.w[j], y + n, N, m0, m1, K, i);
+        }
+    }
+    #pragma omp barrier
+}
+
 /* The rows of the stacked matrices against the M rows of x (M, K): y (M, n0 + n1 + n2), the products side by side.
 An orphaned `omp for`: the rows are split between the threads of the parallel region it is called in. Each case
 calls column() with a constant type, so the compiler specializes the loops for it; int8 and int4 weights take x
@@ -491,6 +693,8 @@ static void products(const float *x, stack st, float *y, int64_t M, int64_t K, e
     const int64_t N = st.n[0] + st.n[1] + st.n[2];
     if (t == I8 || t == I4) {
         rounded_products(x, st, y, M, K, t);
+    } else if (t == GG) {
+        block_products(x, st, y, M, K);
     } else if (t == F32) {
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) column(x, st, y + n, N, M, K, n, F32);

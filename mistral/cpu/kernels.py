@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from mistral import ggml
 from mistral.quantize import INT8_ROWS, int4_shapes
 
 log = logging.getLogger(__name__)
@@ -158,42 +159,58 @@ class Prepared(NamedTuple):
     needs_grad: bool
 
 
-def prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int | None = None) -> Prepared | None:
-    """(w, scales) pairs for the kernels, all of one dtype, on a CPU: w (N, K) fp32 or bf16 with scales None; w (N, K)
-    int8 with scales (N,) fp32; or 4-bit w (N, G * 16) uint8 with scales (N, G) fp16, G = ceil(K / 32) groups a row.
-    None where they do not qualify. The pointer arrays are `slots` long (default: as many as pairs, the rest NULL).
-    Pointers stay valid while no tensor is replaced; values changed in place are read anew."""
-    if not weights or weights[0][0].dtype not in _TYPES:
+GG = 4  # enum wtype of llama.cpp's block formats (kernels.c, 1c): w (N, row_bytes) uint8 with its type number
+
+
+def _format(w: torch.Tensor, s: torch.Tensor | None) -> int | None:
+    """The enum wtype of a (w, scales) pair, None where the kernels do not take it. scales: None for fp32 or bf16 w;
+    (N,) fp32 for int8 w; (N, G) fp16 for 4-bit w (N, G * 16); a GGML type number (1,) fp32 for w (N, row_bytes) of a
+    block format (mistral/ggml.py), whose rows must be whole super-blocks of 256 weights."""
+    if w.ndim != 2 or w.device.type != "cpu" or (s is not None and s.device.type != "cpu"):
         return None
-    dtype = weights[0][0].dtype
-    scaled = {torch.int8: torch.float32, torch.uint8: torch.float16}.get(dtype)
+    if s is None:
+        return _TYPES.get(w.dtype) if w.is_floating_point() else None
+    if w.dtype == torch.int8:
+        return _TYPES[w.dtype] if s.dtype == torch.float32 and s.shape == w.shape[:1] else None
+    if w.dtype != torch.uint8:
+        return None
+    if s.dtype == torch.float16:
+        packed, scales = int4_shapes(w.shape[0], 2 * w.shape[1])
+        return _TYPES[w.dtype] if w.shape == packed and s.shape == scales else None
+    if s.dtype == torch.float32 and s.shape == (1,) and int(s) in ggml.BLOCKS:
+        _, per_block, nbytes = ggml.BLOCKS[int(s)]
+        K = w.shape[1] // nbytes * per_block
+        return GG if int(s) != ggml.TYPES["Q4_0"] and K % 256 == 0 and w.shape[1] == ggml.row_bytes(int(s), K) else None
+    return None
 
-    def scales_fit(w: torch.Tensor, s: torch.Tensor) -> bool:
-        # For 4-bit weights, the shapes of a matrix of as many input features as its packed bytes hold.
-        shape = w.shape[:1] if dtype == torch.int8 else int4_shapes(w.shape[0], 2 * w.shape[1])[1]
-        return s.dtype == scaled and s.shape == shape and s.device.type == "cpu"
 
-    if not (all(w.dtype == dtype and w.ndim == 2 and w.device.type == "cpu" for w, _ in weights)
-            and all((s is not None) == (scaled is not None) for _, s in weights)
-            and all(scales_fit(w, s) for w, s in weights if s is not None)
-            and (dtype != torch.uint8 or all(w.shape == int4_shapes(w.shape[0], 2 * w.shape[1])[0]
-                                             for w, _ in weights))):
+def prepare(weights: list[tuple[torch.Tensor, torch.Tensor | None]], slots: int | None = None) -> Prepared | None:
+    """(w, scales) pairs for the kernels, all of one format (see _format), on a CPU; None where they do not qualify.
+    The pointer arrays are `slots` long (default: as many as pairs, the rest NULL). Pointers stay valid while no tensor
+    is replaced; values changed in place are read anew."""
+    if not weights:
+        return None
+    kinds = {_format(w, s) for w, s in weights}
+    if len(kinds) != 1 or None in kinds:
         return None
     slots = len(weights) if slots is None else slots
     kept, ws, ss = [], (ctypes.c_void_p * slots)(), (ctypes.c_void_p * slots)()
     for j, (w, scales) in enumerate(weights):
         kept.append(w := w.contiguous())
         ws[j] = w.data_ptr()
-        if scaled is not None:
+        if scales is not None:
             kept.append(scales := scales.contiguous())
             ss[j] = scales.data_ptr()
-    return Prepared(_TYPES[dtype], ws, ss, kept, tuple(w.shape[0] for w, _ in weights),
+    return Prepared(kinds.pop(), ws, ss, kept, tuple(w.shape[0] for w, _ in weights),
                     any(t.requires_grad for t in kept))
 
 
-def stored_width(dtype: torch.dtype, K: int) -> int:
-    """The columns of a stored w of K input features: K, or for 4-bit weights 16 bytes per group of 32."""
-    return int4_shapes(1, K)[0][1] if dtype == torch.uint8 else K
+def stored_width(w: torch.Tensor, s: torch.Tensor | None, K: int) -> int:
+    """The columns of a stored w of K input features: K, 16 bytes per group of 32 for 4-bit weights, or a block
+    format's bytes per row."""
+    if w.dtype == torch.uint8 and s is not None and s.dtype == torch.float32:
+        return ggml.row_bytes(int(s), K)
+    return int4_shapes(1, K)[0][1] if w.dtype == torch.uint8 else K
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -217,9 +234,10 @@ def stacked(x: torch.Tensor, weights: Prepared) -> torch.Tensor:
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp32 @ w (N, K)^T -> (M, N) fp32; for int8 w, times scales (N,) fp32, one per row of w; for 4-bit w
-    (stored (N, G * 16), see prepare); for both, with x rounded to int8 per group (kernels.c, 1b).
+    (stored (N, G * 16), see prepare); for a block format, w its rows of blocks and scales its type (see _format); for
+    all three, with x rounded to int8 per group (kernels.c, 1b and 1c).
     Call where usable(x, w) holds. Inputs that are not contiguous are copied first."""
-    assert w.shape[1] == stored_width(w.dtype, x.shape[1]), f"x {tuple(x.shape)}, w {tuple(w.shape)}"
+    assert w.shape[1] == stored_width(w, scales, x.shape[1]), f"x {tuple(x.shape)}, w {tuple(w.shape)}"
     return stacked(x, prepare([(w, scales)], 3))
 
 
@@ -281,7 +299,7 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
         return None
     if not all(r.dtype == torch.float32 and r.device.type == "cpu" and r.shape == (experts, dim) for r in routers):
         return None
-    if any(tuple(w.shape) != (n, stored_width(w.dtype, k)) for (w, _), (n, k) in zip(weights, shapes * len(layers))):
+    if any(tuple(w.shape) != (n, stored_width(w, s, k)) for (w, s), (n, k) in zip(weights, shapes * len(layers))):
         return None
     prepared = prepare(weights)
     if prepared is None:

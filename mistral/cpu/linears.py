@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mistral.cpu import kernels
+from mistral.ggml import GgmlLinear
 from mistral.quantize import Int4Linear, Int8Linear
 
 
@@ -41,15 +42,33 @@ class CInt4Linear(_InC, Int4Linear):
     """Int4Linear, its products in C (kernels.c, 1b) where the kernel takes them."""
 
 
+class CGgmlLinear(GgmlLinear):
+    """GgmlLinear (a GGUF file's block format), its products in C (kernels.c, 1c) where the kernel takes them: rows of
+    whole super-blocks of 256 weights, on a CPU."""
+
+    def __init__(self, weight: torch.Tensor, kind: int, in_features: int):
+        super().__init__(weight, kind, in_features)
+        self._code = self.code
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, K = x.shape
+        x2 = x.reshape(-1, K)  # (M, K)
+        if not (kernels.takes_rows(x2, None) and kernels._format(self.weight, self._code) == kernels.GG):
+            return super().forward(x)
+        return kernels.matvec(x2, self.weight, self._code).view(*lead, -1)
+
+
 def with_kernels(model: nn.Module) -> nn.Module:
-    """model, each of its Int8Linear and Int4Linear modules replaced, in place, by CInt8Linear and CInt4Linear holding
-    the same tensors; unchanged where the kernels are not built. Returns the model."""
+    """model, each of its Int8Linear, Int4Linear and GgmlLinear modules replaced, in place, by CInt8Linear, CInt4Linear
+    and CGgmlLinear holding the same tensors; unchanged where the kernels are not built. Returns the model."""
     swaps = [(module, name, child) for module in model.modules() for name, child in module.named_children()
-             if type(child) in (Int8Linear, Int4Linear)]
+             if type(child) in (Int8Linear, Int4Linear, GgmlLinear)]
     if not swaps or not kernels.available():  # a model of other weights does not build the kernels here
         return model
     for module, name, child in swaps:
-        if type(child) is Int8Linear:
+        if type(child) is GgmlLinear:
+            setattr(module, name, CGgmlLinear(child.weight, child.kind, child.in_features).train(child.training))
+        elif type(child) is Int8Linear:
             setattr(module, name, CInt8Linear(child.weight, child.scales).train(child.training))
         else:
             setattr(module, name, CInt4Linear(child.weight, child.scales, child.in_features).train(child.training))
