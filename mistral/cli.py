@@ -248,7 +248,8 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / "assets"
 
 def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
          quantize: str | None = None, needs: Callable[[ModelArgs, Tokenizer], tuple[int, int]] | None = None,
-         shrinks_cache: str = "fewer rows or a shorter run") -> tuple[Transformer, Tokenizer]:
+         shrinks_cache: str = "fewer rows or a shorter run",
+         sliding_window: int | None = None) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a folder (the shipped model when model_path is None).
 
     needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
@@ -266,11 +267,11 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
                            "it out)")
     folder = Path(model_path) if model_path is not None else SHIPPED_MODEL
     pipeline.init(num_pipeline_ranks, device)
-    checkpoint.layout(folder)  # a folder, holding a model
+    kind = checkpoint.layout(folder)  # a folder holding a model, or a GGUF file
     # The tokenizer and the config, checked against each other before gigabytes of weights are read.
-    tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder)
+    tokenizer, args = Tokenizer.from_folder(folder), checkpoint.read_args(folder, sliding_window)
     if tokenizer.n_words != args.vocab_size:
-        config = "params.json" if checkpoint.layout(folder) == "native" else "config.json"
+        config = {"native": "params.json", "hf": "config.json", "gguf": "its metadata"}[kind]
         raise MistralError(f"{tokenizer.path} has {tokenizer.n_words} tokens but {config} says "
                            f"vocab_size={args.vocab_size}: the tokenizer belongs to another model")
     slots, prefill = (0, PREFILL_CHUNK) if needs is None else needs(args, tokenizer)
@@ -278,10 +279,17 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
                                   device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
                                   quantize=quantize, cache_slots=slots, prefill_tokens=prefill,
-                                  shrinks_cache=shrinks_cache)
+                                  shrinks_cache=shrinks_cache, sliding_window=sliding_window)
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
                   f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")
+    if kind == "gguf":
+        window = (f"a sliding window of {args.sliding_window} (--sliding_window)" if args.sliding_window else
+                  "full attention (the file holds no sliding window, and llama.cpp runs it so; --sliding_window N "
+                  "gives one)")
+        terminal.info(f"{folder.name}: tokenizer {tokenizer.version} "
+                      f"{'from the file' if tokenizer.path == folder else f'from {tokenizer.path.name} beside it'}, "
+                      f"{window}")
     if model.device.type == "cpu":  # the engine's kernels, built now if need be: not in the first step's time
         start = time.perf_counter()
         if kernels.available() and time.perf_counter() - start > 0.1:

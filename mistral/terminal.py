@@ -138,6 +138,14 @@ def describe(model: Transformer) -> str:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
                 torch.uint8: "int4"}[dtype]
 
+    from mistral.ggml import BLOCKS, GgmlLinear
+    from mistral.quantize import Int4Linear
+
+    kinds = {BLOCKS[m.kind][0] for m in model.modules() if isinstance(m, GgmlLinear)}
+    if kinds:  # a GGUF file's block formats, kept as stored (mistral/ggml.py); its Q4_0 ones are int4 (the same)
+        kinds |= {"Q4_0 (as int4)" for m in model.modules() if isinstance(m, Int4Linear)}
+        return (f"{' and '.join(sorted(kinds))} weights as stored, {name(model.dtype)} arithmetic (activations rounded "
+                "to int8 per group of 32 in the products)")
     weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
     said = f"{weights} weights, {name(model.dtype)} arithmetic"
     if weights in ("int8", "int4") and model.device.type == "cpu":  # the CPU engine's integer products

@@ -183,8 +183,8 @@ static rounded round_buffers(int64_t M, int64_t G) {
     return (rounded){round_q, round_f, round_f + M * G};
 }
 
-/* Row m of x (M, K) rounded into r. */
-static void round_row(const float *x, rounded r, int64_t m, int64_t K) {
+/* Row m of x (M, K) rounded into r: its groups in pairs (as above) if `paired`, else in order (1c's). */
+static void round_row(const float *x, rounded r, int64_t m, int64_t K, int paired) {
     const int64_t G = (K + 31) / 32;
     int8_t *xq = (int8_t *)r.xq;
     float *e = (float *)r.e, *c = (float *)r.c;
@@ -196,7 +196,7 @@ static void round_row(const float *x, rounded r, int64_t m, int64_t K) {
         const float scale = top / 127, inv = top > 0 ? 127 / top : 0;
         int8_t *q = xq + (m * G + g) * 32;
         int64_t at[2] = {0, 16};  /* where the group's two halves go */
-        if (g < paired_groups(K)) {
+        if (paired && g < paired_groups(K)) {
             q = xq + (m * G + (g & ~1)) * 32;
             at[0] = g & 1 ? 16 : 0;
             at[1] = at[0] + 32;
@@ -214,17 +214,17 @@ static void round_row(const float *x, rounded r, int64_t m, int64_t K) {
 
 /* x (M, K) rounded, for the threads of an enclosing parallel region: each thread alone for a few rows, else all of
 them together (an orphaned `omp for`, whose barrier all must reach). */
-static rounded round_rows(const float *x, int64_t M, int64_t K) {
+static rounded round_rows(const float *x, int64_t M, int64_t K, int paired) {
     rounded r;
     if (M <= ROUND_FROM) {
         r = round_buffers(M, (K + 31) / 32);
-        for (int64_t m = 0; m < M; m++) round_row(x, r, m, K);
+        for (int64_t m = 0; m < M; m++) round_row(x, r, m, K, paired);
         return r;
     }
     #pragma omp single copyprivate(r)
     r = round_buffers(M, (K + 31) / 32);
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) round_row(x, r, m, K);
+    for (int64_t m = 0; m < M; m++) round_row(x, r, m, K, paired);
     return r;
 }
 
@@ -469,7 +469,7 @@ static int64_t x_block(int64_t M, int64_t G) {
 /* The stacked int4 or int8 matrices against x rounded per group: N rows of w against blocks of x that stay in L2. */
 static void rounded_products(const float *x, stack st, float *y, int64_t M, int64_t K, enum wtype t) {
     const int64_t N = st.n[0] + st.n[1] + st.n[2], XB = x_block(M, (K + 31) / 32);
-    const rounded r = round_rows(x, M, K);
+    const rounded r = round_rows(x, M, K, 1);
     /* Each thread takes the same rows of w for every block (static): no thread waits for another between them. */
     for (int64_t m0 = 0; m0 < M; m0 += XB) {
         const int64_t m1 = m0 + XB < M ? m0 + XB : M;
@@ -485,127 +485,166 @@ static void rounded_products(const float *x, stack st, float *y, int64_t M, int6
 }
 
 /* 1c. llama.cpp's block formats (mistral/ggml.py), multiplied as a GGUF file stores them. A row of w is K / 256
-super-blocks: one block of Q4_K, Q5_K or Q6_K, or eight 34-byte blocks of Q8_0. Each is unpacked into 256 small
-integers q, in the order rounded x holds its groups (1b: in pairs with AVX2), and per group of 32 a factor f: with a
-min b for Q4_K and Q5_K (weight = f q - b, q unsigned, 4 or 5 bits), or with an integer scale s per 16 for Q6_K and
-Q8_0 (weight = f s q, q signed; s = 1 for Q8_0). A group's dot product with x, rounded as in 1b to e xq, is then
+super-blocks: one block of Q4_K, Q5_K or Q6_K, or eight 34-byte blocks of Q8_0. In each, a group of 32 weights has a
+factor f, and either a min b (Q4_K, Q5_K: weight = f q - b, q unsigned, 4 or 5 bits) or an integer scale s per 16
+weights (Q6_K, Q8_0: weight = f s q, q signed; s = 1 for Q8_0). A group's dot product with x, rounded as in 1b to
+e xq, is then
 
     e (f sum(q xq) - b sum(xq))   or   e f (s0 sum(q xq over its first 16) + s1 sum(q xq over its last 16))
 
-integer multiply-adds as in 1b, sum(xq) e being known per group of x (1b's c / 8). A row is unpacked once per block
-of x rows (x_block), into a buffer of its thread, and every row of the block is multiplied by it. */
+integer multiply-adds as in 1b, sum(xq) e being known per group of x (1b's c / 8). With AVX2 the integers of two
+groups are unpacked straight into the two registers 1b's pairs of rounded x meet (for Q4_K, the low and high nibbles
+of 32 bytes are two whole groups: their first halves make one register, their second halves the other), once per four
+rows of x, as row_i4 does. Without AVX2 a super-block is unpacked into a buffer first. */
 enum gtype { GQ8_0 = 8, GQ4_K = 12, GQ5_K = 13, GQ6_K = 14 };  /* llama.cpp's type numbers */
-
-typedef struct {
-    uint8_t q[256];  /* unsigned (Q4_K, Q5_K) or signed (Q6_K, Q8_0) */
-    int16_t s[16];   /* per 16 weights: Q6_K, Q8_0 */
-    float f[8], b[8];
-} unpacked;
 
 INLINE int64_t super_bytes(int t) { return t == GQ4_K ? 144 : t == GQ5_K ? 176 : t == GQ6_K ? 210 : 272; }
 
-/* Where weight j of a super-block goes in q: groups in pairs, as 1b rounds x (g's first 16, g + 1's first 16, g's last
-16, g + 1's last 16), with AVX2; in order without. */
-INLINE int q_at(int j) {
-#ifdef __AVX2__
-    return (j & ~48) | (j & 16) << 1 | (j & 32) >> 1;
-#else
-    return j;
-#endif
-}
-
 INLINE float f16_at(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
 
-/* Q4_K's and Q5_K's 12 bytes of eight 6-bit scales and mins (mistral/ggml.py, _scale_min). */
-INLINE void scale_min(const uint8_t *s, int j, int *sc, int *m) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *m = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
-        *m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
-    }
+/* Q4_K's and Q5_K's 12 bytes of eight 6-bit scales and mins (mistral/ggml.py, _scale_min), four to a 32-bit word
+(little-endian): scales 0-3 and mins 0-3 are the low six bits of bytes 0-3 and 4-7; scales 4-7 the low nibbles of bytes
+8-11 under the top two bits of bytes 0-3, mins 4-7 the high nibbles under the top two bits of bytes 4-7. */
+INLINE void scales_mins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    uint32_t w[3], out[4];
+    memcpy(w, s, 12);
+    const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+    out[0] = w[0] & six;
+    out[1] = (w[2] & four) | (w[0] >> 6 & two) << 4;
+    out[2] = w[1] & six;
+    out[3] = (w[2] >> 4 & four) | (w[1] >> 6 & two) << 4;
+    memcpy(sc, out, 8);
+    memcpy(mn, out + 2, 8);
 }
 
-static void unpack(int t, const uint8_t *blk, unpacked *u) {
+/* A super-block's factors: f and b per group of 32, s per 16. */
+typedef struct {
+    float f[8], b[8];
+    int16_t s[16];
+} factors;
+
+INLINE void factors_of(int t, const uint8_t *blk, factors *u) {
     if (t == GQ4_K || t == GQ5_K) {
         const float d = f16_at(blk), dmin = f16_at(blk + 2);
-        const uint8_t *qh = blk + 16, *qs = blk + (t == GQ5_K ? 48 : 16);
+        uint8_t sc[8], mn[8];
+        scales_mins(blk + 4, sc, mn);
+#ifdef __AVX2__  /* what the loop below does, which the compiler leaves as 16 scalar conversions */
+        _mm256_storeu_ps(u->f, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+            _mm_loadl_epi64((const __m128i *)sc)))));
+        _mm256_storeu_ps(u->b, _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+            _mm_loadl_epi64((const __m128i *)mn)))));
+#else
         for (int g = 0; g < 8; g++) {
-            int sc, m;
-            scale_min(blk + 4, g, &sc, &m);
-            u->f[g] = d * (float)sc;
-            u->b[g] = dmin * (float)m;
+            u->f[g] = d * (float)sc[g];
+            u->b[g] = dmin * (float)mn[g];
         }
-        for (int c = 0; c < 4; c++)  /* 32 bytes of qs: sub-block 2c in the low nibbles, 2c + 1 in the high */
-            for (int h = 0; h < 2; h++) {
-                uint8_t *lo = u->q + q_at(64 * c + 16 * h), *hi = u->q + q_at(64 * c + 32 + 16 * h);
-                for (int i = 0; i < 16; i++) {
-                    const int l = 16 * h + i;
-                    lo[i] = qs[32 * c + l] & 15;
-                    hi[i] = qs[32 * c + l] >> 4;
-                    if (t == GQ5_K) {  /* bit j of qh[l]: the fifth bit of weight l of sub-block j */
-                        lo[i] |= (qh[l] >> (2 * c) & 1) << 4;
-                        hi[i] |= (qh[l] >> (2 * c + 1) & 1) << 4;
-                    }
-                }
-            }
+#endif
     } else if (t == GQ6_K) {
-        const uint8_t *ql = blk, *qh = blk + 128;
         const float d = f16_at(blk + 208);
         for (int g = 0; g < 8; g++) u->f[g] = d;
         for (int h = 0; h < 16; h++) u->s[h] = ((const int8_t *)(blk + 192))[h];
-        for (int n = 0; n < 2; n++)  /* halves of 128: runs k of 32 from ql's low, then high nibbles, qh's bits 2k */
-            for (int k = 0; k < 4; k++)
-                for (int h = 0; h < 2; h++) {
-                    int8_t *q = (int8_t *)u->q + q_at(128 * n + 32 * k + 16 * h);
-                    for (int i = 0; i < 16; i++) {
-                        const int l = 16 * h + i, b = ql[64 * n + 32 * (k & 1) + l];
-                        q[i] = (int8_t)(((k < 2 ? b & 15 : b >> 4) | (qh[32 * n + l] >> (2 * k) & 3) << 4) - 32);
-                    }
-                }
-    } else {  /* Q8_0 */
+    } else {
         for (int g = 0; g < 8; g++) {
-            const uint8_t *b = blk + 34 * g;
-            u->f[g] = f16_at(b);
+            u->f[g] = f16_at(blk + 34 * g);
             u->s[2 * g] = u->s[2 * g + 1] = 1;
-            for (int h = 0; h < 2; h++) memcpy(u->q + q_at(32 * g + 16 * h), b + 2 + 16 * h, 16);
         }
     }
 }
 
-/* y[(m0 + m) * ldy] for m < MB: one unpacked row (S super-blocks) against rows m0 .. m0 + MB - 1 of the rounded x. */
-INLINE void row_blocks(rounded r, const unpacked *u, int sgn, float *y, int64_t ldy, int64_t S, int64_t G, int64_t m0,
-                       const int MB) {
+/* The integer of weight j (0 .. 255) of a super-block: 0 .. 15 (Q4_K), 0 .. 31 (Q5_K), -32 .. 31 (Q6_K), int8 (Q8_0).
+In a K-quant block, each 32 bytes of q hold sub-block 2c in their low nibbles and 2c + 1 in their high ones; Q5_K's
+fifth bits are bit j of qh[l] for weight l of sub-block j; Q6_K's halves of 128 take runs k of 32 from the low, then the
+high nibbles of ql[0 .. 63], with bits 2k and 2k + 1 of qh[0 .. 31] on top. */
+INLINE int weight_q(int t, const uint8_t *blk, int j) {
+    const int g = j / 32, l = j % 32;
+    if (t == GQ4_K || t == GQ5_K) {
+        const uint8_t b = blk[(t == GQ5_K ? 48 : 16) + 32 * (g / 2) + l];
+        const int q = g & 1 ? b >> 4 : b & 15;
+        return t == GQ5_K ? q | (blk[16 + l] >> g & 1) << 4 : q;
+    }
+    if (t == GQ6_K) {
+        const int n = g / 4, k = g % 4, b = blk[64 * n + 32 * (k & 1) + l];
+        return ((k < 2 ? b & 15 : b >> 4) | (blk[128 + 32 * n + l] >> (2 * k) & 3) << 4) - 32;
+    }
+    return ((const int8_t *)blk)[34 * g + 2 + l];
+}
+
+#ifdef __AVX2__
+/* Groups 2p and 2p + 1 of a super-block as the pairs of 1b's rounded x hold them: *A their first 16 integers each
+(2p's in the low 128 bits), *B their last 16. */
+INLINE void pair_q(int t, const uint8_t *blk, int p, __m256i *A, __m256i *B) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256i g0, g1;
+    if (t == GQ4_K || t == GQ5_K) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(blk + (t == GQ5_K ? 48 : 16) + 32 * p));
+        g0 = _mm256_and_si256(b, low4);
+        g1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        if (t == GQ5_K) {  /* the fifth bits: 16 where bit 2p (or 2p + 1) of qh is set */
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16)), sixteen = _mm256_set1_epi8(16);
+            const __m256i m0 = _mm256_set1_epi8((char)(1 << (2 * p))), m1 = _mm256_set1_epi8((char)(2 << (2 * p)));
+            g0 = _mm256_or_si256(g0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m0), m0), sixteen));
+            g1 = _mm256_or_si256(g1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m1), m1), sixteen));
+        }
+    } else if (t == GQ6_K) {  /* groups 2p, 2p + 1 are runs k = 2 (p % 2), k + 1 of half p / 2 */
+        const int n = p / 2, k = 2 * (p % 2);
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * n));
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(blk + 64 * n + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n)), three = _mm256_set1_epi8(3);
+        const __m256i lo0 = k ? _mm256_and_si256(_mm256_srli_epi16(a, 4), low4) : _mm256_and_si256(a, low4);
+        const __m256i lo1 = k ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4) : _mm256_and_si256(b, low4);
+        const __m256i hi0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three), 4);
+        const __m256i hi1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k + 2), three), 4);
+        g0 = _mm256_sub_epi8(_mm256_or_si256(lo0, hi0), _mm256_set1_epi8(32));
+        g1 = _mm256_sub_epi8(_mm256_or_si256(lo1, hi1), _mm256_set1_epi8(32));
+    } else {
+        const uint8_t *b0 = blk + 34 * (2 * p) + 2, *b1 = b0 + 34;
+        *A = _mm256_loadu2_m128i((const __m128i *)b1, (const __m128i *)b0);
+        *B = _mm256_loadu2_m128i((const __m128i *)(b1 + 16), (const __m128i *)(b0 + 16));
+        return;
+    }
+    *A = _mm256_permute2x128_si256(g0, g1, 0x20);
+    *B = _mm256_permute2x128_si256(g0, g1, 0x31);
+}
+#endif
+
+/* y[(m0 + m) * ldy] for m < MB: row wn (S super-blocks of type t) against rows m0 .. m0 + MB - 1 of the rounded x. */
+INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int64_t ldy, int64_t S, int64_t G,
+                       int64_t m0, const int MB) {
+    const int sgn = t == GQ6_K || t == GQ8_0, bytes = (int)super_bytes(t);
     float out[4] = {0}, corr[4] = {0};
+    factors u;
 #ifdef __AVX2__
     __m256 acc[4], corr8[4];
     for (int m = 0; m < MB; m++) acc[m] = corr8[m] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < S; s++, u++) {
-        const __m256 f8 = _mm256_loadu_ps(u->f);
+    for (int64_t s = 0; s < S; s++) {
+        const uint8_t *blk = wn + s * bytes;
+        __builtin_prefetch(blk + PREFETCH_I4);
+        __builtin_prefetch(blk + PREFETCH_I4 + 64);
+        __builtin_prefetch(blk + PREFETCH_I4 + 128);
+        factors_of(t, blk, &u);
+        const __m256 f8 = _mm256_loadu_ps(u.f);
         __m256 fe[4];
         for (int m = 0; m < MB; m++) {
             const int64_t at = (m0 + m) * G + 8 * s;
             fe[m] = _mm256_mul_ps(f8, _mm256_loadu_ps(r.e + at));
-            if (!sgn) corr8[m] = _mm256_fmadd_ps(_mm256_loadu_ps(u->b), _mm256_loadu_ps(r.c + at), corr8[m]);
+            if (!sgn) corr8[m] = _mm256_fmadd_ps(_mm256_loadu_ps(u.b), _mm256_loadu_ps(r.c + at), corr8[m]);
         }
         for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1: lanes 0-3 of the sums are the first's, 4-7 the second's */
-            const __m256i A = _mm256_loadu_si256((const __m256i *)(u->q + 64 * p));
-            const __m256i B = _mm256_loadu_si256((const __m256i *)(u->q + 64 * p + 32));
+            __m256i A, B;
+            pair_q(t, blk, p, &A, &B);
             const __m256i lanes = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1,
                                                     2 * p + 1);
-            const __m256i sA = _mm256_set_m128i(_mm_set1_epi16(u->s[4 * p + 2]), _mm_set1_epi16(u->s[4 * p]));
-            const __m256i sB = _mm256_set_m128i(_mm_set1_epi16(u->s[4 * p + 3]), _mm_set1_epi16(u->s[4 * p + 1]));
+            const __m256i sA = _mm256_set_m128i(_mm_set1_epi16(u.s[4 * p + 2]), _mm_set1_epi16(u.s[4 * p]));
+            const __m256i sB = _mm256_set_m128i(_mm_set1_epi16(u.s[4 * p + 3]), _mm_set1_epi16(u.s[4 * p + 1]));
             const __m256i uA = sgn ? _mm256_abs_epi8(A) : A, uB = sgn ? _mm256_abs_epi8(B) : B;
             for (int m = 0; m < MB; m++) {
                 const int8_t *xq = r.xq + 32 * ((m0 + m) * G + 8 * s + 2 * p);
-                __m256i XA = _mm256_loadu_si256((const __m256i *)xq), XB = _mm256_loadu_si256((const __m256i *)(xq + 32));
+                const __m256i XA = _mm256_loadu_si256((const __m256i *)xq);
+                const __m256i XB = _mm256_loadu_si256((const __m256i *)(xq + 32));
                 __m256i I;
                 if (sgn) {  /* |q| times xq with q's sign, as 1b's int8; each 16's pair sums times its scale */
-                    XA = _mm256_sign_epi8(XA, A);
-                    XB = _mm256_sign_epi8(XB, B);
-                    I = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(uA, XA), sA),
-                                         _mm256_madd_epi16(_mm256_maddubs_epi16(uB, XB), sB));
+                    I = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(uA, _mm256_sign_epi8(XA, A)), sA),
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(uB, _mm256_sign_epi8(XB, B)), sB));
                 } else {
 #ifdef DPBUSD
                     I = DPBUSD(DPBUSD(_mm256_setzero_si256(), A, XA), B, XB);
@@ -626,52 +665,49 @@ INLINE void row_blocks(rounded r, const unpacked *u, int sgn, float *y, int64_t 
         }
     }
 #else
-    for (int64_t s = 0; s < S; s++, u++)
+    for (int64_t s = 0; s < S; s++) {
+        const uint8_t *blk = wn + s * bytes;
+        factors_of(t, blk, &u);
         for (int g = 0; g < 8; g++)
             for (int m = 0; m < MB; m++) {
                 const int64_t at = (m0 + m) * G + 8 * s + g;
-                const int8_t *xq = r.xq + 32 * at;
                 int32_t dot = 0;
-                for (int j = 0; j < 32; j++) {
-                    const int q = sgn ? ((const int8_t *)u->q)[32 * g + j] * u->s[2 * g + j / 16] : u->q[32 * g + j];
-                    dot += q * xq[j];
-                }
-                out[m] += u->f[g] * r.e[at] * (float)dot;
-                if (!sgn) corr[m] += u->b[g] * r.c[at];
+                for (int j = 0; j < 32; j++)
+                    dot += weight_q(t, blk, 32 * g + j) * (sgn ? u.s[2 * g + j / 16] : 1) * r.xq[32 * at + j];
+                out[m] += u.f[g] * r.e[at] * (float)dot;
+                if (!sgn) corr[m] += u.b[g] * r.c[at];
             }
+    }
 #endif
     for (int m = 0; m < MB; m++) y[(m0 + m) * ldy] = out[m] - corr[m] / 8;
 }
 
-static __thread unpacked *unpack_buf;
-static __thread int64_t unpack_cap;
-
-/* Column n of y: row n of w, of type t, unpacked, against rows m0 .. m1 - 1 of the rounded x, four at a time. */
+/* Column n of y: row n of w, of type t, against rows m0 .. m1 - 1 of the rounded x, four at a time. Each case calls
+row_blocks with a constant type, so the compiler specializes it. */
 static void column_blocks(rounded r, int t, const uint8_t *w, float *y, int64_t ldy, int64_t m0, int64_t m1,
                           int64_t K, int64_t n) {
-    const int64_t S = K / 256, bytes = super_bytes(t);
-    if (S > unpack_cap) {
-        free(unpack_buf);
-        unpack_buf = malloc(S * sizeof(unpacked));
-        unpack_cap = S;
+    const int64_t S = K / 256, G = K / 32;
+    const uint8_t *wn = w + n * S * super_bytes(t);
+#define ROWS(T)                                                                      \
+    {                                                                                \
+        int64_t m = m0;                                                              \
+        for (; m + 4 <= m1; m += 4) row_blocks(r, wn, T, y, ldy, S, G, m, 4);        \
+        for (; m + 2 <= m1; m += 2) row_blocks(r, wn, T, y, ldy, S, G, m, 2);        \
+        for (; m < m1; m++) row_blocks(r, wn, T, y, ldy, S, G, m, 1);                \
     }
-    const uint8_t *row = w + n * S * bytes;
-    for (int64_t s = 0; s < S; s++) {
-        __builtin_prefetch(row + s * bytes + PREFETCH_I4);
-        unpack(t, row + s * bytes, unpack_buf + s);
+    switch (t) {
+    case GQ4_K: ROWS(GQ4_K) break;
+    case GQ5_K: ROWS(GQ5_K) break;
+    case GQ6_K: ROWS(GQ6_K) break;
+    default: ROWS(GQ8_0)
     }
-    const int sgn = t == GQ6_K || t == GQ8_0;
-    const int64_t G = K / 32;
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) row_blocks(r, unpack_buf, sgn, y, ldy, S, G, m, 4);
-    for (; m + 2 <= m1; m += 2) row_blocks(r, unpack_buf, sgn, y, ldy, S, G, m, 2);
-    for (; m < m1; m++) row_blocks(r, unpack_buf, sgn, y, ldy, S, G, m, 1);
+#undef ROWS
 }
 
 /* The stacked block-format matrices (1c), each of its own type, against x rounded per group, as rounded_products. */
 static void block_products(const float *x, stack st, float *y, int64_t M, int64_t K) {
     const int64_t N = st.n[0] + st.n[1] + st.n[2], XB = x_block(M, K / 32);
-    const rounded r = round_rows(x, M, K);
+    const rounded r = round_rows(x, M, K, 1);
     for (int64_t m0 = 0; m0 < M; m0 += XB) {
         const int64_t m1 = m0 + XB < M ? m0 + XB : M;
         #pragma omp for schedule(static) nowait
