@@ -42,7 +42,7 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
 def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
          top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
          chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto",
-         quantize: str | None = None) -> None:
+         quantize: str | None = None, sliding_window: int | None = None) -> None:
     """Complete three fixed prompts as one packed batch and print each, followed by a line of '='.
 
     Without model_path, uses the small Shakespeare model that ships with the package.
@@ -57,7 +57,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
     model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                                 device=device, dtype=dtype, quantize=quantize, needs=needs,
-                                shrinks_cache="a smaller --max_tokens")
+                                shrinks_cache="a smaller --max_tokens", sliding_window=sliding_window)
     encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
     first_token_at = {}
 
@@ -85,7 +85,8 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 def interactive(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
                 top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
                 chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto",
-                dtype: str = "auto", quantize: str | None = None, instruct: bool = False) -> None:
+                dtype: str = "auto", quantize: str | None = None, instruct: bool = False,
+                sliding_window: int | None = None) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
 
     Each line stands alone: it is completed as text, or with --instruct answered as a one-message chat in the
@@ -97,7 +98,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     cli.check_seed(seed)
     cli.check_stdout()
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
-                                dtype=dtype, quantize=quantize,
+                                dtype=dtype, quantize=quantize, sliding_window=sliding_window,
                                 needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
                                                        chunk_size or TYPICAL_PROMPT),
                                 shrinks_cache="a smaller --max_tokens")
@@ -146,7 +147,7 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
          temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
          top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = PREFILL_CHUNK,
          num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
-         context: int | None = None) -> None:
+         context: int | None = None, sliding_window: int | None = None) -> None:
     """Talk with an instruction-tuned model: each line is a user message, the answer streams, and the
     conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer
     on stderr.
@@ -167,7 +168,8 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         return args.sliding_window or limit, chunk_size or TYPICAL_PROMPT
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
-                                dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --context")
+                                dtype=dtype, quantize=quantize, sliding_window=sliding_window, needs=needs,
+                                shrinks_cache="a smaller --context")
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
     refused = 0  # lines refused or not answered: the exit status says so
@@ -225,7 +227,8 @@ def quantize(src: str, dst: str, to: str = "int8") -> None:
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
           max_queue: int = 64, max_tokens: int = SERVE_MAX_TOKENS, api_key: str | None = None,
           context: int | None = None, chunk_size: int = PREFILL_CHUNK, num_pipeline_ranks: int = 1,
-          device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> None:
+          device: str = "auto", dtype: str = "auto", quantize: str | None = None,
+          sliding_window: int | None = None) -> None:
     """Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), answering up
     to --max_batch_size requests at once, --max_queue more waiting (past that: 429).
 
@@ -260,13 +263,13 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
 
     folder = cli.SHIPPED_MODEL if model_path is None else cli.folder(model_path, "model_path")
     checkpoint.layout(folder)
-    needs(checkpoint.read_args(folder), None)  # before the server starts: a mistake is said in one line
+    needs(checkpoint.read_args(folder, sliding_window), None)  # before the server starts: a mistake is said in one line
     cli.check_port(host, port)
     front = server.Server(folder.resolve().name, api_key=api_key, max_tokens=max_tokens)
 
     def load():
         model, tokenizer = cli.load(model_path, max_batch_size=max_batch_size, num_pipeline_ranks=1, device=device,
-                                    dtype=dtype, quantize=quantize, needs=needs,
+                                    dtype=dtype, quantize=quantize, needs=needs, sliding_window=sliding_window,
                                     shrinks_cache="a smaller --max_batch_size or --context")
         slots, _ = needs(model.args, tokenizer)
         if model.device.type == "cuda":

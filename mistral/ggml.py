@@ -42,6 +42,12 @@ def row_bytes(kind: int, K: int) -> int:
     return K // weights * nbytes
 
 
+def row_weights(kind: int, nbytes: int) -> int:
+    """The weights in one row of nbytes bytes of type `kind`."""
+    _, weights, block = BLOCKS[kind]
+    return nbytes // block * weights
+
+
 def _f16(raw: torch.Tensor) -> torch.Tensor:
     """(..., 2) uint8 little-endian fp16 -> (...,) fp32."""
     return raw.contiguous().view(torch.float16).squeeze(-1).float()

@@ -130,6 +130,11 @@ class Tokenizer:
         return version
 
     @property
+    def sentencepiece_model(self) -> bytes:
+        """The serialized sentencepiece model (a .model file's bytes)."""
+        return self._proto if self._proto is not None else self.path.read_bytes()
+
+    @property
     def n_words(self) -> int:
         return self._sp.vocab_size() if self._sp is not None else self._tekken.n_words
 

@@ -121,9 +121,13 @@ def read(path: Path) -> tuple[dict, dict[str, _Tensor]]:
 
 
 def value(fields: dict, key: str, default=None):
-    """The value of metadata key `key` (a list for an array), or default when the file has none."""
+    """The value of metadata key `key` (a list for an array), or default when the file has none. A float32 is given
+    as the shortest decimal that rounds to it (1e-05, not 9.99999974738e-06): the value the file was written from."""
     field = fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    v = field.contents()
+    return float(str(field.parts[-1][0])) if isinstance(v, float) and field.parts[-1].dtype.itemsize == 4 else v
 
 
 def read_args(path: Path, sliding_window: int | None = None) -> ModelArgs:

@@ -8,8 +8,8 @@ import torch
 from mistral import ggml, grouped, pipeline, quantize as formats
 from mistral.args import QUANTIZATIONS, ModelArgs
 from mistral.checkpoint.layouts import read_args
-from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _bytes, _mapped, _on_meta, _plan,
-                                     _progress, _quantized, _read, _read_exactly)
+from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _mapped, _on_meta, _plan, _progress,
+                                     _q4_0_as_int4, _quantized, _read)
 from mistral.device import resolve_device, resolve_dtype
 from mistral.errors import MistralError
 from mistral.memory import Memory, gb, memory_available
@@ -62,23 +62,6 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
             else:
                 out[name] = _read(plan[name], device, like.dtype, progress, staging)
     return out
-
-
-def _q4_0_as_int4(source: _Source, device: torch.device, progress, staging: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
-    """A GGUF file's Q4_0 matrix (N, G * 18 bytes) as int4's (packed (N, G * 16), scales (N, G)), read a block of rows
-    at a time: the same weights (mistral/ggml.py, q4_0_as_int4), the file's pages never held beside them."""
-    N, width = source.shape
-    rows = max(1, _CHUNK_BYTES // width)
-    packed, scales = torch.empty(N, width // 18 * 16, dtype=torch.uint8), torch.empty(N, width // 18,
-                                                                                       dtype=torch.float16)
-    with open(source.path, "rb", buffering=0) as f:
-        f.seek(source.offset)
-        for start in range(0, N, rows):
-            block = staging[: min(rows, N - start) * width].view(-1, width)
-            _read_exactly(f, _bytes(block), source, progress)
-            packed[start : start + len(block)], scales[start : start + len(block)] = ggml.q4_0_as_int4(block)
-    return packed.to(device), scales.to(device)
 
 
 def _block_modules(model: Transformer, plan: dict[str, _Source]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mistral import quantize
+from mistral import ggml, quantize
 from mistral.args import ModelArgs
 from mistral.checkpoint import gguf
 from mistral.checkpoint.hf import _locate, from_hf_rope_order, rope_heads
@@ -131,6 +131,14 @@ class _Source:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    @property
+    def weights(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and dtype of the weights as floats: a block format's (N, K), bf16 (what it dequantizes to, to
+        write); else as stored."""
+        if not self.ggml:
+            return self.shape, self.dtype
+        return (self.shape[0], ggml.row_weights(self.ggml, self.shape[1])), torch.bfloat16
+
 
 def _plan(folder: Path, args: ModelArgs) -> dict[str, _Source]:
     """Native key -> its bytes, for the whole model, after checking the files hold exactly that model."""
@@ -233,6 +241,8 @@ def _read(source: _Source, device: torch.device, dtype: torch.dtype, progress: t
     staging: uint8 scratch of _CHUNK_BYTES for dtype conversion or a device copy. Pass the same one for
     every tensor: a fresh scratch per tensor lands between the tensors kept and fragments the heap.
     """
+    if source.ggml:
+        return _dequantized(source, device, dtype, progress, staging)
     out = torch.empty(source.shape, dtype=dtype, device=device)
     with open(source.path, "rb", buffering=0) as f:
         f.seek(source.offset)
@@ -247,6 +257,40 @@ def _read(source: _Source, device: torch.device, dtype: torch.dtype, progress: t
                 _read_exactly(f, _bytes(part), source, progress)
                 flat[start : start + part.numel()].copy_(part)  # converts dtype and moves to device
     return from_hf_rope_order(out, source.rope_heads) if source.rope_heads else out
+
+
+def _block_rows(source: _Source, progress: tqdm, staging: torch.Tensor | None, rows: int):
+    """A GGUF block-format matrix's rows of blocks, `rows` at a time: (start, uint8 (n, row_bytes)) in staging."""
+    N, width = source.shape
+    staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8) if staging is None else staging
+    with open(source.path, "rb", buffering=0) as f:
+        f.seek(source.offset)
+        for start in range(0, N, rows):
+            block = staging[: min(rows, N - start) * width].view(-1, width)
+            _read_exactly(f, _bytes(block), source, progress)
+            yield start, block
+
+
+def _dequantized(source: _Source, device: torch.device, dtype: torch.dtype, progress: tqdm,
+                 staging: torch.Tensor | None = None) -> torch.Tensor:
+    """A GGUF block-format matrix as floats of dtype, dequantized (mistral/ggml.py) a block of rows at a time."""
+    (N, K), _ = source.weights
+    out = torch.empty(N, K, dtype=dtype, device=device)
+    for start, block in _block_rows(source, progress, staging, max(1, _CHUNK_BYTES // (4 * K))):
+        out[start : start + len(block)] = ggml.dequantize(block, source.ggml)
+    return out
+
+
+def _q4_0_as_int4(source: _Source, device: torch.device, progress: tqdm,
+                  staging: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF file's Q4_0 matrix (N, G * 18 bytes) as int4's (packed (N, G * 16), scales (N, G)), read a block of rows
+    at a time: the same weights (mistral/ggml.py, q4_0_as_int4), the file's pages never held beside them."""
+    N, width = source.shape
+    packed = torch.empty(N, width // 18 * 16, dtype=torch.uint8)
+    scales = torch.empty(N, width // 18, dtype=torch.float16)
+    for start, block in _block_rows(source, progress, staging, max(1, _CHUNK_BYTES // width)):
+        packed[start : start + len(block)], scales[start : start + len(block)] = ggml.q4_0_as_int4(block)
+    return packed.to(device), scales.to(device)
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -269,7 +313,9 @@ def _quantized(source: _Source, device: torch.device, progress: tqdm, staging: t
     fp16), quantized a block of rows at a time as it is read: the full-precision matrix is never held. (Rows in HF's
     RoPE order are read whole first, to put them in ours.)"""
     rows_of = int8_rows if to == "int8" else int4_rows
-    if source.rope_heads:
+    if source.ggml == ggml.TYPES["Q4_0"] and to == "int4":
+        return _q4_0_as_int4(source, device, progress, staging)
+    if source.rope_heads or source.ggml:
         return tuple(t.to(device) for t in rows_of(_read(source, torch.device("cpu"), torch.float32, progress)))
     N, K = source.shape
     rows = max(1, _CHUNK_BYTES // (K * source.dtype.itemsize))

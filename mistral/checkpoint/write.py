@@ -15,10 +15,11 @@ import torch
 
 from mistral.args import QUANTIZATIONS
 from mistral.checkpoint.hf import hf_config_from_args, hf_name, rope_heads, to_hf_rope_order
-from mistral.checkpoint.layouts import TOKENIZER_FILES, read_args
+from mistral.checkpoint.layouts import TOKENIZER_FILES, layout, read_args
 from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _SAFETENSORS_NAMES, _Source, _bytes, _meta_state, _plan,
                                      _progress, _quantized, _read)
 from mistral.errors import MistralError
+from mistral.tokenizer import Tokenizer
 
 # A tensor to write: its dtype, its shape, and what makes it (called once, when its turn comes).
 _Entry = tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
@@ -83,6 +84,14 @@ def _check_tokenizer(src: Path) -> None:
 
 
 def _copy_tokenizers(src: Path, dst: Path) -> None:
+    if layout(src) == "gguf":  # the file beside it, or the one built from the file's own (mistral/tokenizer.py)
+        tokenizer = Tokenizer.from_folder(src)
+        if tokenizer.path.is_file() and tokenizer.path.suffix != ".gguf":
+            shutil.copyfile(tokenizer.path, dst / tokenizer.path.name)
+        else:
+            name = "tokenizer.model" if tokenizer.version == "v1" else f"tokenizer.model.{tokenizer.version}"
+            (dst / name).write_bytes(tokenizer.sentencepiece_model)
+        return
     for name in (*TOKENIZER_FILES, *HF_TOKENIZER_FILES):
         for path in src.glob(name):
             shutil.copyfile(path, dst / path.name)
@@ -93,13 +102,16 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
 
     native: params.json + consolidated.safetensors. hf: config.json + model.safetensors that transformers'
     MistralForCausalLM / MixtralForCausalLM.from_pretrained loads. The tokenizer files are copied along. Tensors
-    keep their stored dtype and pass through memory one at a time.
+    keep their stored dtype and pass through memory one at a time. src may be a GGUF file: its block-format matrices
+    are dequantized to bf16 (a block of rows at a time), and its tokenizer written as tokenizer.model[.vN].
     """
     src, dst = Path(src), Path(dst)
     if to not in ("native", "hf"):
         raise MistralError(f"unknown target layout {to!r}; use native or hf")
     args = read_args(src)
     _check_tokenizer(src)
+    if layout(src) == "gguf":
+        Tokenizer.from_folder(src)  # refused now, not after the weights are written, if it cannot be rebuilt
     if to == "hf" and args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights, which transformers' Mistral models do not "
                            "read; convert the float folder it was made from")
@@ -109,17 +121,18 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
         if to == "native":
             params = {k: v for k, v in asdict(args).items() if v is not None}
             (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-            tensors = {n: (s.dtype, s.shape, lambda s=s: _read(s, cpu, s.dtype, progress)) for n, s in plan.items()}
+            tensors = {n: (*reversed(s.weights), lambda s=s: _read(s, cpu, s.weights[1], progress))
+                       for n, s in plan.items()}
             _write_safetensors(tmp / "consolidated.safetensors", tensors)
         else:
-            config = hf_config_from_args(args, plan["tok_embeddings.weight"].dtype)
+            config = hf_config_from_args(args, plan["tok_embeddings.weight"].weights[1])
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
             def hf_order(source: _Source, heads: int) -> torch.Tensor:
-                t = _read(source, cpu, source.dtype, progress)
+                t = _read(source, cpu, source.weights[1], progress)
                 return to_hf_rope_order(t, heads) if heads else t
 
-            tensors = {hf_name(n): (s.dtype, s.shape, lambda s=s, n=n: hf_order(s, rope_heads(n, args)))
+            tensors = {hf_name(n): (*reversed(s.weights), lambda s=s, n=n: hf_order(s, rope_heads(n, args)))
                        for n, s in plan.items()}
             _write_safetensors(tmp / "model.safetensors", tensors)
         _copy_tokenizers(src, tmp)
@@ -131,12 +144,15 @@ def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
     which every command then loads without quantizing again: params.json says "quantization": "int8" (or "int4"), and
     consolidated.safetensors holds each linear's "<name>.weight" and "<name>.scales" (int8 and fp32 (N,); for int4,
     two weights a byte, uint8 (N, G * 16), and fp16 (N, G), G groups of 32 a row: mistral/quantize.py says how they
-    are made) beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read."""
+    are made) beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read.
+    src may be a GGUF file: a Q4_0 matrix becomes int4 unchanged, one of another block format is dequantized first."""
     src, dst = Path(src), Path(dst)
     if to not in QUANTIZATIONS:
         raise MistralError(f"unknown quantization {to!r}; the choices are {' and '.join(QUANTIZATIONS)}")
     args = read_args(src)
     _check_tokenizer(src)
+    if layout(src) == "gguf":
+        Tokenizer.from_folder(src)
     if args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights already")
     plan = _plan(src, args)
@@ -155,7 +171,7 @@ def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
                 tensors[name] = (like.dtype, tuple(like.shape), lambda name=name: made.pop(name))
             else:
                 source = plan[name]
-                tensors[name] = (source.dtype, source.shape, lambda s=source: _read(s, cpu, s.dtype, progress))
+                tensors[name] = (*reversed(source.weights), lambda s=source: _read(s, cpu, s.weights[1], progress))
         params = {k: v for k, v in asdict(quantized).items() if v is not None}
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         _write_safetensors(tmp / "consolidated.safetensors", tensors)
