@@ -35,7 +35,16 @@ def anchor(*args: str) -> str:
 
 
 def llama_bench(gguf: Path) -> dict:
-    records = json.loads(anchor("bench", str(gguf), "-t", "2", "-p", "63,512", "-n", "16", "-r", "2", "-o", "json"))
+    """llama-bench's pre-fill and decode rates on one file. LLAMA_BENCH=<binary> runs that build instead of the anchor
+    script's (where its -march=native build cannot run: see docs/performance-diary.md on AMX)."""
+    flags = ["-t", "2", "-p", "63,512", "-n", "16", "-r", "2", "-o", "json"]
+    if os.environ.get("LLAMA_BENCH"):
+        done = subprocess.run([os.environ["LLAMA_BENCH"], "-m", str(gguf), *flags], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{os.environ['LLAMA_BENCH']} failed on {gguf.name}: {done.stderr.strip().splitlines()[-1:]}")
+        records = json.loads(done.stdout)
+    else:
+        records = json.loads(anchor("bench", str(gguf), *flags))
     out = {}
     for r in records:
         key = f"prefill {r['n_prompt']} tokens/s" if r["n_prompt"] else "decode tokens/s"

@@ -371,7 +371,7 @@ def test_split_files_and_folders(tmp_path):
     (tmp_path / "split").mkdir()
     _file(tmp_path / "split", "m-00001-of-00003.gguf")
     _file(tmp_path / "split", "m-00003-of-00003.gguf")
-    with pytest.raises(MistralError, match=r"lacks m-00002-of-00003\.gguf \(1 of 3 parts missing\); finish the download"):
+    with pytest.raises(MistralError, match=r"lacks m-00002-of-00003\.gguf \(1 of 3 parts missing\); finish the"):
         gguf_files.gguf_files(tmp_path / "split" / "m-00001-of-00003.gguf")
 
 

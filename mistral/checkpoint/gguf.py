@@ -163,15 +163,14 @@ def read_args(path: Path, sliding_window: int | None = None) -> ModelArgs:
     moe = None
     if experts:
         moe = MoeArgs(num_experts=count("expert_count"), num_experts_per_tok=count("expert_used_count"))
+    def positive(key: str, default: float) -> float:
+        return positive_value(float(value(fields, f"llama.{key}", default)), f"llama.{key}", source)
+
     return ModelArgs(dim=dim, n_layers=count("block_count"), head_dim=head_dim, hidden_dim=count("feed_forward_length"),
                      n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     norm_eps=positive_value(float(value(fields, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                                             "llama.attention.layer_norm_rms_epsilon", source),
+                     norm_eps=positive("attention.layer_norm_rms_epsilon", 1e-5),
                      vocab_size=count_value(int(vocab or 0), "llama.vocab_size", source),
-                     sliding_window=sliding_window,
-                     rope_theta=positive_value(float(value(fields, "llama.rope.freq_base", 1e4)), "llama.rope.freq_base",
-                                               source),
-                     moe=moe, source=source)
+                     sliding_window=sliding_window, rope_theta=positive("rope.freq_base", 1e4), moe=moe, source=source)
 
 
 def gguf_name(name: str) -> str:
@@ -256,8 +255,9 @@ def sentencepiece_model(path: Path) -> bytes | None:
                + _varint_field(41, bos) + _varint_field(42, eos) + _varint_field(43, (1 << 64) - 1)  # pad: -1
                + _string(45, tokens[unk].encode()) + _string(46, tokens[bos].encode())
                + _string(47, tokens[eos].encode()))
-    normalizer = (_string(1, b"identity") + _varint_field(3, int(value(fields, "tokenizer.ggml.add_space_prefix", True)))
-                  + _varint_field(4, int(value(fields, "tokenizer.ggml.remove_extra_whitespaces", False))))
+    space, extra = (int(value(fields, f"tokenizer.ggml.{key}", default))
+                    for key, default in (("add_space_prefix", True), ("remove_extra_whitespaces", False)))
+    normalizer = _string(1, b"identity") + _varint_field(3, space) + _varint_field(4, extra)
     return pieces + _message(2, trainer) + _message(3, normalizer)
 
 
