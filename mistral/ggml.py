@@ -34,6 +34,11 @@ from mistral.quantize import GROUP, _blockwise, round_per_group
 BLOCKS = {2: ("Q4_0", 32, 18), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
           14: ("Q6_K", 256, 210)}
 TYPES = {name: number for number, (name, _, _) in BLOCKS.items()}
+# Up to this many rows of x a product rounds x per group of 32 and multiplies integers (kernels.c, 1c); beyond, it takes
+# x as it is, times the weights dequantized to fp32 a block of rows at a time (MKL), as int8 does past INT8_ROWS. Where
+# the one overtakes the other on a 7B layer's shapes, 2 threads, the Xeon of docs/performance-diary.md: the integer
+# products of Q6_K take about twice the instructions of Q4_K's (their scales per 16), so MKL wins from fewer rows.
+ROUNDED_ROWS = {2: 1 << 62, 8: 96, 12: 160, 13: 160, 14: 40}  # Q4_0: int4 rounds x at any count (mistral/quantize.py)
 
 
 def row_bytes(kind: int, K: int) -> int:
@@ -129,14 +134,32 @@ class GgmlLinear(nn.Module):
         return torch.tensor([float(self.kind)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x rounded per group of 32 times the dequantized weights, in float64, a block of rows at a time."""
+        """x rounded per group of 32 times the dequantized weights, in float64; past ROUNDED_ROWS rows, x as it is,
+        in x's dtype. The weights are dequantized a block of rows at a time."""
         *lead, K = x.shape
-        x64 = round_per_group(x.reshape(-1, K))  # (M, K)
+        x2 = x.reshape(-1, K)  # (M, K)
+        if x2.shape[0] > ROUNDED_ROWS[self.kind]:
+            return self.dequantized_product(x2).view(*lead, -1)
+        x64 = round_per_group(x2)
 
         def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
             return F.linear(x64, block((end - start, K)).copy_(dequantize(self.weight[start:end], self.kind)))
 
         return _blockwise(x64, self.weight.shape[0], K, product).to(x.dtype).view(*lead, -1)
+
+    def dequantized_product(self, x: torch.Tensor,
+                            into: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """x (M, K) times the weights dequantized a block of rows at a time: into(rows of blocks, block) writes a
+        block's weights (default: dequantize)."""
+        def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+            out = block((end - start, x.shape[1]))
+            if into is None:
+                out.copy_(dequantize(self.weight[start:end], self.kind))
+            else:
+                into(self.weight[start:end], out)
+            return F.linear(x, out)
+
+        return _blockwise(x, self.weight.shape[0], x.shape[1], product)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.weight.shape[0]}, type={BLOCKS[self.kind][0]}"

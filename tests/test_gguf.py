@@ -90,6 +90,21 @@ def test_block_products_against_float64(c_compiler, name, M):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_past_rounded_rows_x_is_taken_as_it_is(c_compiler, name):
+    """Past ROUNDED_ROWS rows a product takes x as it is, times the weights dequantized (in C, block_dequantize): the
+    float64 product of x and the dequantized weights; at ROUNDED_ROWS, still x rounded."""
+    from mistral.cpu.linears import CGgmlLinear
+    kind = ggml.TYPES[name]
+    w, rows = random_blocks(kind, 300, 512, seed=kind), ggml.ROUNDED_ROWS[kind]
+    linear = CGgmlLinear(w, kind, 512)
+    for M, x_as in ((rows + 1, torch.Tensor.double), (rows, rounded_per_group)):
+        x = torch.randn(M, 512)
+        expected = x_as(x) @ ggml.dequantize(w, kind).double().T
+        with torch.no_grad():
+            torch.testing.assert_close(linear(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_the_portable_c_products_too(c_compiler, tmp_path):
     """kernels.c built without -march (no AVX2: its plain C loops), against the same float64."""
     so = tmp_path / "portable.so"
@@ -104,6 +119,18 @@ def test_the_portable_c_products_too(c_compiler, tmp_path):
                    ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(M), ctypes.c_int64(K))
         expected = rounded_per_group(x) @ ggml.dequantize(w, kind).double().T
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        weights = torch.empty(11, K)
+        lib.block_dequantize(ctypes.c_int(kind), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(weights.data_ptr()),
+                             ctypes.c_int64(11), ctypes.c_int64(K))
+        torch.testing.assert_close(weights, ggml.dequantize(w, kind), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_block_dequantize_against_the_reference(c_compiler, name):
+    kind = ggml.TYPES[name]
+    w = random_blocks(kind, 13, 768, seed=kind)
+    torch.testing.assert_close(kernels.block_dequantize(w, kind, torch.empty(13, 768)), ggml.dequantize(w, kind),
+                               rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,26 +217,34 @@ def model_tensors(args: ModelArgs, kinds: dict | None = None, seed: int = 0) -> 
     return out
 
 
-class Rounded(nn.Module):
-    """A linear of fp32 weights that rounds x per group of 32 as the kernels do, in float64: what every block-format
-    product computes, written independently of the library."""
+def product(x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
+    """What a block-format product computes, written independently of the library: up to ggml.ROUNDED_ROWS rows of x,
+    x rounded per group of 32 as the kernels round it (helpers.rounded_per_group), times the weights, in float64;
+    beyond, x as it is."""
+    x = x.reshape(-1, x.shape[-1])
+    return (rounded_per_group(x) if len(x) <= ggml.ROUNDED_ROWS[kind] else x.double()) @ w.double().T
 
-    def __init__(self, weight: torch.Tensor):
+
+class Rounded(nn.Module):
+    """A linear of fp32 weights that multiplies as a block format of type `kind` does (product)."""
+
+    def __init__(self, weight: torch.Tensor, kind: int):
         super().__init__()
-        self.weight = weight
+        self.weight, self.kind = weight, kind
 
     def forward(self, x):
-        return (rounded_per_group(x.reshape(-1, x.shape[-1])) @ self.weight.double().T).float().view(*x.shape[:-1], -1)
+        return product(x, self.weight, self.kind).float().view(*x.shape[:-1], -1)
 
 
-def reference(args: ModelArgs, weights: dict) -> Transformer:
-    """The model of a file's dequantized weights, every product rounding x as Rounded does."""
+def reference(args: ModelArgs, weights: dict, kinds: dict) -> Transformer:
+    """The model of a file's dequantized weights (kinds: the type of each GGUF name), every product as Rounded's."""
     model = Transformer(args, max_batch_size=2)
     model.load_state_dict({name: weights[gguf_files.gguf_name(name)] for name in model.state_dict()})
-    for module in list(model.modules()):
+    for prefix, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name != "gate":
-                setattr(module, child_name, Rounded(child.weight.detach()))
+                key = gguf_files.gguf_name(f"{prefix}.{child_name}.weight" if prefix else f"{child_name}.weight")
+                setattr(module, child_name, Rounded(child.weight.detach(), kinds[key]))
     return model.eval()
 
 
@@ -231,7 +266,9 @@ def test_a_file_computes_what_its_dequantized_weights_do(c_compiler, tmp_path, m
     format in one file, and a mixture of experts with experts one tensor each or merged."""
     params = PARAMS | ({"moe": {"num_experts": 4, "num_experts_per_tok": 2}} if moe else {})
     args = ModelArgs.from_dict(params)
-    weights = _expert_weights(write_gguf(tmp_path / "m.gguf", args, model_tensors(args, KINDS), merged=moe == "merged"))
+    tensors = model_tensors(args, KINDS)
+    kinds = {name: t[1] for name, t in tensors.items() if isinstance(t, tuple)}  # per expert, before write_gguf merges
+    weights = _expert_weights(write_gguf(tmp_path / "m.gguf", args, tensors, merged=moe == "merged"))
     model = load_model(tmp_path / "m.gguf", max_batch_size=2)
     ids = torch.randint(0, args.vocab_size, (2, 21), generator=torch.Generator().manual_seed(3))
     seen = []
@@ -244,11 +281,11 @@ def test_a_file_computes_what_its_dequantized_weights_do(c_compiler, tmp_path, m
     experts = args.moe.num_experts if moe else 1
     assert len({name for name, _, _ in seen}) == (4 + 3 * experts) * args.n_layers + 1
     for name, x, y in seen:
-        w = weights[gguf_files.gguf_name(name + ".weight")].double()
-        expected = rounded_per_group(x.reshape(-1, w.shape[1])) @ w.T
+        key = gguf_files.gguf_name(name + ".weight")
+        expected = product(x, weights[key], kinds[key])
         torch.testing.assert_close(y.reshape(expected.shape).double(), expected, rtol=1e-5,
                                    atol=1e-5 * expected.abs().max().item())
-    ref = reference(args, weights)
+    ref = reference(args, weights, kinds)
     with torch.no_grad():  # a near tie of x that the two round apart moves what follows by less than this
         torch.testing.assert_close(logits, ref(ids.view(-1), [21, 21]), rtol=0, atol=0.05)
     assert generate_ids(ids.tolist(), model, max_tokens=6)[0] == generate_ids(ids.tolist(), ref, max_tokens=6,

@@ -142,7 +142,8 @@ A group's dot product is then d e (sum_j nibble_j xq_j - 8 sum_j xq_j): the firs
 madd adds those pairs into int32s), and the second is known per group of x before any weight is read. This is
 what makes the format not weight-only: x carries up to e / 2 of rounding error per element. */
 
-/* x rounded per group: xq (M, G * 32), zero past K; e (M, G) the scales; c (M, G) = 8 e sum(xq), the correction.
+/* x rounded per group: xq (M, G * 32), zero past K; e (M, G) the scales; c (M, G) = 8 e sum(xq), the correction;
+h (M, 2 G) = 32 e sum(xq) over each half of each group, in order (1c's Q6_K).
 
 With AVX2, row_i4 takes groups eight at a time, and two at a time within those (16 + 16 bytes of weights in one
 register: the low nibbles are weights 0..15 of both groups, the high nibbles weights 16..31), so there xq holds each
@@ -150,7 +151,7 @@ pair of groups g, g + 1 in that order: g's first 16, g + 1's first 16, g's last 
 paired_groups(K) on keep their own order. */
 typedef struct {
     const int8_t *xq;
-    const float *e, *c;
+    const float *e, *c, *h;
 } rounded;
 
 /* The groups a row's x holds in pairs (AVX2): the whole groups of 32 of K inputs, a multiple of eight of them. Only
@@ -177,17 +178,17 @@ static rounded round_buffers(int64_t M, int64_t G) {
         free(round_q);
         free(round_f);
         round_q = malloc(M * G * 32);
-        round_f = malloc(2 * M * G * sizeof(float));
+        round_f = malloc(4 * M * G * sizeof(float));
         round_cap = M * G;
     }
-    return (rounded){round_q, round_f, round_f + M * G};
+    return (rounded){round_q, round_f, round_f + M * G, round_f + 2 * M * G};
 }
 
-/* Row m of x (M, K) rounded into r: its groups in pairs (as above) if `paired`, else in order (1c's). */
-static void round_row(const float *x, rounded r, int64_t m, int64_t K, int paired) {
+/* Row m of x (M, K) rounded into r. */
+static void round_row(const float *x, rounded r, int64_t m, int64_t K) {
     const int64_t G = (K + 31) / 32;
     int8_t *xq = (int8_t *)r.xq;
-    float *e = (float *)r.e, *c = (float *)r.c;
+    float *e = (float *)r.e, *c = (float *)r.c, *h = (float *)r.h;
     for (int64_t g = 0; g < G; g++) {
         const float *xg = x + m * K + 32 * g;
         const int64_t n = K - 32 * g < 32 ? K - 32 * g : 32;
@@ -196,35 +197,37 @@ static void round_row(const float *x, rounded r, int64_t m, int64_t K, int paire
         const float scale = top / 127, inv = top > 0 ? 127 / top : 0;
         int8_t *q = xq + (m * G + g) * 32;
         int64_t at[2] = {0, 16};  /* where the group's two halves go */
-        if (paired && g < paired_groups(K)) {
+        if (g < paired_groups(K)) {
             q = xq + (m * G + (g & ~1)) * 32;
             at[0] = g & 1 ? 16 : 0;
             at[1] = at[0] + 32;
         }
-        int sum = 0;
+        int sum[2] = {0, 0};
         for (int64_t j = 0; j < 32; j++) {
             const int8_t v = j < n ? (int8_t)lrintf(xg[j] * inv) : 0;
             q[at[j / 16] + j % 16] = v;
-            sum += v;
+            sum[j / 16] += v;
         }
         e[m * G + g] = scale;
-        c[m * G + g] = 8 * scale * (float)sum;
+        c[m * G + g] = 8 * scale * (float)(sum[0] + sum[1]);
+        h[2 * (m * G + g)] = 32 * scale * (float)sum[0];
+        h[2 * (m * G + g) + 1] = 32 * scale * (float)sum[1];
     }
 }
 
 /* x (M, K) rounded, for the threads of an enclosing parallel region: each thread alone for a few rows, else all of
 them together (an orphaned `omp for`, whose barrier all must reach). */
-static rounded round_rows(const float *x, int64_t M, int64_t K, int paired) {
+static rounded round_rows(const float *x, int64_t M, int64_t K) {
     rounded r;
     if (M <= ROUND_FROM) {
         r = round_buffers(M, (K + 31) / 32);
-        for (int64_t m = 0; m < M; m++) round_row(x, r, m, K, paired);
+        for (int64_t m = 0; m < M; m++) round_row(x, r, m, K);
         return r;
     }
     #pragma omp single copyprivate(r)
     r = round_buffers(M, (K + 31) / 32);
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) round_row(x, r, m, K, paired);
+    for (int64_t m = 0; m < M; m++) round_row(x, r, m, K);
     return r;
 }
 
@@ -469,7 +472,7 @@ static int64_t x_block(int64_t M, int64_t G) {
 /* The stacked int4 or int8 matrices against x rounded per group: N rows of w against blocks of x that stay in L2. */
 static void rounded_products(const float *x, stack st, float *y, int64_t M, int64_t K, enum wtype t) {
     const int64_t N = st.n[0] + st.n[1] + st.n[2], XB = x_block(M, (K + 31) / 32);
-    const rounded r = round_rows(x, M, K, 1);
+    const rounded r = round_rows(x, M, K);
     /* Each thread takes the same rows of w for every block (static): no thread waits for another between them. */
     for (int64_t m0 = 0; m0 < M; m0 += XB) {
         const int64_t m1 = m0 + XB < M ? m0 + XB : M;
@@ -571,11 +574,11 @@ INLINE int weight_q(int t, const uint8_t *blk, int j) {
 
 #ifdef __AVX2__
 /* Groups 2p and 2p + 1 of a super-block as the pairs of 1b's rounded x hold them: *A their first 16 integers each
-(2p's in the low 128 bits), *B their last 16. */
+(2p's in the low 128 bits), *B their last 16. Q6_K's are given unsigned, q + 32 (0 .. 63). */
 INLINE void pair_q(int t, const uint8_t *blk, int p, __m256i *A, __m256i *B) {
     const __m256i low4 = _mm256_set1_epi8(15);
     __m256i g0, g1;
-    if (t == GQ4_K || t == GQ5_K) {
+    if (t == GQ4_K || t == GQ5_K) {  /* the low and the high nibbles of 32 bytes */
         const __m256i b = _mm256_loadu_si256((const __m256i *)(blk + (t == GQ5_K ? 48 : 16) + 32 * p));
         g0 = _mm256_and_si256(b, low4);
         g1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
@@ -592,10 +595,8 @@ INLINE void pair_q(int t, const uint8_t *blk, int p, __m256i *A, __m256i *B) {
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * n)), three = _mm256_set1_epi8(3);
         const __m256i lo0 = k ? _mm256_and_si256(_mm256_srli_epi16(a, 4), low4) : _mm256_and_si256(a, low4);
         const __m256i lo1 = k ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4) : _mm256_and_si256(b, low4);
-        const __m256i hi0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three), 4);
-        const __m256i hi1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k + 2), three), 4);
-        g0 = _mm256_sub_epi8(_mm256_or_si256(lo0, hi0), _mm256_set1_epi8(32));
-        g1 = _mm256_sub_epi8(_mm256_or_si256(lo1, hi1), _mm256_set1_epi8(32));
+        g0 = _mm256_or_si256(lo0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three), 4));
+        g1 = _mm256_or_si256(lo1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k + 2), three), 4));
     } else {
         const uint8_t *b0 = blk + 34 * (2 * p) + 2, *b1 = b0 + 34;
         *A = _mm256_loadu2_m128i((const __m128i *)b1, (const __m128i *)b0);
@@ -605,12 +606,27 @@ INLINE void pair_q(int t, const uint8_t *blk, int p, __m256i *A, __m256i *B) {
     *A = _mm256_permute2x128_si256(g0, g1, 0x20);
     *B = _mm256_permute2x128_si256(g0, g1, 0x31);
 }
+
+/* The integer dot products of unsigned q and int8 x, 32 bytes each, as 8 int32 partial sums of four. */
+INLINE __m256i dot_u8(__m256i q, __m256i xq) {
+#ifdef DPBUSD
+    return DPBUSD(_mm256_setzero_si256(), q, xq);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), _mm256_set1_epi16(1));  /* pairs: |.| <= 2 * 63 * 127 */
+#endif
+}
 #endif
 
-/* y[(m0 + m) * ldy] for m < MB: row wn (S super-blocks of type t) against rows m0 .. m0 + MB - 1 of the rounded x. */
+/* y[(m0 + m) * ldy] for m < MB: row wn (S super-blocks of type t) against rows m0 .. m0 + MB - 1 of the rounded x.
+
+With AVX2: Q4_K and Q5_K as row_i4, f per group in place of d and the min's sum b e sum(xq) = b c / 8 in place of its
+correction. Q6_K's q is taken unsigned, q + 32, so that its products need no sign trick: sum(s (q - 32) x) over a
+half-group is s (sum(q x) - 32 sum(x)), the second sum known per half-group of x (r.h); the pairs of sum(q x) are
+multiplied by their half-group's scale s as they are added (madd). Q8_0: signed q, |q| times x with q's sign, as 1b's
+int8. */
 INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int64_t ldy, int64_t S, int64_t G,
                        int64_t m0, const int MB) {
-    const int sgn = t == GQ6_K || t == GQ8_0, bytes = (int)super_bytes(t);
+    const int bytes = (int)super_bytes(t);
     float out[4] = {0}, corr[4] = {0};
     factors u;
 #ifdef __AVX2__
@@ -623,36 +639,46 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
         __builtin_prefetch(blk + PREFETCH_I4 + 128);
         factors_of(t, blk, &u);
         const __m256 f8 = _mm256_loadu_ps(u.f);
-        __m256 fe[4];
+        __m256 fe[4], ds[2];  /* per group: f e; Q6_K: f s of half-groups 0-7 and 8-15 */
+        if (t == GQ6_K)
+            for (int half = 0; half < 2; half++)
+                ds[half] = _mm256_mul_ps(f8, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+                    _mm_loadu_si128((const __m128i *)(u.s + 8 * half)))));
         for (int m = 0; m < MB; m++) {
             const int64_t at = (m0 + m) * G + 8 * s;
             fe[m] = _mm256_mul_ps(f8, _mm256_loadu_ps(r.e + at));
-            if (!sgn) corr8[m] = _mm256_fmadd_ps(_mm256_loadu_ps(u.b), _mm256_loadu_ps(r.c + at), corr8[m]);
+            if (t == GQ4_K || t == GQ5_K)
+                corr8[m] = _mm256_fmadd_ps(_mm256_loadu_ps(u.b), _mm256_loadu_ps(r.c + at), corr8[m]);
+            if (t == GQ6_K)  /* f s 32 e sum(x) of each half-group */
+                for (int half = 0; half < 2; half++)
+                    corr8[m] = _mm256_fmadd_ps(ds[half], _mm256_loadu_ps(r.h + 2 * at + 8 * half), corr8[m]);
         }
         for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1: lanes 0-3 of the sums are the first's, 4-7 the second's */
             __m256i A, B;
             pair_q(t, blk, p, &A, &B);
             const __m256i lanes = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1,
                                                     2 * p + 1);
+            /* Q6_K's scales: A holds half-groups 4p and 4p + 2, B 4p + 1 and 4p + 3 */
             const __m256i sA = _mm256_set_m128i(_mm_set1_epi16(u.s[4 * p + 2]), _mm_set1_epi16(u.s[4 * p]));
             const __m256i sB = _mm256_set_m128i(_mm_set1_epi16(u.s[4 * p + 3]), _mm_set1_epi16(u.s[4 * p + 1]));
-            const __m256i uA = sgn ? _mm256_abs_epi8(A) : A, uB = sgn ? _mm256_abs_epi8(B) : B;
+            const __m256i uA = t == GQ8_0 ? _mm256_abs_epi8(A) : A, uB = t == GQ8_0 ? _mm256_abs_epi8(B) : B;
             for (int m = 0; m < MB; m++) {
                 const int8_t *xq = r.xq + 32 * ((m0 + m) * G + 8 * s + 2 * p);
                 const __m256i XA = _mm256_loadu_si256((const __m256i *)xq);
                 const __m256i XB = _mm256_loadu_si256((const __m256i *)(xq + 32));
                 __m256i I;
-                if (sgn) {  /* |q| times xq with q's sign, as 1b's int8; each 16's pair sums times its scale */
-                    I = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(uA, _mm256_sign_epi8(XA, A)), sA),
-                                         _mm256_madd_epi16(_mm256_maddubs_epi16(uB, _mm256_sign_epi8(XB, B)), sB));
-                } else {
+                if (t == GQ6_K)  /* pairs of q x (at most 2 * 63 * 127) times their half-group's scale */
+                    I = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(A, XA), sA),
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(B, XB), sB));
+                else if (t == GQ8_0)
+                    I = _mm256_add_epi32(dot_u8(uA, _mm256_sign_epi8(XA, A)), dot_u8(uB, _mm256_sign_epi8(XB, B)));
+                else
 #ifdef DPBUSD
                     I = DPBUSD(DPBUSD(_mm256_setzero_si256(), A, XA), B, XB);
 #else
                     I = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(A, XA), _mm256_maddubs_epi16(B, XB)),
                                           _mm256_set1_epi16(1));  /* |.| <= 2 * 2 * 31 * 127 */
 #endif
-                }
                 acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(fe[m], lanes), _mm256_cvtepi32_ps(I), acc[m]);
             }
         }
@@ -663,8 +689,10 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
             out[m] += a[j];
             corr[m] += c[j];
         }
+        if (t == GQ4_K || t == GQ5_K) corr[m] /= 8;  /* b c = 8 b e sum(xq) */
     }
 #else
+    const int sgn = t == GQ6_K || t == GQ8_0;
     for (int64_t s = 0; s < S; s++) {
         const uint8_t *blk = wn + s * bytes;
         factors_of(t, blk, &u);
@@ -675,11 +703,11 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
                 for (int j = 0; j < 32; j++)
                     dot += weight_q(t, blk, 32 * g + j) * (sgn ? u.s[2 * g + j / 16] : 1) * r.xq[32 * at + j];
                 out[m] += u.f[g] * r.e[at] * (float)dot;
-                if (!sgn) corr[m] += u.b[g] * r.c[at];
+                if (!sgn) corr[m] += u.b[g] * r.c[at] / 8;
             }
     }
 #endif
-    for (int m = 0; m < MB; m++) y[(m0 + m) * ldy] = out[m] - corr[m] / 8;
+    for (int m = 0; m < MB; m++) y[(m0 + m) * ldy] = out[m] - corr[m];
 }
 
 /* Column n of y: row n of w, of type t, against rows m0 .. m1 - 1 of the rounded x, four at a time. Each case calls
@@ -704,10 +732,52 @@ static void column_blocks(rounded r, int t, const uint8_t *w, float *y, int64_t 
 #undef ROWS
 }
 
+/* Rows of w (N rows of K / 256 super-blocks of type t) as their fp32 weights, into out (N, K), as mistral/ggml.py's
+dequantize computes them (f q - b; Q6_K and Q8_0: (f s) q), up to an ulp: for the products of many rows of x (a pre-fill), which
+multiply the weights as floats (MKL), a block of rows at a time. The integers come unpacked as the products take them
+(pair_q), in the order of 1b's pairs, and are put back in order here. */
+void block_dequantize(int t, const uint8_t *w, float *out, int64_t N, int64_t K) {
+    const int64_t S = K / 256, bytes = super_bytes(t);
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N * S; i++) {
+        const uint8_t *blk = w + i * bytes;
+        float *o = out + i * 256;
+        factors u;
+        factors_of(t, blk, &u);
+#ifdef __AVX2__
+        for (int p = 0; p < 4; p++) {  /* A: first halves of groups 2p, 2p + 1; B: their last halves */
+            __m256i A, B;
+            pair_q(t, blk, p, &A, &B);
+            for (int j = 0; j < 8; j++) {  /* eight weights at a time: j / 4 the group, j / 2 % 2 the half */
+                const __m256i half = j / 2 % 2 ? B : A;
+                const __m128i part = j / 4 ? _mm256_extracti128_si256(half, 1) : _mm256_castsi256_si128(half);
+                const __m128i eight = j % 2 ? _mm_srli_si128(part, 8) : part;
+                const int g = 2 * p + j / 4;
+                float *at = o + 32 * g + 8 * (j % 4);
+                if (t == GQ4_K || t == GQ5_K) {
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+                    _mm256_storeu_ps(at, _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(u.f[g]), q), _mm256_set1_ps(u.b[g])));
+                } else {
+                    __m256i qi = _mm256_cvtepi8_epi32(eight);
+                    if (t == GQ6_K) qi = _mm256_sub_epi32(qi, _mm256_set1_epi32(32));  /* pair_q gives q + 32 */
+                    const float fs = u.f[g] * (float)u.s[2 * g + j % 4 / 2];
+                    _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_set1_ps(fs), _mm256_cvtepi32_ps(qi)));
+                }
+            }
+        }
+#else
+        for (int j = 0; j < 256; j++) {
+            const int g = j / 32, q = weight_q(t, blk, j);
+            o[j] = t == GQ4_K || t == GQ5_K ? u.f[g] * (float)q - u.b[g] : (u.f[g] * (float)u.s[j / 16]) * (float)q;
+        }
+#endif
+    }
+}
+
 /* The stacked block-format matrices (1c), each of its own type, against x rounded per group, as rounded_products. */
 static void block_products(const float *x, stack st, float *y, int64_t M, int64_t K) {
     const int64_t N = st.n[0] + st.n[1] + st.n[2], XB = x_block(M, K / 32);
-    const rounded r = round_rows(x, M, K, 1);
+    const rounded r = round_rows(x, M, K);
     for (int64_t m0 = 0; m0 < M; m0 += XB) {
         const int64_t m1 = m0 + XB < M ? m0 + XB : M;
         #pragma omp for schedule(static) nowait

@@ -94,7 +94,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 3 + [i64] * 2 + [ptr] * 7 + [i64] * 8
     lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
     lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
-    for fn in ("matvec", "blocks", "rms_norm_f32", "greedy"):
+    lib.block_dequantize.argtypes = [ctypes.c_int, ptr, ptr, i64, i64]
+    for fn in ("matvec", "blocks", "rms_norm_f32", "greedy", "block_dequantize"):
         getattr(lib, fn).restype = None
     return lib
 
@@ -239,6 +240,15 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
     Call where usable(x, w) holds. Inputs that are not contiguous are copied first."""
     assert w.shape[1] == stored_width(w, scales, x.shape[1]), f"x {tuple(x.shape)}, w {tuple(w.shape)}"
     return stacked(x, prepare([(w, scales)], 3))
+
+
+def block_dequantize(w: torch.Tensor, kind: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows of blocks w (N, row_bytes) of a block format (see _format) as fp32 weights, into out (N, K): what
+    mistral/ggml.py's dequantize gives, up to an ulp (kernels.c 1c). Returns out."""
+    assert w.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32, (w.stride(), out.dtype)
+    assert out.shape == (w.shape[0], ggml.row_weights(kind, w.shape[1])), (tuple(w.shape), tuple(out.shape))
+    load().block_dequantize(kind, w.data_ptr(), out.data_ptr(), *out.shape)
+    return out
 
 
 class KernelLayer(NamedTuple):
