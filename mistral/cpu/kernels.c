@@ -639,7 +639,7 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
         __builtin_prefetch(blk + PREFETCH_I4 + 128);
         factors_of(t, blk, &u);
         const __m256 f8 = _mm256_loadu_ps(u.f);
-        __m256 fe[4], ds[2];  /* per group: f e; Q6_K: f s of half-groups 0-7 and 8-15 */
+        __m256 fe[4], ds[2], F[2];  /* per group: f e; Q6_K: f s of half-groups 0-7 and 8-15, and (one row) f s e */
         if (t == GQ6_K)
             for (int half = 0; half < 2; half++)
                 ds[half] = _mm256_mul_ps(f8, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
@@ -650,8 +650,14 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
             if (t == GQ4_K || t == GQ5_K)
                 corr8[m] = _mm256_fmadd_ps(_mm256_loadu_ps(u.b), _mm256_loadu_ps(r.c + at), corr8[m]);
             if (t == GQ6_K)  /* f s 32 e sum(x) of each half-group */
-                for (int half = 0; half < 2; half++)
+                for (int half = 0; half < 2; half++) {
                     corr8[m] = _mm256_fmadd_ps(ds[half], _mm256_loadu_ps(r.h + 2 * at + 8 * half), corr8[m]);
+                    if (MB == 1) {  /* e of half-group h is its group's, h / 2 */
+                        const __m256i twice = _mm256_setr_epi32(4 * half, 4 * half, 4 * half + 1, 4 * half + 1,
+                                                                4 * half + 2, 4 * half + 2, 4 * half + 3, 4 * half + 3);
+                        F[half] = _mm256_mul_ps(ds[half], _mm256_permutevar8x32_ps(_mm256_loadu_ps(r.e + at), twice));
+                    }
+                }
         }
         for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1: lanes 0-3 of the sums are the first's, 4-7 the second's */
             __m256i A, B;
@@ -666,6 +672,16 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
                 const int8_t *xq = r.xq + 32 * ((m0 + m) * G + 8 * s + 2 * p);
                 const __m256i XA = _mm256_loadu_si256((const __m256i *)xq);
                 const __m256i XB = _mm256_loadu_si256((const __m256i *)(xq + 32));
+                if (t == GQ6_K && MB == 1) {  /* one row: the scales go with e into F, no 16-bit multiply-adds */
+                    const int h0 = 4 * (p % 2);  /* A's lanes are half-groups 4p and 4p + 2, B's 4p + 1 and 4p + 3 */
+                    const __m256i hA = _mm256_setr_epi32(h0, h0, h0, h0, h0 + 2, h0 + 2, h0 + 2, h0 + 2);
+                    const __m256i hB = _mm256_setr_epi32(h0 + 1, h0 + 1, h0 + 1, h0 + 1, h0 + 3, h0 + 3, h0 + 3, h0 + 3);
+                    acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(F[p / 2], hA), _mm256_cvtepi32_ps(dot_u8(A, XA)),
+                                             acc[m]);
+                    acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(F[p / 2], hB), _mm256_cvtepi32_ps(dot_u8(B, XB)),
+                                             acc[m]);
+                    continue;
+                }
                 __m256i I;
                 if (t == GQ6_K)  /* pairs of q x (at most 2 * 63 * 127) times their half-group's scale */
                     I = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(A, XA), sA),
