@@ -29,18 +29,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral.device import cpu_bf16_matmul
-from mistral.quantize import GROUP, _blockwise, round_per_group, reused
+from mistral.quantize import GROUP, _blockwise, round_per_group
 
 # GGML type number (llama.cpp's enum ggml_type, the numbers a GGUF file stores) -> (name, weights a block, bytes).
 BLOCKS = {2: ("Q4_0", 32, 18), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
           14: ("Q6_K", 256, 210)}
 TYPES = {name: number for number, (name, _, _) in BLOCKS.items()}
-# Up to this many rows of x a product rounds x per group of 32 and multiplies integers (kernels.c, 1c); beyond, it takes
-# x as it is, times the weights dequantized a block of rows at a time, as int8 does past INT8_ROWS: in fp32 (MKL), or
-# in bf16 where the CPU multiplies bf16 in hardware (dequantized_product). Where fp32 overtakes the integer products on
-# a 7B layer's shapes, 2 threads, the Xeon of docs/performance-diary.md: the integer products of Q6_K take about twice
-# the instructions of Q4_K's (their scales per 16), so it wins from fewer rows.
-ROUNDED_ROWS = {2: 1 << 62, 8: 96, 12: 160, 13: 160, 14: 48}  # Q4_0: int4 rounds x at any count (mistral/quantize.py)
+# Up to rounded_rows(kind) rows of x a product rounds x per group of 32 and multiplies integers (kernels.c, 1c); beyond,
+# it takes x as it is, times the weights dequantized a block of rows at a time, as int8 does past INT8_ROWS: in fp32
+# (MKL), or in bf16 where the CPU multiplies bf16 in hardware (dequantized_product). Where the float products overtake
+# the integer ones on a 7B layer's shapes, 2 threads, the Xeon of docs/performance-diary.md: in fp32, from 96 rows for
+# Q8_0, 160 for Q4_K and Q5_K, and 48 for Q6_K (its integer products take twice the instructions of Q4_K's: its scales
+# per 16); in bf16, 5.7x faster there, from fewer than 32 rows for all of them (48 here, above the tests' pre-fills of
+# 42 rows). Q4_0 is int4, which rounds x at any count (mistral/quantize.py).
+_FP32_ROWS = {8: 96, 12: 160, 13: 160, 14: 48}
+_BF16_ROWS = 48
+
+
+def rounded_rows(kind: int) -> int:
+    """The most rows of x a product of type `kind` multiplies rounded per group of 32 (see above)."""
+    if kind == TYPES["Q4_0"]:
+        return 1 << 62
+    return _BF16_ROWS if cpu_bf16_matmul() else _FP32_ROWS[kind]
 
 
 def row_bytes(kind: int, K: int) -> int:
@@ -136,11 +146,11 @@ class GgmlLinear(nn.Module):
         return torch.tensor([float(self.kind)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x rounded per group of 32 times the dequantized weights, in float64; past ROUNDED_ROWS rows, x as it is,
+        """x rounded per group of 32 times the dequantized weights, in float64; past rounded_rows rows, x as it is,
         in x's dtype. The weights are dequantized a block of rows at a time."""
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
-        if x2.shape[0] > ROUNDED_ROWS[self.kind]:
+        if x2.shape[0] > rounded_rows(self.kind):
             return self.dequantized_product(x2).view(*lead, -1)
         x64 = round_per_group(x2)
 
@@ -151,22 +161,21 @@ class GgmlLinear(nn.Module):
 
     def dequantized_product(self, x: torch.Tensor,
                             into: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """x (M, K) times the weights dequantized a block of rows at a time: into(rows of blocks, fp32 block) writes a
-        block's weights (default: dequantize). On a CPU that multiplies bf16 matrices in hardware (device.py,
-        cpu_bf16_matmul), x and the weights meet in bf16 and the products come out in bf16 (fp32 sums; torch's CPU
-        matmul has no fp32 output for bf16 inputs): 5.7x as fast as fp32 there, each output within half a bf16 unit
-        (2^-9 of it) of the exact product of the bf16 operands."""
+        """x (M, K) times the weights dequantized a block of rows at a time: into(rows of blocks, block) writes a
+        block's weights, in its dtype (default: dequantize, then copy). On a CPU that multiplies bf16 matrices in
+        hardware (device.py, cpu_bf16_matmul), x and the weights meet in bf16 and the products come out in bf16
+        (fp32 sums; torch's CPU matmul has no fp32 output for bf16 inputs): 5.7x as fast as fp32 there, each output
+        within half a bf16 unit (2^-9 of it) of the exact product of the bf16 operands."""
         compute = torch.bfloat16 if x.device.type == "cpu" and cpu_bf16_matmul() else x.dtype
         xc = x.to(compute)
 
         def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
             out = block((end - start, x.shape[1]))  # in xc's dtype
-            weights = out if out.dtype == torch.float32 else reused(out.shape, torch.float32)
             if into is None:
-                weights.copy_(dequantize(self.weight[start:end], self.kind))
+                out.copy_(dequantize(self.weight[start:end], self.kind))
             else:
-                into(self.weight[start:end], weights)
-            return F.linear(xc, out if weights is out else out.copy_(weights))
+                into(self.weight[start:end], out)
+            return F.linear(xc, out)
 
         return _blockwise(xc, self.weight.shape[0], x.shape[1], product).to(x.dtype)
 

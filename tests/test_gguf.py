@@ -91,13 +91,17 @@ def test_block_products_against_float64(c_compiler, name, M):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
-def test_past_rounded_rows_x_is_taken_as_it_is(c_compiler, name):
-    """Past ROUNDED_ROWS rows a product takes x as it is, times the weights dequantized (in C, block_dequantize), in
-    bf16 where the CPU multiplies bf16: tests.product; at ROUNDED_ROWS, still x rounded. The torch forward too."""
+def test_past_rounded_rows_x_is_taken_as_it_is(c_compiler, name, bf16, monkeypatch):
+    """Past rounded_rows rows a product takes x as it is, times the weights dequantized (in C, block_dequantize), in
+    bf16 where the CPU multiplies bf16: tests.product; at rounded_rows, still x rounded. The torch forward too."""
     from mistral.cpu.linears import CGgmlLinear
+    if bf16 and not cpu_bf16_matmul():
+        pytest.skip("this CPU does not multiply bf16 in hardware: the fp32 case is the one it runs")
+    monkeypatch.setattr(ggml, "cpu_bf16_matmul", lambda: bf16)
     kind = ggml.TYPES[name]
-    w, rows = random_blocks(kind, 300, 512, seed=kind), ggml.ROUNDED_ROWS[kind]
+    w, rows = random_blocks(kind, 300, 512, seed=kind), ggml.rounded_rows(kind)
     for linear in (CGgmlLinear(w, kind, 512), ggml.GgmlLinear(w, kind, 512)):
         for M in (rows + 1, rows):
             x = torch.randn(M, 512)
@@ -120,18 +124,21 @@ def test_the_portable_c_products_too(c_compiler, tmp_path):
                    ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(M), ctypes.c_int64(K))
         expected = rounded_per_group(x) @ ggml.dequantize(w, kind).double().T
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-        weights = torch.empty(11, K)
-        lib.block_dequantize(ctypes.c_int(kind), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(weights.data_ptr()),
-                             ctypes.c_int64(11), ctypes.c_int64(K))
-        torch.testing.assert_close(weights, ggml.dequantize(w, kind), rtol=1e-6, atol=0)
+        for dtype in (torch.float32, torch.bfloat16):
+            weights = torch.empty(11, K, dtype=dtype)
+            lib.block_dequantize(ctypes.c_int(kind), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(weights.data_ptr()),
+                                 ctypes.c_int64(11), ctypes.c_int64(K), ctypes.c_int(dtype == torch.bfloat16))
+            torch.testing.assert_close(weights, ggml.dequantize(w, kind).to(dtype), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
-def test_block_dequantize_against_the_reference(c_compiler, name):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_dequantize_against_the_reference(c_compiler, name, dtype):
+    """In fp32 up to an ulp (the compiler may fuse f q - b); in bf16 rounded as torch rounds that."""
     kind = ggml.TYPES[name]
     w = random_blocks(kind, 13, 768, seed=kind)
-    torch.testing.assert_close(kernels.block_dequantize(w, kind, torch.empty(13, 768)), ggml.dequantize(w, kind),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(kernels.block_dequantize(w, kind, torch.empty(13, 768, dtype=dtype)),
+                               ggml.dequantize(w, kind).to(dtype), rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,21 +226,21 @@ def model_tensors(args: ModelArgs, kinds: dict | None = None, seed: int = 0) -> 
 
 
 def product(x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
-    """What a block-format product computes, written independently of the library: up to ggml.ROUNDED_ROWS rows of x,
+    """What a block-format product computes, written independently of the library: up to ggml.rounded_rows rows of x,
     x rounded per group of 32 as the kernels round it (helpers.rounded_per_group), times the weights, in float64;
     beyond, x as it is, x and the weights rounded to bf16 where the CPU multiplies bf16 (the sums stay exact)."""
     x = x.reshape(-1, x.shape[-1])
-    if len(x) <= ggml.ROUNDED_ROWS[kind]:
+    if len(x) <= ggml.rounded_rows(kind):
         return rounded_per_group(x) @ w.double().T
-    if not cpu_bf16_matmul():
+    if not ggml.cpu_bf16_matmul():
         return x.double() @ w.double().T
     return (x.bfloat16().double() @ w.bfloat16().double().T).bfloat16().double()
 
 
 def tolerance(expected: torch.Tensor, rows: int, kind: int) -> dict:
-    """fp32 sums in another order; in bf16 (past ROUNDED_ROWS on a CPU with bf16 matmul), an output that lies near
+    """fp32 sums in another order; in bf16 (past rounded_rows on a CPU with bf16 matmul), an output that lies near
     the midpoint of two bf16 numbers may round to the other: one unit, 2^-8 of it."""
-    loose = rows > ggml.ROUNDED_ROWS[kind] and cpu_bf16_matmul()
+    loose = rows > ggml.rounded_rows(kind) and ggml.cpu_bf16_matmul()
     return {"rtol": 2 ** -7 if loose else 1e-5, "atol": (1e-4 if loose else 1e-5) * expected.abs().max().item()}
 
 

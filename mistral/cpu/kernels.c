@@ -748,16 +748,35 @@ static void column_blocks(rounded r, int t, const uint8_t *w, float *y, int64_t 
 #undef ROWS
 }
 
-/* Rows of w (N rows of K / 256 super-blocks of type t) as their fp32 weights, into out (N, K), as mistral/ggml.py's
-dequantize computes them (f q - b; Q6_K and Q8_0: (f s) q), up to an ulp: for the products of many rows of x (a pre-fill), which
-multiply the weights as floats (MKL), a block of rows at a time. The integers come unpacked as the products take them
+/* Rows of w (N rows of K / 256 super-blocks of type t) as their weights, into out (N, K): fp32, or bf16 if `bf16`
+(rounded as torch rounds), as mistral/ggml.py's dequantize computes them (f q - b; Q6_K and Q8_0: (f s) q), up to an
+ulp: for the products of many rows of x (a pre-fill), which multiply the weights as floats, a block of rows at a time. The integers come unpacked as the products take them
 (pair_q), in the order of 1b's pairs, and are put back in order here. */
-void block_dequantize(int t, const uint8_t *w, float *out, int64_t N, int64_t K) {
+/* fp32 to bf16, rounding to nearest, ties to even, as torch's conversion (the weights are finite). */
+INLINE uint16_t bf16_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fff + (u >> 16 & 1)) >> 16);
+}
+
+#ifdef __AVX2__
+INLINE void store8_bf16(uint16_t *at, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                                         _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                          _mm256_set1_epi32(1))), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  /* lanes 0 and 2: the 8 */
+    _mm_storeu_si128((__m128i *)at, _mm256_castsi256_si128(packed));
+}
+#endif
+
+void block_dequantize(int t, const uint8_t *w, void *out_, int64_t N, int64_t K, int bf16) {
     const int64_t S = K / 256, bytes = super_bytes(t);
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N * S; i++) {
         const uint8_t *blk = w + i * bytes;
-        float *o = out + i * 256;
+        float *o = (float *)out_ + i * 256;
+        uint16_t *ob = (uint16_t *)out_ + i * 256;
         factors u;
         factors_of(t, blk, &u);
 #ifdef __AVX2__
@@ -768,23 +787,32 @@ void block_dequantize(int t, const uint8_t *w, float *out, int64_t N, int64_t K)
                 const __m256i half = j / 2 % 2 ? B : A;
                 const __m128i part = j / 4 ? _mm256_extracti128_si256(half, 1) : _mm256_castsi256_si128(half);
                 const __m128i eight = j % 2 ? _mm_srli_si128(part, 8) : part;
-                const int g = 2 * p + j / 4;
-                float *at = o + 32 * g + 8 * (j % 4);
+                const int g = 2 * p + j / 4, at = 32 * g + 8 * (j % 4);
+                __m256 v;
                 if (t == GQ4_K || t == GQ5_K) {
                     const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
-                    _mm256_storeu_ps(at, _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(u.f[g]), q), _mm256_set1_ps(u.b[g])));
+                    v = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(u.f[g]), q), _mm256_set1_ps(u.b[g]));
                 } else {
                     __m256i qi = _mm256_cvtepi8_epi32(eight);
                     if (t == GQ6_K) qi = _mm256_sub_epi32(qi, _mm256_set1_epi32(32));  /* pair_q gives q + 32 */
                     const float fs = u.f[g] * (float)u.s[2 * g + j % 4 / 2];
-                    _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_set1_ps(fs), _mm256_cvtepi32_ps(qi)));
+                    v = _mm256_mul_ps(_mm256_set1_ps(fs), _mm256_cvtepi32_ps(qi));
                 }
+                if (bf16)
+                    store8_bf16(ob + at, v);
+                else
+                    _mm256_storeu_ps(o + at, v);
             }
         }
 #else
         for (int j = 0; j < 256; j++) {
             const int g = j / 32, q = weight_q(t, blk, j);
-            o[j] = t == GQ4_K || t == GQ5_K ? u.f[g] * (float)q - u.b[g] : (u.f[g] * (float)u.s[j / 16]) * (float)q;
+            const float v = t == GQ4_K || t == GQ5_K ? u.f[g] * (float)q - u.b[g]
+                                                     : (u.f[g] * (float)u.s[j / 16]) * (float)q;
+            if (bf16)
+                ob[j] = bf16_of(v);
+            else
+                o[j] = v;
         }
 #endif
     }

@@ -94,7 +94,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 3 + [i64] * 2 + [ptr] * 7 + [i64] * 8
     lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
     lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
-    lib.block_dequantize.argtypes = [ctypes.c_int, ptr, ptr, i64, i64]
+    lib.block_dequantize.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, ctypes.c_int]
     for fn in ("matvec", "blocks", "rms_norm_f32", "greedy", "block_dequantize"):
         getattr(lib, fn).restype = None
     return lib
@@ -243,11 +243,11 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None)
 
 
 def block_dequantize(w: torch.Tensor, kind: int, out: torch.Tensor) -> torch.Tensor:
-    """Rows of blocks w (N, row_bytes) of a block format (see _format) as fp32 weights, into out (N, K): what
-    mistral/ggml.py's dequantize gives, up to an ulp (kernels.c 1c). Returns out."""
-    assert w.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32, (w.stride(), out.dtype)
+    """Rows of blocks w (N, row_bytes) of a block format (see _format) as weights, into out (N, K) fp32 or bf16: what
+    mistral/ggml.py's dequantize gives, up to an ulp, then torch's rounding to bf16 (kernels.c 1c). Returns out."""
+    assert w.is_contiguous() and out.is_contiguous() and out.dtype in (torch.float32, torch.bfloat16), out.dtype
     assert out.shape == (w.shape[0], ggml.row_weights(kind, w.shape[1])), (tuple(w.shape), tuple(out.shape))
-    load().block_dequantize(kind, w.data_ptr(), out.data_ptr(), *out.shape)
+    load().block_dequantize(kind, w.data_ptr(), out.data_ptr(), *out.shape, out.dtype == torch.bfloat16)
     return out
 
 

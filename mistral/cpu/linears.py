@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mistral.cpu import kernels
-from mistral.ggml import ROUNDED_ROWS, GgmlLinear
+from mistral.ggml import GgmlLinear, rounded_rows
 from mistral.quantize import Int4Linear, Int8Linear
 
 
@@ -44,7 +44,7 @@ class CInt4Linear(_InC, Int4Linear):
 
 class CGgmlLinear(GgmlLinear):
     """GgmlLinear (a GGUF file's block format), its products in C (kernels.c, 1c) where the kernel takes them: rows of
-    whole super-blocks of 256 weights, on a CPU; past ROUNDED_ROWS rows of x, the weights dequantized in C."""
+    whole super-blocks of 256 weights, on a CPU; past rounded_rows rows of x, the weights dequantized in C."""
 
     def __init__(self, weight: torch.Tensor, kind: int, in_features: int):
         super().__init__(weight, kind, in_features)
@@ -55,7 +55,7 @@ class CGgmlLinear(GgmlLinear):
         x2 = x.reshape(-1, K)  # (M, K)
         if not (kernels.takes_rows(x2, None) and kernels._format(self.weight, self._code) == kernels.GG):
             return super().forward(x)
-        if x2.shape[0] > ROUNDED_ROWS[self.kind]:
+        if x2.shape[0] > rounded_rows(self.kind):
             into = lambda w, out: kernels.block_dequantize(w, self.kind, out)  # noqa: E731
             return self.dequantized_product(x2, into).view(*lead, -1)
         return kernels.matvec(x2, self.weight, self._code).view(*lead, -1)
