@@ -325,6 +325,51 @@ def test_the_shipped_model_as_an_f32_file_says_what_its_folder_says(tmp_path):
     assert "tokenizer v1 from the file, a sliding window of 64" in file[2]
 
 
+def test_serve_takes_a_file(tmp_path):
+    """`serve FILE.gguf`: a greedy completion through the openai client equals the shipped folder's own."""
+    import http.client
+    import os
+    import signal
+    import sys
+    import time
+
+    import openai
+    from test_server import free_port
+
+    assets = ROOT / "mistral" / "assets"
+    args = ModelArgs.from_dict(json.loads((assets / "params.json").read_text()))
+    state = load_file(assets / "consolidated.safetensors")
+    write_gguf(tmp_path / "shipped.gguf", args, {gguf_files.gguf_name(n): t.float() for n, t in state.items()},
+               tokenizer=assets / "tokenizer.model")
+    tokenizer, model = Tokenizer.from_folder(assets), load_model(assets)
+    prompt = tokenizer.encode("To be, or not to be")
+    expected = tokenizer.decode(generate_ids([prompt], model, max_tokens=8)[0][0])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "main", "serve", tmp_path / "shipped.gguf", "--port", str(port),
+                             "--sliding_window", "64"], cwd=ROOT, env=os.environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = client.completions.create(model="shipped.gguf", prompt="To be, or not to be", max_tokens=8, temperature=0)
+        assert r.choices[0].text == expected
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizers
 
