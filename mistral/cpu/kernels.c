@@ -508,16 +508,12 @@ INLINE float f16_at(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p
 /* Q4_K's and Q5_K's 12 bytes of eight 6-bit scales and mins (mistral/ggml.py, _scale_min), four to a 32-bit word
 (little-endian): scales 0-3 and mins 0-3 are the low six bits of bytes 0-3 and 4-7; scales 4-7 the low nibbles of bytes
 8-11 under the top two bits of bytes 0-3, mins 4-7 the high nibbles under the top two bits of bytes 4-7. */
-INLINE void scales_mins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
-    uint32_t w[3], out[4];
+INLINE void scales_mins(const uint8_t *s, uint64_t *sc, uint64_t *mn) {
+    uint32_t w[3];
     memcpy(w, s, 12);
     const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
-    out[0] = w[0] & six;
-    out[1] = (w[2] & four) | (w[0] >> 6 & two) << 4;
-    out[2] = w[1] & six;
-    out[3] = (w[2] >> 4 & four) | (w[1] >> 6 & two) << 4;
-    memcpy(sc, out, 8);
-    memcpy(mn, out + 2, 8);
+    *sc = (w[0] & six) | (uint64_t)((w[2] & four) | (w[0] >> 6 & two) << 4) << 32;
+    *mn = (w[1] & six) | (uint64_t)((w[2] >> 4 & four) | (w[1] >> 6 & two) << 4) << 32;
 }
 
 /* A super-block's factors: f and b per group of 32, s per 16. */
@@ -529,17 +525,17 @@ typedef struct {
 INLINE void factors_of(int t, const uint8_t *blk, factors *u) {
     if (t == GQ4_K || t == GQ5_K) {
         const float d = f16_at(blk), dmin = f16_at(blk + 2);
-        uint8_t sc[8], mn[8];
-        scales_mins(blk + 4, sc, mn);
+        uint64_t sc, mn;  /* eight bytes each, in registers: through memory, two 4-byte stores would not forward */
+        scales_mins(blk + 4, &sc, &mn);
 #ifdef __AVX2__  /* what the loop below does, which the compiler leaves as 16 scalar conversions */
         _mm256_storeu_ps(u->f, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-            _mm_loadl_epi64((const __m128i *)sc)))));
+            _mm_cvtsi64_si128((long long)sc)))));
         _mm256_storeu_ps(u->b, _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-            _mm_loadl_epi64((const __m128i *)mn)))));
+            _mm_cvtsi64_si128((long long)mn)))));
 #else
         for (int g = 0; g < 8; g++) {
-            u->f[g] = d * (float)sc[g];
-            u->b[g] = dmin * (float)mn[g];
+            u->f[g] = d * (float)(uint8_t)(sc >> 8 * g);
+            u->b[g] = dmin * (float)(uint8_t)(mn >> 8 * g);
         }
 #endif
     } else if (t == GQ6_K) {
