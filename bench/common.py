@@ -129,7 +129,7 @@ def report(name: str, rows: list[dict], ratios: dict[str, float], notes: dict | 
     print("-|-".join("-" * w for w in widths))
     for r in cells:
         print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
-    print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    print("ratios: " + ", ".join(f"{k} = {v:.2f}" if abs(v) >= 0.1 else f"{k} = {v:+.4f}" for k, v in ratios.items()))
     path = path or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": m, "rows": rows, "ratios": ratios, "notes": notes or {}}, indent=2) + "\n")
