@@ -15,6 +15,7 @@ Plain text goes through sentencepiece itself for .model files (which is what mis
 through mistral_common for tekken; mistral_common is imported only when tekken or a chat needs it.
 """
 import hashlib
+import json
 import logging
 import re
 import tempfile
@@ -110,6 +111,13 @@ class Tokenizer:
         beside = folder if folder.is_dir() else folder.parent
         if any(any(beside.glob(name)) for name in ("tekken.json", "tokenizer.model", "tokenizer.model.v*")):
             return Tokenizer(find(beside))
+        tekken = gguf.tekken_json(folder)
+        if tekken is not None:  # mistral_common reads files: one is written for it, read whole at once
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "tekken.json").write_text(json.dumps(tekken))
+                tokenizer = Tokenizer(Path(tmp) / "tekken.json")
+            tokenizer.path = folder
+            return tokenizer
         proto = gguf.sentencepiece_model(folder)
         if proto is None:
             raise MistralError(f"{folder} holds no tokenizer (tokenizer.ggml.model); put the model's tekken.json or "

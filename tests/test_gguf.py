@@ -394,6 +394,44 @@ def test_a_tokenizer_rebuilt_from_the_file_encodes_as_the_original(tmp_path, nam
         assert rebuilt.encode_chat(chat) == original.encode_chat(chat)
 
 
+def test_a_tekken_tokenizer_rebuilt_from_the_file_encodes_as_the_original(tmp_path):
+    """A tekken tokenizer written into a GGUF as llama.cpp's converter writes it (gguf's vocab.py: the special tokens
+    as CONTROL, then each token's bytes in GPT-2's byte alphabet, model gpt2, pre-tokenizer tekken) reads back as the
+    original: text, control tokens and chats."""
+    import mistral_common
+    original = Tokenizer(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
+    tekken = original._tekken
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes_to_unicode, written out again
+    alphabet = {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(b for b in range(256)
+                                                                                       if b not in keep)}}
+    n, specials = original.n_words, tekken.num_special_tokens
+    pieces = [tekken.id_to_piece(i) for i in range(specials)]
+    pieces += ["".join(alphabet[b] for b in tekken.id_to_byte_piece(i)) for i in range(specials, n)]
+
+    def write(path, pieces):
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("tekken")
+        writer.add_token_list(pieces)
+        writer.add_token_types([CONTROL] * specials + [NORMAL] * (n - specials))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    rebuilt = Tokenizer.from_folder(write(tmp_path / "t.gguf", pieces))
+    assert (rebuilt.version, rebuilt.n_words, rebuilt.bos_id, rebuilt.eos_id) == (
+        original.version, n, original.bos_id, original.eos_id)
+    assert rebuilt.encode(TEXT) == original.encode(TEXT)
+    assert rebuilt.decode(original.encode(TEXT)) == original.decode(original.encode(TEXT))
+    for chat in CHATS:
+        assert rebuilt.encode_chat(chat) == original.encode_chat(chat)
+    pieces[25] = "[ARGS]"  # a later version's special token: the version cannot be told
+    with pytest.raises(MistralError, match=r"u\.gguf holds a tekken tokenizer whose special tokens are not tekken v3"):
+        Tokenizer.from_folder(write(tmp_path / "u.gguf", pieces))
+
+
 def test_a_tokenizer_beside_the_file_wins(tmp_path, tokenizer_file):
     args = ModelArgs.from_dict(PARAMS)
     write_gguf(tmp_path / "t.gguf", args, {})

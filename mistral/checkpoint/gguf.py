@@ -230,6 +230,54 @@ def _type_name(kind: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The tokenizer a file holds
 
+def tekken_json(path: Path) -> dict | None:
+    """The tekken.json of a file whose tokenizer is tekken (tokenizer.ggml.model "gpt2", pre-tokenizer "tekken"), as
+    llama.cpp's converter writes one: the special tokens first, as CONTROL tokens, then the vocabulary in rank order,
+    each token's bytes spelt in GPT-2's byte-to-character alphabet (_byte_characters). The split pattern is tekken's
+    own (every tekken file has the same, taken from mistral_common's). The file does not say the version, which sets
+    the chat format: special tokens that are tekken v3's list (Mistral NeMo, Pixtral) are read as v3; any other list
+    is refused rather than read in a format the model may not know. None for a file of another tokenizer."""
+    import base64
+    import json
+
+    import mistral_common
+
+    fields, _ = read(path)
+    if value(fields, "tokenizer.ggml.model") != "gpt2" or value(fields, "tokenizer.ggml.pre") != "tekken":
+        return None
+    tokens, types = value(fields, "tokenizer.ggml.tokens") or [], value(fields, "tokenizer.ggml.token_type") or []
+    specials = next((i for i, k in enumerate(types) if k != 3), len(types))  # the leading CONTROL tokens
+    to_byte = {c: b for b, c in _byte_characters().items()}
+    try:
+        vocab = [{"rank": i, "token_bytes": base64.b64encode(bytes(to_byte[c] for c in t)).decode(), "token_str": None}
+                 for i, t in enumerate(tokens[specials:])]
+    except KeyError as e:
+        raise MistralError(f"{Path(path).name}: a tekken token holds {e.args[0]!r}, outside GPT-2's byte alphabet; "
+                           "put the model's tekken.json beside the file") from None
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    names = tokens[:specials]
+    v3 = [getattr(t, "value", None) or t["token_str"] for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    if names[: len(v3)] != v3 or not all(re.fullmatch(r"<SPECIAL_\d+>", n) for n in names[len(v3):]):
+        raise MistralError(f"{Path(path).name} holds a tekken tokenizer whose special tokens are not tekken v3's, and "
+                           "the file does not say its version (which sets the chat format); put the model's "
+                           "tekken.json beside the file")
+    data = Path(mistral_common.__file__).parent / "data"
+    pattern = json.loads(next(data.glob("tekken_*.json")).read_text())["config"]["pattern"]
+    return {"config": {"pattern": pattern, "num_vocab_tokens": len(vocab), "default_vocab_size": len(tokens),
+                       "default_num_special_tokens": specials, "version": "v3"},
+            "vocab": vocab,
+            "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(names)]}
+
+
+def _byte_characters() -> dict[int, str]:
+    """GPT-2's alphabet: each byte as one printable character, the printable ones as themselves, the others as the
+    characters from U+0100 on, in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
 def sentencepiece_model(path: Path) -> bytes | None:
     """The sentencepiece model (a serialized ModelProto) of a file whose tokenizer.ggml.model is "llama", built from
     its tokens, scores and types with the settings of Mistral's own tokenizer.model files (BPE, byte fallback, identity
@@ -241,7 +289,7 @@ def sentencepiece_model(path: Path) -> bytes | None:
     if kind != "llama":
         pre = value(fields, "tokenizer.ggml.pre")
         raise MistralError(f"{Path(path).name} holds a {kind!r} tokenizer (pre-tokenizer {pre!r}), which this library "
-                           "cannot rebuild yet; put the model's tekken.json beside the file")
+                           "cannot rebuild; put the model's tekken.json or tokenizer.model beside the file")
     tokens, scores = value(fields, "tokenizer.ggml.tokens"), value(fields, "tokenizer.ggml.scores")
     types = value(fields, "tokenizer.ggml.token_type")
     if not tokens or len(scores or []) != len(tokens) or len(types or []) != len(tokens):

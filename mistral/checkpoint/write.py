@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mistral.args import QUANTIZATIONS
+from mistral.checkpoint import gguf
 from mistral.checkpoint.hf import hf_config_from_args, hf_name, rope_heads, to_hf_rope_order
 from mistral.checkpoint.layouts import TOKENIZER_FILES, layout, read_args
 from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _SAFETENSORS_NAMES, _Source, _bytes, _meta_state, _plan,
@@ -88,6 +89,8 @@ def _copy_tokenizers(src: Path, dst: Path) -> None:
         tokenizer = Tokenizer.from_folder(src)
         if tokenizer.path.is_file() and tokenizer.path.suffix != ".gguf":
             shutil.copyfile(tokenizer.path, dst / tokenizer.path.name)
+        elif (tekken := gguf.tekken_json(src)) is not None:
+            (dst / "tekken.json").write_text(json.dumps(tekken))
         else:
             name = "tokenizer.model" if tokenizer.version == "v1" else f"tokenizer.model.{tokenizer.version}"
             (dst / name).write_bytes(tokenizer.sentencepiece_model)
