@@ -75,16 +75,6 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
     return _blockwise(x, w.shape[0], w.shape[1], product)
 
 
-def reused(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor of this thread's that is the same memory from call to call (one per dtype, grown
-    as needed): see _converted_linear."""
-    blocks = _scratch.__dict__.setdefault("blocks", {})
-    n, buf = math.prod(shape), blocks.get(dtype)
-    if buf is None or buf.numel() < n:
-        buf = blocks[dtype] = torch.empty(max(n, CONVERT_BLOCK_BYTES // dtype.itemsize), dtype=dtype)
-    return buf[:n].view(shape)
-
-
 def _blockwise(x: torch.Tensor, N: int, K: int,
                product: Callable[[int, int, Callable[[tuple[int, ...]], torch.Tensor]], torch.Tensor]) -> torch.Tensor:
     """The (M, N) products of x with a weight converted a block of rows at a time (all N at once off the CPU):
@@ -94,7 +84,13 @@ def _blockwise(x: torch.Tensor, N: int, K: int,
     reuse = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
     def block(shape: tuple[int, ...]) -> torch.Tensor:
-        return reused(shape, x.dtype) if reuse else torch.empty(shape, dtype=x.dtype)
+        if not reuse:
+            return torch.empty(shape, dtype=x.dtype)
+        blocks = _scratch.__dict__.setdefault("blocks", {})
+        n, buf = math.prod(shape), blocks.get(x.dtype)
+        if buf is None or buf.numel() < n:
+            buf = blocks[x.dtype] = torch.empty(max(n, CONVERT_BLOCK_BYTES // x.element_size()), dtype=x.dtype)
+        return buf[:n].view(shape)
 
     rows = N if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (K * x.element_size()))
     y = [product(start, min(start + rows, N), block) for start in range(0, N, rows)]

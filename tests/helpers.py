@@ -1,11 +1,13 @@
 """What several test files share: tiny random models and their folders, and running the command line."""
 import dataclasses
+import http.client
 import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,22 @@ def cli(*args, stdin: bytes | str | None = b"", shell: str | None = None, timeou
     stdin = stdin.encode() if isinstance(stdin, str) else stdin
     proc = subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, timeout=timeout, shell=shell is not None)
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until `serve`, started as proc on port, answers /health with 200; fails with its stderr if it ends first, or
+    after `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.2)
 
 
 def inprocess(monkeypatch, capsys, *args, stdin: str = ""):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import ROOT, cli, one_error, rounded_per_group
+from helpers import ROOT, cli, one_error, rounded_per_group, wait_healthy
 from torch import nn
 
 import gguf
@@ -311,55 +311,47 @@ def test_a_file_computes_what_its_dequantized_weights_do(c_compiler, tmp_path, m
                                                                                engine=False)[0]
 
 
-def test_the_shipped_model_as_an_f32_file_says_what_its_folder_says(tmp_path):
-    """The shipped model written as F32 GGUF with its tokenizer inside, run by `demo` with its window: the same text."""
-    assets = ROOT / "mistral" / "assets"
-    args = ModelArgs.from_dict(json.loads((assets / "params.json").read_text()))
-    state = load_file(assets / "consolidated.safetensors")
-    write_gguf(tmp_path / "shipped.gguf", args, {gguf_files.gguf_name(n): t.float() for n, t in state.items()},
-               tokenizer=assets / "tokenizer.model")
+ASSETS = ROOT / "mistral" / "assets"
+
+
+@pytest.fixture(scope="module")
+def shipped_gguf(tmp_path_factory) -> Path:
+    """The shipped model written as an F32 GGUF file, its tokenizer inside."""
+    args = ModelArgs.from_dict(json.loads((ASSETS / "params.json").read_text()))
+    state = load_file(ASSETS / "consolidated.safetensors")
+    path = tmp_path_factory.mktemp("shipped") / "shipped.gguf"
+    write_gguf(path, args, {gguf_files.gguf_name(n): t.float() for n, t in state.items()},
+               tokenizer=ASSETS / "tokenizer.model")
+    return path
+
+
+def test_the_shipped_model_as_an_f32_file_says_what_its_folder_says(shipped_gguf):
+    """The shipped model as an F32 GGUF file, run by `demo` with its window: the same text."""
     folder = cli("demo", "--max_tokens", "20")
-    file = cli("demo", tmp_path / "shipped.gguf", "--max_tokens", "20", "--sliding_window", args.sliding_window)
+    file = cli("demo", shipped_gguf, "--max_tokens", "20", "--sliding_window", "64")
     assert folder[0] == file[0] == 0, file[2]
     assert file[1] == folder[1]
     assert "tokenizer v1 from the file, a sliding window of 64" in file[2]
 
 
-def test_serve_takes_a_file(tmp_path):
+def test_serve_takes_a_file(shipped_gguf):
     """`serve FILE.gguf`: a greedy completion through the openai client equals the shipped folder's own."""
-    import http.client
     import os
     import signal
     import sys
-    import time
 
     import openai
     from test_server import free_port
 
-    assets = ROOT / "mistral" / "assets"
-    args = ModelArgs.from_dict(json.loads((assets / "params.json").read_text()))
-    state = load_file(assets / "consolidated.safetensors")
-    write_gguf(tmp_path / "shipped.gguf", args, {gguf_files.gguf_name(n): t.float() for n, t in state.items()},
-               tokenizer=assets / "tokenizer.model")
-    tokenizer, model = Tokenizer.from_folder(assets), load_model(assets)
+    tokenizer, model = Tokenizer.from_folder(ASSETS), load_model(ASSETS)
     prompt = tokenizer.encode("To be, or not to be")
     expected = tokenizer.decode(generate_ids([prompt], model, max_tokens=8)[0][0])
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "main", "serve", tmp_path / "shipped.gguf", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "main", "serve", shipped_gguf, "--port", str(port),
                              "--sliding_window", "64"], cwd=ROOT, env=os.environ, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.2)
+        wait_healthy(port, proc)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         r = client.completions.create(model="shipped.gguf", prompt="To be, or not to be", max_tokens=8, temperature=0)
         assert r.choices[0].text == expected

@@ -21,7 +21,7 @@ import pytest
 import torch
 import uvicorn
 
-from helpers import ROOT, random_model, tiny_params
+from helpers import ROOT, random_model, tiny_params, wait_healthy
 from mistral.engine import Engine
 from mistral.server import Server
 from mistral.tokenizer import Tokenizer
@@ -409,17 +409,7 @@ def test_serve_command_loads_serves_and_exits_0_on_sigterm(tmp_path):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
-        deadline = time.time() + 120
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.2)
+        wait_healthy(port, proc)
         r = client.completions.create(model="assets", prompt="To be, or not to be", max_tokens=5, temperature=0)
         assert r.choices[0].text and r.model == "assets"
         stream = client.completions.create(model="assets", prompt="ROMEO:", max_tokens=4000, stream=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mistral.args import ModelArgs, MoeArgs, count_value, positive_value
+from mistral.checkpoint.hf import _renamed
 from mistral.errors import MistralError
 from mistral.ggml import BLOCKS, row_bytes
 
@@ -56,7 +57,6 @@ _NAMES = {
     "layers.{}.feed_forward.experts.{}.w2.weight": "blk.{}.ffn_down.{}.weight",
     "layers.{}.feed_forward.experts.{}.w3.weight": "blk.{}.ffn_up.{}.weight",
 }
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 _MERGED = re.compile(r"(blk\.\d+\.ffn_(?:gate|down|up))\.(\d+)\.weight")
 
 
@@ -175,7 +175,7 @@ def read_args(path: Path, sliding_window: int | None = None) -> ModelArgs:
 
 def gguf_name(name: str) -> str:
     """The GGUF key of a native key: "layers.3.attention.wk.weight" -> "blk.3.attn_k.weight"."""
-    return _NAMES[_INDEX.sub("{}", name)].format(*_INDEX.findall(name))
+    return _renamed(name, _NAMES)
 
 
 def plan(path: Path, shapes: dict[str, tuple[int, ...]]):

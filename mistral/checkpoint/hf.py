@@ -124,9 +124,14 @@ _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 _FUSED_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 
 
+def _renamed(name: str, table: dict[str, str]) -> str:
+    """A native key in another layout's names: its entry in `table`, "{}" standing for the layer and expert indices."""
+    return table[_INDEX.sub("{}", name)].format(*_INDEX.findall(name))
+
+
 def hf_name(name: str) -> str:
     """The HF key of a native key: "layers.3.attention.wk.weight" -> "model.layers.3.self_attn.k_proj.weight"."""
-    return _TO_HF[_INDEX.sub("{}", name)].format(*_INDEX.findall(name))
+    return _renamed(name, _TO_HF)
 
 
 def rope_heads(name: str, args: ModelArgs) -> int:

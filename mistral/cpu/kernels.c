@@ -498,7 +498,7 @@ e xq, is then
 integer multiply-adds as in 1b, sum(xq) e being known per group of x (1b's c / 8). With AVX2 the integers of two
 groups are unpacked straight into the two registers 1b's pairs of rounded x meet (for Q4_K, the low and high nibbles
 of 32 bytes are two whole groups: their first halves make one register, their second halves the other), once per four
-rows of x, as row_i4 does. Without AVX2 a super-block is unpacked into a buffer first. */
+rows of x, as row_i4 does. Without AVX2, plain loops take each weight's integer (weight_q). */
 enum gtype { GQ8_0 = 8, GQ4_K = 12, GQ5_K = 13, GQ6_K = 14 };  /* llama.cpp's type numbers */
 
 INLINE int64_t super_bytes(int t) { return t == GQ4_K ? 144 : t == GQ5_K ? 176 : t == GQ6_K ? 210 : 272; }
@@ -655,7 +655,7 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
                     }
                 }
         }
-        for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1: lanes 0-3 of the sums are the first's, 4-7 the second's */
+        for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1: lanes 0-3 of the sums are the first's, 4-7 the 2nd's */
             __m256i A, B;
             pair_q(t, blk, p, &A, &B);
             const __m256i lanes = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1,
@@ -671,7 +671,8 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
                 if (t == GQ6_K && MB == 1) {  /* one row: the scales go with e into F, no 16-bit multiply-adds */
                     const int h0 = 4 * (p % 2);  /* A's lanes are half-groups 4p and 4p + 2, B's 4p + 1 and 4p + 3 */
                     const __m256i hA = _mm256_setr_epi32(h0, h0, h0, h0, h0 + 2, h0 + 2, h0 + 2, h0 + 2);
-                    const __m256i hB = _mm256_setr_epi32(h0 + 1, h0 + 1, h0 + 1, h0 + 1, h0 + 3, h0 + 3, h0 + 3, h0 + 3);
+                    const __m256i hB = _mm256_setr_epi32(h0 + 1, h0 + 1, h0 + 1, h0 + 1, h0 + 3, h0 + 3, h0 + 3,
+                                                         h0 + 3);
                     acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(F[p / 2], hA), _mm256_cvtepi32_ps(dot_u8(A, XA)),
                                              acc[m]);
                     acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(F[p / 2], hB), _mm256_cvtepi32_ps(dot_u8(B, XB)),
@@ -744,10 +745,6 @@ static void column_blocks(rounded r, int t, const uint8_t *w, float *y, int64_t 
 #undef ROWS
 }
 
-/* Rows of w (N rows of K / 256 super-blocks of type t) as their weights, into out (N, K): fp32, or bf16 if `bf16`
-(rounded as torch rounds), as mistral/ggml.py's dequantize computes them (f q - b; Q6_K and Q8_0: (f s) q), up to an
-ulp: for the products of many rows of x (a pre-fill), which multiply the weights as floats, a block of rows at a time. The integers come unpacked as the products take them
-(pair_q), in the order of 1b's pairs, and are put back in order here. */
 /* fp32 to bf16, rounding to nearest, ties to even, as torch's conversion (the weights are finite). */
 INLINE uint16_t bf16_of(float f) {
     uint32_t u;
@@ -766,6 +763,11 @@ INLINE void store8_bf16(uint16_t *at, __m256 v) {
 }
 #endif
 
+/* Rows of w (N rows of K / 256 super-blocks of type t) as their weights, into out (N, K): fp32, or bf16 if `bf16`
+(rounded as torch rounds), as mistral/ggml.py's dequantize computes them (f q - b; Q6_K and Q8_0: (f s) q), up to an
+ulp: for the products of many rows of x (a pre-fill), which multiply the weights as floats, a block of rows at a time.
+The integers come unpacked as the products take them (pair_q), in the order of 1b's pairs, and are put back in order
+here. */
 void block_dequantize(int t, const uint8_t *w, void *out_, int64_t N, int64_t K, int bf16) {
     const int64_t S = K / 256, bytes = super_bytes(t);
     #pragma omp parallel for schedule(static)
