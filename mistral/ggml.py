@@ -16,8 +16,9 @@ bytes of q holds two sub-blocks of 32: weights 64 c .. 64 c + 31 in its low nibb
 `dequantize` is the plain torch reference of each format: the weights a block of rows stands for, in fp32, computed
 in the order llama.cpp computes them (gguf's numpy dequantizers give the same floats, which the tests check).
 GgmlLinear keeps a matrix as the file stores it and multiplies by it as the int8 and int4 formats of
-mistral/quantize.py do: x rounded to int8 per group of 32 (round_per_group), times the weights, in float64, a block
-of rows dequantized at a time. mistral/cpu/linears.py swaps in the C kernels that compute the same from the blocks
+mistral/quantize.py do: x rounded to int8 (round_per_group), times the weights, in float64, a block of rows
+dequantized at a time. x is rounded as llama.cpp rounds it for each format (x_group): per group of 32 for Q8_0, per
+super-block of 256 for the K-quants. mistral/cpu/linears.py swaps in the C kernels that compute the same from the blocks
 themselves. GgmlEmbedding looks rows up without dequantizing the table. Q4_0 needs neither: its nibbles and scale
 rule are int4's (mistral/quantize.py), so a Q4_0 matrix becomes an Int4Linear without a change to any weight
 (q4_0_as_int4).
@@ -35,7 +36,7 @@ from mistral.quantize import GROUP, _blockwise, round_per_group
 BLOCKS = {2: ("Q4_0", 32, 18), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
           14: ("Q6_K", 256, 210)}
 TYPES = {name: number for number, (name, _, _) in BLOCKS.items()}
-# Up to rounded_rows(kind) rows of x a product rounds x per group of 32 and multiplies integers (kernels.c, 1c); beyond,
+# Up to rounded_rows(kind) rows of x a product rounds x (x_group) and multiplies integers (kernels.c, 1c); beyond,
 # it takes x as it is, times the weights dequantized a block of rows at a time, as int8 does past INT8_ROWS: in fp32
 # (MKL), or in bf16 where the CPU multiplies bf16 in hardware (dequantized_product). Where the float products overtake
 # the integer ones on a 7B layer's shapes, 2 threads, the Xeon of docs/performance-diary.md: in fp32, from 96 rows for
@@ -47,10 +48,16 @@ _BF16_ROWS = 48
 
 
 def rounded_rows(kind: int) -> int:
-    """The most rows of x a product of type `kind` multiplies rounded per group of 32 (see above)."""
+    """The most rows of x a product of type `kind` multiplies rounded (see above)."""
     if kind == TYPES["Q4_0"]:
         return 1 << 62
     return _BF16_ROWS if cpu_bf16_matmul() else _FP32_ROWS[kind]
+
+
+def x_group(kind: int) -> int:
+    """The group along a row of x that a product of type `kind` rounds x per, as llama.cpp rounds it: a super-block of
+    256 for the K-quants (its Q8_K), else 32 (its Q8_0)."""
+    return 256 if BLOCKS[kind][1] == 256 else GROUP
 
 
 def row_bytes(kind: int, K: int) -> int:
@@ -146,13 +153,13 @@ class GgmlLinear(nn.Module):
         return torch.tensor([float(self.kind)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x rounded per group of 32 times the dequantized weights, in float64; past rounded_rows rows, x as it is,
+        """x rounded per x_group times the dequantized weights, in float64; past rounded_rows rows, x as it is,
         in x's dtype. The weights are dequantized a block of rows at a time."""
         *lead, K = x.shape
         x2 = x.reshape(-1, K)  # (M, K)
         if x2.shape[0] > rounded_rows(self.kind):
             return self.dequantized_product(x2).view(*lead, -1)
-        x64 = round_per_group(x2)
+        x64 = round_per_group(x2, x_group(self.kind))
 
         def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
             return F.linear(x64, block((end - start, K)).copy_(dequantize(self.weight[start:end], self.kind)))

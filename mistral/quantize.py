@@ -97,24 +97,25 @@ def _blockwise(x: torch.Tensor, N: int, K: int,
     return y[0] if len(y) == 1 else torch.cat(y, dim=-1)
 
 
-def round_per_group(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) as the integer products take it, in float64: each group of 32 along a row (the last one shorter if
-    32 does not divide K) becomes e * q, e = max|x| / 127 of the group and q = round(x * (127 / max|x|)) an integer
-    in -127 .. 127 (0 for a group of zeros). Every operation is kernels.c's, in fp32: 127 / max|x| one division (not
-    torch's `127 / top`, which multiplies by a rounded reciprocal), the product with x, rounding half to even (lrintf),
-    e one division; e * q is then exact in float64. Under autograd the gradient passes through as if x were unrounded.
+def round_per_group(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """x (M, K) as the integer products take it, in float64: each group of `group` (32; 256 for mistral/ggml.py's
+    K-quants) along a row (the last one shorter if it does not divide K) becomes e * q, e = max|x| / 127 of the group
+    and q = round(x * (127 / max|x|)) an integer in -127 .. 127 (0 for a group of zeros). Every operation is
+    kernels.c's, in fp32: 127 / max|x| one division (not torch's `127 / top`, which multiplies by a rounded
+    reciprocal), the product with x, rounding half to even (lrintf), e one division; e * q is then exact in float64.
+    Under autograd the gradient passes through as if x were unrounded.
 
     x = [[0.5, -1.27, 0.02]] (one short group): max|x| = 1.27, 127 / 1.27 = 100, x * 100 = [50, -127, 2],
     e = 0.01, so [[0.5, -1.27, 0.02]] again, up to the fp32 rounding of e.
     """
     x = x.float()
     M, K = x.shape
-    G = -(-K // GROUP)
-    xg = F.pad(x, (0, G * GROUP - K)).view(M, G, GROUP)  # (M, G, 32), zeros past K
+    G = -(-K // group)
+    xg = F.pad(x, (0, G * group - K)).view(M, G, group)  # (M, G, group), zeros past K
     top = xg.detach().abs().amax(2, keepdim=True)  # (M, G, 1)
     inv = torch.where(top > 0, torch.full_like(top, 127).div(top), 0)
     q = (xg.detach() * inv).round_()
-    rounded = (q.double() * top.div(torch.full_like(top, 127)).double()).view(M, G * GROUP)[:, :K]  # (M, K)
+    rounded = (q.double() * top.div(torch.full_like(top, 127)).double()).view(M, G * group)[:, :K]  # (M, K)
     if torch.is_grad_enabled() and x.requires_grad:
         x64 = x.double()
         return x64 + (rounded - x64).detach()  # exactly `rounded`: the two differ by less than a unit of x's group

@@ -144,8 +144,9 @@ def describe(model: Transformer) -> str:
     kinds = {BLOCKS[m.kind][0] for m in model.modules() if isinstance(m, GgmlLinear)}
     if kinds:  # a GGUF file's block formats, kept as stored (mistral/ggml.py); its Q4_0 ones are int4 (the same)
         kinds |= {"Q4_0 (as int4)" for m in model.modules() if isinstance(m, Int4Linear)}
+        per = "super-block of 256 (K-quants) or group of 32" if kinds & {"Q4_K", "Q5_K", "Q6_K"} else "group of 32"
         return (f"{' and '.join(sorted(kinds))} weights as stored, {name(model.dtype)} arithmetic (activations rounded "
-                "to int8 per group of 32 in the products)")
+                f"to int8 per {per} in the products)")
     weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
     said = f"{weights} weights, {name(model.dtype)} arithmetic"
     if weights in ("int8", "int4") and model.device.type == "cpu":  # the CPU engine's integer products

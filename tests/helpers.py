@@ -140,10 +140,10 @@ def engine_first(model):
     return forward
 
 
-def scaled_per_group(x):
+def scaled_per_group(x, group=32):
     """x (M, K) as the int8 and 4-bit kernels scale it before rounding (kernels.c, 1b), with the same fp32 operations:
-    (t, top), top (M, G, 1) the max|x| of each group of 32 along a row (zero past K) and t (M, G, 32) = x * inv,
-    inv = 127 / top.
+    (t, top), top (M, G, 1) the max|x| of each group of 32 (or `group`: 256 for the K-quants, 1c) along a row (zero
+    past K) and t (M, G, group) = x * inv, inv = 127 / top.
 
     inv is one fp32 division, as the C code's. Not torch's `127 / top`: that is Tensor.__rtruediv__, which computes
     top.reciprocal() * 127, two roundings, and differs from the division by an ulp for about a quarter of all maxima;
@@ -151,21 +151,21 @@ def scaled_per_group(x):
     (tests/test_kernels.py::test_quantized_weights_round_x_as_rounded_per_group)."""
     x = x.float()
     M, K = x.shape
-    G = -(-K // 32)
-    xp = torch.zeros(M, G * 32)
+    G = -(-K // group)
+    xp = torch.zeros(M, G * group)
     xp[:, :K] = x
-    xg = xp.view(M, G, 32)
+    xg = xp.view(M, G, group)
     top = xg.abs().amax(2, keepdim=True)
     inv = torch.where(top > 0, torch.full_like(top, 127).div(top), 0)
     return xg * inv, top
 
 
-def rounded_per_group(x, rounding=None):
-    """x (M, K) as the kernel rounds it (kernels.c, 1b), in float64: each group of 32 along a row is e * an integer in
-    -127 .. 127, e = max|x| / 127, with the same fp32 operations as the C code (scaled_per_group) so that every integer
-    agrees. The integers are torch.round's, to the nearest and ties to even, as lrintf's in the default rounding mode;
-    or rounding(t, top)'s, given scaled_per_group's (t, top)."""
+def rounded_per_group(x, rounding=None, group=32):
+    """x (M, K) as the kernel rounds it (kernels.c, 1b), in float64: each group of 32 (or `group`) along a row is
+    e * an integer in -127 .. 127, e = max|x| / 127, with the same fp32 operations as the C code (scaled_per_group) so
+    that every integer agrees. The integers are torch.round's, to the nearest and ties to even, as lrintf's in the
+    default rounding mode; or rounding(t, top)'s, given scaled_per_group's (t, top)."""
     M, K = x.shape
-    t, top = scaled_per_group(x)
+    t, top = scaled_per_group(x, group)
     q = t.round() if rounding is None else rounding(t, top)
     return (q * (top / 127)).double().view(M, -1)[:, :K]

@@ -31,6 +31,7 @@ from mistral.quantize import Int4Linear
 from mistral.tokenizer import Tokenizer
 
 TYPES = list(ggml.TYPES)  # Q4_0, Q8_0, Q4_K, Q5_K, Q6_K
+K_QUANTS = {ggml.TYPES[name] for name in ("Q4_K", "Q5_K", "Q6_K")}
 # What llama.cpp's converter writes a tokenizer piece's type as: sentencepiece's own numbers.
 NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
 
@@ -82,11 +83,12 @@ def test_q4_0_is_int4_unchanged():
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 16, 17, 63])
 def test_block_products_against_float64(c_compiler, name, M):
-    """The C products (kernels.c 1c) of every row count, against x rounded per group as the kernels round it
-    (helpers.rounded_per_group) times the dequantized weights in float64. N = 37 rows: ragged against every split."""
+    """The C products (kernels.c 1c) of every row count, against x rounded as the kernels round it (per 32 for Q8_0,
+    per 256 for the K-quants: helpers.rounded_per_group) times the dequantized weights in float64. N = 37 rows:
+    ragged against every split."""
     kind, K = ggml.TYPES[name], 768
     w, x = random_blocks(kind, 37, K, seed=M), torch.randn(M, K, generator=torch.Generator().manual_seed(M))
-    expected = rounded_per_group(x) @ ggml.dequantize(w, kind).double().T
+    expected = rounded_per_group(x, group=ggml.x_group(kind)) @ ggml.dequantize(w, kind).double().T
     got = kernels.matvec(x, w, torch.tensor([float(kind)]))
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
@@ -110,10 +112,15 @@ def test_past_rounded_rows_x_is_taken_as_it_is(c_compiler, name, bf16, monkeypat
                 torch.testing.assert_close(linear(x).double(), expected, **tolerance(expected, M, kind))
 
 
-def test_the_portable_c_products_too(c_compiler, tmp_path):
-    """kernels.c built without -march (no AVX2: its plain C loops), against the same float64."""
-    so = tmp_path / "portable.so"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", str(kernels.SOURCE), "-o", str(so), "-lm"], check=True)
+@pytest.mark.parametrize("build", ["portable", "avx2"])
+def test_the_other_c_builds_too(c_compiler, tmp_path, build):
+    """kernels.c built without -march (no AVX2: its plain C loops), and for AVX2 alone (no AVX-512 or VNNI, as the
+    CPUs without them run it), against the same float64."""
+    flags = ["-mavx2", "-mfma", "-mf16c"] if build == "avx2" else []
+    if build == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    so = tmp_path / f"{build}.so"
+    subprocess.run(["cc", "-O2", *flags, "-shared", "-fPIC", str(kernels.SOURCE), "-o", str(so), "-lm"], check=True)
     lib = ctypes.CDLL(str(so))
     for name in ("Q8_0", "Q4_K", "Q5_K", "Q6_K"):
         kind, K, M = ggml.TYPES[name], 512, 3
@@ -122,7 +129,7 @@ def test_the_portable_c_products_too(c_compiler, tmp_path):
         ws, ss = (ctypes.c_void_p * 3)(w.data_ptr()), (ctypes.c_void_p * 3)(code.data_ptr())
         lib.matvec(ctypes.c_int(kernels.GG), ctypes.c_void_p(x.data_ptr()), ws, ss, (ctypes.c_int64 * 3)(11, 0, 0),
                    ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(M), ctypes.c_int64(K))
-        expected = rounded_per_group(x) @ ggml.dequantize(w, kind).double().T
+        expected = rounded_per_group(x, group=ggml.x_group(kind)) @ ggml.dequantize(w, kind).double().T
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
         for dtype in (torch.float32, torch.bfloat16):
             weights = torch.empty(11, K, dtype=dtype)
@@ -227,11 +234,12 @@ def model_tensors(args: ModelArgs, kinds: dict | None = None, seed: int = 0) -> 
 
 def product(x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor:
     """What a block-format product computes, written independently of the library: up to ggml.rounded_rows rows of x,
-    x rounded per group of 32 as the kernels round it (helpers.rounded_per_group), times the weights, in float64;
+    x rounded as the kernels round it (helpers.rounded_per_group: per 256 for the K-quants, as llama.cpp's Q8_K, per
+    32 for Q8_0), times the weights, in float64;
     beyond, x as it is, x and the weights rounded to bf16 where the CPU multiplies bf16 (the sums stay exact)."""
     x = x.reshape(-1, x.shape[-1])
     if len(x) <= ggml.rounded_rows(kind):
-        return rounded_per_group(x) @ w.double().T
+        return rounded_per_group(x, group=256 if kind in K_QUANTS else 32) @ w.double().T
     if not ggml.cpu_bf16_matmul():
         return x.double() @ w.double().T
     return (x.bfloat16().double() @ w.bfloat16().double().T).bfloat16().double()
@@ -279,7 +287,7 @@ def _expert_weights(weights: dict) -> dict:
 
 @pytest.mark.parametrize("moe", [None, "one tensor each", "merged"])
 def test_a_file_computes_what_its_dequantized_weights_do(c_compiler, tmp_path, moe):
-    """Every product of a pre-fill, on the very x the model gave it, against that x rounded per group times the
+    """Every product of a pre-fill, on the very x the model gave it, against that x rounded (product) times the
     dequantized weight of its GGUF name in float64; then the whole model against the model of the dequantized weights
     (every product rounding x as Rounded does): logits and greedy tokens through the CPU engine. Dense with every
     format in one file, and a mixture of experts with experts one tensor each or merged."""

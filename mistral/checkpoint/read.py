@@ -303,6 +303,8 @@ def _mapped(source: _Source, maps: dict) -> torch.Tensor:
     if source.path not in maps:
         with open(source.path, "rb") as f:
             maps[source.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux: see above
+            maps[source.path].madvise(mmap.MADV_HUGEPAGE)
     count = math.prod(source.shape)
     return torch.frombuffer(maps[source.path], dtype=source.dtype, count=count, offset=source.offset).view(source.shape)
 
