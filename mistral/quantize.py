@@ -76,11 +76,12 @@ def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | N
 
 
 def _blockwise(x: torch.Tensor, N: int, K: int,
-               product: Callable[[int, int, Callable[[tuple[int, ...]], torch.Tensor]], torch.Tensor]) -> torch.Tensor:
-    """The (M, N) products of x with a weight converted a block of rows at a time (all N at once off the CPU):
-    product(start, end, block) multiplies x by rows start .. end - 1, converted into block(shape), an uninitialized
-    tensor of x's dtype that is the same memory every time (see _converted_linear) unless autograd is on, which
-    keeps the block it multiplied by and so needs a new one each time."""
+               product: Callable[[int, int, Callable[[tuple[int, ...]], torch.Tensor]], torch.Tensor],
+               block_bytes: int = CONVERT_BLOCK_BYTES) -> torch.Tensor:
+    """The (M, N) products of x with a weight converted a block of rows (of about block_bytes) at a time (all N at
+    once off the CPU): product(start, end, block) multiplies x by rows start .. end - 1, converted into block(shape),
+    an uninitialized tensor of x's dtype that is the same memory every time (see _converted_linear) unless autograd
+    is on, which keeps the block it multiplied by and so needs a new one each time."""
     reuse = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
     def block(shape: tuple[int, ...]) -> torch.Tensor:
@@ -89,10 +90,10 @@ def _blockwise(x: torch.Tensor, N: int, K: int,
         blocks = _scratch.__dict__.setdefault("blocks", {})
         n, buf = math.prod(shape), blocks.get(x.dtype)
         if buf is None or buf.numel() < n:
-            buf = blocks[x.dtype] = torch.empty(max(n, CONVERT_BLOCK_BYTES // x.element_size()), dtype=x.dtype)
+            buf = blocks[x.dtype] = torch.empty(max(n, block_bytes // x.element_size()), dtype=x.dtype)
         return buf[:n].view(shape)
 
-    rows = N if x.device.type != "cpu" else max(1, CONVERT_BLOCK_BYTES // (K * x.element_size()))
+    rows = N if x.device.type != "cpu" else max(1, block_bytes // (K * x.element_size()))
     y = [product(start, min(start + rows, N), block) for start in range(0, N, rows)]
     return y[0] if len(y) == 1 else torch.cat(y, dim=-1)
 

@@ -928,6 +928,21 @@ INLINE void store8_bf16(uint16_t *at, __m256 v) {
 }
 #endif
 
+#ifdef K512
+/* 16 floats to bf16 as store8_bf16 does (AVX-512 BF16's conversion rounds the same way, to nearest even). */
+INLINE void store16_bf16(uint16_t *at, __m512 v) {
+#ifdef __AVX512BF16__
+    _mm256_storeu_si256((__m256i *)at, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                          _mm512_set1_epi32(1))), 16);
+    _mm256_storeu_si256((__m256i *)at, _mm512_cvtepi32_epi16(r));
+#endif
+}
+#endif
+
 /* Rows of w (N rows of K / 256 super-blocks of type t) as their weights, into out (N, K): fp32, or bf16 if `bf16`
 (rounded as torch rounds), as mistral/ggml.py's dequantize computes them (f q - b; Q6_K: f (q - 32)), up to an ulp:
 for the products of many rows of x (a pre-fill), which multiply the weights as floats, a block of rows at a time. */
@@ -940,26 +955,50 @@ void block_dequantize(int t, const uint8_t *w, void *out_, int64_t N, int64_t K,
         uint16_t *ob = (uint16_t *)out_ + i * 256;
         float f[16], b[8];
         block_factors(t, blk, f, b);
-#ifdef __AVX2__
-        for (int g = 0; g < 8; g++) {
-            uint8_t q[32] __attribute__((aligned(32)));
-            if (t == GQ8_0) {
-                memcpy(q, blk + 34 * g + 2, 32);
-            } else {
-                __m256i pair[2];
-                k_pair(t, blk, g / 2, pair, pair + 1);
-                _mm256_store_si256((__m256i *)q, pair[g % 2]);
-            }
-            for (int j = 0; j < 4; j++) {  /* eight weights at a time */
-                const __m128i eight = _mm_loadl_epi64((const __m128i *)(q + 8 * j));
-                __m256i qi = t == GQ8_0 ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
-                if (t == GQ6_K) qi = _mm256_sub_epi32(qi, _mm256_set1_epi32(32));
-                const __m256 v = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(f[2 * g + j / 2]), _mm256_cvtepi32_ps(qi)),
-                                               _mm256_set1_ps(b[g]));
+#ifdef K512
+        for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1, sixteen weights at a time: half-group 4p + c */
+            const uint8_t *q8 = blk + 34 * (2 * p) + 2;  /* Q8_0's two groups */
+            const __m512i q = t == GQ8_0 ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)q8)),
+                                                              _mm256_loadu_si256((const __m256i *)(q8 + 34)), 1)
+                                         : k_pair512(t, blk, p);
+            for (int c = 0; c < 4; c++) {
+                const __m128i sixteen = c == 0 ? _mm512_castsi512_si128(q) : c == 1 ? _mm512_extracti32x4_epi32(q, 1)
+                                      : c == 2 ? _mm512_extracti32x4_epi32(q, 2) : _mm512_extracti32x4_epi32(q, 3);
+                __m512i qi = t == GQ8_0 ? _mm512_cvtepi8_epi32(sixteen) : _mm512_cvtepu8_epi32(sixteen);
+                if (t == GQ6_K) qi = _mm512_sub_epi32(qi, _mm512_set1_epi32(32));
+                const int h = 4 * p + c;
+                const __m512 v = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(f[h]), _mm512_cvtepi32_ps(qi)),
+                                               _mm512_set1_ps(b[h / 2]));
                 if (bf16)
-                    store8_bf16(ob + 32 * g + 8 * j, v);
+                    store16_bf16(ob + 16 * h, v);
                 else
-                    _mm256_storeu_ps(o + 32 * g + 8 * j, v);
+                    _mm512_storeu_ps(o + 16 * h, v);
+            }
+        }
+#elif defined(__AVX2__)
+        for (int p = 0; p < 4; p++) {
+            __m256i pair[2];
+            if (t == GQ8_0) {
+                pair[0] = _mm256_loadu_si256((const __m256i *)(blk + 34 * (2 * p) + 2));
+                pair[1] = _mm256_loadu_si256((const __m256i *)(blk + 34 * (2 * p + 1) + 2));
+            } else {
+                k_pair(t, blk, p, pair, pair + 1);
+            }
+            for (int i = 0; i < 2; i++) {
+                const int g = 2 * p + i;
+                uint8_t q[32] __attribute__((aligned(32)));
+                _mm256_store_si256((__m256i *)q, pair[i]);
+                for (int j = 0; j < 4; j++) {  /* eight weights at a time */
+                    const __m128i eight = _mm_loadl_epi64((const __m128i *)(q + 8 * j));
+                    __m256i qi = t == GQ8_0 ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
+                    if (t == GQ6_K) qi = _mm256_sub_epi32(qi, _mm256_set1_epi32(32));
+                    const __m256 v = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(f[2 * g + j / 2]), _mm256_cvtepi32_ps(qi)),
+                                                   _mm256_set1_ps(b[g]));
+                    if (bf16)
+                        store8_bf16(ob + 32 * g + 8 * j, v);
+                    else
+                        _mm256_storeu_ps(o + 32 * g + 8 * j, v);
+                }
             }
         }
 #else
