@@ -39,7 +39,7 @@ PATHS = {"defaults": (FOLDER, []), "--quantize int8": (FOLDER, ["--quantize", "i
          "int8 folder": (COPIES["int8"], []), "--quantize int4": (FOLDER, ["--quantize", "int4"]),
          "int4 folder": (COPIES["int4"], [])}
 PROMPTS = (63, 512)
-DECODE_STEPS = 8
+DECODE_STEPS = 16  # as llama-bench -n 16
 
 
 def build() -> None:

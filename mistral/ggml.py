@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral.device import cpu_bf16_matmul
-from mistral.quantize import CONVERT_BLOCK_BYTES, GROUP, _blockwise, round_per_group
+from mistral.quantize import GROUP, _blockwise, dequantized_product, round_per_group
 
 # GGML type number (llama.cpp's enum ggml_type, the numbers a GGUF file stores) -> (name, weights a block, bytes).
 BLOCKS = {2: ("Q4_0", 32, 18), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
@@ -45,10 +45,6 @@ TYPES = {name: number for number, (name, _, _) in BLOCKS.items()}
 # 42 rows). Q4_0 is int4, which rounds x at any count (mistral/quantize.py).
 _FP32_ROWS = {8: 96, 12: 160, 13: 160, 14: 48}
 _BF16_ROWS = 48
-# The bf16 products multiply blocks of 64 MB of weights (4096 to 8192 rows of a 7B layer) rather than 8: on the Xeon,
-# one 7B layer's products of 63 rows took 75 ms instead of 91 (each matmul call has a cost of its own), and those of
-# 512 rows the same 192.
-_BF16_BLOCK_BYTES = 64 << 20
 
 
 def rounded_rows(kind: int) -> int:
@@ -172,24 +168,13 @@ class GgmlLinear(nn.Module):
 
     def dequantized_product(self, x: torch.Tensor,
                             into: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """x (M, K) times the weights dequantized a block of rows at a time: into(rows of blocks, block) writes a
-        block's weights, in its dtype (default: dequantize, then copy). On a CPU that multiplies bf16 matrices in
-        hardware (device.py, cpu_bf16_matmul), x and the weights meet in bf16 and the products come out in bf16
-        (fp32 sums; torch's CPU matmul has no fp32 output for bf16 inputs): 5.7x as fast as fp32 there, each output
-        within half a bf16 unit (2^-9 of it) of the exact product of the bf16 operands."""
-        compute = torch.bfloat16 if x.device.type == "cpu" and cpu_bf16_matmul() else x.dtype
-        xc = x.to(compute)
+        """x (M, K) as it is times the weights (mistral/quantize.py, dequantized_product): into(rows of blocks, out)
+        writes their weights into out, in its dtype (default: dequantize, then a copy)."""
+        def rows(start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+            raw = self.weight[start:end]
+            return out.copy_(dequantize(raw, self.kind)) if into is None else into(raw, out)
 
-        def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
-            out = block((end - start, x.shape[1]))  # in xc's dtype
-            if into is None:
-                out.copy_(dequantize(self.weight[start:end], self.kind))
-            else:
-                into(self.weight[start:end], out)
-            return F.linear(xc, out)
-
-        block_bytes = _BF16_BLOCK_BYTES if compute == torch.bfloat16 else CONVERT_BLOCK_BYTES
-        return _blockwise(xc, self.weight.shape[0], x.shape[1], product, block_bytes).to(x.dtype)
+        return dequantized_product(x, self.weight.shape[0], self.in_features, rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.weight.shape[0]}, type={BLOCKS[self.kind][0]}"

@@ -138,20 +138,25 @@ def describe(model: Transformer) -> str:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
                 torch.uint8: "int4"}[dtype]
 
-    from mistral.ggml import BLOCKS, GgmlLinear
-    from mistral.quantize import Int4Linear
+    from mistral.ggml import BLOCKS, GgmlLinear, rounded_rows
+    from mistral.quantize import Int4Linear, int4_rounded_rows
 
-    kinds = {BLOCKS[m.kind][0] for m in model.modules() if isinstance(m, GgmlLinear)}
-    if kinds:  # a GGUF file's block formats, kept as stored (mistral/ggml.py); its Q4_0 ones are int4 (the same)
-        kinds |= {"Q4_0 (as int4)" for m in model.modules() if isinstance(m, Int4Linear)}
+    def up_to(rows: set[int]) -> str:  # the products that round x: all, or those of up to so many rows
+        return "" if min(rows) >= 1 << 62 else f" of up to {'-'.join(map(str, sorted(rows)))} rows"
+
+    blocks = {m.kind for m in model.modules() if isinstance(m, GgmlLinear)}
+    if blocks:  # a GGUF file's block formats, kept as stored (mistral/ggml.py); its Q4_0 ones are int4 (the same)
+        int4 = any(isinstance(m, Int4Linear) for m in model.modules())
+        kinds = {BLOCKS[k][0] for k in blocks} | ({"Q4_0 (as int4)"} if int4 else set())
         per = "super-block of 256 (K-quants) or group of 32" if kinds & {"Q4_K", "Q5_K", "Q6_K"} else "group of 32"
+        rows = {rounded_rows(k) for k in blocks} | ({int4_rounded_rows()} if int4 else set())
         return (f"{' and '.join(sorted(kinds))} weights as stored, {name(model.dtype)} arithmetic (activations rounded "
-                f"to int8 per {per} in the products)")
+                f"to int8 per {per} in the products{up_to(rows)})")
     weights = name(model.layers[str(model.layer_ids[0])].attention.wq.weight.dtype)
     said = f"{weights} weights, {name(model.dtype)} arithmetic"
     if weights in ("int8", "int4") and model.device.type == "cpu":  # the CPU engine's integer products
-        said += " (activations rounded to int8 per group of 32 in the products"
-        said += ")" if weights == "int4" else f" of up to {INT8_ROWS} rows)"
+        rows = {int4_rounded_rows() if weights == "int4" else INT8_ROWS}
+        said += f" (activations rounded to int8 per group of 32 in the products{up_to(rows)})"
     return said
 
 

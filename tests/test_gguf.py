@@ -20,6 +20,7 @@ from torch import nn
 
 import gguf
 from mistral import ggml
+from mistral import quantize as quantize_module
 from mistral.args import ModelArgs
 from mistral.checkpoint import convert, gguf as gguf_files, load_model, quantize
 from mistral.cpu import kernels
@@ -102,6 +103,7 @@ def test_past_rounded_rows_x_is_taken_as_it_is(c_compiler, name, bf16, monkeypat
     if bf16 and not cpu_bf16_matmul():
         pytest.skip("this CPU does not multiply bf16 in hardware: the fp32 case is the one it runs")
     monkeypatch.setattr(ggml, "cpu_bf16_matmul", lambda: bf16)
+    monkeypatch.setattr(quantize_module, "cpu_bf16_matmul", lambda: bf16)
     kind = ggml.TYPES[name]
     w, rows = random_blocks(kind, 300, 512, seed=kind), ggml.rounded_rows(kind)
     for linear in (CGgmlLinear(w, kind, 512), ggml.GgmlLinear(w, kind, 512)):

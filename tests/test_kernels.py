@@ -87,7 +87,8 @@ def test_c_linears_compute_the_formats_products(fmt, monkeypatch):
     """mistral/cpu/linears.py: with_kernels puts C-backed modules in place of Int8Linear and Int4Linear, holding the
     same tensors, once (a second call changes nothing). Their products run in C where the kernel takes x (int8 up to
     INT8_ROWS rows, int4 any number; not under autograd), the torch forward elsewhere, and either way they are the
-    format's products: x rounded per group (int8 past INT8_ROWS: x as it is, the torch forward's bit for bit)."""
+    format's products: x rounded per group (int8 past INT8_ROWS, int4 past int4_rounded_rows: x as it is, the torch
+    forward's bit for bit)."""
     gen = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(300, 40, bias=False)
     torch.nn.init.normal_(lin.weight, generator=gen)
@@ -106,7 +107,7 @@ def test_c_linears_compute_the_formats_products(fmt, monkeypatch):
         in_c.clear()
         with torch.no_grad():
             got, want = swapped(x), plain(x)
-        if fmt == "int8" and M > kernels.INT8_ROWS:
+        if fmt == "int8" and M > kernels.INT8_ROWS or fmt == "int4" and M > quantize.int4_rounded_rows():
             assert not in_c and torch.equal(got, want)
         else:
             assert in_c == [1]
@@ -114,6 +115,42 @@ def test_c_linears_compute_the_formats_products(fmt, monkeypatch):
     x = torch.randn(2, 300, generator=gen, requires_grad=True)
     in_c.clear()
     assert torch.equal(swapped(x), plain(x)) and not in_c  # autograd: torch's forward
+
+
+@pytest.mark.parametrize("K", [100, 768])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantize_is_int4_dequantized(K, dtype):
+    """kernels.int4_dequantize (C, for the products past int4_rounded_rows) against quantize.int4_dequantized (torch),
+    then torch's rounding to bf16: equal, a short last group included."""
+    packed, scales = quantize.int4_rows(torch.randn(37, K, generator=torch.Generator().manual_seed(K)))
+    got = kernels.int4_dequantize(packed, scales, torch.empty(37, K, dtype=dtype))
+    assert torch.equal(got, quantize.int4_dequantized(packed, scales, K).to(dtype))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_int4_past_its_rounded_rows_takes_x_as_it_is(bf16, monkeypatch):
+    """On a CPU that multiplies bf16 in hardware, past INT4_BF16_ROWS rows an int4 product takes x as it is, x and the
+    weights rounded to bf16 (fp32 sums, each output rounded to bf16: within one bf16 unit of the float64 product of
+    the bf16 operands); up to INT4_BF16_ROWS, x rounded per group. Elsewhere, x rounded at any count. Torch and C."""
+    if bf16 and not quantize.cpu_bf16_matmul():
+        pytest.skip("this CPU does not multiply bf16 in hardware: the fp32 case is the one it runs")
+    monkeypatch.setattr(quantize, "cpu_bf16_matmul", lambda: bf16)
+    gen = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(320, 96, bias=False)
+    torch.nn.init.normal_(lin.weight, generator=gen)
+    plain = quantize.Int4Linear.from_linear(lin)
+    in_c = linears.CInt4Linear(plain.weight, plain.scales, 320)
+    w = quantize.int4_dequantized(plain.weight, plain.scales, 320).double()
+    for M in (quantize.INT4_BF16_ROWS, quantize.INT4_BF16_ROWS + 1):
+        x = torch.randn(M, 320, generator=gen)
+        if bf16 and M > quantize.INT4_BF16_ROWS:
+            expected, rtol = x.bfloat16().double() @ w.bfloat16().double().T, 2 ** -7
+        else:
+            expected, rtol = rounded_per_group(x) @ w.T, 1e-5
+        for module in (plain, in_c):
+            with torch.no_grad():
+                torch.testing.assert_close(module(x).double(), expected, rtol=rtol,
+                                           atol=rtol * 0.1 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("K", [485, 768])

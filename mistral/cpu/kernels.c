@@ -1013,6 +1013,45 @@ void block_dequantize(int t, const uint8_t *w, void *out_, int64_t N, int64_t K,
     }
 }
 
+/* 4-bit rows (1b: N rows of G = ceil(K / 32) groups, their fp16 scales s (N, G)) as their weights d (q - 8), into
+out (N, K): fp32, or bf16 if `bf16`, as mistral/quantize.py's int4_dequantized computes them (then torch's rounding
+to bf16): for the products of many rows of x on a CPU that multiplies bf16 (mistral/quantize.py, INT4_BF16_ROWS). */
+void int4_dequantize(const uint8_t *w, const uint16_t *s, void *out_, int64_t N, int64_t K, int bf16) {
+    const int64_t G = (K + 31) / 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *b = w + (n * G + g) * 16;
+            const float d = half_to_float(s[n * G + g]);
+            const int64_t at = n * K + 32 * g, count = K - 32 * g < 32 ? K - 32 * g : 32;
+            float *o = (float *)out_ + at;
+            uint16_t *ob = (uint16_t *)out_ + at;
+#ifdef __AVX2__
+            if (count == 32) {  /* weights 0..15: the low nibbles, 16..31: the high ones */
+                const __m128i q = _mm_loadu_si128((const __m128i *)b), low4 = _mm_set1_epi8(15);
+                const __m128i half[2] = {_mm_and_si128(q, low4), _mm_and_si128(_mm_srli_epi16(q, 4), low4)};
+                for (int j = 0; j < 4; j++) {
+                    const __m128i eight = j % 2 ? _mm_srli_si128(half[j / 2], 8) : half[j / 2];
+                    const __m256i qi = _mm256_sub_epi32(_mm256_cvtepu8_epi32(eight), _mm256_set1_epi32(8));
+                    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(qi), _mm256_set1_ps(d));
+                    if (bf16)
+                        store8_bf16(ob + 8 * j, v);
+                    else
+                        _mm256_storeu_ps(o + 8 * j, v);
+                }
+                continue;
+            }
+#endif
+            for (int64_t j = 0; j < count; j++) {
+                const float v = (float)((j < 16 ? b[j] & 15 : b[j - 16] >> 4) - 8) * d;
+                if (bf16)
+                    ob[j] = bf16_of(v);
+                else
+                    o[j] = v;
+            }
+        }
+}
+
 /* The stacked block-format matrices (1c), each of its own type, against x rounded as they take it (per group for
 Q8_0, per super-block for the K-quants), as rounded_products. */
 static void block_products(const float *x, stack st, float *y, int64_t M, int64_t K) {

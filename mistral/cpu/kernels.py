@@ -95,7 +95,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
     lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.block_dequantize.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, ctypes.c_int]
-    for fn in ("matvec", "blocks", "rms_norm_f32", "greedy", "block_dequantize"):
+    lib.int4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    for fn in ("matvec", "blocks", "rms_norm_f32", "greedy", "block_dequantize", "int4_dequantize"):
         getattr(lib, fn).restype = None
     return lib
 
@@ -248,6 +249,17 @@ def block_dequantize(w: torch.Tensor, kind: int, out: torch.Tensor) -> torch.Ten
     assert w.is_contiguous() and out.is_contiguous() and out.dtype in (torch.float32, torch.bfloat16), out.dtype
     assert out.shape == (w.shape[0], ggml.row_weights(kind, w.shape[1])), (tuple(w.shape), tuple(out.shape))
     load().block_dequantize(kind, w.data_ptr(), out.data_ptr(), *out.shape, out.dtype == torch.bfloat16)
+    return out
+
+
+def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """4-bit rows (packed (N, G * 16), scales (N, G) fp16: mistral/quantize.py's int4_rows) as weights, into out (N, K)
+    fp32 or bf16: what int4_dequantized gives, then torch's rounding to bf16 (kernels.c 1c). Returns out."""
+    assert packed.is_contiguous() and scales.is_contiguous() and out.is_contiguous(), "contiguous tensors only"
+    assert out.dtype in (torch.float32, torch.bfloat16) and (packed.shape, scales.shape) == int4_shapes(*out.shape), (
+        tuple(packed.shape), tuple(scales.shape), tuple(out.shape), out.dtype)
+    bf16 = out.dtype == torch.bfloat16
+    load().int4_dequantize(packed.data_ptr(), scales.data_ptr(), out.data_ptr(), *out.shape, bf16)
     return out
 
 

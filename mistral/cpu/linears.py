@@ -3,7 +3,8 @@
     with_kernels(model)  # each Int8Linear / Int4Linear becomes a CInt8Linear / CInt4Linear, in place
 
 mistral/quantize.py defines what an int8 or int4 product is: x rounded to int8 per group of 32 along its row (int8:
-up to INT8_ROWS rows, beyond them x as it is), times the integer weights, times the scales. Its modules compute that
+up to INT8_ROWS rows, int4 up to int4_rounded_rows; beyond them x as it is), times the integer weights, times the
+scales. Its modules compute that
 in torch. The subclasses here compute the same in C (kernels.matvec: kernels.c, 1b) wherever kernels.usable holds,
 which is every product of any number of rows on a CPU outside autograd once the kernels are built (int8: up to
 INT8_ROWS), and otherwise call the torch forward they inherit. So whatever runs a model (one process or pipeline
@@ -19,7 +20,7 @@ from torch import nn
 
 from mistral.cpu import kernels
 from mistral.ggml import GgmlLinear, rounded_rows
-from mistral.quantize import Int4Linear, Int8Linear
+from mistral.quantize import Int4Linear, Int8Linear, int4_rounded_rows
 
 
 class _InC:
@@ -39,7 +40,14 @@ class CInt8Linear(_InC, Int8Linear):
 
 
 class CInt4Linear(_InC, Int4Linear):
-    """Int4Linear, its products in C (kernels.c, 1b) where the kernel takes them."""
+    """Int4Linear, its products in C (kernels.c, 1b) where the kernel takes them; past int4_rounded_rows rows of x, the
+    weights dequantized in C."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        if x2.shape[0] > int4_rounded_rows() and kernels.usable(x2, self.weight):
+            return self.dequantized_product(x2, kernels.int4_dequantize).view(*x.shape[:-1], -1)
+        return super().forward(x)
 
 
 class CGgmlLinear(GgmlLinear):
