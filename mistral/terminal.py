@@ -148,7 +148,9 @@ def describe(model: Transformer) -> str:
     if blocks:  # a GGUF file's block formats, kept as stored (mistral/ggml.py); its Q4_0 ones are int4 (the same)
         int4 = any(isinstance(m, Int4Linear) for m in model.modules())
         kinds = {BLOCKS[k][0] for k in blocks} | ({"Q4_0 (as int4)"} if int4 else set())
-        per = "super-block of 256 (K-quants) or group of 32" if kinds & {"Q4_K", "Q5_K", "Q6_K"} else "group of 32"
+        k_quants = kinds & {"Q4_K", "Q5_K", "Q6_K"}
+        per = ("super-block of 256" + (" (K-quants) or group of 32" if kinds - k_quants else "") if k_quants
+               else "group of 32")
         rows = {rounded_rows(k) for k in blocks} | ({int4_rounded_rows()} if int4 else set())
         return (f"{' and '.join(sorted(kinds))} weights as stored, {name(model.dtype)} arithmetic (activations rounded "
                 f"to int8 per {per} in the products{up_to(rows)})")
