@@ -1,4 +1,5 @@
-"""Command line: `python -m main demo|interactive|chat|serve|explain|convert|quantize`. Run `python -m main --help`."""
+"""Command line: `python -m main demo|interactive|chat|fim|serve|explain|convert|quantize`. Run `python -m main
+--help`."""
 import logging
 import os
 import signal
@@ -202,6 +203,48 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         sys.exit(1)
 
 
+def fim(model_path: str | None = None, prefix: str | None = None, suffix: str | None = None,
+        prefix_file: str | None = None, suffix_file: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
+        temperature: float = 0.0, top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k,
+        seed: int = 0, chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto",
+        dtype: str = "auto", quantize: str | None = None, sliding_window: int | None = None) -> None:
+    """Print the text that goes between --prefix and --suffix (fill-in-the-middle, as Codestral completes code).
+
+    --prefix_file and --suffix_file read them from files. The model's tokenizer needs FIM tokens (v3 and later, or
+    tekken). Greedy unless --temperature says otherwise; the middle ends at EOS or after --max_tokens. A stats line
+    follows on stderr.
+    """
+    check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    cli.check_seed(seed)
+    cli.check_stdout()
+    before, after = cli.text_option("prefix", prefix, prefix_file), cli.text_option("suffix", suffix, suffix_file)
+
+    def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
+        ids = tokenizer.encode_fim(before, after)  # a tokenizer without FIM tokens is refused before any weight
+        return slots_for(len(ids) + max_tokens, args.sliding_window), min(chunk_size or len(ids), len(ids))
+
+    model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
+                                dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --max_tokens",
+                                sliding_window=sliding_window)
+    ids = tokenizer.encode_fim(before, after)
+    stream = terminal.Stream(tokenizer, prompt_text=before, show_prompt=False)  # the middle, read after the prefix
+    times = []
+
+    def on_token(row: int, token: int) -> None:
+        times.append(time.perf_counter())
+        stream.add(token)
+
+    start = time.perf_counter()
+    generate_ids([ids], model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                 chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=_generator(seed, model.device),
+                 on_token=on_token)
+    stream.end()
+    end = time.perf_counter()
+    first = times[0] if times else end
+    terminal.info(Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first,
+                       len(ids) + len(times)).stats())
+
+
 def explain(seqlens: str = "5,7,2", sliding_window: int = 3, chunk_size: int | None = 4,
             decode_steps: int = 3, out: str | None = None) -> None:
     """Walk through a generation step by step: each mask, each cache slot, each unrotated view."""
@@ -282,8 +325,8 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
     server.run(front, host, port, load)
 
 
-COMMANDS = {"demo": demo, "interactive": interactive, "chat": chat, "serve": serve, "explain": explain,
-            "convert": convert, "quantize": quantize}
+COMMANDS = {"demo": demo, "interactive": interactive, "chat": chat, "fim": fim, "serve": serve,
+            "explain": explain, "convert": convert, "quantize": quantize}
 
 
 def main() -> None:

@@ -129,9 +129,11 @@ def parse(body: dict, tokenizer: Tokenizer, chat: bool, cap: int, room) -> Job:
     f.refuse("frequency_penalty", lambda v: v == 0, "only 0 is")
     f.refuse("presence_penalty", lambda v: v == 0, "only 0 is")
     f.refuse("best_of", lambda v: v == 1, "only 1 is (n gives several answers)")
-    f.refuse("suffix", lambda v: v == "", "fill-in-the-middle is not served yet")
+    suffix = None if chat else f.get("suffix", (str,), "", "a string") or None  # chat: an unknown field
     if chat:
         prompts = [tokenizer_chat(tokenizer, f.get("messages", (list,), what="a list of messages"))]
+    elif suffix is not None:
+        prompts = fim_ids(f.get("prompt", (str, list), "", "text, or a list of texts"), suffix, tokenizer)
     else:
         prompts = prompt_ids(f.get("prompt", (str, list), what="a string, a list of strings, or token ids"),
                              tokenizer)
@@ -169,6 +171,9 @@ def parse(body: dict, tokenizer: Tokenizer, chat: bool, cap: int, room) -> Job:
         job.include_usage = options.get("include_usage", False)
     if not chat:
         job.echo = f.get("echo", (bool,), False, "true or false")
+        if job.echo and suffix is not None:
+            raise ApiError(400, "echo is not supported with suffix: the prompt of a fill-in-the-middle request is "
+                                "the suffix and then the prefix", "echo")
     job.max_tokens = _max_tokens(f, chat, cap, room, prompts)
     f.done()
     job.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -251,6 +256,18 @@ def tokenizer_chat(tokenizer: Tokenizer, messages) -> list[int]:
         return tokenizer.encode_chat(plain)
     except MistralError as e:
         raise ApiError(400, str(e), "messages") from None
+
+
+def fim_ids(prompt, suffix: str, tokenizer: Tokenizer) -> list[list[int]]:
+    """A completion's prompts with a suffix, as fill-in-the-middle requests: each prompt, text, is the prefix."""
+    if not tokenizer.fim:
+        raise ApiError(400, f"suffix (fill-in-the-middle) needs a tokenizer with [PREFIX] and [SUFFIX] tokens (v3 and "
+                            f"later, or tekken: Codestral's); this model's is {tokenizer.version}", "suffix")
+    texts = prompt if isinstance(prompt, list) else [prompt]
+    if not texts or not all(isinstance(p, str) for p in texts):
+        raise ApiError(400, "with suffix, prompt must be text (a string or a list of strings): what comes before the "
+                            "gap", "prompt")
+    return [tokenizer.encode_fim(p, suffix) for p in texts]
 
 
 def prompt_ids(prompt, tokenizer: Tokenizer) -> list[list[int]]:

@@ -161,6 +161,19 @@ def _convert(param: inspect.Parameter, text: str) -> object:
     return text
 
 
+def text_option(name: str, text: str | None, path: str | None) -> str:
+    """The text of a pair of options --NAME TEXT / --NAME_file PATH (UTF-8): at most one of them, "" for neither."""
+    if text is not None and path is not None:
+        raise MistralError(f"give --{name} or --{name}_file, not both")
+    if path is None:
+        return text or ""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MistralError(f"--{name}_file {path}: cannot read it as UTF-8 text ({e.__class__.__name__}: "
+                           f"{getattr(e, 'strerror', None) or e})") from None
+
+
 def check_seed(seed: int) -> None:
     # torch takes 64 bits, and a negative seed would wrap around to another number, silently.
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:

@@ -108,13 +108,13 @@ class Stream:
     space that starts a text, so "Hello" + "▁world" would print as "Helloworld". A trailing U+FFFD means a multi-byte
     character is still incomplete, so it waits."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_text: str):
+    def __init__(self, tokenizer: Tokenizer, prompt_text: str, show_prompt: bool = True):
         """prompt_text: the text that was completed, encoded as generation encoded it ("" for a chat's answer, which
-        stands on its own)."""
+        stands on its own); printed first unless show_prompt is false (fill-in-the-middle: the middle alone)."""
         self.tokenizer, self.tokens = tokenizer, []
         self.prompt = tokenizer.encode(prompt_text, bos=True) if prompt_text else []
         self.shown = tokenizer.decode(self.prompt)  # the prompt as the model reads it
-        if is_printing_rank():
+        if is_printing_rank() and show_prompt:
             print(self.shown, end="", flush=True)
 
     def add(self, token: int) -> None:

@@ -224,6 +224,33 @@ class Tokenizer:
         return out + ids[start:]
 
     @cached_property
+    def fim(self) -> bool:
+        """Whether this tokenizer has fill-in-the-middle's control tokens, [PREFIX] and [SUFFIX] (v3 and later, and
+        tekken: Codestral's). v1 has neither; v2 names them, but they are its unknown piece."""
+        import warnings
+
+        inner = self._mistral_common.instruct_tokenizer.tokenizer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ids = [inner.get_special_token(name) for name in ("[PREFIX]", "[SUFFIX]")]
+            except Exception:  # each kind of mistral_common tokenizer says "none" its own way
+                return False
+        return inner.unk_id not in ids
+
+    def encode_fim(self, prefix: str, suffix: str) -> list[int]:
+        """The ids of a fill-in-the-middle prompt, exactly as mistral_common's encode_fim gives them: BOS, [SUFFIX],
+        the suffix, [PREFIX], the prefix. The model writes the middle after them, up to EOS."""
+        from mistral_common.protocol.fim.request import FIMRequest
+
+        if not self.fim:
+            raise MistralError(f"fill-in-the-middle needs a tokenizer with [PREFIX] and [SUFFIX] tokens (v3 and later, "
+                               f"or tekken: Codestral's), and this one is {self.version}")
+        if not isinstance(prefix, str) or not isinstance(suffix, str) or not (prefix or suffix):
+            raise MistralError("fill-in-the-middle takes a prefix and a suffix, text, not both empty")
+        return self._mistral_common.encode_fim(FIMRequest(prompt=prefix, suffix=suffix)).tokens
+
+    @cached_property
     def _placeholder_ids(self) -> list[int]:
         """The ids _PLACEHOLDER is encoded to as an assistant message: what lies between a user message and EOS."""
         user = {"role": "user", "content": "a"}

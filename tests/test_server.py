@@ -461,3 +461,42 @@ def test_prefix_reuse_on_a_row_past_its_window_only_goes_forward(model, tokenize
         assert c.usage.prompt_tokens_details.cached_tokens == 0
     finally:
         running.close()
+
+
+def test_a_completion_with_suffix_fills_in_the_middle(served, model, tokenizer):
+    """suffix makes the prompt a fill-in-the-middle one, encoded by mistral_common's encode_fim (v3 has the tokens):
+    the answer is the greedy middle, its text read after the prefix; streamed, the same."""
+    prefix, suffix = "def add(a, b):\n    return", "\n\nprint(add(1, 2))\n"
+    ids = tokenizer.encode_fim(prefix, suffix)
+    r = served.client.completions.create(model="tiny", prompt=prefix, suffix=suffix, max_tokens=8, temperature=0)
+    middle = [t for t in _greedy(model, ids, r.usage.completion_tokens, tokenizer.eos_id) if t != tokenizer.eos_id]
+    before = tokenizer.encode(prefix)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].text == tokenizer.decode(before + middle)[len(tokenizer.decode(before)):]
+    chunks = served.client.completions.create(model="tiny", prompt=prefix, suffix=suffix, max_tokens=8,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": [1, 2, 3], "suffix": "x"}, "prompt"),
+    ({"prompt": "def f():", "suffix": "x", "echo": True}, "echo"),
+    ({"prompt": "def f():", "suffix": 5}, "suffix"),
+])
+def test_bad_fill_in_the_middle_requests_get_400(served, body, param):
+    status, answer, _ = served.http("POST", "/v1/completions", body)
+    assert status == 400 and answer["error"]["param"] == param, answer
+    status, answer, _ = served.http("POST", "/v1/chat/completions",
+                                    {"messages": [{"role": "user", "content": "hi"}], "suffix": "x"})
+    assert status == 400 and answer["error"]["param"] == "suffix"
+    assert served.http("GET", "/health")[0] == 200
+
+
+def test_a_tokenizer_without_fim_tokens_gets_400_for_suffix(model):
+    running = Running(model, Tokenizer(V3.parent / "tokenizer.model.v1"))
+    try:
+        status, answer, _ = running.http("POST", "/v1/completions", {"prompt": "def f():", "suffix": "x"})
+        assert status == 400 and answer["error"]["param"] == "suffix" and "[PREFIX]" in answer["error"]["message"]
+        assert running.http("POST", "/v1/completions", {"prompt": "def f():", "max_tokens": 2})[0] == 200
+    finally:
+        running.close()
