@@ -43,7 +43,7 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
 def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
          top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
          chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto",
-         quantize: str | None = None, sliding_window: int | None = None) -> None:
+         quantize: str | None = None, sliding_window: int | None = None, lora: str | None = None) -> None:
     """Complete three fixed prompts as one packed batch and print each, followed by a line of '='.
 
     Without model_path, uses the small Shakespeare model that ships with the package.
@@ -58,7 +58,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
     model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                                 device=device, dtype=dtype, quantize=quantize, needs=needs,
-                                shrinks_cache="a smaller --max_tokens", sliding_window=sliding_window)
+                                shrinks_cache="a smaller --max_tokens", sliding_window=sliding_window, lora=lora)
     encoded = [tokenizer.encode(p, bos=True) for p in DEMO_PROMPTS]
     first_token_at = {}
 
@@ -87,7 +87,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
                 top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
                 chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto",
                 dtype: str = "auto", quantize: str | None = None, instruct: bool = False,
-                sliding_window: int | None = None) -> None:
+                sliding_window: int | None = None, lora: str | None = None) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
 
     Each line stands alone: it is completed as text, or with --instruct answered as a one-message chat in the
@@ -99,7 +99,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     cli.check_seed(seed)
     cli.check_stdout()
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
-                                dtype=dtype, quantize=quantize, sliding_window=sliding_window,
+                                dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora,
                                 needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
                                                        chunk_size or TYPICAL_PROMPT),
                                 shrinks_cache="a smaller --max_tokens")
@@ -148,7 +148,7 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
          temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
          top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = PREFILL_CHUNK,
          num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
-         context: int | None = None, sliding_window: int | None = None) -> None:
+         context: int | None = None, sliding_window: int | None = None, lora: str | None = None) -> None:
     """Talk with an instruction-tuned model: each line is a user message, the answer streams, and the
     conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer
     on stderr.
@@ -169,7 +169,7 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         return args.sliding_window or limit, chunk_size or TYPICAL_PROMPT
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
-                                dtype=dtype, quantize=quantize, sliding_window=sliding_window, needs=needs,
+                                dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora, needs=needs,
                                 shrinks_cache="a smaller --context")
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
@@ -207,7 +207,8 @@ def fim(model_path: str | None = None, prefix: str | None = None, suffix: str | 
         prefix_file: str | None = None, suffix_file: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         temperature: float = 0.0, top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k,
         seed: int = 0, chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto",
-        dtype: str = "auto", quantize: str | None = None, sliding_window: int | None = None) -> None:
+        dtype: str = "auto", quantize: str | None = None, sliding_window: int | None = None,
+        lora: str | None = None) -> None:
     """Print the text that goes between --prefix and --suffix (fill-in-the-middle, as Codestral completes code).
 
     --prefix_file and --suffix_file read them from files. The model's tokenizer needs FIM tokens (v3 and later, or
@@ -225,7 +226,7 @@ def fim(model_path: str | None = None, prefix: str | None = None, suffix: str | 
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --max_tokens",
-                                sliding_window=sliding_window)
+                                sliding_window=sliding_window, lora=lora)
     ids = tokenizer.encode_fim(before, after)
     stream = terminal.Stream(tokenizer, prompt_text=before, show_prompt=False)  # the middle, read after the prefix
     times = []
@@ -261,17 +262,17 @@ def convert(src: str, dst: str, to: str = "native") -> None:
     run(cli.folder(src, "SRC"), cli.folder(dst, "DST"), to=to)
 
 
-def quantize(src: str, dst: str, to: str = "int8") -> None:
+def quantize(src: str, dst: str, to: str = "int8", lora: str | None = None) -> None:
     """Write the model folder SRC to the new folder DST with int8 (or --to int4) weights, which every command loads
-    as they are."""
-    checkpoint.quantize(cli.folder(src, "SRC"), cli.folder(dst, "DST"), to=to)
+    as they are. --lora PATH merges a LoRA adapter into the weights first."""
+    checkpoint.quantize(cli.folder(src, "SRC"), cli.folder(dst, "DST"), to=to, lora=lora)
 
 
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
           max_queue: int = 64, max_tokens: int = SERVE_MAX_TOKENS, api_key: str | None = None,
           context: int | None = None, chunk_size: int = PREFILL_CHUNK, num_pipeline_ranks: int = 1,
           device: str = "auto", dtype: str = "auto", quantize: str | None = None,
-          sliding_window: int | None = None) -> None:
+          sliding_window: int | None = None, lora: str | None = None) -> None:
     """Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), answering up
     to --max_batch_size requests at once, --max_queue more waiting (past that: 429).
 
@@ -313,6 +314,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
     def load():
         model, tokenizer = cli.load(model_path, max_batch_size=max_batch_size, num_pipeline_ranks=1, device=device,
                                     dtype=dtype, quantize=quantize, needs=needs, sliding_window=sliding_window,
+                                    lora=lora,
                                     shrinks_cache="a smaller --max_batch_size or --context")
         slots, _ = needs(model.args, tokenizer)
         if model.device.type == "cuda":

@@ -100,8 +100,9 @@ class ModelArgs:
         return _build(cls, params, source, source=source)
 
 
-# Keys that real params.json files carry but that do not describe the network.
-_IGNORED_KEYS = {"max_batch_size", "max_seq_len", "max_position_embeddings", "model_type"}
+# Keys that real params.json files carry but that do not describe the network. "lora" (mistral-finetune's rank and
+# scaling) describes an adapter, which --lora merges (mistral/checkpoint/lora.py reads its scaling there).
+_IGNORED_KEYS = {"max_batch_size", "max_seq_len", "max_position_embeddings", "model_type", "lora"}
 
 
 def _build(cls, params: dict, where: str, **extra):

@@ -261,8 +261,8 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / "assets"
 
 def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int, device: str, dtype: str,
          quantize: str | None = None, needs: Callable[[ModelArgs, Tokenizer], tuple[int, int]] | None = None,
-         shrinks_cache: str = "fewer rows or a shorter run",
-         sliding_window: int | None = None) -> tuple[Transformer, Tokenizer]:
+         shrinks_cache: str = "fewer rows or a shorter run", sliding_window: int | None = None,
+         lora: str | None = None) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a folder (the shipped model when model_path is None).
 
     needs(args, tokenizer): the (cache slots per row, tokens pre-filled at a time) the run will want, so that a run
@@ -273,7 +273,8 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     quantize="int8" stores the linear weights in int8 (4x fewer bytes to read per token than fp32), "int4" in 4
     bits with a scale per 32 weights (7x fewer), quantized from the file as it is read. On a CPU, weights keep the
     checkpoint's dtype unless --dtype says otherwise, and the arithmetic is fp32: CPUs without bf16 arithmetic run bf16
-    matrix products several times slower.
+    matrix products several times slower. lora: a LoRA adapter merged into the weights as they are read
+    (mistral/checkpoint/lora.py).
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MistralError(f"unknown --quantize {quantize!r}; the choices are {' and '.join(QUANTIZATIONS)} (or leave "
@@ -292,7 +293,7 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     model = checkpoint.load_model(folder, max_batch_size=max_batch_size, num_pipeline_ranks=num_pipeline_ranks,
                                   device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
                                   quantize=quantize, cache_slots=slots, prefill_tokens=prefill,
-                                  shrinks_cache=shrinks_cache, sliding_window=sliding_window)
+                                  shrinks_cache=shrinks_cache, sliding_window=sliding_window, lora_path=lora)
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
                   f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")

@@ -7,9 +7,10 @@ import torch
 
 from mistral import ggml, grouped, pipeline, quantize as formats
 from mistral.args import QUANTIZATIONS, ModelArgs
+from mistral.checkpoint import lora
 from mistral.checkpoint.layouts import read_args
-from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _mapped, _on_meta, _plan, _progress,
-                                     _q4_0_as_int4, _quantized, _read)
+from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _mapped, _meta_state, _on_meta, _plan,
+                                     _progress, _q4_0_as_int4, _quantized, _read)
 from mistral.device import resolve_device, resolve_dtype
 from mistral.errors import MistralError
 from mistral.memory import Memory, gb, memory_available
@@ -26,13 +27,15 @@ def _stored_dtype(plan: dict[str, _Source]) -> torch.dtype:
 
 
 def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor], device: torch.device,
-                 plan: dict[str, _Source] | None = None) -> dict[str, torch.Tensor]:
+                 plan: dict[str, _Source] | None = None,
+                 adapter: lora.Adapter | None = None) -> dict[str, torch.Tensor]:
     """Read the tensors named in `wanted` (this rank's state dict on the meta device, in the dtypes its modules keep).
 
     A tensor kept as stored is mapped from its file on a CPU; one of another dtype is converted _CHUNK_BYTES at a
     time; an int8 weight the file has as floats is quantized as it is read, its scales with it. The whole folder is
     checked against `args` first, but only the wanted tensors are read: under pipeline parallelism each rank reads
-    its own layers.
+    its own layers. adapter: a LoRA adapter (mistral/checkpoint/lora.py), merged into each weight it changes as that
+    weight is read, before it is quantized.
     """
     folder = Path(folder)
     plan = _plan(folder, args) if plan is None else plan
@@ -55,8 +58,12 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
                 out[name], out[name.removesuffix("weight") + "scales"] = _q4_0_as_int4(plan[name], device, progress,
                                                                                        staging)
             elif like.dtype in _QUANTIZED and plan[name].dtype != like.dtype:
-                out[name], out[name.removesuffix("weight") + "scales"] = _quantized(plan[name], device, progress,
-                                                                                     staging, _QUANTIZED[like.dtype])
+                delta = adapter.delta(name) if adapter is not None else None
+                out[name], out[name.removesuffix("weight") + "scales"] = _quantized(
+                    plan[name], device, progress, staging, _QUANTIZED[like.dtype], delta)
+            elif adapter is not None and name in adapter.pairs:  # merged in fp32, then kept as the model keeps it
+                merged = _read(plan[name], torch.device("cpu"), torch.float32, progress, staging)
+                out[name] = merged.add_(adapter.delta(name)).to(device=device, dtype=like.dtype)
             elif as_stored(name):
                 out[name] = _mapped(plan[name], maps)
             else:
@@ -124,7 +131,8 @@ def _refusal(need: Memory, free: int, device: torch.device, others: list[tuple[s
 def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: int = 1,
                device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                quantize: str | None = None, cache_slots: int = 0, prefill_tokens: int = 512,
-               shrinks_cache: str = "fewer rows or a shorter run", sliding_window: int | None = None) -> Transformer:
+               shrinks_cache: str = "fewer rows or a shorter run", sliding_window: int | None = None,
+               lora_path: Path | str | None = None) -> Transformer:
     """The model of a native or Hugging Face folder, ready to run.
 
     device: cuda when available, else cpu. dtype: on CUDA the activations' and weights' (auto: bf16); on a CPU the
@@ -141,6 +149,9 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
 
     A GGUF file (or a folder holding one) loads too: its block-format matrices are kept as stored (mistral/ggml.py),
     and it runs with full attention unless sliding_window gives a window (the file holds none).
+
+    lora_path: a LoRA adapter (mistral-finetune's lora.safetensors, or a PEFT folder: mistral/checkpoint/lora.py),
+    merged into the weights as they are read, before quantize; checked against the model before any weight is read.
     """
     folder, device = Path(folder), resolve_device(device)
     args = _checked_args(folder, device, quantize, sliding_window)
@@ -149,6 +160,13 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     if blocks and quantize is not None:
         raise MistralError(f"{folder.name} holds {' and '.join(sorted(blocks))} weights, quantized already; leave out "
                            "--quantize")
+    adapter = None
+    if lora_path is not None:
+        if blocks or args.quantization is not None:
+            held = " and ".join(sorted(blocks)) if blocks else args.quantization
+            raise MistralError(f"{folder.name} holds {held} weights: a LoRA adapter merges into float weights, so load "
+                               "it with the folder those were made from (and --quantize, to quantize the merged ones)")
+        adapter = lora.read(lora_path, folder, args, {n: tuple(t.shape) for n, t in _meta_state(args).items()})
     dtype = resolve_dtype(dtype, device, stored=_stored_dtype(plan))
     rank = 0
     if num_pipeline_ranks > 1:
@@ -176,7 +194,8 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
                                     *((f"--quantize {q}", (dtype, q)) for q in QUANTIZATIONS))
                   if how != (dtype, quantize) and args.quantization is None]
         raise _refusal(need, free, device, others, shrinks_cache)
-    model.load_state_dict(load_weights(folder, args, model.state_dict(), device, plan), assign=True, strict=True)
+    model.load_state_dict(load_weights(folder, args, model.state_dict(), device, plan, adapter), assign=True,
+                          strict=True)
     if group:
         grouped.group_experts(model)
     return model.eval()

@@ -310,15 +310,17 @@ def _mapped(source: _Source, maps: dict) -> torch.Tensor:
 
 
 def _quantized(source: _Source, device: torch.device, progress: tqdm, staging: torch.Tensor,
-               to: str) -> tuple[torch.Tensor, torch.Tensor]:
+               to: str, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A float matrix of the file as (weight, scales) in format `to` (int8: int8 and fp32; int4: packed uint8 and
     fp16), quantized a block of rows at a time as it is read: the full-precision matrix is never held. (Rows in HF's
-    RoPE order are read whole first, to put them in ours.)"""
+    RoPE order are read whole first, to put them in ours.) delta: (N, K) fp32 added to the weights before they are
+    quantized (a LoRA adapter's, mistral/checkpoint/lora.py)."""
     rows_of = int8_rows if to == "int8" else int4_rows
-    if source.ggml == ggml.TYPES["Q4_0"] and to == "int4":
+    if source.ggml == ggml.TYPES["Q4_0"] and to == "int4" and delta is None:
         return _q4_0_as_int4(source, device, progress, staging)
     if source.rope_heads or source.ggml:
-        return tuple(t.to(device) for t in rows_of(_read(source, torch.device("cpu"), torch.float32, progress)))
+        w = _read(source, torch.device("cpu"), torch.float32, progress)
+        return tuple(t.to(device) for t in rows_of(w if delta is None else w.add_(delta)))
     N, K = source.shape
     rows = max(1, _CHUNK_BYTES // (K * source.dtype.itemsize))
     if to == "int8":
@@ -330,6 +332,8 @@ def _quantized(source: _Source, device: torch.device, progress: tqdm, staging: t
             n = min(rows, N - start)
             block = staging[: n * K * source.dtype.itemsize].view(source.dtype).view(n, K)
             _read_exactly(f, _bytes(block), source, progress)
+            if delta is not None:
+                block = block.float() + delta[start : start + n]
             if to == "int8":
                 _, scales[start : start + n] = int8_rows(block, out=q[start : start + n], scratch=scratch[:n])
                 continue

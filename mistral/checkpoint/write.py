@@ -17,6 +17,7 @@ from mistral.args import QUANTIZATIONS
 from mistral.checkpoint import gguf
 from mistral.checkpoint.hf import hf_config_from_args, hf_name, rope_heads, to_hf_rope_order
 from mistral.checkpoint.layouts import TOKENIZER_FILES, layout, read_args
+from mistral.checkpoint.lora import read as read_lora
 from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _SAFETENSORS_NAMES, _Source, _bytes, _meta_state, _plan,
                                      _progress, _quantized, _read)
 from mistral.errors import MistralError
@@ -142,13 +143,14 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
     return dst
 
 
-def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
+def quantize(src: Path | str, dst: Path | str, to: str = "int8", lora: Path | str | None = None) -> Path:
     """Write the model in folder src (native or HF) to the new native folder dst with int8 (or int4) linear weights,
     which every command then loads without quantizing again: params.json says "quantization": "int8" (or "int4"), and
     consolidated.safetensors holds each linear's "<name>.weight" and "<name>.scales" (int8 and fp32 (N,); for int4,
     two weights a byte, uint8 (N, G * 16), and fp16 (N, G), G groups of 32 a row: mistral/quantize.py says how they
     are made) beside the other tensors as stored. Each weight is quantized a block of rows at a time, as it is read.
-    src may be a GGUF file: a Q4_0 matrix becomes int4 unchanged, one of another block format is dequantized first."""
+    src may be a GGUF file: a Q4_0 matrix becomes int4 unchanged, one of another block format is dequantized first.
+    lora: a LoRA adapter (mistral/checkpoint/lora.py) merged into the weights before they are quantized."""
     src, dst = Path(src), Path(dst)
     if to not in QUANTIZATIONS:
         raise MistralError(f"unknown quantization {to!r}; the choices are {' and '.join(QUANTIZATIONS)}")
@@ -159,11 +161,18 @@ def quantize(src: Path | str, dst: Path | str, to: str = "int8") -> Path:
     if args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights already")
     plan = _plan(src, args)
+    adapter = None
+    if lora is not None:
+        if any(s.ggml for s in plan.values()):
+            raise MistralError(f"{src.name} holds quantized blocks: a LoRA adapter merges into float weights, so "
+                               "quantize the float model it was made from with --lora")
+        adapter = read_lora(lora, src, args, {n: tuple(t.shape) for n, t in _meta_state(args).items()})
     quantized = dataclasses.replace(args, quantization=to)
     cpu, staging, made = torch.device("cpu"), torch.empty(_CHUNK_BYTES, dtype=torch.uint8), {}
     with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"quantizing {src.name}") as progress:
         def weight(name: str) -> torch.Tensor:
-            q, made[name.removesuffix("weight") + "scales"] = _quantized(plan[name], cpu, progress, staging, to)
+            delta = adapter.delta(name) if adapter is not None else None
+            q, made[name.removesuffix("weight") + "scales"] = _quantized(plan[name], cpu, progress, staging, to, delta)
             return q
 
         tensors = {}
