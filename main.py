@@ -255,11 +255,12 @@ def explain(seqlens: str = "5,7,2", sliding_window: int = 3, chunk_size: int | N
     run(seqlens=seqlens, sliding_window=sliding_window, chunk_size=chunk_size, decode_steps=decode_steps, out=out)
 
 
-def convert(src: str, dst: str, to: str = "native") -> None:
-    """Write the model folder SRC as a native (params.json + consolidated.safetensors) or HF folder DST."""
+def convert(src: str, dst: str, to: str = "native", lora: str | None = None) -> None:
+    """Write the model folder SRC as a native (params.json + consolidated.safetensors) or HF folder DST. --lora PATH
+    merges a LoRA adapter into the weights."""
     from mistral.checkpoint import convert as run
 
-    run(cli.folder(src, "SRC"), cli.folder(dst, "DST"), to=to)
+    run(cli.folder(src, "SRC"), cli.folder(dst, "DST"), to=to, lora=lora)
 
 
 def quantize(src: str, dst: str, to: str = "int8", lora: str | None = None) -> None:

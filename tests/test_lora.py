@@ -11,7 +11,7 @@ from conftest import VOCAB
 from helpers import MOE, cli, one_error, random_model, save_folder, save_with_tokenizer, tiny_params
 from safetensors.torch import save_file
 
-from mistral.checkpoint import hf_name, load_model, quantize as quantize_folder
+from mistral.checkpoint import convert, hf_name, load_model, quantize as quantize_folder
 from mistral.checkpoint.hf import rope_heads, to_hf_rope_order
 from mistral.errors import MistralError
 from mistral.quantize import int4_dequantized, int4_rows
@@ -170,3 +170,14 @@ def test_an_adapter_on_quantized_weights_or_nothing_is_refused(tmp_path):
     (tmp_path / "peft").mkdir()
     with pytest.raises(MistralError, match=r"must hold adapter_config\.json and adapter_model\.safetensors"):
         load_model(folder, lora_path=tmp_path / "peft")
+
+
+def test_convert_writes_the_merged_weights(base, tmp_path):
+    """convert --lora, native and HF: the written folder loads as the base with the adapter merged (HF: through its
+    RoPE order and back)."""
+    model, folder, pairs = base
+    adapter = write_finetune(pairs, tmp_path / "lora.safetensors")
+    expected = merged(model, pairs, 2.0)
+    for to in ("native", "hf"):
+        written = convert(folder, tmp_path / to, to=to, lora=adapter)
+        check_model(load_model(written), expected)

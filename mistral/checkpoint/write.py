@@ -101,13 +101,24 @@ def _copy_tokenizers(src: Path, dst: Path) -> None:
             shutil.copyfile(path, dst / path.name)
 
 
-def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
+def _adapter(lora: Path | str | None, src: Path, args, plan: dict[str, _Source]):
+    """The LoRA adapter to merge (None without one), refused on quantized weights: it merges into float ones."""
+    if lora is None:
+        return None
+    if args.quantization is not None or any(s.ggml for s in plan.values()):
+        raise MistralError(f"{src.name} holds quantized weights: a LoRA adapter merges into float weights, so use the "
+                           "float model they were made from with --lora")
+    return read_lora(lora, src, args, {n: tuple(t.shape) for n, t in _meta_state(args).items()})
+
+
+def convert(src: Path | str, dst: Path | str, to: str = "native", lora: Path | str | None = None) -> Path:
     """Write the model in folder src to the new folder dst, in layout `to`: "native" or "hf".
 
     native: params.json + consolidated.safetensors. hf: config.json + model.safetensors that transformers'
     MistralForCausalLM / MixtralForCausalLM.from_pretrained loads. The tokenizer files are copied along. Tensors
     keep their stored dtype and pass through memory one at a time. src may be a GGUF file: its block-format matrices
-    are dequantized to bf16 (a block of rows at a time), and its tokenizer written as tokenizer.model[.vN].
+    are dequantized to bf16 (a block of rows at a time), and its tokenizer written as tokenizer.model[.vN]. lora: a
+    LoRA adapter (mistral/checkpoint/lora.py) merged into the weights it changes, which keep their stored dtype.
     """
     src, dst = Path(src), Path(dst)
     if to not in ("native", "hf"):
@@ -120,23 +131,29 @@ def convert(src: Path | str, dst: Path | str, to: str = "native") -> Path:
         raise MistralError(f"{src} holds {args.quantization} weights, which transformers' Mistral models do not "
                            "read; convert the float folder it was made from")
     plan = _plan(src, args)
+    adapter = _adapter(lora, src, args, plan)
     cpu = torch.device("cpu")
+
+    def read(name: str, source: _Source) -> torch.Tensor:
+        if adapter is None or name not in adapter.pairs:
+            return _read(source, cpu, source.weights[1], progress)
+        return _read(source, cpu, torch.float32, progress).add_(adapter.delta(name)).to(source.weights[1])
+
     with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"converting {src.name}") as progress:
         if to == "native":
             params = {k: v for k, v in asdict(args).items() if v is not None}
             (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-            tensors = {n: (*reversed(s.weights), lambda s=s: _read(s, cpu, s.weights[1], progress))
-                       for n, s in plan.items()}
+            tensors = {n: (*reversed(s.weights), lambda s=s, n=n: read(n, s)) for n, s in plan.items()}
             _write_safetensors(tmp / "consolidated.safetensors", tensors)
         else:
             config = hf_config_from_args(args, plan["tok_embeddings.weight"].weights[1])
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-            def hf_order(source: _Source, heads: int) -> torch.Tensor:
-                t = _read(source, cpu, source.weights[1], progress)
+            def hf_order(name: str, source: _Source, heads: int) -> torch.Tensor:
+                t = read(name, source)
                 return to_hf_rope_order(t, heads) if heads else t
 
-            tensors = {hf_name(n): (*reversed(s.weights), lambda s=s, n=n: hf_order(s, rope_heads(n, args)))
+            tensors = {hf_name(n): (*reversed(s.weights), lambda s=s, n=n: hf_order(n, s, rope_heads(n, args)))
                        for n, s in plan.items()}
             _write_safetensors(tmp / "model.safetensors", tensors)
         _copy_tokenizers(src, tmp)
@@ -161,12 +178,7 @@ def quantize(src: Path | str, dst: Path | str, to: str = "int8", lora: Path | st
     if args.quantization is not None:
         raise MistralError(f"{src} holds {args.quantization} weights already")
     plan = _plan(src, args)
-    adapter = None
-    if lora is not None:
-        if any(s.ggml for s in plan.values()):
-            raise MistralError(f"{src.name} holds quantized blocks: a LoRA adapter merges into float weights, so "
-                               "quantize the float model it was made from with --lora")
-        adapter = read_lora(lora, src, args, {n: tuple(t.shape) for n, t in _meta_state(args).items()})
+    adapter = _adapter(lora, src, args, plan)
     quantized = dataclasses.replace(args, quantization=to)
     cpu, staging, made = torch.device("cpu"), torch.empty(_CHUNK_BYTES, dtype=torch.uint8), {}
     with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"quantizing {src.name}") as progress:
