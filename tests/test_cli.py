@@ -236,7 +236,8 @@ FLAGS = {
     "interactive --instrct": (["interactive", "{m}", "--instrct"], r"did you mean --instruct\?"),
     "explain --seqlen": (["explain", "--seqlen", "3,4"], r"did you mean --seqlens\?"),
     "quantize --to8": (["quantize", "{m}", "{tmp}/q", "--to8"], r"quantize has no option --to8"),
-    "too many positional arguments": (["convert", "a", "b", "c", "d"], r"convert takes at most 3 arguments in order"),
+    "too many positional arguments": (["convert", "a", "b", "c", "d", "e"],
+                                      r"convert takes at most 4 arguments in order"),
 }
 
 
