@@ -298,6 +298,7 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
     terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
                   f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")
     if kind == "gguf":
+        checkpoint.gguf.forget()  # the model and the tokenizer are built: what was read of the file goes
         window = (f"a sliding window of {args.sliding_window} (--sliding_window)" if args.sliding_window else
                   "full attention (the file holds no sliding window, and llama.cpp runs it so; --sliding_window N "
                   "gives one)")
