@@ -260,7 +260,8 @@ static void round_row(const float *x, rounded r, int64_t m, int64_t K, int want)
         const float *xs = x + m * K + 256 * s;
         const float top = max_abs(xs, 256), inv = top > 0 ? 127 / top : 0;
         int16_t *s16 = (int16_t *)r.s16 + m * (K / 16) + 16 * s, *s32 = (int16_t *)r.s32 + m * (K / 32) + 8 * s;
-        for (int h = 0; h < 16; h++) s16[h] = (int16_t)round16(xs + 16 * h, inv, (int8_t *)r.kq + m * K + 256 * s + 16 * h);
+        int8_t *q = (int8_t *)r.kq + m * K + 256 * s;
+        for (int h = 0; h < 16; h++) s16[h] = (int16_t)round16(xs + 16 * h, inv, q + 16 * h);
         for (int g = 0; g < 8; g++) s32[g] = (int16_t)(s16[2 * g] + s16[2 * g + 1]);
         ((float *)r.ke)[m * (K / 256) + s] = top / 127;
     }
@@ -554,9 +555,9 @@ d sc (q - 32), with q of 6 bits, unsigned, and sc a signed byte per 16. A super-
 where the sums of kq come with the rounding (s32, s16). With AVX2 a group's 32 integers are unpacked in order into
 one register (k_pair); maddubs multiplies them by kq and adds pairs (at most 2 * 63 * 127, an int16), and madd (VNNI:
 dpwssd) multiplies each pair by its scale as it adds them into int32 lanes; one float multiply-add a super-block.
-For one row of a 7B ffn_gate in cache this took 0.65x the time (Q6_K's ffn_down: 0.75x) of x rounded per 32, where
-each group's sums needed a float factor of their own (docs/performance-diary.md). Without AVX2, plain loops take each
-weight's integer (weight_q). */
+With x rounded per 32, each group's sums needed a float factor of their own: one row of a 7B ffn_gate in cache
+(Q4_K) took 70 µs against 62-67 now, four rows of Q6_K's ffn_down 990 against 490-560 (docs/performance-diary.md).
+Without AVX2, plain loops take each weight's integer (weight_q). */
 enum gtype { GQ8_0 = 8, GQ4_K = 12, GQ5_K = 13, GQ6_K = 14 };  /* llama.cpp's type numbers */
 
 INLINE int64_t super_bytes(int t) { return t == GQ4_K ? 144 : t == GQ5_K ? 176 : t == GQ6_K ? 210 : 272; }
@@ -666,12 +667,13 @@ INLINE __m256i q6_offset(__m128i sc, const int16_t *s16) {
 
 /* Q4_K's and Q5_K's dmin e sum_g m_g sum(kq over g), mn16 the eight mins, s32 the sums: 4 floats to subtract. */
 INLINE __m128 k_mins(__m128i mn16, const int16_t *s32, float dmin_e) {
-    return _mm_mul_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)s32))), _mm_set1_ps(dmin_e));
+    const __m128i sums = _mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)s32));
+    return _mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_set1_ps(dmin_e));
 }
 #endif
 
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define K512
+#ifdef __AVX512BW__
+#define K512  /* block_dequantize, 16 weights an instruction: 1.4x as fast as with AVX2 (the products gained nothing) */
 /* Groups 2p and 2p + 1 of a K-quant super-block in one 512-bit register, in order, as stored (unsigned): the 32 bytes
 that hold both (Q4_K, Q5_K) in each half, shifted by 0 and 4 bits, or (Q6_K) the 64 low bits of both, with the two top
 bits of each from qh. */
@@ -688,12 +690,14 @@ INLINE __m512i k_pair512(int t, const uint8_t *blk, int p) {
         return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4), _mm512_and_si512(_mm512_srlv_epi16(qh,
             _mm512_inserti64x4(_mm512_castsi256_si512(zero), _mm256_set1_epi16(2), 1)), top));  /* 4-5, 6-7 */
     }
-    const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + (t == GQ5_K ? 48 : 16) + 32 * p)));
+    const uint8_t *qs = blk + (t == GQ5_K ? 48 : 16) + 32 * p;
+    const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qs));
     __m512i q = _mm512_and_si512(_mm512_srlv_epi16(b, _mm512_inserti64x4(_mm512_castsi256_si512(zero),
                                                                           _mm256_set1_epi16(4), 1)), low4);
     if (t == GQ5_K) {  /* bits 2p and 2p + 1 of qh, put at 4 */
         const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
-        const __m512i at = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)), _mm256_set1_epi16((short)(2 * p + 1)), 1);
+        const __m512i at = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)),
+                                              _mm256_set1_epi16((short)(2 * p + 1)), 1);
         q = _mm512_or_si512(q, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi16(qh, at), 4), _mm512_set1_epi8(16)));
     }
     return q;
@@ -701,22 +705,16 @@ INLINE __m512i k_pair512(int t, const uint8_t *blk, int p) {
 #endif
 
 /* y[(m0 + m) * ldy] for m < MB: K-quant row wn (K / 256 super-blocks of type t) against rows m0 .. m0 + MB - 1 of x
-rounded per super-block. With AVX-512 (BW and VNNI), two groups an instruction: for one row of a 7B ffn_gate in
-cache, Q4_K, 0.90x the time of AVX2's one, and 0.7x for four rows. */
+rounded per super-block. (A 512-bit version, two groups an instruction, ran no faster: one row of a 7B ffn_gate in
+cache 63-72 µs against 62-67, four rows 147-156 against 139-155.) */
 INLINE void row_k(rounded r, const uint8_t *wn, const int t, float *y, int64_t ldy, int64_t K, int64_t m0,
                   const int MB) {
     const int64_t S = K / 256, bytes = super_bytes(t);
     float out[4] = {0};
 #ifdef __AVX2__
-#ifdef K512
-    __m512 acc[4];
-    __m512i isum[4];
-    for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
-#else
     __m256 acc[4];
     __m256i isum[4];
     for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
-#endif
     __m128 mins[4];
     for (int m = 0; m < MB; m++) mins[m] = _mm_setzero_ps();
     for (int64_t s = 0; s < S; s++) {
@@ -730,14 +728,7 @@ INLINE void row_k(rounded r, const uint8_t *wn, const int t, float *y, int64_t l
             const __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
             const __m128i evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
             scales = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, evens_odds));
-            for (int m = 0; m < MB; m++) {
-                const __m256i offset = q6_offset(sc, r.s16 + (m0 + m) * (K / 16) + 16 * s);
-#ifdef K512
-                isum[m] = _mm512_zextsi256_si512(offset);
-#else
-                isum[m] = offset;
-#endif
-            }
+            for (int m = 0; m < MB; m++) isum[m] = q6_offset(sc, r.s16 + (m0 + m) * (K / 16) + 16 * s);
         } else {
             d = f16_at(blk);
             const float dmin = f16_at(blk + 2);
@@ -748,32 +739,9 @@ INLINE void row_k(rounded r, const uint8_t *wn, const int t, float *y, int64_t l
             scales = _mm256_set_m128i(sc16, sc16);
             for (int m = 0; m < MB; m++) {
                 mins[m] = _mm_add_ps(mins[m], k_mins(mn16, r.s32 + (m0 + m) * (K / 32) + 8 * s, dmin * e[m]));
-#ifdef K512
-                isum[m] = _mm512_setzero_si512();
-#else
                 isum[m] = _mm256_setzero_si256();
-#endif
             }
         }
-#ifdef K512
-        /* Pair p's scales, in word p of each 128-bit quarter of `by_pair`: Q4_K's 2p, 2p, 2p + 1, 2p + 1; Q6_K's 4p,
-        4p + 1, 4p + 2, 4p + 3 (`scales` holds its 16 as evens | odds: word 8 i + j is scale 2 j + i). */
-        const __m512i pick = t == GQ6_K ? _mm512_set_epi16(15, 13, 11, 9, 15, 13, 11, 9, 7, 5, 3, 1, 7, 5, 3, 1,
-                                                           14, 12, 10, 8, 14, 12, 10, 8, 6, 4, 2, 0, 6, 4, 2, 0)
-                                        : _mm512_set_epi16(7, 5, 3, 1, 7, 5, 3, 1, 7, 5, 3, 1, 7, 5, 3, 1,
-                                                           6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
-        const __m512i by_pair = _mm512_permutexvar_epi16(pick, _mm512_castsi256_si512(scales));
-        for (int p = 0; p < 4; p++) {
-            const __m512i q = k_pair512(t, blk, p);
-            const __m512i scale = _mm512_shuffle_epi8(by_pair, _mm512_set1_epi16((short)((2 * p + 1) << 8 | 2 * p)));
-            for (int m = 0; m < MB; m++) {
-                const __m512i x = _mm512_loadu_si512((const void *)(r.kq + (m0 + m) * K + 256 * s + 64 * p));
-                isum[m] = _mm512_dpwssd_epi32(isum[m], _mm512_maddubs_epi16(q, x), scale);
-            }
-        }
-        for (int m = 0; m < MB; m++)
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(d * e[m]), acc[m]);
-#else
         for (int p = 0; p < 4; p++) {
             __m256i q[2];
             k_pair(t, blk, p, q, q + 1);
@@ -788,15 +756,10 @@ INLINE void row_k(rounded r, const uint8_t *wn, const int t, float *y, int64_t l
         }
         for (int m = 0; m < MB; m++)
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set1_ps(d * e[m]), acc[m]);
-#endif
     }
     for (int m = 0; m < MB; m++) {
-#ifdef K512
-        out[m] = _mm512_reduce_add_ps(acc[m]);
-#else
         v8 a = (v8)acc[m];
         for (int j = 0; j < 8; j++) out[m] += a[j];
-#endif
         float b[4];
         _mm_storeu_ps(b, mins[m]);
         out[m] -= (b[0] + b[1]) + (b[2] + b[3]);
@@ -846,7 +809,8 @@ INLINE void row_q8_0(rounded r, const uint8_t *wn, float *y, int64_t ldy, int64_
         float f[8];
         for (int g = 0; g < 8; g++) f[g] = f16_at(blk + 34 * g);
         __m256 fe[4];
-        for (int m = 0; m < MB; m++) fe[m] = _mm256_mul_ps(_mm256_loadu_ps(f), _mm256_loadu_ps(r.e + (m0 + m) * G + 8 * s));
+        for (int m = 0; m < MB; m++)
+            fe[m] = _mm256_mul_ps(_mm256_loadu_ps(f), _mm256_loadu_ps(r.e + (m0 + m) * G + 8 * s));
         for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1: lanes 0-3 of the sums are the first's, 4-7 the 2nd's */
             const uint8_t *b0 = blk + 34 * (2 * p) + 2, *b1 = b0 + 34;
             const __m256i A = _mm256_loadu2_m128i((const __m128i *)b1, (const __m128i *)b0);  /* as 1b's pairs */
@@ -858,7 +822,8 @@ INLINE void row_q8_0(rounded r, const uint8_t *wn, float *y, int64_t ldy, int64_
                 const int8_t *xq = r.xq + 32 * ((m0 + m) * G + 8 * s + 2 * p);
                 const __m256i XA = _mm256_loadu_si256((const __m256i *)xq);
                 const __m256i XB = _mm256_loadu_si256((const __m256i *)(xq + 32));
-                const __m256i I = _mm256_add_epi32(dot_u8(uA, _mm256_sign_epi8(XA, A)), dot_u8(uB, _mm256_sign_epi8(XB, B)));
+                const __m256i I = _mm256_add_epi32(dot_u8(uA, _mm256_sign_epi8(XA, A)),
+                                                   dot_u8(uB, _mm256_sign_epi8(XB, B)));
                 acc[m] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(fe[m], lanes), _mm256_cvtepi32_ps(I), acc[m]);
             }
         }
@@ -958,9 +923,9 @@ void block_dequantize(int t, const uint8_t *w, void *out_, int64_t N, int64_t K,
 #ifdef K512
         for (int p = 0; p < 4; p++) {  /* groups 2p and 2p + 1, sixteen weights at a time: half-group 4p + c */
             const uint8_t *q8 = blk + 34 * (2 * p) + 2;  /* Q8_0's two groups */
-            const __m512i q = t == GQ8_0 ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)q8)),
-                                                              _mm256_loadu_si256((const __m256i *)(q8 + 34)), 1)
-                                         : k_pair512(t, blk, p);
+            const __m512i q = t != GQ8_0 ? k_pair512(t, blk, p)
+                            : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)q8)),
+                                                 _mm256_loadu_si256((const __m256i *)(q8 + 34)), 1);
             for (int c = 0; c < 4; c++) {
                 const __m128i sixteen = c == 0 ? _mm512_castsi512_si128(q) : c == 1 ? _mm512_extracti32x4_epi32(q, 1)
                                       : c == 2 ? _mm512_extracti32x4_epi32(q, 2) : _mm512_extracti32x4_epi32(q, 3);
@@ -992,8 +957,8 @@ void block_dequantize(int t, const uint8_t *w, void *out_, int64_t N, int64_t K,
                     const __m128i eight = _mm_loadl_epi64((const __m128i *)(q + 8 * j));
                     __m256i qi = t == GQ8_0 ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
                     if (t == GQ6_K) qi = _mm256_sub_epi32(qi, _mm256_set1_epi32(32));
-                    const __m256 v = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(f[2 * g + j / 2]), _mm256_cvtepi32_ps(qi)),
-                                                   _mm256_set1_ps(b[g]));
+                    const __m256 fq = _mm256_mul_ps(_mm256_set1_ps(f[2 * g + j / 2]), _mm256_cvtepi32_ps(qi));
+                    const __m256 v = _mm256_sub_ps(fq, _mm256_set1_ps(b[g]));
                     if (bf16)
                         store8_bf16(ob + 32 * g + 8 * j, v);
                     else
