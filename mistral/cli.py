@@ -295,8 +295,9 @@ def load(model_path: str | None, *, max_batch_size: int, num_pipeline_ranks: int
                                   quantize=quantize, cache_slots=slots, prefill_tokens=prefill,
                                   shrinks_cache=shrinks_cache, sliding_window=sliding_window, lora_path=lora)
     n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    terminal.info(f"loaded {folder}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on this rank, "
-                  f"{model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")
+    merged = f" with the LoRA adapter {lora} merged" if lora is not None else ""
+    terminal.info(f"loaded {folder}{merged}: {model.args.n_layers} layers, {n_bytes / 1e6:,.1f} MB of weights on "
+                  f"this rank, {model.device}, {terminal.describe(model)}, in {time.perf_counter() - start:.1f} s")
     if kind == "gguf":
         checkpoint.gguf.forget()  # the model and the tokenizer are built: what was read of the file goes
         window = (f"a sliding window of {args.sliding_window} (--sliding_window)" if args.sliding_window else

@@ -181,3 +181,17 @@ def test_convert_writes_the_merged_weights(base, tmp_path):
     for to in ("native", "hf"):
         written = convert(folder, tmp_path / to, to=to, lora=adapter)
         check_model(load_model(written), expected)
+
+
+def test_demo_with_an_adapter_says_so_and_answers_as_the_merged_folder(tmp_path, tokenizer_file):
+    """The load line names the adapter; the text equals that of a folder holding the merged weights (written here)."""
+    model = random_model(tiny_params(vocab_size=VOCAB), seed=3)
+    pairs = adapter_for(model)
+    folder = save_with_tokenizer(model, tmp_path / "base", tokenizer_file)
+    merged_model = random_model(tiny_params(vocab_size=VOCAB))
+    merged_model.load_state_dict({k: v.float() for k, v in merged(model, pairs, 2.0).items()})
+    merged_folder = save_with_tokenizer(merged_model, tmp_path / "merged", tokenizer_file)
+    adapter = write_finetune(pairs, tmp_path / "lora.safetensors")
+    code, out, err = cli("demo", folder, "--lora", adapter, "--max_tokens", 8)
+    assert code == 0 and f"with the LoRA adapter {adapter} merged" in err, err
+    assert out == cli("demo", merged_folder, "--max_tokens", 8)[1]
