@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral.device import cpu_bf16_matmul
-from mistral.quantize import GROUP, _blockwise, dequantized_product, round_per_group
+from mistral.quantize import GROUP, _blockwise, dequantized_product, int4_rounded_rows, round_per_group
 
 # GGML type number (llama.cpp's enum ggml_type, the numbers a GGUF file stores) -> (name, weights a block, bytes).
 BLOCKS = {2: ("Q4_0", 32, 18), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
@@ -42,7 +42,7 @@ TYPES = {name: number for number, (name, _, _) in BLOCKS.items()}
 # the integer ones on a 7B layer's shapes, 2 threads, the Xeon of docs/performance-diary.md: in fp32, from 96 rows for
 # Q8_0, 160 for Q4_K and Q5_K, and 48 for Q6_K (its integer products take twice the instructions of Q4_K's: its scales
 # per 16); in bf16, 5.7x faster there, from fewer than 32 rows for all of them (48 here, above the tests' pre-fills of
-# 42 rows). Q4_0 is int4, which rounds x at any count (mistral/quantize.py).
+# 42 rows). Q4_0 is int4, whose rule is its own (mistral/quantize.py, int4_rounded_rows).
 _FP32_ROWS = {8: 96, 12: 160, 13: 160, 14: 48}
 _BF16_ROWS = 48
 
@@ -50,7 +50,7 @@ _BF16_ROWS = 48
 def rounded_rows(kind: int) -> int:
     """The most rows of x a product of type `kind` multiplies rounded (see above)."""
     if kind == TYPES["Q4_0"]:
-        return 1 << 62
+        return int4_rounded_rows()
     return _BF16_ROWS if cpu_bf16_matmul() else _FP32_ROWS[kind]
 
 

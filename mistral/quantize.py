@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral.device import cpu_bf16_matmul
-
 from mistral.moe import MoeLayer
 
 CONVERT_BLOCK_BYTES = 8 << 20  # see _converted_linear
@@ -265,9 +264,10 @@ class Int4Linear(nn.Module):
         block of rows at a time (see _converted_linear); past int4_rounded_rows rows, dequantized_product."""
         *lead, K = x.shape
         N, G = self.scales.shape
-        if x.reshape(-1, K).shape[0] > int4_rounded_rows():
-            return self.dequantized_product(x.reshape(-1, K)).view(*lead, N)
-        x64 = round_per_group(x.reshape(-1, K))  # (M, K)
+        x2 = x.reshape(-1, K)  # (M, K)
+        if x2.shape[0] > int4_rounded_rows():
+            return self.dequantized_product(x2).view(*lead, N)
+        x64 = round_per_group(x2)
 
         def product(start: int, end: int, block: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
             w = int4_dequantized(self.weight[start:end], self.scales[start:end], K, out=block((end - start, G * GROUP)))

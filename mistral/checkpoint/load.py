@@ -7,10 +7,10 @@ import torch
 
 from mistral import ggml, grouped, pipeline, quantize as formats
 from mistral.args import QUANTIZATIONS, ModelArgs
-from mistral.checkpoint import lora
 from mistral.checkpoint.layouts import read_args
-from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _mapped, _meta_state, _on_meta, _plan,
-                                     _progress, _q4_0_as_int4, _quantized, _read)
+from mistral.checkpoint.lora import Adapter
+from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _Source, _adapter, _mapped, _on_meta, _plan, _progress,
+                                     _q4_0_as_int4, _quantized, _read)
 from mistral.device import resolve_device, resolve_dtype
 from mistral.errors import MistralError
 from mistral.memory import Memory, gb, memory_available
@@ -28,7 +28,7 @@ def _stored_dtype(plan: dict[str, _Source]) -> torch.dtype:
 
 def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor], device: torch.device,
                  plan: dict[str, _Source] | None = None,
-                 adapter: lora.Adapter | None = None) -> dict[str, torch.Tensor]:
+                 adapter: Adapter | None = None) -> dict[str, torch.Tensor]:
     """Read the tensors named in `wanted` (this rank's state dict on the meta device, in the dtypes its modules keep).
 
     A tensor kept as stored is mapped from its file on a CPU; one of another dtype is converted _CHUNK_BYTES at a
@@ -45,7 +45,10 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
     def as_stored(name: str) -> bool:
         source = plan[name]
         return (device.type == "cpu" and wanted[name].dtype == source.dtype and wanted[name].shape == source.shape
-                and not source.rope_heads)
+                and not source.rope_heads and (adapter is None or name not in adapter.pairs))
+
+    def delta(name: str) -> torch.Tensor | None:
+        return adapter.delta(name) if adapter is not None else None
 
     out = {}
     to_read = sum(plan[n].nbytes for n in wanted if n in plan and not as_stored(n))
@@ -58,16 +61,12 @@ def load_weights(folder: Path, args: ModelArgs, wanted: dict[str, torch.Tensor],
                 out[name], out[name.removesuffix("weight") + "scales"] = _q4_0_as_int4(plan[name], device, progress,
                                                                                        staging)
             elif like.dtype in _QUANTIZED and plan[name].dtype != like.dtype:
-                delta = adapter.delta(name) if adapter is not None else None
                 out[name], out[name.removesuffix("weight") + "scales"] = _quantized(
-                    plan[name], device, progress, staging, _QUANTIZED[like.dtype], delta)
-            elif adapter is not None and name in adapter.pairs:  # merged in fp32, then kept as the model keeps it
-                merged = _read(plan[name], torch.device("cpu"), torch.float32, progress, staging)
-                out[name] = merged.add_(adapter.delta(name)).to(device=device, dtype=like.dtype)
+                    plan[name], device, progress, staging, _QUANTIZED[like.dtype], delta(name))
             elif as_stored(name):
                 out[name] = _mapped(plan[name], maps)
             else:
-                out[name] = _read(plan[name], device, like.dtype, progress, staging)
+                out[name] = _read(plan[name], device, like.dtype, progress, staging, delta(name))
     return out
 
 
@@ -160,13 +159,7 @@ def load_model(folder: Path | str, max_batch_size: int = 1, num_pipeline_ranks: 
     if blocks and quantize is not None:
         raise MistralError(f"{folder.name} holds {' and '.join(sorted(blocks))} weights, quantized already; leave out "
                            "--quantize")
-    adapter = None
-    if lora_path is not None:
-        if blocks or args.quantization is not None:
-            held = " and ".join(sorted(blocks)) if blocks else args.quantization
-            raise MistralError(f"{folder.name} holds {held} weights: a LoRA adapter merges into float weights, so load "
-                               "it with the folder those were made from (and --quantize, to quantize the merged ones)")
-        adapter = lora.read(lora_path, folder, args, {n: tuple(t.shape) for n, t in _meta_state(args).items()})
+    adapter = _adapter(lora_path, folder, args, plan)
     dtype = resolve_dtype(dtype, device, stored=_stored_dtype(plan))
     rank = 0
     if num_pipeline_ranks > 1:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mistral import ggml, quantize
 from mistral.args import ModelArgs
-from mistral.checkpoint import gguf
+from mistral.checkpoint import gguf, lora
 from mistral.checkpoint.hf import _locate, from_hf_rope_order, rope_heads
 from mistral.checkpoint.layouts import layout, weight_files
 from mistral.errors import MistralError
@@ -235,12 +235,17 @@ def _read_exactly(f, view: memoryview, source: _Source, progress: tqdm) -> None:
 
 
 def _read(source: _Source, device: torch.device, dtype: torch.dtype, progress: tqdm,
-          staging: torch.Tensor | None = None) -> torch.Tensor:
+          staging: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
     """One native tensor, in dtype on device, holding at most _CHUNK_BYTES of it in any other form.
 
     staging: uint8 scratch of _CHUNK_BYTES for dtype conversion or a device copy. Pass the same one for
     every tensor: a fresh scratch per tensor lands between the tensors kept and fragments the heap.
+    delta: (N, K) fp32 added to the weights (a LoRA adapter's, mistral/checkpoint/lora.py): the tensor is then read
+    whole in fp32, the delta added there, and the sum converted.
     """
+    if delta is not None:
+        merged = _read(source, torch.device("cpu"), torch.float32, progress, staging).add_(delta)
+        return merged.to(device=device, dtype=dtype)
     if source.ggml:
         return _dequantized(source, device, dtype, progress, staging)
     out = torch.empty(source.shape, dtype=dtype, device=device)
@@ -309,6 +314,19 @@ def _mapped(source: _Source, maps: dict) -> torch.Tensor:
     return torch.frombuffer(maps[source.path], dtype=source.dtype, count=count, offset=source.offset).view(source.shape)
 
 
+def _adapter(path: Path | str | None, folder: Path, args: ModelArgs, plan: dict[str, _Source]) -> lora.Adapter | None:
+    """The LoRA adapter at path for the folder's model (None without one), every key and shape checked before any
+    weight is read; refused on quantized weights, since it merges into float ones."""
+    if path is None:
+        return None
+    blocks = {ggml.BLOCKS[s.ggml][0] for s in plan.values() if s.ggml}
+    if blocks or args.quantization is not None:
+        held = " and ".join(sorted(blocks)) if blocks else args.quantization
+        raise MistralError(f"{folder.name} holds {held} weights: a LoRA adapter merges into float weights, so give it "
+                           "with the float model those were made from (--quantize then quantizes the merged ones)")
+    return lora.read(path, folder, args, {n: tuple(t.shape) for n, t in _meta_state(args).items()})
+
+
 def _quantized(source: _Source, device: torch.device, progress: tqdm, staging: torch.Tensor,
                to: str, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A float matrix of the file as (weight, scales) in format `to` (int8: int8 and fp32; int4: packed uint8 and
@@ -319,8 +337,8 @@ def _quantized(source: _Source, device: torch.device, progress: tqdm, staging: t
     if source.ggml == ggml.TYPES["Q4_0"] and to == "int4" and delta is None:
         return _q4_0_as_int4(source, device, progress, staging)
     if source.rope_heads or source.ggml:
-        w = _read(source, torch.device("cpu"), torch.float32, progress)
-        return tuple(t.to(device) for t in rows_of(w if delta is None else w.add_(delta)))
+        return tuple(t.to(device) for t in rows_of(_read(source, torch.device("cpu"), torch.float32, progress, None,
+                                                         delta)))
     N, K = source.shape
     rows = max(1, _CHUNK_BYTES // (K * source.dtype.itemsize))
     if to == "int8":

@@ -17,9 +17,8 @@ from mistral.args import QUANTIZATIONS
 from mistral.checkpoint import gguf
 from mistral.checkpoint.hf import hf_config_from_args, hf_name, rope_heads, to_hf_rope_order
 from mistral.checkpoint.layouts import TOKENIZER_FILES, layout, read_args
-from mistral.checkpoint.lora import read as read_lora
-from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _SAFETENSORS_NAMES, _Source, _bytes, _meta_state, _plan,
-                                     _progress, _quantized, _read)
+from mistral.checkpoint.read import (_CHUNK_BYTES, _QUANTIZED, _SAFETENSORS_NAMES, _Source, _adapter, _bytes,
+                                     _meta_state, _plan, _progress, _quantized, _read)
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
 
@@ -101,16 +100,6 @@ def _copy_tokenizers(src: Path, dst: Path) -> None:
             shutil.copyfile(path, dst / path.name)
 
 
-def _adapter(lora: Path | str | None, src: Path, args, plan: dict[str, _Source]):
-    """The LoRA adapter to merge (None without one), refused on quantized weights: it merges into float ones."""
-    if lora is None:
-        return None
-    if args.quantization is not None or any(s.ggml for s in plan.values()):
-        raise MistralError(f"{src.name} holds quantized weights: a LoRA adapter merges into float weights, so use the "
-                           "float model they were made from with --lora")
-    return read_lora(lora, src, args, {n: tuple(t.shape) for n, t in _meta_state(args).items()})
-
-
 def convert(src: Path | str, dst: Path | str, to: str = "native", lora: Path | str | None = None) -> Path:
     """Write the model in folder src to the new folder dst, in layout `to`: "native" or "hf".
 
@@ -135,9 +124,7 @@ def convert(src: Path | str, dst: Path | str, to: str = "native", lora: Path | s
     cpu = torch.device("cpu")
 
     def read(name: str, source: _Source) -> torch.Tensor:
-        if adapter is None or name not in adapter.pairs:
-            return _read(source, cpu, source.weights[1], progress)
-        return _read(source, cpu, torch.float32, progress).add_(adapter.delta(name)).to(source.weights[1])
+        return _read(source, cpu, source.weights[1], progress, delta=adapter.delta(name) if adapter else None)
 
     with _new_folder(dst) as tmp, _progress(sum(s.nbytes for s in plan.values()), f"converting {src.name}") as progress:
         if to == "native":

@@ -798,9 +798,10 @@ INLINE void row_k(rounded r, const uint8_t *wn, const int t, float *y, int64_t l
 /* y[(m0 + m) * ldy] for m < MB: Q8_0 row wn (K / 32 blocks) against rows m0 .. m0 + MB - 1 of x rounded per group, as
 1b's int8 (|q| times x with q's sign), the factor d e of each group applied to its sums. */
 INLINE void row_q8_0(rounded r, const uint8_t *wn, float *y, int64_t ldy, int64_t K, int64_t m0, const int MB) {
-    const int64_t S = K / 256, G = K / 32;
+    const int64_t G = K / 32;
     float out[4] = {0};
 #ifdef __AVX2__
+    const int64_t S = K / 256;
     __m256 acc[4];
     for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t s = 0; s < S; s++) {
