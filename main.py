@@ -40,6 +40,22 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _streamed(ids: list[int], model, stream: terminal.Stream, **generation) -> Turn:
+    """Generate after ids (generation: generate_ids' options), each token into stream as it comes; what it took.
+    Ending the stream is the caller's."""
+    times = []
+
+    def on_token(row: int, token: int) -> None:
+        times.append(time.perf_counter())
+        stream.add(token)
+
+    start = time.perf_counter()
+    generate_ids([ids], model, on_token=on_token, **generation)
+    end = time.perf_counter()
+    first = times[0] if times else end
+    return Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first, len(ids) + len(times))
+
+
 def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
          top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
          chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto",
@@ -112,16 +128,9 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
             continue
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if instruct else tokenizer.encode(prompt)
         stream = terminal.Stream(tokenizer, prompt_text="" if instruct else prompt)
-        times = []
-
-        def on_token(row: int, token: int) -> None:
-            times.append(time.perf_counter())
-            stream.add(token)
-
-        start = time.perf_counter()
         try:
-            generate_ids([ids], model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator, on_token=on_token)
+            turn = _streamed(ids, model, stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator)
         except KeyboardInterrupt:
             if dist.is_initialized():
                 raise
@@ -136,10 +145,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
             refused += 1
             continue
         stream.end()
-        end = time.perf_counter()
-        first = times[0] if times else end
-        terminal.info(Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first,
-                           len(ids) + len(times)).stats())
+        terminal.info(turn.stats())
     if refused:
         sys.exit(1)
 
@@ -229,21 +235,10 @@ def fim(model_path: str | None = None, prefix: str | None = None, suffix: str | 
                                 sliding_window=sliding_window, lora=lora)
     ids = tokenizer.encode_fim(before, after)
     stream = terminal.Stream(tokenizer, prompt_text=before, show_prompt=False)  # the middle, read after the prefix
-    times = []
-
-    def on_token(row: int, token: int) -> None:
-        times.append(time.perf_counter())
-        stream.add(token)
-
-    start = time.perf_counter()
-    generate_ids([ids], model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                 chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=_generator(seed, model.device),
-                 on_token=on_token)
+    turn = _streamed(ids, model, stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=_generator(seed, model.device))
     stream.end()
-    end = time.perf_counter()
-    first = times[0] if times else end
-    terminal.info(Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first,
-                       len(ids) + len(times)).stats())
+    terminal.info(turn.stats())
 
 
 def explain(seqlens: str = "5,7,2", sliding_window: int = 3, chunk_size: int | None = 4,
