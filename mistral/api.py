@@ -10,6 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from mistral import tools as tool_calls
 from mistral.errors import MistralError
 from mistral.sampling import SamplingParams
 from mistral.tokenizer import Tokenizer
@@ -83,6 +84,8 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    tools: bool = False  # answers that start with [TOOL_CALLS] are read as tool calls
+    forced: list[int] = field(default_factory=list)  # the ids that end each prompt, an answer's forced start
     id: str = ""
     created: int = 0
 
@@ -119,19 +122,22 @@ def parse(body: dict, tokenizer: Tokenizer, chat: bool, cap: int, room) -> Job:
     """The Job a request asks for, every field checked; room(n_ids): the most tokens a prompt of n_ids can be
     followed by (None: no limit, the model has a sliding window); cap: the most a request may ask for."""
     f = Fields(body)
-    f.refuse("tools", lambda v: v == [], "tool calls are not served yet")
-    f.refuse("tool_choice", lambda v: v == "none", "tool calls are not served yet")
-    f.refuse("functions", lambda v: v == [], "tool calls are not served yet")
-    f.refuse("function_call", lambda v: v == "none", "tool calls are not served yet")
-    f.refuse("parallel_tool_calls", lambda v: True, "")
+    f.refuse("functions", lambda v: v == [], "it is OpenAI's old form of tools: send tools")
+    f.refuse("function_call", lambda v: v == "none", "it is OpenAI's old form of tool_choice: send tool_choice")
     f.refuse("response_format", lambda v: v == {"type": "text"}, "only {\"type\": \"text\"} is")
     f.refuse("logit_bias", lambda v: v == {}, "logit_bias changes no logit here")
     f.refuse("frequency_penalty", lambda v: v == 0, "only 0 is")
     f.refuse("presence_penalty", lambda v: v == 0, "only 0 is")
     f.refuse("best_of", lambda v: v == 1, "only 1 is (n gives several answers)")
     suffix = None if chat else f.get("suffix", (str,), "", "a string") or None  # chat: an unknown field
+    offered, choice = _tools(f, tokenizer) if chat else (None, None)
+    forced = []
     if chat:
-        prompts = [tokenizer_chat(tokenizer, f.get("messages", (list,), what="a list of messages"))]
+        prompts = [tokenizer_chat(tokenizer, f.get("messages", (list,), what="a list of messages"), offered)]
+        start = tool_calls.forced_text(choice)
+        if start is not None:  # the answer starts with [TOOL_CALLS] (and the name): its first ids end the prompt
+            forced = [tokenizer.tool_calls_id, *(tokenizer.encode(start, bos=False) if start else [])]
+            prompts = [p + forced for p in prompts]
     elif suffix is not None:
         prompts = fim_ids(f.get("prompt", (str, list), "", "text, or a list of texts"), suffix, tokenizer)
     else:
@@ -149,6 +155,7 @@ def parse(body: dict, tokenizer: Tokenizer, chat: bool, cap: int, room) -> Job:
     if top_k < 0:
         raise ApiError(400, f"top_k must be >= 0 (0 or -1 turn it off), got {top_k!r}", "top_k")
     job = Job(chat, prompts, 0, SamplingParams(float(temperature), float(top_p), top_k))
+    job.tools, job.forced = bool(offered) and choice != "none", forced
     job.n = f.get("n", (int,), 1, "a whole number")
     if not 1 <= job.n <= MAX_N:
         raise ApiError(400, f"n must be from 1 to {MAX_N}, got {job.n}", "n")
@@ -179,6 +186,37 @@ def parse(body: dict, tokenizer: Tokenizer, chat: bool, cap: int, room) -> Job:
     job.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     job.created = int(time.time())
     return job
+
+
+def _tools(f: Fields, tokenizer: Tokenizer) -> tuple[list[dict] | None, str | dict | None]:
+    """A chat's tools and tool_choice, checked: the tools offered (None: none) and the choice."""
+    offered = f.get("tools", (list,), None, "a list of tools") or None
+    choice = f.get("tool_choice", (str, dict), None, '"none", "auto", "required" or {"type": "function", ...}')
+    if f.get("parallel_tool_calls", (bool,), True, "true or false") is False:
+        raise ApiError(400, "parallel_tool_calls is not supported: false is not, as a Mistral model may answer with "
+                            "several calls at once", "parallel_tool_calls")
+    if offered is not None:
+        if tokenizer.tools_refusal:
+            raise ApiError(400, tokenizer.tools_refusal, "tools")
+        try:
+            tool_calls.check_tools(offered)
+        except MistralError as e:
+            raise ApiError(400, str(e), "tools") from None
+    names = [t["function"]["name"] for t in offered or []]
+    if isinstance(choice, dict):
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or set(choice) != {"type", "function"} or not isinstance(name, str):
+            raise ApiError(400, f'tool_choice must be "none", "auto", "required" or {{"type": "function", '
+                                f'"function": {{"name": ...}}}}, got {choice!r}', "tool_choice")
+        if name not in names:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools"
+                                + (f" ({', '.join(names)})" if names else " (none were sent)"), "tool_choice")
+    elif choice not in (None, "none", "auto", "required"):
+        raise ApiError(400, f'tool_choice must be "none", "auto", "required" or {{"type": "function", "function": '
+                            f'{{"name": ...}}}}, got {choice!r}', "tool_choice")
+    elif choice == "required" and not offered:
+        raise ApiError(400, 'tool_choice "required" needs tools', "tool_choice")
+    return offered, choice
 
 
 def _logprobs(f: Fields, chat: bool) -> int | None:
@@ -225,37 +263,52 @@ def _max_tokens(f: Fields, chat: bool, cap: int, room, prompts: list[list[int]])
     return asked
 
 
-def tokenizer_chat(tokenizer: Tokenizer, messages) -> list[int]:
+def tokenizer_chat(tokenizer: Tokenizer, messages, tools: list[dict] | None = None) -> list[int]:
     """A chat's ids, as the chat command's: the tokenizer's encode_chat (mistral_common's encode_chat_completion)."""
     if not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
+    fields = {"system": {"content"}, "user": {"content"}, "assistant": {"content", "tool_calls"},
+              "tool": {"content", "tool_call_id", "name"}}
     plain = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ApiError(400, f"messages[{i}] must be an object, got {m!r}", "messages")
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}"
-                           + (" (tool calls are not served yet)" if role == "tool" else ""), "messages")
-        extra = set(m) - {"role", "content"}
-        if extra:
-            raise ApiError(400, f"messages[{i}] has fields that are not supported: {', '.join(sorted(extra))}",
+        role = m.get("role")
+        if role not in fields:
+            raise ApiError(400, f"messages[{i}].role must be system, user, assistant or tool, got {role!r}",
                            "messages")
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}, "
-                                        f"got {part!r}", "messages")
-                texts.append(part["text"])
-            content = "\n".join(texts)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
-        plain.append({"role": role, "content": content})
+        extra = set(m) - fields[role] - {"role"}
+        if extra:
+            raise ApiError(400, f"messages[{i}] ({role}) has fields that are not supported: "
+                                f"{', '.join(sorted(extra))}", "messages")
+        message = {k: v for k, v in m.items() if v is not None}
+        if "content" in message:
+            message["content"] = _text(message["content"], i)
+        if role == "assistant" and "tool_calls" in message:
+            if tokenizer.tools_refusal:
+                raise ApiError(400, f"messages[{i}] has tool_calls, but {tokenizer.tools_refusal}", "messages")
+            if not message.get("content"):
+                message.pop("content", None)
+        plain.append(message)
     try:
-        return tokenizer.encode_chat(plain)
+        return tokenizer.encode_chat(plain, tools=tools)
     except MistralError as e:
         raise ApiError(400, str(e), "messages") from None
+
+
+def _text(content, i: int) -> str:
+    """A message's content as text: a string, or a list of text parts joined by newlines."""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}, "
+                                    f"got {part!r}", "messages")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+    return content
 
 
 def fim_ids(prompt, suffix: str, tokenizer: Tokenizer) -> list[list[int]]:

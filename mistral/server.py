@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from mistral import api
+from mistral import api, tools
 from mistral.api import ApiError, Job, Text
 from mistral.engine import Engine, QueueFull
 from mistral.engine import Request as EngineRequest
@@ -217,6 +217,22 @@ class Choice:
         self.finish: str | None = None
         self.error: str | None = None
         self.sent_tokens = 0  # of self.tokens, streamed with their logprobs
+        self.calling = False  # the answer started with [TOOL_CALLS]: its text is held until its calls are read
+        self.calls: list[dict] | None = None  # the calls read: {"id", "name", "arguments"}
+        self.sent_calls = False
+
+    def holding(self) -> bool:
+        """Whether the text so far is held back: the JSON of calls not yet whole."""
+        return self.calling and self.calls is None and self.finish is None
+
+    def read_calls(self) -> None:
+        """Once the held text holds a whole list of calls, they are the answer's; what follows them is its text. At
+        the answer's end, text that holds none is the answer's text."""
+        if self.calling and self.calls is None and (self.finish is not None or tools.may_be_whole(self.text.text)):
+            read = tools.read_calls(self.text.text)
+            if read is not None:
+                self.calls, rest = read
+                self.text.sent = len(self.text.text) - len(rest)
 
 
 class Run:
@@ -234,8 +250,12 @@ class Run:
                 request = EngineRequest(ids, job.max_tokens, self._emitter(loop, index), job.sampling,
                                         None if job.seed is None else job.seed + k, job.logprobs or 0,
                                         job.echo and job.logprobs is not None)
-                self.choices.append(Choice(index, p, request, Text(self.tokenizer, [] if job.chat else ids,
-                                                                   job.stop)))
+                choice = Choice(index, p, request, Text(self.tokenizer, [] if job.chat else ids, job.stop))
+                if job.forced:  # the answer's forced start, ending the prompt, is the start of its calls
+                    choice.calling = True
+                    for token in job.forced:
+                        choice.text.add(token)
+                self.choices.append(choice)
         engine = server.engine
         for choice in self.choices:
             try:
@@ -269,6 +289,8 @@ class Run:
             token, logprob, top = data
             choice.generated += 1
             if token != self.tokenizer.eos_id and not choice.text.stopped:
+                if choice.generated == 1 and self.job.tools and token == self.tokenizer.tool_calls_id:
+                    choice.calling = True
                 choice.text.add(token)
                 choice.tokens.append((token, logprob, top))
                 if choice.text.stopped:  # a stop string: the answer ends before it, and the row is freed
@@ -280,6 +302,9 @@ class Run:
                 choice.finish, choice.error = "error", reason.removeprefix("error: ")
             else:
                 choice.finish = FINISH[reason]
+        choice.read_calls()
+        if choice.calls and choice.finish == "stop":
+            choice.finish = "tool_calls"
         return choice
 
     def _done(self) -> bool:
@@ -310,8 +335,12 @@ class Run:
             text = c.text.ready(final=True)
             if job.chat:
                 logprobs = {"content": self._chat_logprobs(c, 0)} if job.logprobs is not None else None
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                                "logprobs": logprobs, "finish_reason": c.finish})
+                message = {"role": "assistant", "content": text}
+                if c.calls:
+                    message = {"role": "assistant", "content": text.strip() or None,
+                               "tool_calls": [_call(call) for call in c.calls]}
+                choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                                "finish_reason": c.finish})
             else:
                 prompt_text = self.tokenizer.decode(job.prompts[c.prompt]) if job.echo else ""
                 logprobs = self._completion_logprobs(c, len(prompt_text)) if job.logprobs is not None else None
@@ -336,6 +365,13 @@ class Run:
                 if c.error:
                     body = ApiError(500, f"the model could not answer: {c.error}", kind="server_error").body()
                     yield f"data: {json.dumps(body)}\n\n"
+                    continue
+                if c.calls and not c.sent_calls:
+                    c.sent_calls = True
+                    for k, call in enumerate(c.calls):
+                        yield self._chunk(c, {"tool_calls": [{"index": k, **_call(call)}]},
+                                          self._stream_logprobs(c, "") if k == 0 else None)
+                if c.holding():
                     continue
                 text = c.text.ready(final=c.finish is not None)
                 logprobs = c.sent_tokens < len(c.tokens) and job.logprobs is not None
@@ -416,6 +452,12 @@ class Run:
         log.info("%s: %d prompt tokens (%d cached), %d generated, first token after %.2f s, %.1f tokens/s, %s",
                  self.job.id, sum(map(len, self.job.prompts)), self._usage()["prompt_tokens_details"]["cached_tokens"],
                  generated, ttft, rate, ",".join(c.finish or "?" for c in self.choices))
+
+
+def _call(call: dict) -> dict:
+    """A call read from an answer, in OpenAI's shape."""
+    return {"id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]}}
 
 
 class Uvicorn(uvicorn.Server):

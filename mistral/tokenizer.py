@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # The sentencepiece versions mistral_common knows, in its own spelling (tokenizer.model.v7m1 is v7, multimodal m1).
 _VERSIONED = re.compile(r".*\.model\.(v\d+)(m\d+)?")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # What encode_chat puts in place of an answer given as ids, to find where its ids go.
 _PLACEHOLDER = "x"
 
@@ -195,33 +195,66 @@ class Tokenizer:
             alias.symlink_to(self.path.resolve())
             return MistralTokenizer.from_file(str(alias))  # sentencepiece has read the whole file by now
 
-    def encode_chat(self, messages: list[dict], answer_ids: list[list[int]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], answer_ids: list[list[int]] | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
         """The ids of a conversation, exactly as mistral_common's encode_chat_completion gives them.
 
-        messages: {"role": "system" | "user" | "assistant", "content": str} dicts, ending with a user message. BOS comes
-        once; each assistant message ends with EOS; where the system prompt goes and which template tokens surround
-        each message depends on the version. answer_ids, when given, are the assistant messages' ids (without their
-        EOS), in order, to use instead of encoding their content again: what a model sampled need not be what its
-        decoded text encodes to.
+        messages: OpenAI's chat messages: {"role": "system" | "user" | "assistant", "content": str}, an assistant's
+        {"role": "assistant", "tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]}, and a
+        tool's {"role": "tool", "tool_call_id", "content"}, ending with a user or tool message. tools: OpenAI's tool
+        list (tools.check_tools), offered to the model. BOS comes once; each assistant message ends with EOS; where the
+        system prompt and the tools go and which template tokens surround each message depends on the version.
+        answer_ids, when given, are the ids (without their EOS) of the assistant messages that have content, in
+        order, to use instead of encoding their content again: what a model sampled need not be what its decoded text
+        encodes to.
         """
         _check_messages(messages)
-        n_answers = sum(m["role"] == "assistant" for m in messages)
+        if tools and self.tools_refusal:
+            raise MistralError(self.tools_refusal)
         if answer_ids is None:
-            return self._encode_chat(messages)
-        if len(answer_ids) != n_answers:
-            raise MistralError(f"{len(answer_ids)} answer_ids for {n_answers} assistant messages")
-        # Each assistant message is encoded as its text's ids and then EOS, and EOS appears nowhere else: so with a
-        # placeholder for every answer, each EOS is preceded by the placeholder's ids, swapped for the answer's.
-        ids = self._encode_chat([{**m, "content": _PLACEHOLDER} if m["role"] == "assistant" else m for m in messages])
+            return self._encode_chat(messages, tools)
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and not m.get("tool_calls")]
+        if len(answer_ids) != len(answers):
+            raise MistralError(f"{len(answer_ids)} answer_ids for {len(answers)} assistant messages with content")
+        # Each assistant message is encoded as its text's ids and then EOS: so with a placeholder for every answer,
+        # each answer's EOS is the one preceded by the placeholder's ids, swapped for the answer's. (An assistant's
+        # tool calls end with EOS too, after their JSON, never after the placeholder.)
+        placed = [{**m, "content": _PLACEHOLDER} if i in answers else m for i, m in enumerate(messages)]
+        ids = self._encode_chat(placed, tools)
         stand_in = self._placeholder_ids
+        eos_at = [i for i, t in enumerate(ids) if t == self.eos_id and ids[i - len(stand_in) : i] == stand_in]
+        assert len(eos_at) == len(answers), (eos_at, answers)
         out, start = [], 0
-        eos_at = [i for i, t in enumerate(ids) if t == self.eos_id]
-        assert len(eos_at) == n_answers, (eos_at, n_answers)
         for i, answer in zip(eos_at, answer_ids):
-            assert ids[i - len(stand_in) : i] == stand_in, (ids, stand_in)
             out += ids[start : i - len(stand_in)] + list(answer)
             start = i
         return out + ids[start:]
+
+    @cached_property
+    def tool_calls_id(self) -> int | None:
+        """The id of the [TOOL_CALLS] control token that starts an answer made of tool calls; None without one."""
+        import warnings
+
+        inner = self._mistral_common.instruct_tokenizer.tokenizer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                token = inner.get_special_token("[TOOL_CALLS]")
+            except Exception:  # each kind of mistral_common tokenizer says "none" its own way
+                return None
+        return None if token == inner.unk_id else token
+
+    @cached_property
+    def tools_refusal(self) -> str | None:
+        """Why this tokenizer's model cannot be offered tools here, or None where it can."""
+        from mistral import tools
+
+        if self.tool_calls_id is None:
+            return f"this model's tokenizer ({self.version}) has no tool calls: tools need v2 or later, or tekken"
+        if self.version not in tools.VERSIONS:
+            return (f"tool calls of {self.version} tokenizers are written as [TOOL_CALLS]name[ARGS]..., which this "
+                    f"library does not read yet (it reads those of {', '.join(tools.VERSIONS)})")
+        return None
 
     @cached_property
     def fim(self) -> bool:
@@ -257,29 +290,62 @@ class Tokenizer:
         with_answer = self._encode_chat([user, {"role": "assistant", "content": _PLACEHOLDER}, user])
         return with_answer[len(self._encode_chat([user])) : with_answer.index(self.eos_id)]
 
-    def _encode_chat(self, messages: list[dict]) -> list[int]:
+    def _encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         from mistral_common.exceptions import MistralCommonException
-        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
         try:
+            request = ChatCompletionRequest.from_openai(messages, tools=tools or None)
             return self._mistral_common.encode_chat_completion(request).tokens
-        except MistralCommonException as e:
-            raise MistralError(f"mistral_common cannot encode this conversation: {e}") from None
+        except (MistralCommonException, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            raise MistralError(f"mistral_common cannot encode this conversation: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n")[:2]).strip()
 
 
 def _check_messages(messages: list[dict]) -> None:
+    """The shapes encode_chat takes (mistral_common checks the order of the roles and the calls' ids)."""
     if not isinstance(messages, list) or not messages:
         raise MistralError("a chat is a non-empty list of {'role': ..., 'content': ...} messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise MistralError(f"message {i} must be a dict with exactly the keys 'role' and 'content', got {m!r}")
-        if m["role"] not in ROLES:
-            raise MistralError(f"message {i} has role {m['role']!r}; the roles are {', '.join(ROLES)}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise MistralError(f"message {i} ({m['role']}) needs some text as its content, got {m['content']!r}")
-    if messages[-1]["role"] != "user":
-        raise MistralError(f"a chat ends with a user message, the one to answer; this one ends with "
-                           f"{messages[-1]['role']!r}")
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise MistralError(f"message {i} must be a dict whose role is one of {', '.join(ROLES)}, got {m!r}")
+        role, content = m["role"], m.get("content")
+        keys = {"role", "content"} | ({"tool_calls"} if role == "assistant" else set()) | (
+            {"tool_call_id", "name"} if role == "tool" else set())
+        if set(m) - keys:
+            raise MistralError(f"message {i} ({role}) has keys that are not its: {', '.join(sorted(set(m) - keys))}")
+        if role == "assistant" and m.get("tool_calls") is not None:
+            _check_calls(i, m["tool_calls"])
+            if content:
+                raise MistralError(f"message {i} (assistant) has both content and tool_calls: a Mistral answer is one "
+                                   "or the other")
+        elif role == "tool":
+            if not isinstance(content, str) or not isinstance(m.get("tool_call_id"), str):
+                raise MistralError(f"message {i} (tool) needs its result as text content, and the tool_call_id of its "
+                                   f"call, got {m!r}")
+        elif not isinstance(content, str) or not content.strip():
+            raise MistralError(f"message {i} ({role}) needs some text as its content, got {content!r}")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise MistralError(f"a chat ends with a user message (or a tool's result), the one to answer; this one ends "
+                           f"with {messages[-1]['role']!r}")
+
+
+def _check_calls(i: int, calls) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise MistralError(f"message {i} (assistant): tool_calls must be a non-empty list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not isinstance(
+                function.get("arguments"), str):
+            raise MistralError(f"message {i} (assistant): tool_calls[{j}] must be {{\"id\", \"type\": \"function\", "
+                               f"\"function\": {{\"name\": text, \"arguments\": JSON text}}}}, got {call!r}")
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise MistralError(f"message {i} (assistant): tool_calls[{j}].function.arguments must be a JSON object as "
+                               f"text, got {function['arguments']!r}")

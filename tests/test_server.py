@@ -45,12 +45,14 @@ def free_port() -> int:
 class Running:
     """A server in a thread of this process, on a free port."""
 
-    def __init__(self, model, tokenizer, rows=4, max_queue=8, api_key=KEY, slots=None, ready=True, **engine):
+    def __init__(self, model, tokenizer, rows=4, max_queue=8, api_key=KEY, slots=None, ready=True, engine=None,
+                 cap=64, **options):
+        """engine: one to serve instead of an Engine of the model (which is then None)."""
         self.model, self.tokenizer = model, tokenizer
         self.port = free_port()
-        self.front = Server("tiny", api_key=api_key, max_tokens=64, max_body=2**16)
-        self.engine = Engine(model, tokenizer.eos_id, rows=rows, slots=slots or model.args.sliding_window,
-                             max_queue=max_queue, **engine)
+        self.front = Server("tiny", api_key=api_key, max_tokens=cap, max_body=2**16)
+        self.engine = engine or Engine(model, tokenizer.eos_id, rows=rows, slots=slots or model.args.sliding_window,
+                                       max_queue=max_queue, **options)
         if ready:
             self.engine.start()
             self.front.ready(self.engine, tokenizer)
@@ -304,6 +306,7 @@ def test_prefix_reuse_equals_a_cold_prefill(model, tokenizer):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, "functions"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 3}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),

@@ -175,8 +175,22 @@ def test_broken_tokenizer_files(tmp_path):
 BAD_CHATS = {
     "empty": ([], "non-empty list"),
     "not a dict": (["hello"], "message 0 must be a dict"),
-    "unknown role": ([{"role": "tool", "content": "x"}], "role 'tool'"),
-    "extra key": ([{"role": "user", "content": "x", "name": "me"}], "exactly the keys"),
+    "unknown role": ([{"role": "robot", "content": "x"}], "role is one of system, user, assistant, tool"),
+    "extra key": ([{"role": "user", "content": "x", "name": "me"}], "keys that are not its: name"),
+    "a tool without its call's id": ([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}],
+                                     "tool_call_id of its call"),
+    "a result with no call": ([{"role": "user", "content": "a"}, {"role": "tool", "content": "x",
+                                                                  "tool_call_id": "abcDEF123"}],
+                              "mistral_common cannot encode.*Unexpected role 'tool'"),
+    "arguments that are not JSON": ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"id": "abcDEF123", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}],
+        r"tool_calls\[0\].function.arguments must be a JSON object"),
+    "content and calls": ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_calls": [
+        {"id": "abcDEF123", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+        "both content and tool_calls"),
+    "a call id mistral_common refuses": ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "1", "tool_call_id": "call_1"}], "must be a-z, A-Z, 0-9, with a length of 9"),
     "blank content": ([{"role": "user", "content": "  "}], "needs some text"),
     "ends with the answer": ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                              "ends with 'assistant'"),
