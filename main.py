@@ -154,10 +154,14 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
          temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
          top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = PREFILL_CHUNK,
          num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
-         context: int | None = None, sliding_window: int | None = None, lora: str | None = None) -> None:
+         context: int | None = None, sliding_window: int | None = None, lora: str | None = None,
+         tools: str | None = None) -> None:
     """Talk with an instruction-tuned model: each line is a user message, the answer streams, and the
     conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer
     on stderr.
+
+    --tools FILE.json offers the model the tools of an OpenAI tool list. Its calls are shown as JSON, one per line
+    ({"id", "name", "arguments"}); answer each with /result JSON, in order, and the model goes on.
 
     /reset starts over, /system TEXT sets the system prompt, /help lists them; a line starting with // is sent as a
     message starting with / (one slash removed). Ctrl-C stops an answer and keeps what it had said; a second Ctrl-C,
@@ -167,10 +171,13 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
     cli.check_seed(seed)
     cli.check_stdout()
+    offered = cli.tools_file(tools) if tools is not None else None
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         """What Chat would refuse once loaded, refused from the config before any weight is read; then the cache: a
         conversation may fill the window, or the context of a model without one."""
+        if offered and tokenizer.tools_refusal:
+            raise MistralError(f"--tools: {tokenizer.tools_refusal}")
         limit = conversation_limit(args.sliding_window, max_tokens, context)
         return args.sliding_window or limit, chunk_size or TYPICAL_PROMPT
 
@@ -178,11 +185,14 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora, needs=needs,
                                 shrinks_cache="a smaller --context")
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                chunk_size=chunk_size, generator=_generator(seed, model.device), context=context)
+                chunk_size=chunk_size, generator=_generator(seed, model.device), context=context, tools=offered)
     refused = 0  # lines refused or not answered: the exit status says so
     for line, problem in terminal.lines("empty message; type some text (/help lists the commands, Ctrl-D quits)"):
+        result = None
         if problem is None and line.startswith("//"):  # a message that starts with /: one slash is the escape
             line = line[1:]
+        elif problem is None and line.split(None, 1)[0] == "/result":
+            result, problem = terminal.tool_result(talk, line)
         elif problem is None and line.startswith("/"):
             problem = terminal.chat_command(talk, line)
             if problem is None:
@@ -191,14 +201,19 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
             terminal.info(f"error: {problem}")
             refused += 1
             continue
-        stream = terminal.Stream(tokenizer, prompt_text="")
+        stream = terminal.Stream(tokenizer, prompt_text="", hold=tokenizer.tool_calls_id if offered else None)
         try:
-            turn = talk.say(line, on_token=stream.add)
+            turn = talk.say(line, on_token=stream.add) if result is None else talk.result(result, stream.add)
         except MistralError as e:  # this message cannot be sent (too long for the context); the session goes on
             terminal.info(f"error: {e}")
             refused += 1
             continue
-        stream.end()
+        if turn is None:  # a result, and more calls wait for theirs
+            terminal.info(f"[result taken; {terminal.calls_waiting(talk)}]")
+            continue
+        stream.end(instead="\n".join(terminal.call_json(c) for c in turn.calls or []) or None)
+        if turn.calls:
+            terminal.info(f"[{terminal.calls_waiting(talk)}]")
         if turn.stopped:
             if dist.is_initialized():
                 raise KeyboardInterrupt

@@ -7,6 +7,8 @@ message with its template tokens. Where the encoding of the earlier turns change
 which put the system prompt in the last user message, move it at every turn), the cache is cut back to the first id
 that differs, as long as it has not wrapped around its window; otherwise the whole conversation is pre-filled again.
 Either way the ids in the cache are exactly the conversation's, so the logits are those of a fresh forward over it.
+An answer of tool calls is the one kind kept as mistral_common encodes it (with the calls' ids, which the model need
+not have written), so the turn that gives their results pre-fills from the first id where the two differ.
 
 With a sliding window the conversation goes on for as long as it likes. Without one, every id stays in the cache, so
 a conversation is bounded (`context`): when the next turn would not fit, the oldest turns are dropped, down to about
@@ -30,6 +32,7 @@ from mistral.generate import PREFILL_CHUNK, generate_ids
 from mistral.model import Transformer
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
+from mistral.tools import check_tools, read_calls
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class Turn:
     decode_s: float
     context: int  # ids the conversation holds now, the answer and its EOS included
     stopped: bool = False  # by Ctrl-C: the answer is what was sampled until then (nothing, during pre-fill)
+    calls: list[dict] | None = None  # an answer of tool calls: {"id", "name", "arguments"} each, awaiting results
 
     def stats(self) -> str:
         return (f"prefill {self.prefilled} tokens in {self.prefill_s:.2f} s "
@@ -75,23 +79,37 @@ class Turn:
                 f"context {self.context} tokens")
 
 
+def user(text: str) -> list[dict]:
+    """A turn as it starts: the user's message."""
+    return [{"role": "user", "content": text}]
+
+
 class Chat:
-    """One conversation with a model, its turns in row 0 of a cache of its own."""
+    """One conversation with a model, its turns in row 0 of a cache of its own.
+
+    A turn is the messages from one user message to the next: the user's, then the model's answer, as the ids it
+    sampled ({"role": "assistant", "ids": [...]}); or, where the model was offered tools and called some, its calls
+    (an OpenAI assistant message with tool_calls), a tool message with each one's result (result()), and the answer
+    that follows."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_tokens: int,
                  temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
                  top_k: int = SamplingParams.top_k, chunk_size: int | None = PREFILL_CHUNK,
-                 generator: torch.Generator | None = None, context: int | None = None):
+                 generator: torch.Generator | None = None, context: int | None = None,
+                 tools: list[dict] | None = None):
         """chunk_size: the most tokens a turn pre-fills in one step (None: a turn's new ids in one step, whatever
         their number). context: the most ids a conversation holds, for a model without a sliding window (None:
-        DEFAULT_CONTEXT)."""
+        DEFAULT_CONTEXT). tools: OpenAI's tool list, offered to the model at every turn (None: none)."""
         check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+        if tools and tokenizer.tools_refusal:
+            raise MistralError(tokenizer.tools_refusal)
         self.model, self.tokenizer = model, tokenizer
+        self.tools = check_tools(tools) if tools else None
         self.options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             chunk_size=chunk_size, generator=generator)
         self.limit = conversation_limit(model.args.sliding_window, max_tokens, context)  # None: no limit
         self.system: str | None = None
-        self.turns: list[tuple[str, list[int]]] = []  # (user message, answer ids), oldest first
+        self.turns: list[list[dict]] = []  # oldest first
         self.fed: list[int] = []  # the ids whose keys and values the cache holds, in order
         self.cache: RotatingBufferCache | None = None
         self.context = 0  # ids of the conversation so far, each answer's EOS included
@@ -100,25 +118,61 @@ class Chat:
         """Start over: no turns; the system prompt stays. (The cache is cut back at the next turn.)"""
         self.turns, self.context = [], 0
 
-    def messages(self, user: str, turns: list[tuple[str, list[int]]] | None = None) -> list[dict]:
-        """The conversation so far (or `turns`) and then `user`, as encode_chat takes it."""
+    @property
+    def pending(self) -> list[dict]:
+        """The model's last calls that have no result yet, in order."""
+        calls, answered = [], set()
+        for m in self.turns[-1] if self.turns else []:
+            if m["role"] == "assistant":
+                calls, answered = m.get("tool_calls", []), set()
+            elif m["role"] == "tool":
+                answered.add(m["tool_call_id"])
+        return [c for c in calls if c["id"] not in answered]
+
+    def messages(self, turns: list[list[dict]]) -> tuple[list[dict], list[list[int]]]:
+        """The conversation of `turns` as encode_chat takes it: its messages, and the ids of its answers."""
         out = [{"role": "system", "content": self.system}] if self.system else []
-        for said, answer in self.turns if turns is None else turns:
-            # The content of an answer only stands in for its ids (encode_chat's answer_ids), but must not be empty.
-            out += [{"role": "user", "content": said}, {"role": "assistant", "content": "-"}]
-        return out + [{"role": "user", "content": user}]
+        answers = []
+        for turn in turns:
+            for m in turn:
+                if "ids" in m:  # the content only stands in for the ids (encode_chat's answer_ids), but is not empty
+                    out.append({"role": "assistant", "content": "-"})
+                    answers.append(m["ids"])
+                else:
+                    out.append(m)
+        return out, answers
 
-    def ids(self, user: str, turns: list[tuple[str, list[int]]] | None = None) -> list[int]:
-        """The conversation's ids (or those of `turns`) with `user` as its next message."""
-        turns = self.turns if turns is None else turns
-        return self.tokenizer.encode_chat(self.messages(user, turns), [answer for _, answer in turns])
+    def ids(self, turns: list[list[dict]]) -> list[int]:
+        """The ids of the conversation of `turns`, the last one waiting for its answer."""
+        messages, answers = self.messages(turns)
+        return self.tokenizer.encode_chat(messages, answers, tools=self.tools)
 
-    def say(self, user: str, on_token=None) -> Turn:
-        """Answer `user`, streaming each sampled id to on_token(id). Ctrl-C stops the answer: what was sampled is kept
-        as the answer (closed by EOS at the next turn, as any answer), and a turn stopped before its first token is
-        forgotten. So is a turn that raises anything else, which propagates: the next turn goes on from the
-        conversation before it (turns dropped to fit the limit stay dropped)."""
-        target = self._fit(user)
+    def say(self, text: str, on_token=None) -> Turn:
+        """Answer the user's `text`, streaming each sampled id to on_token(id). Ctrl-C stops the answer: what was
+        sampled is kept as the answer (closed by EOS at the next turn, as any answer), and a turn stopped before its
+        first token is forgotten. So is a turn that raises anything else, which propagates: the next turn goes on from
+        the conversation before it (turns dropped to fit the limit stay dropped)."""
+        if self.pending:
+            raise MistralError(f"the model called {_names(self.pending)}: give each call its result first (/result "
+                               "JSON), or start over (/reset)")
+        return self._answer(self.turns + [user(text)], on_token)
+
+    def result(self, content: str, on_token=None) -> Turn | None:
+        """The result of the first call still waiting for one; once every call has its result, the model answers
+        (as say() does), else None."""
+        pending = self.pending
+        if not pending:
+            raise MistralError("there is no tool call waiting for a result")
+        tool = {"role": "tool", "tool_call_id": pending[0]["id"], "content": content}
+        turns = self.turns[:-1] + [self.turns[-1] + [tool]]
+        if len(pending) > 1:
+            self.turns = turns
+            return None
+        return self._answer(turns, on_token)
+
+    def _answer(self, turns: list[list[dict]], on_token) -> Turn:
+        """Answer the last message of `turns`, which become the conversation's once the answer is taken."""
+        turns, target = self._fit(turns)
         max_tokens = self.options["max_tokens"]
         kept = 0  # how much of the cache is the start of target
         while kept < min(len(target), len(self.fed)) and target[kept] == self.fed[kept]:
@@ -162,10 +216,25 @@ class Chat:
         assert n_cached == len(target) + len(sampled) - 1 or stopped, (n_cached, len(target), len(sampled))
         self.fed = (target + sampled)[:n_cached]
         answer = sampled[:-1] if sampled[-1] == self.tokenizer.eos_id else sampled
-        self.turns.append((user, answer))
+        calls = self._calls(answer)
+        if calls:  # kept as mistral_common encodes calls (with their ids): the next turn pre-fills from there
+            said = {"role": "assistant", "tool_calls": [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in calls]}
+        else:
+            said = {"role": "assistant", "ids": answer}
+        self.turns = turns[:-1] + [turns[-1] + [said]]
         self.context = len(target) + len(answer) + 1
         first = times[0] if times else end
-        return Turn(answer, len(new), first - start, len(sampled) - 1, end - first, self.context, stopped=stopped)
+        return Turn(answer, len(new), first - start, len(sampled) - 1, end - first, self.context, stopped=stopped,
+                    calls=calls)
+
+    def _calls(self, answer: list[int]) -> list[dict] | None:
+        """The calls of an answer that starts with [TOOL_CALLS] and a JSON list of them, where tools were offered."""
+        if not self.tools or answer[:1] != [self.tokenizer.tool_calls_id]:
+            return None
+        read = read_calls(self.tokenizer.decode(answer[1:]))
+        return read[0] if read else None
 
     def _forget(self, reached: int) -> None:
         """Back to the cache before a turn that raised, whose steps fed positions up to `reached` (not included).
@@ -178,35 +247,36 @@ class Chat:
             self.fed = []
             self.cache.reset()
 
-    def _fit(self, user: str) -> list[int]:
-        """The ids of the conversation with `user` next. Where they would not fit the limit with the longest answer,
-        the oldest turns are dropped, as few as leave the ids at most half the limit (all of them if none does)."""
-        target = self.ids(user)
+    def _fit(self, turns: list[list[dict]]) -> tuple[list[list[dict]], list[int]]:
+        """The turns kept and their ids, the last one waiting for its answer. Where they would not fit the limit with
+        the longest answer, the oldest turns are dropped, as few as leave the ids at most half the limit (all but the
+        last if none does)."""
+        target = self.ids(turns)
         budget = None if self.limit is None else self.limit - self.options["max_tokens"] - 1  # the longest answer, EOS
         if budget is None or len(target) <= budget:
-            return target
+            return turns, target
         # Dropping the first turn moves the positions of every later one, so the kept ones are pre-filled again whole.
         # Keeping at most half the limit puts the next such refill as many tokens of conversation away.
         goal = min(budget, self.limit // 2)
-        lo, hi = 1, len(self.turns)  # the fewest turns to drop is in lo..hi (hi: all of them); fewer ids for more
+        lo, hi = 1, len(turns) - 1  # the fewest turns to drop is in lo..hi (hi: all but the last); fewer ids for more
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(self.ids(user, self.turns[mid:])) <= goal:
+            if len(self.ids(turns[mid:])) <= goal:
                 hi = mid
             else:
                 lo = mid + 1
-        kept = self.turns[lo:]
-        target = self.ids(user, kept)
+        kept = turns[lo:]
+        target = self.ids(kept)
         if len(target) > budget:
             raise MistralError(f"this message is {len(target)} tokens with the template, and with max_tokens "
                                f"{self.options['max_tokens']} it would not fit the conversation's limit of "
                                f"{self.limit} tokens (the model has no sliding window): send less, or raise context")
-        dropped = len(self.turns) - len(kept)
-        self.turns = kept
+        dropped = len(turns) - len(kept)
+        self.turns = self.turns[dropped:]  # they stay dropped, whatever becomes of this turn
         log.warning("[the conversation would pass its limit of %d tokens (the model has no sliding window): dropped "
                     "the oldest %d turn%s, %d tokens remain with this message, pre-filled again]", self.limit, dropped,
                     "s" * (dropped != 1), len(target))
-        return target
+        return kept, target
 
     def _make_room(self, reach: int) -> None:
         """A cache with slots for `reach` positions, or the window's worth: grown in doublings, up to that."""
@@ -219,3 +289,7 @@ class Chat:
             if not self.cache.can_rewind(0):  # cannot happen: a row wraps only once its cache has the window's slots
                 raise AssertionError((self.cache.slots, self.cache.seq_pos))
             self.cache.grow(min(max(reach, 2 * self.cache.slots), most))
+
+
+def _names(calls: list[dict]) -> str:
+    return ", ".join(f"{c['function']['name']} ({c['id']})" for c in calls)

@@ -10,6 +10,7 @@ prompt, or while loading).
 import difflib
 import errno
 import inspect
+import json
 import logging
 import os
 import signal
@@ -178,6 +179,28 @@ def check_seed(seed: int) -> None:
     # torch takes 64 bits, and a negative seed would wrap around to another number, silently.
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise MistralError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
+
+
+def tools_file(value) -> list[dict]:
+    """The tools of --tools FILE.json: an OpenAI tool list (or {"tools": [...]}), checked."""
+    from mistral.tools import check_tools
+
+    if not isinstance(value, str) or not value.strip():
+        raise MistralError(f"--tools must name a JSON file of tools, got {value!r}")
+    try:
+        tools = json.loads(Path(value).read_text())
+    except OSError as e:
+        raise MistralError(f"--tools {value}: cannot read it ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MistralError(f"--tools {value} is not JSON ({e})") from None
+    if isinstance(tools, dict) and set(tools) == {"tools"}:
+        tools = tools["tools"]
+    if not tools:
+        raise MistralError(f"--tools {value} holds no tools: it takes a list of {{\"type\": \"function\", ...}}")
+    try:
+        return check_tools(tools)
+    except MistralError as e:
+        raise MistralError(f"--tools {value}: {e}") from None
 
 
 def folder(value, what: str) -> Path:

@@ -4,6 +4,7 @@ Under torchrun every rank runs the same command, but only rank 0 (the printing r
 it hands each line it reads to the other ranks, so all of them feed the model the same prompt.
 """
 import functools
+import json
 import resource
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from mistral.tokenizer import Tokenizer
 
 CHAT_COMMANDS = {"/reset": "start the conversation over (the system prompt stays)",
                  "/system TEXT": "set the system prompt (/system alone: none)",
+                 "/result JSON": "the result of the model's next tool call waiting for one (with --tools)",
                  "/help": "this list",
                  "//TEXT": "send /TEXT as a message (a line starting with / is a command)"}
 
@@ -102,16 +104,43 @@ def chat_command(talk: Chat, line: str) -> str | None:
     return None
 
 
+def tool_result(talk: Chat, line: str) -> tuple[str | None, str | None]:
+    """(the result of `/result JSON`, or what is wrong with it)."""
+    text = line.split(None, 1)[1].strip() if len(line.split(None, 1)) > 1 else ""
+    if not talk.pending:
+        return None, "there is no tool call waiting for a result; nothing was sent"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"/result takes the call's result as JSON ({e}), got {text!r}; nothing was sent"
+    return text, None
+
+
+def calls_waiting(talk: Chat) -> str:
+    pending = talk.pending
+    if not pending:
+        return "every call has its result"
+    return (f"{len(pending)} call{'s' * (len(pending) > 1)} waiting: /result JSON answers "
+            f"{pending[0]['function']['name']} ({pending[0]['id']})")
+
+
+def call_json(call: dict) -> str:
+    """A call as the chat shows it: {"id", "name", "arguments"}, its arguments as JSON, not as text of JSON."""
+    return json.dumps({"id": call["id"], "name": call["name"], "arguments": json.loads(call["arguments"])},
+                      ensure_ascii=False)
+
+
 class Stream:
     """Prints a prompt and its completion as the completion grows: what is shown is always the decode of the two
     together. Decoding the completion alone would lose what depends on what comes before it: sentencepiece drops the
     space that starts a text, so "Hello" + "▁world" would print as "Helloworld". A trailing U+FFFD means a multi-byte
     character is still incomplete, so it waits."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_text: str, show_prompt: bool = True):
+    def __init__(self, tokenizer: Tokenizer, prompt_text: str, show_prompt: bool = True, hold: int | None = None):
         """prompt_text: the text that was completed, encoded as generation encoded it ("" for a chat's answer, which
-        stands on its own); printed first unless show_prompt is false (fill-in-the-middle: the middle alone)."""
-        self.tokenizer, self.tokens = tokenizer, []
+        stands on its own); printed first unless show_prompt is false (fill-in-the-middle: the middle alone). hold: a
+        token that, first, holds the text back until end() (an answer of tool calls, shown once read)."""
+        self.tokenizer, self.tokens, self.hold, self.holding = tokenizer, [], hold, False
         self.prompt = tokenizer.encode(prompt_text, bos=True) if prompt_text else []
         self.shown = tokenizer.decode(self.prompt)  # the prompt as the model reads it
         if is_printing_rank() and show_prompt:
@@ -119,13 +148,17 @@ class Stream:
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
+        self.holding = self.holding or (len(self.tokens) == 1 and token == self.hold)
         text = self.tokenizer.decode(self.prompt + self.tokens)
-        if is_printing_rank() and not text.endswith("\ufffd") and text.startswith(self.shown):
+        if is_printing_rank() and not self.holding and not text.endswith("\ufffd") and text.startswith(self.shown):
             print(text[len(self.shown) :], end="", flush=True)
             self.shown = text
 
-    def end(self) -> None:
-        if is_printing_rank():
+    def end(self, instead: str | None = None) -> None:
+        """Print the rest of the text, or what was held back; or, for held text, `instead`."""
+        if is_printing_rank() and self.holding and instead is not None:
+            print(instead, flush=True)
+        elif is_printing_rank():
             text = self.tokenizer.decode(self.prompt + self.tokens)
             print(text[len(self.shown) :] if text.startswith(self.shown) else "", flush=True)
 

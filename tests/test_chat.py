@@ -10,6 +10,7 @@ import torch
 from helpers import cli, inprocess, random_model, save_folder, tiny_params
 
 from mistral.chat import Chat
+from mistral.chat import user as said
 from mistral.cpu import CpuDecoder, kernels
 from mistral.errors import MistralError
 from mistral.generate import PREFILL_CHUNK
@@ -80,9 +81,8 @@ def check_turn(model, talk, rec, user, reuse=True):
     new ids were pre-filled (the last sampled id, the answer's EOS, the message with its template)."""
     before, start = list(talk.fed), len(rec.steps)
     turn = talk.say(user)
-    last = talk.turns.pop()  # the conversation as this turn saw it (older turns may have been dropped to fit)
-    target = talk.ids(user)
-    talk.turns.append(last)
+    # the conversation as this turn saw it (older turns may have been dropped to fit)
+    target = talk.ids(talk.turns[:-1] + [said(user)])
     fed, rows, got = rec.since(start)
     kept = len(talk.fed) - len(fed)
     assert fed == (target + turn.answer)[kept : len(talk.fed)] and talk.fed == (target + turn.answer)[: len(talk.fed)]
@@ -111,9 +111,9 @@ def test_turn_two_on_the_kept_cache_is_a_fresh_forward(version, tokenizers, ever
 def test_an_answer_cut_off_or_ended_gets_the_eos_where_mistral_common_puts_it(tokenizers):
     model, talk, rec = make("v7", tokenizers, window=None, max_tokens=3)
     talk.say("Hello")
-    (_, answer), eos = talk.turns[0], tokenizers["v7"].eos_id
+    answer, eos = talk.turns[0][1]["ids"], tokenizers["v7"].eos_id
     assert len(answer) == 3 and eos not in answer  # cut off by max_tokens
-    ids = talk.ids("More")
+    ids = talk.ids(talk.turns + [said("More")])
     hello = tokenizers["v7"].encode_chat([{"role": "user", "content": "Hello"}])
     more = tokenizers["v7"].encode_chat([{"role": "user", "content": "More"}])[1:]  # without BOS
     assert ids == hello + answer + [eos] + more
@@ -179,7 +179,8 @@ def test_ctrl_c_keeps_the_answer_so_far_or_forgets_a_turn_in_prefill(tokenizers)
             raise KeyboardInterrupt
 
     turn = talk.say("Go on", on_token=stop_after_two)
-    assert turn.stopped and turn.answer == seen and talk.turns[-1] == ("Go on", seen)
+    assert turn.stopped and turn.answer == seen
+    assert talk.turns[-1] == [*said("Go on"), {"role": "assistant", "ids": seen}]
     check_turn(model, talk, rec, "And?")
 
     def interrupt(module, inputs, out):
@@ -188,7 +189,7 @@ def test_ctrl_c_keeps_the_answer_so_far_or_forgets_a_turn_in_prefill(tokenizers)
     hook = model.register_forward_hook(interrupt)
     turn = talk.say("This one is stopped in pre-fill")
     hook.remove()
-    assert turn.stopped and turn.answer == [] and talk.turns[-1][0] == "And?"
+    assert turn.stopped and turn.answer == [] and talk.turns[-1][0]["content"] == "And?"
     check_turn(model, talk, rec, "Still there?", reuse=False)
 
 
@@ -288,13 +289,13 @@ def test_a_turn_that_fails_is_forgotten(how, window, tokenizers, monkeypatch):
     with monkeypatch.context() as m:
         if how == "nan":
             failing, error = "Hello zebra", MistralError
-            others = set(talk.ids("And then?")) | set(talk.fed)
-            bad = next(t for t in talk.ids(failing) if t not in others)
+            others = set(talk.ids(talk.turns + [said("And then?")])) | set(talk.fed)
+            bad = next(t for t in talk.ids(talk.turns + [said(failing)]) if t not in others)
             with torch.no_grad():
                 model.tok_embeddings.weight[bad] = float("nan")
         else:
             failing, error = "Tell me more", MemoryError
-            assert len(talk.ids(failing)) - len(fed) > 3  # pre-filled in two chunks at least
+            assert len(talk.ids(talk.turns + [said(failing)])) - len(fed) > 3  # pre-filled in two chunks at least
             calls = []
             if how == "engine":  # its second decode step, after two tokens were sampled
                 if CpuDecoder.of(model) is None:
@@ -386,9 +387,9 @@ def test_a_full_context_is_refilled_once_every_several_turns(tokenizers, caplog)
             # All but the ids the kept turns begin with as the dropped ones did (BOS, [INST]): they stayed.
             assert whole - 3 <= turn.prefilled < whole and whole <= limit // 2
             messages = []
-            for said, _ in kept:
-                messages += [{"role": "user", "content": said}, {"role": "assistant", "content": "-"}]
-            expected = tok.encode_chat(messages + [{"role": "user", "content": user}], [a for _, a in kept])
+            for (asked, answer) in kept:
+                messages += [asked, {"role": "assistant", "content": "-"}]
+            expected = tok.encode_chat(messages + said(user), [answer["ids"] for _, answer in kept])
             assert talk.fed[:whole] == expected and len(expected) == whole
             assert turn.answer == fresh_answer(model, tok, kept, user, max_tokens=4, context=limit)
             dropped = len(history) - len(kept)

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import mistral_common
 import pytest
+import torch
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from test_server import WINDOW, Running, _greedy
 
-from helpers import random_model, tiny_params
-from mistral import tools
+from helpers import cli, inprocess, one_error, random_model, save_with_tokenizer, tiny_params
+from mistral import generate, tools
+from mistral.chat import Chat
 from mistral.errors import MistralError
 from mistral.tokenizer import Tokenizer
 
@@ -348,3 +350,73 @@ def test_a_v1_model_refuses_tools_with_400():
             "error"]["message"]
     finally:
         running.close()
+
+
+def scripted_sampling(monkeypatch, script: list[int]):
+    """Sampling that picks the ids of `script`, one per draw, whatever the logits: the model still feeds them."""
+    left = iter(script)
+    monkeypatch.setattr(generate, "sample", lambda logits, *_: torch.full((logits.shape[0],), next(left)))
+
+
+def test_a_chat_shows_calls_takes_results_and_keeps_mistral_commons_encoding(monkeypatch, v3):
+    model = random_model(tiny_params(vocab_size=32768, sliding_window=None), seed=1)  # the cache can go back
+    answer = v3.encode("It is 22 C.", bos=False)
+    scripted_sampling(monkeypatch, [v3.tool_calls_id, *v3.encode(CALLS_TEXT, bos=False), v3.eos_id, *answer,
+                                    v3.eos_id])
+    talk = Chat(model, v3, max_tokens=200, temperature=0.7, tools=TOOLS)
+    asked = "Weather in Zürich, and the time?"
+    turn = talk.say(asked)
+    assert [(c["name"], json.loads(c["arguments"])) for c in turn.calls] == [("get_weather", {"city": "Zürich"}),
+                                                                              ("now", {})]
+    sampled = list(talk.fed)
+    with pytest.raises(MistralError, match=r"called get_weather \(\w{9}\), now \(\w{9}\): give each call its result"):
+        talk.say("Hello?")
+    assert talk.result('{"temp": 22}') is None and [c["function"]["name"] for c in talk.pending] == ["now"]
+    last = talk.result('"12:00"')
+    assert last.answer == answer and last.calls is None and not talk.pending
+    a, b = (c["id"] for c in turn.calls)
+    theirs = [UserMessage(content=asked), AssistantMessage(tool_calls=[
+        ToolCall(id=a, function=FunctionCall(name="get_weather", arguments='{"city": "Zürich"}')),
+        ToolCall(id=b, function=FunctionCall(name="now", arguments="{}"))]),
+        ToolMessage(tool_call_id=a, content='{"temp": 22}'), ToolMessage(tool_call_id=b, content='"12:00"')]
+    want = reference_ids("v3", theirs)
+    assert talk.fed == want + answer  # the calls as mistral_common encodes them, with their ids
+    same = next(i for i, (x, y) in enumerate(zip(sampled, want)) if x != y)
+    assert last.prefilled == len(want) - same  # from where the calls' encoding differs from what was sampled
+    with pytest.raises(MistralError, match="no tool call waiting"):
+        talk.result("1")
+
+
+def test_chat_command_with_tools(monkeypatch, capsys, tmp_path, v3):
+    model = random_model(tiny_params(vocab_size=32768), seed=1)
+    folder = save_with_tokenizer(model, tmp_path / "m", DATA / FILES["v3"])
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    answer = v3.encode("It is 22 C.", bos=False)
+    scripted_sampling(monkeypatch, [v3.tool_calls_id, *v3.encode(CALLS_TEXT, bos=False), v3.eos_id, *answer,
+                                    v3.eos_id])
+    code, out, err = inprocess(monkeypatch, capsys, "chat", folder, "--tools", tmp_path / "tools.json",
+                               "--temperature", "0.7", stdin="Weather?\nHello?\n/result {oops\n/result {\"temp\": 22}\n"
+                               "/result \"12:00\"\n/result 1\n")
+    shown = [json.loads(line) for line in out.splitlines()[:2]]
+    assert [(c["name"], c["arguments"]) for c in shown] == [("get_weather", {"city": "Zürich"}), ("now", {})]
+    assert all(tools.CALL_ID.fullmatch(c["id"]) for c in shown) and out.splitlines()[2] == "It is 22 C."
+    a, b = (c["id"] for c in shown)
+    assert f"[2 calls waiting: /result JSON answers get_weather ({a})]" in err
+    assert f"[result taken; 1 call waiting: /result JSON answers now ({b})]" in err
+    assert "error: the model called get_weather" in err and "error: /result takes the call's result as JSON" in err
+    assert "error: there is no tool call waiting for a result; nothing was sent" in err
+    assert code == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, tokenizer, message", [
+    (None, "tokenizer.model.v1", r"--tools: this model's tokenizer \(v1\) has no tool calls"),
+    ("[{\"type\": \"function\"}]", FILES["v3"], r"--tools .*tools.json: tools\[0\] must be"),
+    ("{oops", FILES["v3"], r"--tools .*tools.json is not JSON"),
+    ("[]", FILES["v3"], "holds no tools"),
+])
+def test_chat_refuses_bad_tools_in_one_line(tmp_path, content, tokenizer, message):
+    vocab = 32000 if tokenizer.endswith("v1") else 32768
+    folder = save_with_tokenizer(random_model(tiny_params(vocab_size=vocab)), tmp_path / "m", DATA / tokenizer)
+    (tmp_path / "tools.json").write_text(content or json.dumps(TOOLS))
+    code, out, err = cli("chat", folder, "--tools", tmp_path / "tools.json")
+    one_error(code, err, message)
