@@ -70,7 +70,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         longest = max(len(tokenizer.encode(p)) for p in DEMO_PROMPTS)
-        return slots_for(longest + max_tokens, args.sliding_window), min(chunk_size or longest, longest)
+        return slots_for(longest + max_tokens, args.window), min(chunk_size or longest, longest)
 
     model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                                 device=device, dtype=dtype, quantize=quantize, needs=needs,
@@ -116,7 +116,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     cli.check_stdout()
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora,
-                                needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.sliding_window),
+                                needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.window),
                                                        chunk_size or TYPICAL_PROMPT),
                                 shrinks_cache="a smaller --max_tokens")
     generator = _generator(seed, model.device)
@@ -178,8 +178,8 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         conversation may fill the window, or the context of a model without one."""
         if offered and tokenizer.tools_refusal:
             raise MistralError(f"--tools: {tokenizer.tools_refusal}")
-        limit = conversation_limit(args.sliding_window, max_tokens, context)
-        return args.sliding_window or limit, chunk_size or TYPICAL_PROMPT
+        limit = conversation_limit(args.window, max_tokens, context)
+        return args.window or limit, chunk_size or TYPICAL_PROMPT
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora, needs=needs,
@@ -243,7 +243,7 @@ def fim(model_path: str | None = None, prefix: str | None = None, suffix: str | 
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         ids = tokenizer.encode_fim(before, after)  # a tokenizer without FIM tokens is refused before any weight
-        return slots_for(len(ids) + max_tokens, args.sliding_window), min(chunk_size or len(ids), len(ids))
+        return slots_for(len(ids) + max_tokens, args.window), min(chunk_size or len(ids), len(ids))
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, needs=needs, shrinks_cache="a smaller --max_tokens",
@@ -309,12 +309,12 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
         raise MistralError("--api_key is empty: give a key, or leave it out to serve without one")
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
-        if context is not None and args.sliding_window is not None:
-            raise MistralError(f"this model has a sliding window of {args.sliding_window} tokens, so requests have "
+        if context is not None and args.window is not None:
+            raise MistralError(f"this model has a sliding window of {args.window} tokens, so requests have "
                                "no length limit: leave out --context")
         if context is not None and context < 2:
             raise MistralError(f"--context must be at least 2, got {context}")
-        return args.sliding_window or context or SERVE_CONTEXT, chunk_size
+        return args.window or context or SERVE_CONTEXT, chunk_size
 
     folder = cli.SHIPPED_MODEL if model_path is None else cli.folder(model_path, "model_path")
     checkpoint.layout(folder)

@@ -118,7 +118,7 @@ def sdpa_calls(label):
 def three_paths(model: Transformer, mark=lambda path: None) -> dict[str, torch.Tensor]:
     """fp32 logits of packed prompts, of the same prompts pre-filled in chunks of W + 1, and of 2W decode steps after
     them (fixed tokens, so every backend decodes the same inputs). mark(path) is called as each path starts."""
-    W, device, vocab = model.args.sliding_window, model.device, model.args.vocab_size
+    W, device, vocab = model.args.window, model.device, model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3 * W + 5, 2 * W, 7)]
     out = {}
@@ -185,7 +185,7 @@ def decode_ms_per_step(model: Transformer, batch: int, steps: int, mode: str | N
     """Steady-state ms per decode step of `batch` rows (row 0's first to last token), after a warm-up run that also
     compiles and captures; mode None: eager, else a CompiledDecoder in that torch.compile mode."""
     args, vocab = model.args, model.args.vocab_size
-    slots = min(PROMPT + steps + 1, args.sliding_window or PROMPT + steps + 1)
+    slots = min(PROMPT + steps + 1, args.window or PROMPT + steps + 1)
     cache = RotatingBufferCache(model.n_local_layers, batch, slots, args.n_kv_heads, args.head_dim,
                                 device=model.device, dtype=model.dtype)
     compiled = CompiledDecoder(model, cache, backend=backend, mode=mode) if mode != "eager" else None

@@ -29,7 +29,7 @@ def ours_prefill(model, ids: torch.Tensor, chunk: int | None = None) -> None:
         if chunk is None:
             model(ids, [len(ids)])
             return
-        cache = RotatingBufferCache(model.n_local_layers, 1, model.args.sliding_window, model.args.n_kv_heads,
+        cache = RotatingBufferCache(model.n_local_layers, 1, model.args.window, model.args.n_kv_heads,
                                     model.args.head_dim, dtype=torch.float32)
         for start in range(0, len(ids), chunk):
             piece = ids[start : start + chunk]

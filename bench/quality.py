@@ -45,7 +45,7 @@ def prefill_logits(model, ids: list[int], chunk: int, cache: RotatingBufferCache
     """(len(ids), V) logits of pre-fill steps of `chunk` tokens on one row of the rolling cache (a new one unless
     given), each taken by the CPU engine where it takes it (int4 and int8 products in C), else by the model."""
     decoder = CpuDecoder.of(model)
-    cache = cache or cache_for(model, model.args.sliding_window or len(ids))
+    cache = cache or cache_for(model, model.args.window or len(ids))
     out = []
     for i in range(0, len(ids), chunk):
         step = torch.tensor(ids[i:i + chunk])
@@ -59,7 +59,7 @@ def decode_logits(model, ids: list[int], prefix: int = 0) -> torch.Tensor:
     """Logits of ids[prefix:] one decode step each, on the CPU engine, after pre-filling ids[:prefix]."""
     decoder = CpuDecoder.of(model)
     assert decoder is not None, "the CPU engine does not take this model (no C compiler?)"
-    cache = cache_for(model, model.args.sliding_window or len(ids))
+    cache = cache_for(model, model.args.window or len(ids))
     out = [prefill_logits(model, ids[:prefix], prefix, cache)] if prefix else []
     for token in ids[prefix:]:
         out.append(decoder.step(torch.tensor([token]), [1], cache))

@@ -55,8 +55,10 @@ class ModelArgs:
     n_kv_heads: int
     norm_eps: float
     vocab_size: int
-    # None: full causal attention (no window), and the cache must hold the whole sequence.
-    sliding_window: int | None = None
+    # None: full causal attention (no window), and the cache must hold the whole sequence. A list: each layer's own
+    # window (None: that layer attends to everything), the pattern repeated over the layers, as mistral-inference 1.5
+    # reads it: [4096, None] is a window of 4096 in layers 0, 2, 4, ... and full attention in 1, 3, 5, ...
+    sliding_window: int | list[int | None] | None = None
     # None: 1e4 when sliding_window is set (Mistral 7B v0.1), else 1e6 (Mixtral, later Mistrals).
     rope_theta: float | None = None
     # None: a dense SwiGLU feed-forward in every layer; set: a sparse mixture of experts instead.
@@ -84,7 +86,13 @@ class ModelArgs:
         if self.head_dim % 2:
             raise MistralError(f"{source}: 'head_dim' must be even (RoPE rotates channel pairs), got {self.head_dim}")
         self.norm_eps = positive_value(self.norm_eps, "norm_eps", source)
-        if self.sliding_window is not None:
+        if isinstance(self.sliding_window, list):
+            pattern = self.sliding_window
+            if not pattern or self.n_layers % len(pattern):
+                raise MistralError(f"{source}: 'sliding_window' as a list holds a pattern of windows repeated over the "
+                                   f"layers, so its length must divide n_layers ({self.n_layers}), got {len(pattern)}")
+            self.sliding_window = [None if w is None else count_value(w, "sliding_window", source) for w in pattern]
+        elif self.sliding_window is not None:
             self.sliding_window = count_value(self.sliding_window, "sliding_window", source)
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise MistralError(f"{source}: 'quantization' is {self.quantization!r}; this library reads "
@@ -94,6 +102,19 @@ class ModelArgs:
             log.info("%s has no rope_theta: using %g (sliding_window is %s)", source, self.rope_theta,
                      self.sliding_window)
         self.rope_theta = positive_value(self.rope_theta, "rope_theta", source)
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's window (None: full attention)."""
+        if isinstance(self.sliding_window, list):
+            return self.sliding_window * (self.n_layers // len(self.sliding_window))
+        return [self.sliding_window] * self.n_layers
+
+    @property
+    def window(self) -> int | None:
+        """The cache's window: the widest layer's, which every row of the cache holds (None: a layer attends to
+        everything, so the cache holds every position). A narrower layer masks what its window leaves out."""
+        return None if None in self.windows else max(self.windows)
 
     @classmethod
     def from_dict(cls, params: dict, source: str = "params.json") -> "ModelArgs":

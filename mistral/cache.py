@@ -179,7 +179,8 @@ class RotatingBufferCache:
             kv_seqlens = tuple(min(p + 1, N) for p in positions)
             step = tensor([active, [p % N for p in positions], kv_seqlens, positions])
             rows = None if active == list(range(len(active))) else step[0]
-            mask = BlockMask((1,) * len(active), kv_seqlens, window, kv_padding=N)
+            newest = tuple(p % N for p in positions)
+            mask = BlockMask((1,) * len(active), kv_seqlens, window, kv_padding=N, newest=newest)
             return CacheMetadata(N, step[3], mask, True, rows=rows, step=step)
 
         positions, write_src, write_dst = [], [], []

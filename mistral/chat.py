@@ -107,7 +107,7 @@ class Chat:
         self.tools = check_tools(tools) if tools else None
         self.options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             chunk_size=chunk_size, generator=generator)
-        self.limit = conversation_limit(model.args.sliding_window, max_tokens, context)  # None: no limit
+        self.limit = conversation_limit(model.args.window, max_tokens, context)  # None: no limit
         self.system: str | None = None
         self.turns: list[list[dict]] = []  # oldest first
         self.fed: list[int] = []  # the ids whose keys and values the cache holds, in order
@@ -281,7 +281,7 @@ class Chat:
     def _make_room(self, reach: int) -> None:
         """A cache with slots for `reach` positions, or the window's worth: grown in doublings, up to that."""
         args = self.model.args
-        most = args.sliding_window or self.limit
+        most = args.window or self.limit
         if self.cache is None:
             self.cache = RotatingBufferCache(self.model.n_local_layers, 1, min(max(reach, 256), most), args.n_kv_heads,
                                              args.head_dim, device=self.model.device, dtype=self.model.dtype)

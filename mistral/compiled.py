@@ -61,14 +61,16 @@ class CompiledDecoder:
 
     @staticmethod
     def takes(model: Transformer) -> bool:
-        """Whether a step of this model can be captured whole: one process, dense or grouped FFNs, plain weights."""
-        return model.num_pipeline_ranks == 1 and all(type(m) in _TRACEABLE for m in model.modules())
+        """Whether a step of this model can be captured whole: one process, dense or grouped FFNs, plain weights, one
+        window for every layer."""
+        return (model.num_pipeline_ranks == 1 and all(type(m) in _TRACEABLE for m in model.modules())
+                and len(set(model.args.windows)) == 1)
 
     def step(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None,
              rows: list[int] | None = None) -> torch.Tensor | None:
         """What model(input_ids, seqlens, cache, rows=rows) returns, for a step in which every row of this decoder's
         cache brings one token; None, with nothing done, for any other step."""
-        B, N, window = self.cache.max_batch_size, self.cache.slots, self.model.args.sliding_window
+        B, N, window = self.cache.max_batch_size, self.cache.slots, self.model.args.window
         if cache is not self.cache or list(seqlens) != [1] * B or cache.cache_k.shape[3] != N:
             return None
         if window is not None and N > window:  # as get_input_metadata refuses it

@@ -133,7 +133,7 @@ class Engine:
     def room(self, n_ids: int) -> int | None:
         """The most tokens a prompt of n_ids may be followed by; None where rows roll (the model has a sliding window,
         and a row holds all of it), so that a request may go on as long as it likes."""
-        window = self.model.args.sliding_window
+        window = self.model.args.window
         return None if window is not None and self.cache.slots >= window else self.cache.slots - n_ids + 1
 
     def check_fits(self, n_ids: int, max_tokens: int) -> None:

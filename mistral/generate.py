@@ -320,7 +320,7 @@ def _forget(cache: RotatingBufferCache, seen: list[int], seqlens: list[int]) -> 
 def _cache_for(model: Transformer, reach: list[int]) -> RotatingBufferCache:
     """A cache for rows that will reach these many positions, after checking that it fits in memory."""
     args, B = model.args, len(reach)
-    slots = slots_for(max(reach), args.sliding_window)
+    slots = slots_for(max(reach), args.window)
     size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
     free = memory_available(model.device)
     if size > free:
@@ -335,7 +335,7 @@ def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int]) -
     if len(reach) > cache.max_batch_size:
         raise MistralError(f"{len(reach)} prompts but the cache has {cache.max_batch_size} rows")
     for b, n in enumerate(reach):
-        cache.check_room(b, cache.seq_pos[b] + n, model.args.sliding_window)
+        cache.check_room(b, cache.seq_pos[b] + n, model.args.window)
     return cache
 
 

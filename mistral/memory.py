@@ -40,7 +40,7 @@ class Memory:
         # a layer's expert weights at a time while loading, before any forward: the larger of the two is the need.
         ffn_rows = S * (args.moe.num_experts_per_tok if grouped else 1)
         activations = (S * (2 * args.dim + (2 * H + 2 * args.n_kv_heads) * D) + ffn_rows * 3 * args.hidden_dim) * size
-        scores = 256 * (256 + (args.sliding_window or S)) * H * 4
+        scores = 256 * (256 + (args.window or S)) * H * 4
         logits = 2 * model.max_batch_size * args.vocab_size * 4
         work = activations + scores + (16 << 20) + logits
         stack = args.moe.num_experts * args.hidden_dim * args.dim * compute.itemsize if grouped else 0

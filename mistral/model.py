@@ -9,6 +9,7 @@ load_model builds it on the meta device and assigns them.
 Letters (mistral/__init__.py): S packed tokens, R positions whose logits are returned, H heads, Hkv kv heads,
 D head_dim, V vocab.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -170,12 +171,12 @@ class Transformer(nn.Module):
         if S == 0:  # nothing to run: every row of the cache sits this step out
             return Step(input_ids, seqlens, None, None, cache, None, rows)
         if cache is not None:
-            meta = cache.get_input_metadata(seqlens, self.args.sliding_window)
+            meta = cache.get_input_metadata(seqlens, self.args.window)
             return Step(input_ids, seqlens, meta.positions, meta.mask, cache, meta, rows)
         if any(n <= 0 for n in seqlens):
             raise MistralError(f"without a cache every sequence needs at least one token, got seqlens {seqlens}")
         positions = torch.cat([torch.arange(n) for n in seqlens]).to(self.device)
-        return Step(input_ids, seqlens, positions, BlockMask(tuple(seqlens), tuple(seqlens), self.args.sliding_window),
+        return Step(input_ids, seqlens, positions, BlockMask(tuple(seqlens), tuple(seqlens), self.args.window),
                     None, None, rows)
 
     def run(self, step: "Step") -> torch.Tensor | None:
@@ -207,9 +208,19 @@ class Transformer(nn.Module):
                caches: list[CacheView | None]) -> torch.Tensor:
         """h (S, dim) through this rank's layers, layer i reading and writing caches[i] (None: no cache). The
         compiled decode step (mistral/compiled.py) runs the same loop with caches of its own."""
-        for layer, cache in zip(self.layers.values(), caches, strict=True):
-            h = layer(h, freqs_cis, mask, cache)
+        for layer, layer_mask, cache in zip(self.layers.values(), self.layer_masks(mask), caches, strict=True):
+            h = layer(h, freqs_cis, layer_mask, cache)
         return h
+
+    def layer_masks(self, mask: BlockMask | SlotMask) -> list[BlockMask | SlotMask]:
+        """The mask of each of this rank's layers: the step's, narrowed to the layer's own window where the model's
+        layers have windows of their own (the step's is the widest, which the cache holds). One mask per window, so
+        that the layers of a window share what it builds."""
+        windows = [self.args.windows[i] for i in self.layer_ids]
+        if isinstance(mask, SlotMask) or all(w == mask.window for w in windows):
+            return [mask] * len(windows)
+        narrowed = {w: mask if w == mask.window else dataclasses.replace(mask, window=w) for w in set(windows)}
+        return [narrowed[w] for w in windows]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """h (R, dim) -> fp32 logits (R, V): the last rank's final norm and output head."""

@@ -60,7 +60,10 @@ class CpuDecoder:
     def __init__(self, model: Transformer, plan: kernels.BlocksPlan, head: kernels.Prepared | None):
         self.model, self.plan, self.head = model, plan, head
         args = model.args
-        self.window, self.eps, self.norm = args.sliding_window, args.norm_eps, model.norm.weight
+        self.window, self.eps, self.norm = args.window, args.norm_eps, model.norm.weight
+        # Each layer's own window where the layers' differ (the cache holds the widest): None where they are one.
+        own = [args.windows[i] for i in model.layer_ids]
+        self.windows = None if len(set(args.windows)) == 1 else [w or 0 for w in own]
         self.inv_freq = inverse_frequencies(args.head_dim, args.rope_theta, torch.device("cpu"))
         self.embed = model.tok_embeddings
 
@@ -98,7 +101,10 @@ class CpuDecoder:
         h = self.embed(input_ids)  # (M, dim)
         if not kernels.takes_rows(h):
             return None
-        h = kernels.blocks(h, self.plan, cache.cache_k, cache.cache_v, meta.step, self.inv_freq)
+        windows = None
+        if self.windows is not None:  # 0 for the layers that see every slot: those whose window the slots do not pass
+            windows = torch.tensor([w if w < cache.slots else 0 for w in self.windows], dtype=torch.int64)
+        h = kernels.blocks(h, self.plan, cache.cache_k, cache.cache_v, meta.step, self.inv_freq, windows)
         cache.advance(seqlens)
         if rows is not None:
             h = h[rows]
