@@ -33,17 +33,20 @@ def _ffn(x, sd, prefix):
 
 
 def oracle_logits(sd: dict, p: dict, tokens: list[int]) -> torch.Tensor:
-    """Logits (T, V) in float64 for ONE sequence starting at position 0. `p` is params.json as a dict."""
+    """Logits (T, V) in float64 for ONE sequence starting at position 0. `p` is params.json as a dict; its
+    sliding_window may be a list, a pattern of windows (None: full attention) that repeats over the layers."""
     sd = {k: v.double() for k, v in sd.items()}
-    H, Hkv, D, W = p["n_heads"], p["n_kv_heads"], p["head_dim"], p.get("sliding_window")
-    theta = p.get("rope_theta") or (1e4 if W else 1e6)
+    H, Hkv, D, given = p["n_heads"], p["n_kv_heads"], p["head_dim"], p.get("sliding_window")
+    theta = p.get("rope_theta") or (1e4 if given else 1e6)
+    pattern = given if isinstance(given, list) else [given]
     T = len(tokens)
     x = sd["tok_embeddings.weight"][torch.tensor(tokens)]
-    allowed = torch.zeros(T, T, dtype=torch.bool)
-    for i in range(T):
-        for j in range(T):
-            allowed[i, j] = j <= i and (W is None or i - W < j)
     for layer in range(p["n_layers"]):
+        W = pattern[layer % len(pattern)]
+        allowed = torch.zeros(T, T, dtype=torch.bool)
+        for i in range(T):
+            for j in range(T):
+                allowed[i, j] = j <= i and (W is None or i - W < j)
         pre = f"layers.{layer}"
         h = _rms(x, sd[f"{pre}.attention_norm.weight"], p["norm_eps"])
         q = _rope((h @ sd[f"{pre}.attention.wq.weight"].T).view(T, H, D), theta)

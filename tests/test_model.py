@@ -50,6 +50,9 @@ CONFIGS = {
     "mha": tiny_params(n_kv_heads=4),
     "no_window": tiny_params(sliding_window=None, rope_theta=None),
     "moe": tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2}),
+    # Per-layer windows: the cache holds the widest (W), each layer's mask its own; and a window beside full attention.
+    "layer windows": tiny_params(sliding_window=[3, W]),
+    "window and full": tiny_params(sliding_window=[3, None]),
 }
 
 
@@ -72,20 +75,20 @@ def test_packed_prompts_match_oracle(name, device):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_one_prefill_into_cache_matches_oracle(name, device):
     model = random_model(CONFIGS[name]).to(device)
-    window = W if model.args.sliding_window else 64
+    window = W if model.args.window else 64
     with torch.no_grad():
         got = run_schedule(model, PROMPTS, lambda b, k: 10_000, window)
     torch.testing.assert_close(got, expected(model, PROMPTS))
 
 
-@pytest.mark.parametrize("chunk", [1, W - 1, W, W + 1, 3 * W])
-@pytest.mark.parametrize("name", ["gqa", "moe"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, W - 1, W, W + 1, 3 * W])
+@pytest.mark.parametrize("name", ["gqa", "moe", "layer windows", "window and full"])
 def test_chunked_prefill_matches_one_pass(name, chunk, device):
     model = random_model(CONFIGS[name]).to(device)
     seqs = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]  # all longer than 2W
     with torch.no_grad():
         full = model(torch.tensor(sum(seqs, []), device=device), [len(s) for s in seqs])
-        got = run_schedule(model, seqs, lambda b, k: chunk)
+        got = run_schedule(model, seqs, lambda b, k: chunk, W if model.args.window else 64)
     torch.testing.assert_close(got, full)
     torch.testing.assert_close(got, expected(model, seqs))
 
@@ -108,14 +111,17 @@ def test_ragged_batch_mixes_prefill_chunks_and_decode(cpu_ops):
     torch.testing.assert_close(got, expected(model, seqs))
 
 
-@pytest.mark.parametrize("name", ["gqa", "moe"])
+@pytest.mark.parametrize("name", ["gqa", "moe", "layer windows", "window and full"])
 def test_decode_far_past_window_matches_oracle_every_step(name, cpu_ops, device):
     """Two rows decode one token per step for 4W steps after different prompt lengths; every step's
-    logits are compared with a full recompute. Row 0 stops early, so later steps use a subset of rows."""
+    logits are compared with a full recompute. Row 0 stops early, so later steps use a subset of rows. With
+    per-layer windows, the narrower layer's keys at decode are a stretch of the ring that wraps around its end."""
     model = random_model(CONFIGS[name]).to(device)
     seqs = [[(7 * i + 3) % 64 for i in range(2 + 3 * W)], [(5 * i + 1) % 64 for i in range(3 + 4 * W)]]
     prompt = [2, 3]
-    cache = RotatingBufferCache(model.n_local_layers, 3, W, model.args.n_kv_heads, model.args.head_dim, device=device)
+    slots = W if model.args.window else 32
+    cache = RotatingBufferCache(model.n_local_layers, 3, slots, model.args.n_kv_heads, model.args.head_dim,
+                                device=device)
     forward = cpu_ops(model)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     with torch.no_grad():
