@@ -28,7 +28,12 @@ class ModelArgs:
     n_kv_heads: int
     norm_eps: float
     vocab_size: int
-    sliding_window: int | None = None  # None: full causal attention
+    # None: full causal attention. A list: a pattern of windows repeated over the layers (None in it: full attention).
+    sliding_window: int | list | None = None
+
+    def window(self, layer: int) -> int | None:
+        pattern = self.sliding_window if isinstance(self.sliding_window, list) else [self.sliding_window]
+        return pattern[layer % len(pattern)]
     rope_theta: float | None = None  # None: 1e4 with a sliding window, else 1e6
     moe: dict | None = None  # {"num_experts": E, "num_experts_per_tok": K}, or None for a dense FFN
 
@@ -58,9 +63,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: int | None):
         super().__init__()
-        self.args = args
+        self.args, self.window = args, window
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -81,8 +86,8 @@ class Attention(nn.Module):
         # Each query sees the keys at positions j with i - W < j <= i: W keys, itself included.
         dist = positions[:, None] - key_pos[None, :]
         visible = dist >= 0
-        if a.sliding_window is not None:
-            visible &= dist < a.sliding_window
+        if self.window is not None:
+            visible &= dist < self.window
         repeat = a.n_heads // a.n_kv_heads  # grouped-query attention: query heads share kv heads
         keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
         scores = torch.einsum("thd,shd->hts", q.float(), keys.float()) / a.head_dim**0.5
@@ -143,9 +148,9 @@ class MoeLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: int | None):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, window)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args) if args.moe is None else MoeLayer(args)
@@ -160,7 +165,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, args.window(i)) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
@@ -225,8 +230,9 @@ def generate(prompt: str, model: Transformer, tokenizer: SentencePieceProcessor,
     """Greedy completion of one prompt: pre-fill it in one step, then decode token by token."""
     args = model.args
     tokens = [tokenizer.bos_id(), *tokenizer.encode(prompt)]
-    size = args.sliding_window or len(tokens) + max_tokens
-    caches = [RollingCache(size, args.n_kv_heads, args.head_dim, torch.float32) for _ in range(args.n_layers)]
+    # Each layer's cache holds its own window's keys (a layer without one: every position the run reaches).
+    sizes = [args.window(i) or len(tokens) + max_tokens for i in range(args.n_layers)]
+    caches = [RollingCache(size, args.n_kv_heads, args.head_dim, torch.float32) for size in sizes]
     logits = model(tokens, 0, caches)[-1]
     generated = []
     for _ in range(max_tokens):

@@ -25,6 +25,10 @@ CONFIGS = {
     "moe with an unknown key": ({"moe": {"num_experts": 4, "num_experts_per_tok": 2, "shared": 1}}, r"shared"),
     "sliding_window 1e15": ({"sliding_window": 1e15}, r"'sliding_window' must be a whole number from 1 to"),
     "sliding_window fractional": ({"sliding_window": 2.5}, r"'sliding_window' must be a whole number"),
+    "sliding_window a pattern that does not divide the layers": ({"sliding_window": [4, 4, None]},
+                                                                  r"its length must divide n_layers \(2\), got 3"),
+    "sliding_window an empty pattern": ({"sliding_window": []}, r"its length must divide n_layers"),
+    "sliding_window a pattern with a 0": ({"sliding_window": [4, 0]}, r"'sliding_window' must be a whole number"),
     "dim a string": ({"dim": "32"}, r"'dim' must be a whole number"),
     "n_layers huge": ({"n_layers": 10**12}, r"'n_layers' must be a whole number from 1 to"),
     "head_dim odd": ({"head_dim": 7, "n_heads": 4, "n_kv_heads": 2}, r"'head_dim' must be even"),
@@ -44,3 +48,13 @@ def test_config_values_get_their_types():
     args = ModelArgs.from_dict({**BASE, "dim": 32.0, "norm_eps": 1, "rope_theta": 10000, "sliding_window": 5.0})
     assert (type(args.dim), type(args.norm_eps), type(args.rope_theta), type(args.sliding_window)) == (int, float,
                                                                                                       float, int)
+
+
+def test_a_pattern_of_windows_repeats_over_the_layers():
+    """mistral-inference's reading: the list is a pattern; the cache holds the widest window, or every position
+    where a layer has none."""
+    args = ModelArgs.from_dict({**BASE, "n_layers": 4, "sliding_window": [3, 7.0]})
+    assert args.windows == [3, 7, 3, 7] and args.window == 7
+    full = ModelArgs.from_dict({**BASE, "n_layers": 4, "sliding_window": [3, None]})
+    assert full.windows == [3, None, 3, None] and full.window is None
+    assert ModelArgs.from_dict({**BASE, "sliding_window": 5}).windows == [5, 5]

@@ -33,7 +33,7 @@ def packed(model: Transformer) -> torch.Tensor:
 
 def chunked(model: Transformer) -> torch.Tensor:
     """Feed SEQS through a rolling cache, row b taking CHUNKS[(step + b) % 5] tokens a step; packed-order logits."""
-    window = model.args.sliding_window or max(SEQLENS)  # no window: the cache holds whole sequences
+    window = model.args.window or max(SEQLENS)  # no window: the cache holds whole sequences
     cache = RotatingBufferCache(model.n_local_layers, len(SEQS), window, model.args.n_kv_heads, model.args.head_dim)
     fed, outs, step = [0] * len(SEQS), [[] for _ in SEQS], 0
     with torch.no_grad():
@@ -90,6 +90,34 @@ def test_hf_folder_matches_transformers(case, tmp_path):
     assert model.args.sliding_window == window
     torch.testing.assert_close(packed(model), expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(chunked(model), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kinds", [["sliding_attention", "full_attention"], ["full_attention", "sliding_attention"]])
+def test_hf_ministral_with_a_window_per_layer_matches_transformers(kinds, tmp_path):
+    """transformers' MinistralForCausalLM, whose layer_types give some layers a window and others full attention:
+    packed, and chunked through the cache, which then holds every position (a layer attends to all of them)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "MinistralForCausalLM"):
+        pytest.skip("this transformers has no Ministral")
+    torch.manual_seed(0)
+    config = transformers.MinistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64, head_dim=8,
+                                          sliding_window=3, layer_types=kinds, attn_implementation="eager")
+    hf = randomized(transformers.MinistralForCausalLM(config), "embed_tokens")
+    hf.save_pretrained(tmp_path / "hf")
+    expected = hf_logits(hf)
+    model = load(tmp_path / "hf")
+    assert model.args.windows == [3 if kind == "sliding_attention" else None for kind in kinds]
+    torch.testing.assert_close(packed(model), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(chunked(model), expected, atol=1e-4, rtol=0)
+    # All sliding, a window each: the same weights without the full layer's view differ clearly.
+    native = checkpoint.convert(tmp_path / "hf", tmp_path / "native")
+    _rewrite(native / "params.json", lambda p: {**p, "sliding_window": 3})
+    assert not torch.allclose(packed(load(native)), expected, atol=1e-2)
+    back = checkpoint.convert(tmp_path / "hf", tmp_path / "native2")
+    hf_again = checkpoint.convert(back, tmp_path / "hf2", to="hf")
+    reloaded = transformers.MinistralForCausalLM.from_pretrained(hf_again, attn_implementation="eager").eval()
+    torch.testing.assert_close(hf_logits(reloaded), expected, atol=1e-5, rtol=0)
 
 
 def test_hf_sliding_window_is_w_keys_including_self(tmp_path):

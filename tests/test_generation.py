@@ -21,10 +21,12 @@ def rescore(model, prompts, generated):
     return out
 
 
-@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("kind", ["dense", "moe", "layer windows", "window and full"])
 @pytest.mark.parametrize("chunk_size", [None, 1, W - 1, W, W + 1, 3 * W])
-def test_greedy_output_rescored_in_one_pass(chunk_size, moe):
-    model = random_model(tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2} if moe else None))
+def test_greedy_output_rescored_in_one_pass(chunk_size, kind):
+    model = random_model(tiny_params(**{"dense": {}, "moe": {"moe": {"num_experts": 4, "num_experts_per_tok": 2}},
+                                        "layer windows": {"sliding_window": [3, W]},
+                                        "window and full": {"sliding_window": [3, None]}}[kind]))
     generated, logprobs = generate_ids(PROMPTS, model, max_tokens=3 * W, chunk_size=chunk_size, prompt_logprobs=True)
     for p, g, lp, want in zip(PROMPTS, generated, logprobs, rescore(model, PROMPTS, generated)):
         assert len(g) == 3 * W and len(lp) == len(p) - 1 + len(g)

@@ -1,5 +1,6 @@
 """one_file_ref.py, the executable spec, against the package: the same weights give the same logits, for a dense model
-and a mixture, for packed prompts longer than the window, pre-filled in chunks around W and then decoded."""
+and a mixture, with a window per layer, for packed prompts longer than the window, pre-filled in chunks around W and
+then decoded."""
 import pytest
 import torch
 from helpers import MOE, random_model, tiny_params
@@ -21,15 +22,16 @@ def reference(model) -> ref.Transformer:
     return spec.eval()
 
 
-@pytest.mark.parametrize("params", [tiny_params(), tiny_params(moe=MOE), tiny_params(sliding_window=None)],
-                         ids=["dense", "moe", "no-window"])
+@pytest.mark.parametrize("params", [tiny_params(), tiny_params(moe=MOE), tiny_params(sliding_window=None),
+                                    tiny_params(sliding_window=[3, 5]), tiny_params(sliding_window=[None, 3])],
+                         ids=["dense", "moe", "no-window", "layer-windows", "window-and-full"])
 @pytest.mark.parametrize("chunk", [1, 4, 5, 6, 100])  # around the window of 5, and whole prompts
 def test_the_spec_and_the_package_give_the_same_logits(params, chunk):
     model = random_model(params)
     spec = reference(model)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (13, 3, 8)]
-    W, args = model.args.sliding_window, model.args
+    W, args = model.args.window, model.args
     cache = RotatingBufferCache(args.n_layers, len(prompts), W or 40, args.n_kv_heads, args.head_dim)
     # The package: every prompt packed in one step per chunk, then three decode steps of every row.
     ours: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -49,8 +51,9 @@ def test_the_spec_and_the_package_give_the_same_logits(params, chunk):
     # The spec: one sequence at a time, all of it in one forward, on its own plain rolling caches.
     for b, prompt in enumerate(prompts):
         tokens = prompt + decoded[b]
-        caches = [ref.RollingCache(W or 40, args.n_kv_heads, args.head_dim, torch.float32)
-                  for _ in range(args.n_layers)]
+        # Each layer's own window of slots (the package's cache holds the widest for every layer).
+        caches = [ref.RollingCache(spec.args.window(i) or 40, args.n_kv_heads, args.head_dim, torch.float32)
+                  for i in range(args.n_layers)]
         with torch.no_grad():
             theirs = spec(tokens, 0, caches)  # (T, V)
         torch.testing.assert_close(torch.cat(ours[b]), theirs, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,9 @@ from mistral.errors import MistralError
 # using the same ones keeps our logits equal to HF's on such files.
 _HF_DEFAULTS = {
     "mistral": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "sliding_window": 4096},
+    # Mistral's weights with a window per layer: layer_types says which layers slide ("sliding_attention", over
+    # sliding_window) and which attend to everything ("full_attention").
+    "ministral": {"rms_norm_eps": 1e-6, "rope_theta": 1e4, "sliding_window": 4096},
     "mixtral": {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
                 "num_local_experts": 8, "num_experts_per_tok": 2},
 }
@@ -22,7 +25,8 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         raise MistralError(f"{source} must be a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type not in _HF_DEFAULTS:
-        raise MistralError(f"{source} has model_type {model_type!r}; this library reads 'mistral' and 'mixtral'")
+        raise MistralError(f"{source} has model_type {model_type!r}; this library reads 'mistral', 'ministral' and "
+                           "'mixtral'")
     defaults = _HF_DEFAULTS[model_type]
 
     def positive_int(key: str, default: int | None = None) -> int:
@@ -58,6 +62,17 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
     sliding_window = config.get("sliding_window", defaults["sliding_window"])
     if sliding_window is not None:
         sliding_window = count_value(sliding_window, "sliding_window", source)
+    n_layers = positive_int("num_hidden_layers")
+    if model_type == "ministral" and config.get("layer_types") is not None:
+        kinds = config["layer_types"]
+        if not isinstance(kinds, list) or len(kinds) != n_layers or not set(kinds) <= {"sliding_attention",
+                                                                                       "full_attention"}:
+            raise MistralError(f"{source}: layer_types must list 'sliding_attention' or 'full_attention' for each of "
+                               f"the {n_layers} layers, got {kinds!r}")
+        if "sliding_attention" in kinds and sliding_window is None:
+            raise MistralError(f"{source}: layer_types has sliding layers but sliding_window is null")
+        windows = [sliding_window if kind == "sliding_attention" else None for kind in kinds]
+        sliding_window = windows if len(set(windows)) > 1 else windows[0]
     moe = None
     if model_type == "mixtral":
         moe = MoeArgs(num_experts=positive_int("num_local_experts", defaults["num_local_experts"]),
@@ -65,7 +80,7 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         if moe.num_experts_per_tok > moe.num_experts:
             raise MistralError(f"{source}: num_experts_per_tok ({moe.num_experts_per_tok}) must not exceed "
                                f"num_local_experts ({moe.num_experts})")
-    return ModelArgs(dim=dim, n_layers=positive_int("num_hidden_layers"), head_dim=head_dim,
+    return ModelArgs(dim=dim, n_layers=n_layers, head_dim=head_dim,
                      hidden_dim=positive_int("intermediate_size"), n_heads=n_heads, n_kv_heads=n_kv_heads,
                      norm_eps=float(norm_eps),
                      vocab_size=positive_int("vocab_size"), sliding_window=sliding_window,
@@ -73,10 +88,20 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
 
 
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """The config.json transformers' MistralForCausalLM / MixtralForCausalLM needs for this model."""
+    """The config.json transformers' MistralForCausalLM / MixtralForCausalLM needs for this model; with a window per
+    layer, MinistralForCausalLM's, which holds one window for the sliding layers beside full-attention ones."""
     model_type = "mistral" if args.moe is None else "mixtral"
+    windows, window, layer_types = args.windows, args.sliding_window, None
+    if len(set(windows)) > 1:
+        sliding = set(windows) - {None}
+        if args.moe is not None or len(sliding) > 1:
+            raise MistralError(f"a Hugging Face config holds one window for all sliding layers, and no per-layer "
+                               f"windows for a mixture; this model's are {args.sliding_window}: keep it native")
+        model_type, window = "ministral", sliding.pop()
+        layer_types = ["full_attention" if w is None else "sliding_attention" for w in windows]
     config = {
-        "architectures": ["MistralForCausalLM" if args.moe is None else "MixtralForCausalLM"],
+        "architectures": [{"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                           "ministral": "MinistralForCausalLM"}[model_type]],
         "model_type": model_type,
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
@@ -86,7 +111,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         "head_dim": args.head_dim,
         "rms_norm_eps": args.norm_eps,
         "vocab_size": args.vocab_size,
-        "sliding_window": args.sliding_window,
+        "sliding_window": window,
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         # rope_theta for transformers 4.x, rope_parameters for 5.x: each version reads its own and ignores the other.
@@ -94,6 +119,8 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if layer_types is not None:
+        config["layer_types"] = layer_types
     if args.moe is not None:
         config["num_local_experts"] = args.moe.num_experts
         config["num_experts_per_tok"] = args.moe.num_experts_per_tok
