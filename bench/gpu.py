@@ -126,7 +126,7 @@ def three_paths(model: Transformer, mark=lambda path: None) -> dict[str, torch.T
         mark("packed")
         out["packed"] = model(torch.tensor(sum(prompts, []), device=device), [len(p) for p in prompts])
         cache = RotatingBufferCache(model.n_local_layers, 3, W, model.args.n_kv_heads, model.args.head_dim,
-                                    device=device, dtype=model.dtype)
+                                    device=device, dtype=model.dtype, windows=model.layer_windows)
         mark("chunked")
         chunks, fed = [], [0, 0, 0]
         while any(f < len(p) for f, p in zip(fed, prompts)):
@@ -187,7 +187,7 @@ def decode_ms_per_step(model: Transformer, batch: int, steps: int, mode: str | N
     args, vocab = model.args, model.args.vocab_size
     slots = min(PROMPT + steps + 1, args.window or PROMPT + steps + 1)
     cache = RotatingBufferCache(model.n_local_layers, batch, slots, args.n_kv_heads, args.head_dim,
-                                device=model.device, dtype=model.dtype)
+                                device=model.device, dtype=model.dtype, windows=model.layer_windows)
     compiled = CompiledDecoder(model, cache, backend=backend, mode=mode) if mode != "eager" else None
     prompts = [[(7 * i + 13 * b) % vocab for i in range(PROMPT)] for b in range(batch)]
 

@@ -30,7 +30,7 @@ def ours_prefill(model, ids: torch.Tensor, chunk: int | None = None) -> None:
             model(ids, [len(ids)])
             return
         cache = RotatingBufferCache(model.n_local_layers, 1, model.args.window, model.args.n_kv_heads,
-                                    model.args.head_dim, dtype=torch.float32)
+                                    model.args.head_dim, dtype=torch.float32, windows=model.layer_windows)
         for start in range(0, len(ids), chunk):
             piece = ids[start : start + chunk]
             model(piece, [len(piece)], cache)

@@ -37,7 +37,8 @@ FORMATS = {"fp32": lambda m: m, "int8": quantize.quantize_int8, "int4": quantize
 
 def cache_for(model, slots: int) -> RotatingBufferCache:
     args = model.args
-    return RotatingBufferCache(model.n_local_layers, 1, slots, args.n_kv_heads, args.head_dim)
+    return RotatingBufferCache(model.n_local_layers, 1, slots, args.n_kv_heads, args.head_dim,
+                               windows=model.layer_windows)
 
 
 @torch.no_grad()

@@ -8,10 +8,16 @@ N is the cache's and W the model's. A run that never reaches W positions needs f
 grow them as it goes; a model without a window needs one slot per position it will ever see. More slots
 than W would keep keys that the decode step, which reads every valid slot, must not see: refused.
 
+A model whose layers have windows of their own (args.windows) keeps, in each layer, a rolling buffer of that layer's
+window: min(N, w) slots for a layer of window w, N for the widest (or one without a window). Layers of one slot count
+share a buffer and the metadata of a step; each such group is a rolling cache as above, with its own window.
+
+    windows [4, 8] over 4 layers, N=8: layers 0 and 2 keep 4 slots (window 4), layers 1 and 3 keep 8 (window 8)
+    after 10 positions: layers 0, 2 hold positions 6..9 in slots [2, 3, 0, 1]; layers 1, 3 hold 2..9
+
 Letters: B batch rows, N slots per row, W the model's window, Hkv kv heads, D head_dim, S packed new tokens.
 """
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -52,6 +58,8 @@ class CacheMetadata:
     kv_cached_src: torch.Tensor | None = None  # (C,) flat slots to read, in position order
     kv_cached_dst: torch.Tensor | None = None  # (C,) where each lands in the packed keys
     kv_new_dst: torch.Tensor | None = None  # (S,) where each new key lands; None if nothing was cached
+    # The metadata of the step for the cache's narrower buffers (layers of a narrower window), by their slot count.
+    narrower: dict[int, "CacheMetadata"] = field(default_factory=dict)
 
     # The buffers are (B, Hkv, N, D) per layer, so flat slot indices are used as (row, slot) pairs.
     @cached_property
@@ -74,27 +82,80 @@ def slots_for(reach: int, window: int | None) -> int:
 
 class RotatingBufferCache:
     def __init__(self, n_layers: int, max_batch_size: int, slots: int, n_kv_heads: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """slots: N per row; the model's window W for a run that may go past it, fewer for one that never will."""
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 windows: list[int | None] | None = None):
+        """slots: N per row; the model's window W for a run that may go past it, fewer for one that never will.
+        windows: each layer's own window, for a model whose layers have their own (Transformer.layer_windows; None:
+        one window for every layer, the one get_input_metadata is given): a layer of window w keeps min(N, w)."""
         assert slots > 0 and max_batch_size > 0, (slots, max_batch_size)
-        self.slots = slots
-        self.max_batch_size = max_batch_size
-        # Each row's keys are contiguous per head, which is what attention over the raw slots wants.
-        shape = (n_layers, max_batch_size, n_kv_heads, slots, head_dim)  # (L, B, Hkv, N, D)
-        try:
-            self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
-            self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
-        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-            size = 2 * math.prod(shape) * (dtype or torch.get_default_dtype()).itemsize
-            raise MistralError(f"a cache of {slots} slots for {max_batch_size} rows needs {size / 1e9:,.1f} GB, "
-                               f"which cannot be allocated here ({str(e).strip().splitlines()[0][:120]}); ask for "
-                               "fewer tokens or rows") from None
+        assert windows is None or len(windows) == n_layers, (windows, n_layers)
+        self.slots, self.windows = slots, None if windows is None or len(set(windows)) == 1 else list(windows)
+        self.max_batch_size, self.n_kv_heads, self.head_dim = max_batch_size, n_kv_heads, head_dim
         self.seq_pos = [0] * max_batch_size  # positions seen so far, per row
+        self.n_layers = n_layers
+        self._allocate(device, dtype)
+
+    def layer_slots(self, slots: int) -> list[int]:
+        """Each layer's slots in a cache of `slots` per row: its window's, where narrower."""
+        if self.windows is None:
+            return [slots] * self.n_layers
+        return [slots if w is None else min(slots, w) for w in self.windows]
+
+    def _allocate(self, device, dtype, old: tuple[list, list] | None = None) -> None:
+        """The buffers: one (L_g, B, Hkv, N_g, D) pair per slot count N_g, and each layer's views into its own. With
+        `old` (each layer's keys and values), they are copied over into the first slots of the new buffers (grow)."""
+        per_layer = self.layer_slots(self.slots)
+        counts = sorted(set(per_layer), reverse=True)  # the widest first
+        self.groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            for n in counts:
+                shape = (per_layer.count(n), self.max_batch_size, self.n_kv_heads, n, self.head_dim)
+                # (L_g, B, Hkv, N_g, D)
+                self.groups[n] = (torch.zeros(shape, device=device, dtype=dtype),
+                                  torch.zeros(shape, device=device, dtype=dtype))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            size = 2 * sum(per_layer) * self.max_batch_size * self.n_kv_heads * self.head_dim * (
+                dtype or torch.get_default_dtype()).itemsize
+            raise MistralError(f"a cache of {self.slots} slots for {self.max_batch_size} rows needs "
+                               f"{size / 1e9:,.1f} GB, which cannot be allocated here "
+                               f"({str(e).strip().splitlines()[0][:120]}); ask for fewer tokens or rows") from None
+        taken = dict.fromkeys(counts, 0)
+        self.k, self.v = [], []  # each layer's (B, Hkv, N_i, D), views into its group's buffers
+        for i, n in enumerate(per_layer):
+            k, v = self.groups[n]
+            self.k.append(k[taken[n]])
+            self.v.append(v[taken[n]])
+            taken[n] += 1
+            if old is not None:
+                was = old[0][i].shape[2]
+                self.k[i][:, :, :was] = old[0][i]
+                self.v[i][:, :, :was] = old[1][i]
+
+    @property
+    def cache_k(self) -> torch.Tensor:
+        """(L, B, Hkv, N, D): every layer's keys in one buffer, where the layers keep as many slots each."""
+        assert len(self.groups) == 1, "the layers keep buffers of their own sizes: use .k[i]"
+        return self.groups[self.slots][0]
+
+    @property
+    def cache_v(self) -> torch.Tensor:
+        assert len(self.groups) == 1, "the layers keep buffers of their own sizes: use .v[i]"
+        return self.groups[self.slots][1]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "RotatingBufferCache":
-        self.cache_k = self.cache_k.to(device=device, dtype=dtype)
-        self.cache_v = self.cache_v.to(device=device, dtype=dtype)
+        old = (self.k, self.v)
+        some = next(iter(self.groups.values()))[0]
+        self._allocate(device or some.device, dtype or some.dtype, old=old)
         return self
+
+    def clear(self, row: int, slots: list[int] | None = None) -> None:
+        """Zero row `row`'s keys and values (only `slots`, in the widest buffer's numbering, position p % N: each
+        layer zeroes p % N_i of the positions they stand for)."""
+        for k, v in zip(self.k, self.v):
+            n = k.shape[2]
+            own = slice(None) if slots is None else sorted({s % n for s in slots})
+            k[row, :, own] = 0  # (Hkv, n, D)
+            v[row, :, own] = 0
 
     def reset(self) -> None:
         """Forget every sequence. The buffers are not cleared: no slot is read before it is written."""
@@ -108,31 +169,31 @@ class RotatingBufferCache:
                                f"({limit}): build or grow it to hold the longest sequence")
 
     def can_rewind(self, row: int) -> bool:
-        """Whether row `row` still holds every position it has seen: it never wrapped, so no slot was overwritten."""
-        return self.seq_pos[row] <= self.slots
+        """Whether row `row` still holds every position it has seen: it never wrapped, so no slot was overwritten (in
+        any layer: a layer of a narrower window wraps first)."""
+        return self.seq_pos[row] <= min(self.groups)
 
     def rewind(self, row: int, n_seen: int) -> None:
         """Forget positions n_seen.. of row `row`, to continue it from there (a conversation taking another turn)."""
         if not 0 <= n_seen <= self.seq_pos[row]:
             raise MistralError(f"cannot rewind row {row} to {n_seen} positions: it has seen {self.seq_pos[row]}")
         if n_seen < self.seq_pos[row] and not self.can_rewind(row):
-            raise MistralError(f"row {row} has wrapped around its {self.slots} slots: positions before "
-                               f"{self.seq_pos[row] - self.slots} are gone, so it cannot go back to {n_seen}")
+            raise MistralError(f"row {row} has wrapped around its {min(self.groups)} slots: positions before "
+                               f"{self.seq_pos[row] - min(self.groups)} are gone, so it cannot go back to {n_seen}")
         self.seq_pos[row] = n_seen
 
     def grow(self, slots: int) -> None:
-        """Give every row `slots` slots. Only while no row has wrapped: each position p then sits in slot p, and stays
-        there, since p < the old N <= the new N."""
-        if slots < self.slots or not all(self.can_rewind(b) for b in range(self.max_batch_size)):
+        """Give every row `slots` slots (each layer its window's, where narrower). Only while no row has wrapped in a
+        layer that grows: each position p then sits in slot p, and stays there, since p < the old N <= the new N."""
+        old_slots = self.layer_slots(self.slots)
+        growing = min((n for n, m in zip(old_slots, self.layer_slots(slots)) if m != n), default=None)
+        if slots < self.slots or growing is not None and max(self.seq_pos) > growing:
             raise MistralError(f"cannot grow a cache of {self.slots} slots to {slots} once a row has wrapped")
         if slots == self.slots:
             return
-        for name in ("cache_k", "cache_v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], slots, old.shape[4])  # (L, B, Hkv, N', D)
-            new[:, :, :, : self.slots] = old
-            setattr(self, name, new)
+        old, some = (self.k, self.v), next(iter(self.groups.values()))[0]
         self.slots = slots
+        self._allocate(some.device, some.dtype, old=old)
 
     def get_input_metadata(self, seqlens: list[int], window: int | None) -> CacheMetadata:
         """Metadata for a step in which row b brings seqlens[b] new tokens (0: nothing this step), for a model whose
@@ -157,7 +218,14 @@ class RotatingBufferCache:
         set: the new keys are written first, to the rows and slots held in `step`, and the mask is
         BlockMask(kv_padding=N) over the raw slots.
         """
-        B, N = len(seqlens), self.slots
+        meta = self._metadata(seqlens, window, self.slots)
+        for n in self.groups:
+            if n < self.slots:  # a narrower layer's buffer: a rolling cache of its own window, n
+                meta.narrower[n] = self._metadata(seqlens, n, n)
+        return meta
+
+    def _metadata(self, seqlens: list[int], window: int | None, N: int) -> CacheMetadata:
+        B = len(seqlens)
         if B > self.max_batch_size:
             raise MistralError(f"a batch of {B} sequences does not fit a cache built for {self.max_batch_size}; "
                                "pass a larger max_batch_size")
@@ -167,8 +235,9 @@ class RotatingBufferCache:
             raise MistralError(f"the cache has {N} slots per row but the model's window is {window}: "
                                f"build it with at most {window}")
         for b, n in enumerate(seqlens):
-            self.check_room(b, self.seq_pos[b] + n, window)
-        device = self.cache_k.device
+            if N == self.slots:
+                self.check_room(b, self.seq_pos[b] + n, window)
+        device = self.k[0].device
 
         def tensor(xs):
             return torch.tensor(xs, dtype=torch.long, device=device)
@@ -179,8 +248,7 @@ class RotatingBufferCache:
             kv_seqlens = tuple(min(p + 1, N) for p in positions)
             step = tensor([active, [p % N for p in positions], kv_seqlens, positions])
             rows = None if active == list(range(len(active))) else step[0]
-            newest = tuple(p % N for p in positions)
-            mask = BlockMask((1,) * len(active), kv_seqlens, window, kv_padding=N, newest=newest)
+            mask = BlockMask((1,) * len(active), kv_seqlens, window, kv_padding=N)
             return CacheMetadata(N, step[3], mask, True, rows=rows, step=step)
 
         positions, write_src, write_dst = [], [], []
@@ -215,7 +283,8 @@ class RotatingBufferCache:
             self.seq_pos[b] += n
 
     def layer(self, i: int, meta: CacheMetadata) -> "CacheView":
-        return CacheView(self.cache_k[i], self.cache_v[i], meta)
+        n = self.k[i].shape[2]
+        return CacheView(self.k[i], self.v[i], meta if n == meta.slots else meta.narrower[n])
 
 
 class CacheView:

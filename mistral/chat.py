@@ -284,7 +284,8 @@ class Chat:
         most = args.window or self.limit
         if self.cache is None:
             self.cache = RotatingBufferCache(self.model.n_local_layers, 1, min(max(reach, 256), most), args.n_kv_heads,
-                                             args.head_dim, device=self.model.device, dtype=self.model.dtype)
+                                             args.head_dim, device=self.model.device, dtype=self.model.dtype,
+                                             windows=self.model.layer_windows)
         elif self.cache.slots < min(reach, most):
             if not self.cache.can_rewind(0):  # cannot happen: a row wraps only once its cache has the window's slots
                 raise AssertionError((self.cache.slots, self.cache.seq_pos))

@@ -94,5 +94,6 @@ class CompiledDecoder:
         slots = positions % N  # (B,): position p of a row lives in slot p % N
         seen = torch.clamp(positions + 1, max=N)  # (B,) valid slots once this token is written: they fill from 0 up
         mask = SlotMask((torch.arange(N, device=tokens.device) < seen[:, None])[:, None, None, :])  # (B, 1, 1, N)
-        h = model.blocks(h, freqs_cis, mask, [_SlotView(cache_k[i], cache_v[i], slots) for i in range(len(cache_k))])
+        views = [_SlotView(cache_k[i], cache_v[i], slots) for i in range(len(cache_k))]
+        h = model.blocks(h, freqs_cis, [mask] * len(views), views)
         return model.head(h)

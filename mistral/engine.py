@@ -83,7 +83,7 @@ class Engine:
         args = model.args
         self.model, self.eos_id, self.max_queue = model, eos_id, max_queue
         self.cache = RotatingBufferCache(model.n_local_layers, rows, slots, args.n_kv_heads, args.head_dim,
-                                         device=model.device, dtype=model.dtype)
+                                         device=model.device, dtype=model.dtype, windows=model.layer_windows)
         self.batch = Batch(model, self.cache, Runner(model), chunk_size, budget=budget or chunk_size, strict=False,
                            split=True)
         self.owners: list[Request | None] = [None] * rows
@@ -210,8 +210,7 @@ class Engine:
         row, request = self.batch.rows[b], self.owners[b]
         self.held[b] = [] if clear else (request.ids + row.generated)[: self.cache.seq_pos[b]]
         if clear:
-            self.cache.cache_k[:, b] = 0
-            self.cache.cache_v[:, b] = 0
+            self.cache.clear(b)
             self.cache.seq_pos[b] = 0
         self.owners[b] = self.batch.rows[b] = None
 

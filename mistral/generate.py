@@ -311,9 +311,7 @@ def _forget(cache: RotatingBufferCache, seen: list[int], seqlens: list[int]) -> 
     N = cache.slots
     for b, n in enumerate(seqlens):
         if n:
-            slots = sorted({p % N for p in range(seen[b] + max(n - N, 0), seen[b] + n)})
-            cache.cache_k[:, b, :, slots] = 0  # (L, Hkv, n, D)
-            cache.cache_v[:, b, :, slots] = 0
+            cache.clear(b, sorted({p % N for p in range(seen[b] + max(n - N, 0), seen[b] + n)}))
     cache.seq_pos[:] = seen
 
 
@@ -327,7 +325,7 @@ def _cache_for(model: Transformer, reach: list[int]) -> RotatingBufferCache:
         raise MistralError(f"{B} rows of up to {max(reach):,} positions need a cache of {gb(size)}, more than the "
                            f"{gb(free)} available: ask for fewer tokens or rows")
     return RotatingBufferCache(model.n_local_layers, B, slots, args.n_kv_heads, args.head_dim, device=model.device,
-                               dtype=model.dtype)
+                               dtype=model.dtype, windows=model.layer_windows)
 
 
 def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int]) -> RotatingBufferCache:

@@ -171,6 +171,9 @@ class Transformer(nn.Module):
         if S == 0:  # nothing to run: every row of the cache sits this step out
             return Step(input_ids, seqlens, None, None, cache, None, rows)
         if cache is not None:
+            if len(set(self.args.windows)) > 1 and cache.windows != self.layer_windows:
+                raise MistralError(f"this model's layers have windows of their own ({self.args.sliding_window}), and "
+                                   "each keeps a cache of its window: build the cache with windows=model.layer_windows")
             meta = cache.get_input_metadata(seqlens, self.args.window)
             return Step(input_ids, seqlens, meta.positions, meta.mask, cache, meta, rows)
         if any(n <= 0 for n in seqlens):
@@ -191,8 +194,12 @@ class Transformer(nn.Module):
             h = torch.empty(S, self.args.dim, device=self.device, dtype=self.dtype)
             dist.recv(h, src=self.pipeline_rank - 1)
         freqs_cis = precompute_freqs_cis(self.args.head_dim, step.positions, self.args.rope_theta)  # (S, D/2)
-        views = [None if cache is None else cache.layer(i, step.meta) for i in range(self.n_local_layers)]
-        h = self.blocks(h, freqs_cis, step.mask, views)
+        if cache is None:
+            views, masks = [None] * self.n_local_layers, self.layer_masks(step.mask)
+        else:  # each layer's cache has the step's metadata for its slots, the mask of its window among it
+            views = [cache.layer(i, step.meta) for i in range(self.n_local_layers)]
+            masks = [view.meta.mask for view in views]
+        h = self.blocks(h, freqs_cis, masks, views)
         if cache is not None:
             cache.advance(step.seqlens)
         if not self.is_last:
@@ -204,21 +211,23 @@ class Transformer(nn.Module):
             h = h[torch.tensor(step.rows, dtype=torch.long, device=h.device)]  # (R, dim)
         return self.head(h)  # (R, V)
 
-    def blocks(self, h: torch.Tensor, freqs_cis: torch.Tensor, mask: BlockMask | SlotMask,
+    def blocks(self, h: torch.Tensor, freqs_cis: torch.Tensor, masks: list[BlockMask | SlotMask],
                caches: list[CacheView | None]) -> torch.Tensor:
-        """h (S, dim) through this rank's layers, layer i reading and writing caches[i] (None: no cache). The
-        compiled decode step (mistral/compiled.py) runs the same loop with caches of its own."""
-        for layer, layer_mask, cache in zip(self.layers.values(), self.layer_masks(mask), caches, strict=True):
-            h = layer(h, freqs_cis, layer_mask, cache)
+        """h (S, dim) through this rank's layers, layer i under masks[i], reading and writing caches[i] (None: no
+        cache). The compiled decode step (mistral/compiled.py) runs the same loop with caches of its own."""
+        for layer, mask, cache in zip(self.layers.values(), masks, caches, strict=True):
+            h = layer(h, freqs_cis, mask, cache)
         return h
 
-    def layer_masks(self, mask: BlockMask | SlotMask) -> list[BlockMask | SlotMask]:
-        """The mask of each of this rank's layers: the step's, narrowed to the layer's own window where the model's
-        layers have windows of their own (the step's is the widest, which the cache holds). One mask per window, so
-        that the layers of a window share what it builds."""
-        windows = [self.args.windows[i] for i in self.layer_ids]
-        if isinstance(mask, SlotMask) or all(w == mask.window for w in windows):
-            return [mask] * len(windows)
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """The window of each of this rank's layers (None: full attention)."""
+        return [self.args.windows[i] for i in self.layer_ids]
+
+    def layer_masks(self, mask: BlockMask) -> list[BlockMask]:
+        """Without a cache: the mask of each of this rank's layers, the step's (of the widest window) narrowed to the
+        layer's own. One mask per window, so that the layers of a window share what it builds."""
+        windows = self.layer_windows
         narrowed = {w: mask if w == mask.window else dataclasses.replace(mask, window=w) for w in set(windows)}
         return [narrowed[w] for w in windows]
 

@@ -139,6 +139,15 @@ def test_a_conversation_past_the_window_goes_on_exactly(version, tokenizers, eve
     assert talk.cache.slots == 6 and talk.cache.seq_pos[0] > 4 * 6
 
 
+def test_turns_on_layers_with_windows_of_their_own_only_add_what_is_new(tokenizers, every_logit):
+    """A window per layer: the next turn needs no cut back, so it pre-fills only its new ids, though the narrower
+    layer's cache has wrapped."""
+    model, talk, rec = make("v7", tokenizers, window=[5, None])
+    for user in ["Hello there", "And then?", "Why so?"]:
+        check_turn(model, talk, rec, user)
+    assert not talk.cache.can_rewind(0) and [k.shape[2] for k in talk.cache.k] == [5, talk.cache.slots]
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 7])
 def test_turn_two_prefilled_in_chunks(chunk, tokenizers, every_logit):
     model, talk, rec = make("v3", tokenizers, window=7, max_tokens=5, chunk_size=chunk)
@@ -146,15 +155,16 @@ def test_turn_two_prefilled_in_chunks(chunk, tokenizers, every_logit):
     check_turn(model, talk, rec, "And then what happened?")
 
 
-@pytest.mark.parametrize("window", [None, 64, 6])
+@pytest.mark.parametrize("window", [None, 64, 6, [6, None], [6, 64]], ids=str)
 def test_a_system_prompt_that_moves_each_turn(window, tokenizers):
     """v3 puts the system prompt in the last user message, so each turn changes the one before: the cache is cut back
-    to where the ids differ (or, once it has wrapped, the whole conversation is pre-filled again), and stays exact."""
+    to where the ids differ (or, once it has wrapped, the whole conversation is pre-filled again), and stays exact.
+    With a window per layer, the narrower layer's cache wraps first."""
     model, talk, rec = make("v3", tokenizers, window=window, max_tokens=4)
     talk.system = "Answer in verse."
     turns = [check_turn(model, talk, rec, user, reuse=False) for user in ["Hello", "And then?", "Why?"]]
     whole = turns[2].context - len(turns[2].answer) - 1  # the third turn's conversation ids
-    if window == 6:  # wrapped: every turn reads the whole conversation again
+    if window == 6 or isinstance(window, list):  # wrapped: every turn reads the whole conversation again
         assert turns[2].prefilled == whole
     else:  # cut back to the previous user message, whose system prompt moved to the new one
         assert turns[2].prefilled < whole - len(turns[0].answer)

@@ -34,7 +34,8 @@ def packed(model: Transformer) -> torch.Tensor:
 def chunked(model: Transformer) -> torch.Tensor:
     """Feed SEQS through a rolling cache, row b taking CHUNKS[(step + b) % 5] tokens a step; packed-order logits."""
     window = model.args.window or max(SEQLENS)  # no window: the cache holds whole sequences
-    cache = RotatingBufferCache(model.n_local_layers, len(SEQS), window, model.args.n_kv_heads, model.args.head_dim)
+    cache = RotatingBufferCache(model.n_local_layers, len(SEQS), window, model.args.n_kv_heads, model.args.head_dim,
+                                windows=model.layer_windows)
     fed, outs, step = [0] * len(SEQS), [[] for _ in SEQS], 0
     with torch.no_grad():
         while any(f < len(s) for f, s in zip(fed, SEQS)):

@@ -30,7 +30,7 @@ def run_schedule(model, seqs, schedule, window=W, forward=None):
     model, unless said). Returns each sequence's logits, concatenated in packed order."""
     forward = forward or model
     cache = RotatingBufferCache(model.n_local_layers, len(seqs), window, model.args.n_kv_heads, model.args.head_dim,
-                                device=model.device)
+                                device=model.device, windows=model.layer_windows)
     fed, outs = [0] * len(seqs), [[] for _ in seqs]
     for step in range(10_000):
         lens = [min(schedule(b, step), len(s) - fed[b]) for b, s in enumerate(seqs)]
@@ -121,7 +121,7 @@ def test_decode_far_past_window_matches_oracle_every_step(name, cpu_ops, device)
     prompt = [2, 3]
     slots = W if model.args.window else 32
     cache = RotatingBufferCache(model.n_local_layers, 3, slots, model.args.n_kv_heads, model.args.head_dim,
-                                device=device)
+                                device=device, windows=model.layer_windows)
     forward = cpu_ops(model)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -318,3 +318,31 @@ def test_the_definition_imports_no_engine_and_no_weight_format():
     assert done.returncode == 0, done.stderr
     loaded = eval(done.stdout)
     assert not [m for m in loaded if m.startswith(("mistral.cpu", "mistral.quantize", "mistral.generate"))], loaded
+
+
+def test_each_layer_keeps_a_cache_of_its_own_window():
+    """windows [3, 5, 3, None]: layers of window 3 keep 3 slots, the others all N; a narrower layer wraps first, so a
+    row can go back only while it has not; growing leaves the narrow layers as they are, wrapped or not."""
+    args = tiny_params(n_layers=4, sliding_window=[3, 5, 3, None])
+    model = random_model(args)
+    cache = RotatingBufferCache(4, 2, 8, model.args.n_kv_heads, model.args.head_dim, windows=model.layer_windows)
+    assert [k.shape[2] for k in cache.k] == [3, 5, 3, 8] and sorted(cache.groups) == [3, 5, 8]
+    with torch.no_grad():
+        model(torch.arange(3), [3, 0], cache)
+        assert cache.can_rewind(0)
+        model(torch.tensor([4]), [1, 0], cache)
+    assert not cache.can_rewind(0) and cache.can_rewind(1)  # layers 0 and 2 wrapped at position 3
+    cache.grow(12)
+    assert [k.shape[2] for k in cache.k] == [3, 5, 3, 12]
+    seq = [7, 1, 9, 4, 30, 2, 5, 11, 60, 3]
+    with torch.no_grad():
+        got = model(torch.tensor(seq[4:]), [len(seq) - 4, 0], cache)
+    # The row went on from its 4 positions after the grow: the same logits as one pass over all of them.
+    torch.testing.assert_close(got, expected(model, [[0, 1, 2, 4] + seq[4:]])[4:])
+
+
+def test_a_cache_without_the_models_windows_is_refused():
+    model = random_model(tiny_params(sliding_window=[3, None]))
+    cache = RotatingBufferCache(2, 1, 16, model.args.n_kv_heads, model.args.head_dim)
+    with pytest.raises(MistralError, match=r"windows of their own \(\[3, None\]\).*windows=model.layer_windows"):
+        model(torch.tensor([1, 2]), [2], cache)

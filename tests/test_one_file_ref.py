@@ -32,7 +32,8 @@ def test_the_spec_and_the_package_give_the_same_logits(params, chunk):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (13, 3, 8)]
     W, args = model.args.window, model.args
-    cache = RotatingBufferCache(args.n_layers, len(prompts), W or 40, args.n_kv_heads, args.head_dim)
+    cache = RotatingBufferCache(args.n_layers, len(prompts), W or 40, args.n_kv_heads, args.head_dim,
+                                windows=model.layer_windows)
     # The package: every prompt packed in one step per chunk, then three decode steps of every row.
     ours: list[list[torch.Tensor]] = [[] for _ in prompts]
     fed = [0] * len(prompts)

@@ -503,3 +503,34 @@ def test_a_tokenizer_without_fim_tokens_gets_400_for_suffix(model):
         assert running.http("POST", "/v1/completions", {"prompt": "def f():", "max_tokens": 2})[0] == 200
     finally:
         running.close()
+
+
+def test_a_model_with_a_window_per_layer_serves_concurrent_requests_exactly(tokenizer):
+    """Layers of window 4 beside full attention: each layer's cache keeps its own slots, rows roll in the narrow
+    layers, and every answer (two at once, then a conversation sent again whole) is the cache-free greedy one."""
+    model = random_model(tiny_params(vocab_size=32768, sliding_window=[4, None]), seed=5)
+    running = Running(model, tokenizer, rows=2, slots=64)
+    try:
+        assert [k.shape[2] for k in running.engine.cache.k] == [4, 64]
+        asks = [[{"role": "user", "content": "Now is the winter of our discontent"}],
+                [{"role": "user", "content": "To be, or not to be"}]]
+        results = [None, None]
+
+        def ask(i):
+            results[i] = running.client.chat.completions.create(model="tiny", messages=asks[i], max_tokens=6,
+                                                                temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        again = asks[0] + [{"role": "assistant", "content": results[0].choices[0].message.content or "-"},
+                           {"role": "user", "content": "And then?"}]
+        results.append(running.client.chat.completions.create(model="tiny", messages=again, max_tokens=6,
+                                                               temperature=0))
+        for messages, r in zip(asks + [again], results):
+            want = _greedy(model, tokenizer.encode_chat(messages), 6, tokenizer.eos_id)
+            assert r.choices[0].message.content == tokenizer.decode([t for t in want if t != tokenizer.eos_id])
+    finally:
+        running.close()

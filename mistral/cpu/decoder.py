@@ -61,9 +61,6 @@ class CpuDecoder:
         self.model, self.plan, self.head = model, plan, head
         args = model.args
         self.window, self.eps, self.norm = args.window, args.norm_eps, model.norm.weight
-        # Each layer's own window where the layers' differ (the cache holds the widest): None where they are one.
-        own = [args.windows[i] for i in model.layer_ids]
-        self.windows = None if len(set(args.windows)) == 1 else [w or 0 for w in own]
         self.inv_freq = inverse_frequencies(args.head_dim, args.rope_theta, torch.device("cpu"))
         self.embed = model.tok_embeddings
 
@@ -95,16 +92,15 @@ class CpuDecoder:
         if cache is None or not 0 < M <= kernels.MAX_ROWS or any(n > 1 for n in seqlens) or sum(seqlens) != M:
             return None
         grad = torch.is_grad_enabled()
-        if not kernels.takes_cache(cache.cache_k, cache.cache_v) or (grad and self.plan.needs_grad):
+        if not all(kernels.takes_cache(k, v) for k, v in zip(cache.k, cache.v)) or (grad and self.plan.needs_grad):
             return None
         meta = cache.get_input_metadata(seqlens, self.window)
         h = self.embed(input_ids)  # (M, dim)
         if not kernels.takes_rows(h):
             return None
-        windows = None
-        if self.windows is not None:  # 0 for the layers that see every slot: those whose window the slots do not pass
-            windows = torch.tensor([w if w < cache.slots else 0 for w in self.windows], dtype=torch.int64)
-        h = kernels.blocks(h, self.plan, cache.cache_k, cache.cache_v, meta.step, self.inv_freq, windows)
+        # Each layer's step: that of its cache's slot count (a layer of a narrower window keeps fewer).
+        steps = [meta.step if k.shape[2] == meta.slots else meta.narrower[k.shape[2]].step for k in cache.k]
+        h = kernels.blocks(h, self.plan, cache.k, cache.v, steps, self.inv_freq)
         cache.advance(seqlens)
         if rows is not None:
             h = h[rows]

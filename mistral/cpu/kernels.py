@@ -91,7 +91,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     # Without argtypes, ctypes would pass Python ints as 32-bit C ints.
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.matvec.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 2
-    lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 3 + [i64] * 2 + [ptr] * 8 + [i64] * 8
+    lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 3 + [i64] * 2 + [ptr] * 8 + [i64] * 6
     lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
     lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.block_dequantize.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, ctypes.c_int]
@@ -334,40 +334,46 @@ def plan_blocks(layers: list[KernelLayer], eps: float, n_heads: int, n_kv_heads:
 
 
 def takes_cache(cache_k: torch.Tensor, cache_v: torch.Tensor) -> bool:
-    """The caches blocks() writes: fp32 on a CPU, rows as stored."""
+    """The caches blocks() writes (a layer's, or all of them): fp32 on a CPU, rows as stored."""
     return (cache_k.dtype == torch.float32 and cache_k.device.type == "cpu" and cache_k.is_contiguous()
             and cache_v.dtype == cache_k.dtype and cache_v.shape == cache_k.shape and cache_v.is_contiguous())
 
 
-def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor, cache_v: torch.Tensor, step: torch.Tensor,
-           inv_freq: torch.Tensor, windows: torch.Tensor | None = None) -> torch.Tensor:
+def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor | list[torch.Tensor],
+           cache_v: torch.Tensor | list[torch.Tensor], step: torch.Tensor | list[torch.Tensor],
+           inv_freq: torch.Tensor) -> torch.Tensor:
     """Transformer blocks at decode, one after another, in one call: for the plan's layers, each
         h = x + attention(rms_norm(x) * attention_norm);  x = h + ffn(rms_norm(h) * ffn_norm)
     and the last x is returned. x (M, dim) holds one new token per row. step (4, M) int64: each token's cache row, slot,
     valid length and position (CacheMetadata.step): its rotated key and its value go into its slot, then it attends to
     its row's first `length` slots. ffn is a SwiGLU feed-forward, or a mixture of experts computed as MoeLayer does
     (each token's top_k experts by router logit, weighted by the softmax of those logits, summed in increasing expert
-    order). cache_k, cache_v (L, B, Hkv, N, D), the layers' caches in order; inv_freq (D/2,) RoPE's frequencies, from
-    which the kernel computes each token's rotations at its position. windows (L,) int64: each layer's own window where
-    it is narrower than the N slots, else 0 (None: all 0); such a layer's token attends to the slots of its last
-    `window` positions only. Call where takes_rows(x), takes_cache and (with autograd on) not plan.needs_grad hold."""
-    (M, dim), (L, B, Hkv, N, D) = x.shape, cache_k.shape
+    order). cache_k, cache_v (L, B, Hkv, N, D), the layers' caches in order, or a list of each layer's (B, Hkv, N_l,
+    D) with a list of each layer's step (layers whose caches keep their own number of slots); inv_freq (D/2,) RoPE's
+    frequencies, from which the kernel computes each token's rotations at its position. Call where takes_rows(x),
+    takes_cache and (with autograd on) not plan.needs_grad hold."""
+    ks, vs = list(cache_k), list(cache_v)
+    steps = step if isinstance(step, list) else [step] * len(ks)
+    (M, dim), (B, Hkv, _, D), L = x.shape, ks[0].shape, len(ks)
     assert (L, dim, Hkv, D) == (plan.layers, plan.dim, plan.n_kv_heads, plan.head_dim), \
         f"the plan is for {plan.layers} layers of dim {plan.dim}, {plan.n_kv_heads} kv heads of {plan.head_dim}"
-    assert step.shape == (4, M) and step.dtype == torch.int64 and step.is_contiguous(), (step.shape, step.dtype)
+    assert len(vs) == len(steps) == L and all(k.shape == v.shape and k.shape[:2] == (B, Hkv) for k, v in zip(ks, vs))
+    assert all(t.shape == (4, M) and t.dtype == torch.int64 and t.is_contiguous() for t in steps), steps[0].shape
     assert inv_freq.shape == (D // 2,) and inv_freq.dtype == torch.float32, (inv_freq.shape, inv_freq.dtype)
-    if windows is not None:
-        assert windows.shape == (L,) and windows.dtype == torch.int64 and windows.is_contiguous(), windows
     H, hidden, E = plan.n_heads, plan.hidden, plan.experts
     x = x.contiguous()
     scratch = torch.empty(M * (4 * dim + (2 * H + 2 * Hkv + 1) * D + 3 * hidden + 2 * E))
     routing = torch.empty(E * (M + 1), dtype=torch.int64)
     out = torch.empty(M, dim)
     w = plan.weights
+
+    def pointers(ts):
+        return (ctypes.c_void_p * L)(*[t.data_ptr() for t in ts])
+
+    slots = (ctypes.c_int64 * L)(*[k.shape[2] for k in ks])
     load().blocks(w.type, L, x.data_ptr(), plan.norms, plan.eps, w.ws, w.ss, plan.routers, E, plan.top_k,
-                  cache_k.data_ptr(), cache_v.data_ptr(), step.data_ptr(),
-                  windows.data_ptr() if windows is not None else None, inv_freq.data_ptr(), scratch.data_ptr(),
-                  routing.data_ptr(), out.data_ptr(), M, dim, H, Hkv, D, B, N, hidden)
+                  pointers(ks), pointers(vs), pointers(steps), slots, inv_freq.data_ptr(), scratch.data_ptr(),
+                  routing.data_ptr(), out.data_ptr(), M, dim, H, Hkv, D, hidden)
     return out
 
 
