@@ -30,6 +30,9 @@ class BlockMask:
     # rolling cache itself, N slots a row), and only the first kv_len of those N slots are valid. Decode only:
     # slots are not in position order then, which is harmless because a single query sees every valid key.
     kv_padding: int | None = None
+    # Decode only: the slot of each row's newest key, so that a window narrower than the N slots (a layer's own, in
+    # a model whose layers have windows of their own) can tell which slots hold keys within it.
+    newest: tuple[int, ...] | None = None
 
     def __post_init__(self):
         assert len(self.q_seqlens) == len(self.kv_seqlens), (self.q_seqlens, self.kv_seqlens)
@@ -69,14 +72,23 @@ class BlockMask:
 
     def key_padding(self, device) -> torch.Tensor | None:
         """Padded decode: (B, 1, 1, L) bool, True on the first kv_len of each row's L = max(kv_len) slots;
-        None when every row has L keys. Built once per forward."""
+        None when every row has L keys. Built once per forward.
+
+        With a window W narrower than the N slots, only the slots of the last W positions are: the newest key's slot
+        and the W - 1 before it, counted back around the ring. N=6, newest slot 1, W=3: slots 1, 0, 5."""
         longest = max(self.kv_seqlens)
-        if min(self.kv_seqlens) == longest:
+        narrower = self.window is not None and self.window < self.kv_padding
+        if min(self.kv_seqlens) == longest and not narrower:
             return None
 
         def make():
             lengths = torch.tensor(self.kv_seqlens, device=device)
-            return (torch.arange(longest, device=device) < lengths[:, None])[:, None, None, :]
+            slots = torch.arange(longest, device=device)
+            valid = slots < lengths[:, None]  # (B, L)
+            if narrower:
+                newest = torch.tensor(self.newest, device=device)
+                valid &= (newest[:, None] - slots) % self.kv_padding < self.window  # steps back from the newest
+            return valid[:, None, None, :]
 
         return self.keep(("padding", str(device)), make)
 

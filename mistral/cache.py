@@ -15,6 +15,19 @@ share a buffer and the metadata of a step; each such group is a rolling cache as
     windows [4, 8] over 4 layers, N=8: layers 0 and 2 keep 4 slots (window 4), layers 1 and 3 keep 8 (window 8)
     after 10 positions: layers 0, 2 hold positions 6..9 in slots [2, 3, 0, 1]; layers 1, 3 hold 2..9
 
+Spare slots, for speculative decoding (mistral/speculate.py). A verified draft is a chunk of k + 1 positions on a row,
+of which only some are kept: the row is then rewound past the others. With N = W slots, each of those k + 1 writes
+overwrote a position that fell out of the window of *that* chunk's last query, but not out of the window of the
+queries still to come from the rewound row. With S spare slots, N = W + S and the mask still applying W, a rewind of
+up to S positions loses nothing any later query sees:
+
+    W=4, S=2, N=6: a row at 10 positions verifies 3 tokens (positions 10, 11, 12; slots 4, 5, 0) and keeps 1
+    slot 0 held position 6, overwritten by the rejected 12: the rewound row's next query, at 11, sees 8..11
+    with S=0 (N=4), position 12 would have gone to slot 0, which held 8: still in that query's window, lost
+
+A row may go back to any position it has seen while no slot of it was overwritten, and by up to S positions (from
+the furthest it reached) after. Decode then reads the slots of the last W positions only (BlockMask.newest).
+
 Letters: B batch rows, N slots per row, W the model's window, Hkv kv heads, D head_dim, S packed new tokens.
 """
 from dataclasses import dataclass, field
@@ -83,13 +96,17 @@ def slots_for(reach: int, window: int | None) -> int:
 class RotatingBufferCache:
     def __init__(self, n_layers: int, max_batch_size: int, slots: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 windows: list[int | None] | None = None):
-        """slots: N per row; the model's window W for a run that may go past it, fewer for one that never will.
-        windows: each layer's own window, for a model whose layers have their own (Transformer.layer_windows; None:
-        one window for every layer, the one get_input_metadata is given): a layer of window w keeps min(N, w)."""
-        assert slots > 0 and max_batch_size > 0, (slots, max_batch_size)
+                 windows: list[int | None] | None = None, spare: int = 0):
+        """slots: N per row; the model's window W for a run that may go past it, fewer for one that never will (with
+        spare slots, up to W + spare). windows: each layer's own window, for a model whose layers have their own
+        (Transformer.layer_windows; None: one window for every layer, the one get_input_metadata is given): a layer of
+        window w keeps min(N, w + spare). spare: slots beyond the window, so that a row can go back by that many
+        positions after it wrapped (speculative decoding's rejected drafts)."""
+        assert slots > 0 and max_batch_size > 0 and spare >= 0, (slots, max_batch_size, spare)
         assert windows is None or len(windows) == n_layers, (windows, n_layers)
         self.slots, self.windows = slots, None if windows is None or len(set(windows)) == 1 else list(windows)
+        self.spare = spare
+        self.reached = [0] * max_batch_size  # the most positions each row has written since it started
         self.max_batch_size, self.n_kv_heads, self.head_dim = max_batch_size, n_kv_heads, head_dim
         self.seq_pos = [0] * max_batch_size  # positions seen so far, per row
         self.n_layers = n_layers
@@ -99,7 +116,7 @@ class RotatingBufferCache:
         """Each layer's slots in a cache of `slots` per row: its window's, where narrower."""
         if self.windows is None:
             return [slots] * self.n_layers
-        return [slots if w is None else min(slots, w) for w in self.windows]
+        return [slots if w is None else min(slots, w + self.spare) for w in self.windows]
 
     def _allocate(self, device, dtype, old: tuple[list, list] | None = None) -> None:
         """The buffers: one (L_g, B, Hkv, N_g, D) pair per slot count N_g, and each layer's views into its own. With
@@ -160,10 +177,16 @@ class RotatingBufferCache:
     def reset(self) -> None:
         """Forget every sequence. The buffers are not cleared: no slot is read before it is written."""
         self.seq_pos = [0] * self.max_batch_size
+        self.reached = [0] * self.max_batch_size
+
+    def restart(self, row: int) -> None:
+        """Row `row` starts a new sequence."""
+        self.seq_pos[row] = self.reached[row] = 0
 
     def check_room(self, row: int, n_seen: int, window: int | None) -> None:
-        """Refuse to let row `row` reach n_seen positions if that would overwrite a key still in the model's window."""
-        if n_seen > self.slots and (window is None or self.slots < window):
+        """Refuse to let row `row` reach n_seen positions if that would overwrite a key still in the model's window (or
+        one a rewind by the spare slots would need again)."""
+        if n_seen > self.slots and (window is None or self.slots < window + self.spare):
             limit = "the model has no sliding window" if window is None else f"fewer than the window of {window}"
             raise MistralError(f"sequence {row} would reach {n_seen} positions but the cache holds {self.slots} "
                                f"({limit}): build or grow it to hold the longest sequence")
@@ -171,15 +194,18 @@ class RotatingBufferCache:
     def can_rewind(self, row: int) -> bool:
         """Whether row `row` still holds every position it has seen: it never wrapped, so no slot was overwritten (in
         any layer: a layer of a narrower window wraps first)."""
-        return self.seq_pos[row] <= min(self.groups)
+        return max(self.seq_pos[row], self.reached[row]) <= min(self.groups)
 
     def rewind(self, row: int, n_seen: int) -> None:
-        """Forget positions n_seen.. of row `row`, to continue it from there (a conversation taking another turn)."""
+        """Forget positions n_seen.. of row `row`, to continue it from there (a conversation taking another turn, a
+        rejected draft): to any position while it never wrapped, else by up to `spare` from the furthest it reached."""
         if not 0 <= n_seen <= self.seq_pos[row]:
             raise MistralError(f"cannot rewind row {row} to {n_seen} positions: it has seen {self.seq_pos[row]}")
-        if n_seen < self.seq_pos[row] and not self.can_rewind(row):
+        reached = max(self.seq_pos[row], self.reached[row])
+        if n_seen < self.seq_pos[row] and not self.can_rewind(row) and n_seen < reached - self.spare:
             raise MistralError(f"row {row} has wrapped around its {min(self.groups)} slots: positions before "
-                               f"{self.seq_pos[row] - min(self.groups)} are gone, so it cannot go back to {n_seen}")
+                               f"{reached - min(self.groups)} are gone, so it cannot go back to {n_seen}")
+        self.reached[row] = reached
         self.seq_pos[row] = n_seen
 
     def grow(self, slots: int) -> None:
@@ -195,9 +221,14 @@ class RotatingBufferCache:
         self.slots = slots
         self._allocate(some.device, some.dtype, old=old)
 
-    def get_input_metadata(self, seqlens: list[int], window: int | None) -> CacheMetadata:
+    def get_input_metadata(self, seqlens: list[int], window: int | None, per_token: bool = False) -> CacheMetadata:
         """Metadata for a step in which row b brings seqlens[b] new tokens (0: nothing this step), for a model whose
         sliding window is `window` (None: it has none, and attends to every earlier position).
+
+        per_token: the step as a decode step of one query per token, even where a row brings several (a verified
+        draft, on the CPU engine): every token's key is written first, then each query reads its row's slots of its
+        own last W positions. Exact where no token overwrites a slot an earlier one of its row still sees: the row
+        never wraps, or brings at most spare + 1 tokens (takes_per_token).
 
         Worked example, a window of 4 and N=4 slots, three rows that have seen seq_pos=[0, 6, 3] positions,
         seqlens=[5, 1, 2]:
@@ -218,22 +249,27 @@ class RotatingBufferCache:
         set: the new keys are written first, to the rows and slots held in `step`, and the mask is
         BlockMask(kv_padding=N) over the raw slots.
         """
-        meta = self._metadata(seqlens, window, self.slots)
+        meta = self._metadata(seqlens, window, self.slots, per_token)
         for n in self.groups:
-            if n < self.slots:  # a narrower layer's buffer: a rolling cache of its own window, n
-                meta.narrower[n] = self._metadata(seqlens, n, n)
+            if n < self.slots:  # a narrower layer's buffer: a rolling cache of its own window, n - spare
+                meta.narrower[n] = self._metadata(seqlens, n - self.spare, n, per_token)
         return meta
 
-    def _metadata(self, seqlens: list[int], window: int | None, N: int) -> CacheMetadata:
+    def takes_per_token(self, seqlens: list[int], window: int | None) -> bool:
+        """Whether a step of these seqlens can run per token (get_input_metadata's per_token)."""
+        return all(n <= 1 or n - 1 <= self.spare or window is None or self.slots < window for n in seqlens)
+
+    def _metadata(self, seqlens: list[int], window: int | None, N: int, per_token: bool = False) -> CacheMetadata:
         B = len(seqlens)
         if B > self.max_batch_size:
             raise MistralError(f"a batch of {B} sequences does not fit a cache built for {self.max_batch_size}; "
                                "pass a larger max_batch_size")
         if any(n < 0 for n in seqlens):
             raise MistralError(f"seqlens must be >= 0, got {seqlens}")
-        if window is not None and N > window:
-            raise MistralError(f"the cache has {N} slots per row but the model's window is {window}: "
-                               f"build it with at most {window}")
+        if window is not None and N > window + self.spare:
+            raise MistralError(f"the cache has {N} slots per row but the model's window is {window}"
+                               f"{f' (and {self.spare} spare)' if self.spare else ''}: build it with at most "
+                               f"{window + self.spare}")
         for b, n in enumerate(seqlens):
             if N == self.slots:
                 self.check_room(b, self.seq_pos[b] + n, window)
@@ -243,12 +279,14 @@ class RotatingBufferCache:
             return torch.tensor(xs, dtype=torch.long, device=device)
 
         active = [b for b, n in enumerate(seqlens) if n > 0]
-        if active and all(seqlens[b] == 1 for b in active):
-            positions = [self.seq_pos[b] for b in active]
+        if active and (per_token or all(seqlens[b] == 1 for b in active)):
+            entries = [(b, self.seq_pos[b] + j) for b in active for j in range(seqlens[b])]  # one per token
+            owners, positions = [b for b, _ in entries], [p for _, p in entries]
             kv_seqlens = tuple(min(p + 1, N) for p in positions)
-            step = tensor([active, [p % N for p in positions], kv_seqlens, positions])
-            rows = None if active == list(range(len(active))) else step[0]
-            mask = BlockMask((1,) * len(active), kv_seqlens, window, kv_padding=N)
+            step = tensor([owners, [p % N for p in positions], kv_seqlens, positions])
+            rows = None if owners == list(range(len(owners))) else step[0]
+            newest = tuple(p % N for p in positions)
+            mask = BlockMask((1,) * len(entries), kv_seqlens, window, kv_padding=N, newest=newest)
             return CacheMetadata(N, step[3], mask, True, rows=rows, step=step)
 
         positions, write_src, write_dst = [], [], []
@@ -281,6 +319,7 @@ class RotatingBufferCache:
         """Record that row b has now seen seqlens[b] more positions."""
         for b, n in enumerate(seqlens):
             self.seq_pos[b] += n
+            self.reached[b] = max(self.reached[b], self.seq_pos[b])
 
     def layer(self, i: int, meta: CacheMetadata) -> "CacheView":
         n = self.k[i].shape[2]

@@ -28,7 +28,7 @@ import torch
 
 from mistral.cache import RotatingBufferCache
 from mistral.errors import MistralError
-from mistral.generate import PREFILL_CHUNK, generate_ids
+from mistral.generate import PREFILL_CHUNK, check_speculate, generate_ids
 from mistral.model import Transformer
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
@@ -96,17 +96,19 @@ class Chat:
                  temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
                  top_k: int = SamplingParams.top_k, chunk_size: int | None = PREFILL_CHUNK,
                  generator: torch.Generator | None = None, context: int | None = None,
-                 tools: list[dict] | None = None):
+                 tools: list[dict] | None = None, speculate: int = 0):
         """chunk_size: the most tokens a turn pre-fills in one step (None: a turn's new ids in one step, whatever
         their number). context: the most ids a conversation holds, for a model without a sliding window (None:
-        DEFAULT_CONTEXT). tools: OpenAI's tool list, offered to the model at every turn (None: none)."""
+        DEFAULT_CONTEXT). tools: OpenAI's tool list, offered to the model at every turn (None: none). speculate: draft
+        tokens verified at once (mistral/speculate.py; 0: none), drafted from the turn's new ids and answer."""
+        check_speculate(speculate)
         check_options(max_tokens, temperature, top_p, top_k, chunk_size)
         if tools and tokenizer.tools_refusal:
             raise MistralError(tokenizer.tools_refusal)
         self.model, self.tokenizer = model, tokenizer
         self.tools = check_tools(tools) if tools else None
         self.options = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            chunk_size=chunk_size, generator=generator)
+                            chunk_size=chunk_size, generator=generator, speculate=speculate)
         self.limit = conversation_limit(model.args.window, max_tokens, context)  # None: no limit
         self.system: str | None = None
         self.turns: list[list[dict]] = []  # oldest first
@@ -281,11 +283,12 @@ class Chat:
     def _make_room(self, reach: int) -> None:
         """A cache with slots for `reach` positions, or the window's worth: grown in doublings, up to that."""
         args = self.model.args
-        most = args.window or self.limit
+        spare = self.options["speculate"] if args.window else 0  # where rows wrap: slots for drafts taken back
+        most = args.window + spare if args.window else self.limit
         if self.cache is None:
             self.cache = RotatingBufferCache(self.model.n_local_layers, 1, min(max(reach, 256), most), args.n_kv_heads,
                                              args.head_dim, device=self.model.device, dtype=self.model.dtype,
-                                             windows=self.model.layer_windows)
+                                             windows=self.model.layer_windows, spare=spare)
         elif self.cache.slots < min(reach, most):
             if not self.cache.can_rewind(0):  # cannot happen: a row wraps only once its cache has the window's slots
                 raise AssertionError((self.cache.slots, self.cache.seq_pos))

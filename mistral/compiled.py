@@ -71,8 +71,8 @@ class CompiledDecoder:
         """What model(input_ids, seqlens, cache, rows=rows) returns, for a step in which every row of this decoder's
         cache brings one token; None, with nothing done, for any other step."""
         B, N, window = self.cache.max_batch_size, self.cache.slots, self.model.args.window
-        if cache is not self.cache or list(seqlens) != [1] * B or cache.cache_k.shape[3] != N:
-            return None
+        if cache is not self.cache or list(seqlens) != [1] * B or cache.cache_k.shape[3] != N or cache.spare:
+            return None  # (spare slots: decode reads only some of a row's, which its mask does not say)
         if window is not None and N > window:  # as get_input_metadata refuses it
             return None
         for b, n in enumerate(cache.seq_pos):

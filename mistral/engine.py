@@ -211,7 +211,7 @@ class Engine:
         self.held[b] = [] if clear else (request.ids + row.generated)[: self.cache.seq_pos[b]]
         if clear:
             self.cache.clear(b)
-            self.cache.seq_pos[b] = 0
+            self.cache.restart(b)
         self.owners[b] = self.batch.rows[b] = None
 
     def _fail_step(self, reason: str) -> None:
@@ -243,7 +243,7 @@ class Engine:
                 if self.cache.can_rewind(b):
                     self.cache.rewind(b, kept)
                 else:
-                    self.cache.seq_pos[b] = 0  # a new sequence: no slot is read before it is written again
+                    self.cache.restart(b)  # a new sequence: no slot is read before it is written again
             request.cached, request.row = kept, row
             self.batch.rows[b], self.owners[b] = row, request
             self.used[b] = next(_ids)

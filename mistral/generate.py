@@ -19,7 +19,8 @@ from mistral.errors import MistralError
 from mistral.memory import gb, memory_available
 from mistral.model import Transformer
 from mistral.runners import Runner
-from mistral.sampling import SamplingParams, check_options, sample
+from mistral.sampling import SamplingParams, check_options, probabilities, sample
+from mistral.speculate import Drafter, accept_sampled
 from mistral.tokenizer import Tokenizer
 
 NEW = -1  # the target of a position whose logits sample a new token, rather than score a known one
@@ -29,6 +30,7 @@ NEW = -1  # the target of a position whose logits sample a new token, rather tha
 # assumes of a prompt (main.py's TYPICAL_PROMPT) holds whatever the prompt's length. A library caller of
 # generate_ids chooses for itself: chunk_size=None pre-fills each prompt in one step.
 PREFILL_CHUNK = 512
+MAX_SPECULATE = 15  # draft tokens a row may verify at once: with its last token, the 16 rows the CPU kernels take
 
 
 class Row:
@@ -44,11 +46,15 @@ class Row:
     Each row picks its tokens its own way (sampling, generator: rows that share both are sampled together, in one
     draw), and may ask for the top_logprobs most likely tokens at each token it samples, or (score_prompt) for the
     log-probability of each prompt token after its first.
+
+    With speculate K, a decoding row drafts up to K tokens from its own text (mistral/speculate.py) and feeds them
+    after its last token: step 4 above might feed [g1 d1 d2] and keep g2 = d1 and then g3, the model's own, where
+    it disagrees with d2.
     """
 
     def __init__(self, prompt: list[int], max_tokens: int, eos_id: int | None = None,
                  sampling: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                 top_logprobs: int = 0, score_prompt: bool = False):
+                 top_logprobs: int = 0, score_prompt: bool = False, speculate: int = 0):
         self.prompt, self.max_tokens, self.eos_id = prompt, max_tokens, eos_id
         self.sampling, self.generator, self.top_logprobs, self.score_prompt = (sampling, generator, top_logprobs,
                                                                                score_prompt)
@@ -58,6 +64,9 @@ class Row:
         self.top: list[list[tuple[int, float]]] = []  # with top_logprobs: (token, logprob) pairs of each sampled one
         self.finished = max_tokens == 0
         self.failed: str | None = None  # why the row was stopped by its own broken numbers (Batch(strict=False))
+        self.drafter = Drafter(prompt, speculate) if speculate else None
+        self.draft: list[int] = []  # the tokens drafted for the step under way, fed after the last generated one
+        self.drafted = self.accepted = 0  # draft tokens fed and kept, over the whole row
 
     @property
     def prefilling(self) -> bool:
@@ -78,7 +87,9 @@ class Row:
             self.fed += len(chunk)
             return chunk, nexts
         if not self.finished:
-            return self.generated[-1:], [NEW]
+            # No draft past what the row may still generate: the last token it keeps is never fed.
+            self.draft = self.drafter.draft(self.max_tokens - len(self.generated) - 1) if self.drafter else []
+            return self.generated[-1:] + self.draft, [NEW] * (1 + len(self.draft))
         return [], []
 
     def take(self, token: int, logprob: float, new: bool, top: list[tuple[int, float]] | None = None) -> None:
@@ -86,6 +97,8 @@ class Row:
         self.logprobs.append(logprob)
         if new:
             self.generated.append(token)
+            if self.drafter is not None:
+                self.drafter.extend([token])
             if top is not None:
                 self.top.append(top)
             self.finished = token == self.eos_id or len(self.generated) == self.max_tokens
@@ -130,7 +143,7 @@ def plan_step(rows: list[Row | None], chunk_size: int | None, prompt_logprobs: b
             left = max(left - whole, 0) if limit else left
         chunk, nexts = row.feed(limit) if row is not None else ([], [])
         if not (prompt_logprobs or (row is not None and row.score_prompt)):
-            nexts = [NEW] if nexts and nexts[-1] == NEW else []
+            nexts = [t for t in nexts if t == NEW]  # the last prompt token's, or a decoding row's (with its draft)
             first = len(plan.inputs) + len(chunk) - len(nexts)
         else:
             first = len(plan.inputs)
@@ -148,8 +161,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                  top_k: int = SamplingParams.top_k, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
                  cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
-                 engine: bool = True,
-                 compiled: CompiledDecoder | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 engine: bool = True, compiled: CompiledDecoder | None = None,
+                 speculate: int = 0) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first
@@ -165,6 +178,10 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     fewer. engine=False runs every step on the model, in torch. compiled: the decode steps every row of its cache
     takes (pass that cache too) run as its one compiled graph (mistral/compiled.py), the others as without it.
 
+    speculate K > 0: each decoding row drafts up to K tokens from its own prompt and output and the model verifies
+    them in the same step (mistral/speculate.py): greedy, the same ids as without; sampling, the same distribution. A
+    cache given for it needs K spare slots where a row may wrap (RotatingBufferCache(spare=K)).
+
     A step that raises (in its forward, on whatever runs it, or on non-finite logits; Ctrl-C included) is not counted:
     the exception propagates, and each row's cache.seq_pos is what it was before that step, so it counts exactly the
     positions of the steps that completed, whose tokens were taken. The slots the failed step may have written are
@@ -177,6 +194,7 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     pre-fill it again. Rows that fed nothing in the failed step are untouched.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    check_speculate(speculate)
     if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
         raise MistralError(f"prompts must be a list of lists of token ids, got {type(prompts).__name__}")
     if not prompts:
@@ -188,10 +206,10 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                            f"{model.max_batch_size}; pass a larger max_batch_size")
     # The positions each row will have fed: its prompt and every generated token but the last.
     reach = [len(p) + max(max_tokens - 1, 0) for p in prompts]
-    cache = _cache_for(model, reach) if cache is None else _checked(cache, model, reach)
+    cache = _cache_for(model, reach, speculate) if cache is None else _checked(cache, model, reach, speculate)
     sampling = SamplingParams(temperature, top_p, top_k)
     batch = Batch(model, cache, Runner(model, engine, compiled), chunk_size, prompt_logprobs=prompt_logprobs)
-    batch.rows = [Row(p, max_tokens, eos_id, sampling, generator) for p in prompts]
+    batch.rows = [Row(p, max_tokens, eos_id, sampling, generator, speculate=speculate) for p in prompts]
     while batch.step(on_token):
         pass
     return [row.generated for row in batch.rows], [row.logprobs for row in batch.rows]
@@ -243,11 +261,24 @@ class Batch:
         for b in broken:
             self.rows[b].failed = str(_non_finite(self.model))
             self.rows[b].finished = True
+        new = [0] * len(plan.seqlens)  # the tokens each row generated in this step
         for b, tok, lp, top, target in zip(plan.owners, tokens, lps, tops, plan.targets):
-            if b not in broken:
-                self.rows[b].take(tok, lp, target == NEW, top)
-                if target == NEW and on_token is not None:
-                    on_token(b, tok)
+            row = self.rows[b]
+            if b in broken or target == NEW and (row.finished or new[b] and row.draft[new[b] - 1] != row.generated[-1]):
+                continue  # past the first token its draft did not foresee (or past the row's end): dropped
+            row.take(tok, lp, target == NEW, top)
+            new[b] += target == NEW
+            if target == NEW and on_token is not None:
+                on_token(b, tok)
+        for b, n in enumerate(new):
+            row = self.rows[b]
+            if row is not None and row.draft and b not in broken:
+                # The last token and the draft went in: the positions after the n kept are taken back.
+                self.cache.rewind(b, seen[b] + n)
+                accepted = min(n - 1, len(row.draft))  # the draft tokens the model agreed with
+                row.drafter.verified(len(row.draft), accepted)
+                row.drafted, row.accepted = row.drafted + len(row.draft), row.accepted + accepted
+                row.draft = []
 
 
 def _split(plan: Plan) -> list[Plan]:
@@ -315,23 +346,43 @@ def _forget(cache: RotatingBufferCache, seen: list[int], seqlens: list[int]) -> 
     cache.seq_pos[:] = seen
 
 
-def _cache_for(model: Transformer, reach: list[int]) -> RotatingBufferCache:
+def check_speculate(speculate: int) -> None:
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or not 0 <= speculate <= MAX_SPECULATE:
+        raise MistralError(f"speculate must be a whole number of draft tokens from 0 (off) to {MAX_SPECULATE}, "
+                           f"got {speculate!r}")
+
+
+def spare_for(model: Transformer, reach: int, speculate: int) -> int:
+    """The spare slots a cache needs for drafts of up to `speculate` tokens on rows reaching `reach` positions: as
+    many, where a row may wrap around the window; none where it never does."""
+    window = model.args.window
+    return speculate if window is not None and reach > window else 0
+
+
+def _cache_for(model: Transformer, reach: list[int], speculate: int = 0) -> RotatingBufferCache:
     """A cache for rows that will reach these many positions, after checking that it fits in memory."""
     args, B = model.args, len(reach)
-    slots = slots_for(max(reach), args.window)
+    spare = spare_for(model, max(reach), speculate)
+    slots = slots_for(max(reach), args.window) + spare
     size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
     free = memory_available(model.device)
     if size > free:
         raise MistralError(f"{B} rows of up to {max(reach):,} positions need a cache of {gb(size)}, more than the "
                            f"{gb(free)} available: ask for fewer tokens or rows")
     return RotatingBufferCache(model.n_local_layers, B, slots, args.n_kv_heads, args.head_dim, device=model.device,
-                               dtype=model.dtype, windows=model.layer_windows)
+                               dtype=model.dtype, windows=model.layer_windows, spare=spare)
 
 
-def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int]) -> RotatingBufferCache:
-    """The caller's cache, after checking that each row can go on for `reach` more positions."""
+def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int], speculate: int = 0
+             ) -> RotatingBufferCache:
+    """The caller's cache, after checking that each row can go on for `reach` more positions (and take back drafts of
+    `speculate` tokens)."""
     if len(reach) > cache.max_batch_size:
         raise MistralError(f"{len(reach)} prompts but the cache has {cache.max_batch_size} rows")
+    window = model.args.window
+    if speculate > cache.spare and window is not None and cache.slots >= window:
+        raise MistralError(f"speculate={speculate} needs that many spare slots in a cache whose rows wrap around the "
+                           f"window; this one has {cache.spare}: build it with RotatingBufferCache(spare={speculate})")
     for b, n in enumerate(reach):
         cache.check_room(b, cache.seq_pos[b] + n, model.args.window)
     return cache
@@ -348,8 +399,11 @@ def _pick(logits: torch.Tensor, targets: list[int], owners: list[Row], runner: R
     if picked is not None:
         return picked
     draws: dict[tuple, list[int]] = {}  # (sampling, generator) -> the positions it samples
+    drafts: dict[int, list[int]] = {}  # a sampling row with a draft -> its positions, verified together
     for r, (row, new) in enumerate(zip(owners, to_sample)):
-        if new:
+        if new and row.draft and row.sampling.temperature >= torch.finfo(torch.float32).tiny:
+            drafts.setdefault(id(row), []).append(r)
+        elif new:
             draws.setdefault((row.sampling, id(row.generator)), []).append(r)
     if not greedy and not torch.isfinite(logits).all():  # sampling would fail on them, less clearly
         raise _non_finite(model)
@@ -361,6 +415,12 @@ def _pick(logits: torch.Tensor, targets: list[int], owners: list[Row], runner: R
         else:
             index = torch.tensor(at, device=logits.device)
             tokens[index] = sample(logits[index], params.temperature, params.top_p, params.top_k, generator)
+    for at in drafts.values():
+        row, params = owners[at[0]], owners[at[0]].sampling
+        kept = accept_sampled(probabilities(logits[at], params.temperature, params.top_p, params.top_k), row.draft,
+                              row.generator)
+        tokens[at] = 0  # the positions after the first the draft did not foresee: dropped
+        tokens[at[: len(kept)]] = torch.tensor(kept, device=logits.device)
     return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (R,)
 
 

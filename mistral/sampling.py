@@ -66,3 +66,18 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return sample_top_p(torch.softmax(logits.float(), dim=-1), top_p, generator)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """logits (N, V) -> (N, V): the distribution sample() draws from at a temperature above 0, as probabilities: the
+    softmax at that temperature, cut to the top_k most likely tokens, then to the smallest set whose probability
+    reaches top_p, renormalised. What speculative sampling (mistral/speculate.py) weighs a draft token by."""
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+    drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+    drop[:, 0] = False
+    kept = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return kept / kept.sum(dim=-1, keepdim=True)

@@ -93,7 +93,7 @@ def test_decode_metadata_reads_slots_in_place():
     assert meta.positions.tolist() == [2, 4]
     assert [t.tolist() for t in meta.write_at] == [[0, 2], [2, 0]]  # (rows, slots) of the new keys
     assert meta.rows.tolist() == [0, 2]
-    assert meta.mask == BlockMask((1, 1), (3, 4), 4, kv_padding=4)
+    assert meta.mask == BlockMask((1, 1), (3, 4), 4, kv_padding=4, newest=(2, 0))
 
 
 def _reference_memory_efficient_attention(q, k, v, attn_bias):

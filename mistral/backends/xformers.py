@@ -125,6 +125,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
     S, H, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv  # query heads per kv head
+    if mask.kv_padding is not None and mask.window is not None and mask.window < mask.kv_padding:
+        return None  # a layer's window narrower than the slots: its slots are not a prefix of the row (SDPA's mask)
     if mask.kv_padding is not None:
         # Decode over the cache rows as stored, (B, Hkv, N, D): as on the SDPA path, the G query heads that share a
         # kv head become G queries of one head, and every (row, kv head) pair is a block of N slots. Both reshapes

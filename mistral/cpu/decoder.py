@@ -89,18 +89,24 @@ class CpuDecoder:
         """What model(input_ids, seqlens, cache, rows=rows) returns, for a step in which every row of the cache that
         brings anything brings one token (decode), all in C. None, with nothing done, for a step it does not take."""
         M = input_ids.shape[0]
-        if cache is None or not 0 < M <= kernels.MAX_ROWS or any(n > 1 for n in seqlens) or sum(seqlens) != M:
+        if cache is None or not 0 < M <= kernels.MAX_ROWS or sum(seqlens) != M:
+            return None
+        # Rows of several tokens (verified drafts) run as one query per token, on a cache with spare slots for them.
+        per_token = any(n > 1 for n in seqlens)
+        if per_token and not (cache.spare and cache.takes_per_token(seqlens, self.window)):
             return None
         grad = torch.is_grad_enabled()
         if not all(kernels.takes_cache(k, v) for k, v in zip(cache.k, cache.v)) or (grad and self.plan.needs_grad):
             return None
-        meta = cache.get_input_metadata(seqlens, self.window)
+        meta = cache.get_input_metadata(seqlens, self.window, per_token)
         h = self.embed(input_ids)  # (M, dim)
         if not kernels.takes_rows(h):
             return None
-        # Each layer's step: that of its cache's slot count (a layer of a narrower window keeps fewer).
-        steps = [meta.step if k.shape[2] == meta.slots else meta.narrower[k.shape[2]].step for k in cache.k]
-        h = kernels.blocks(h, self.plan, cache.k, cache.v, steps, self.inv_freq)
+        # Each layer's step: that of its cache's slot count (a layer of a narrower window keeps fewer); and its window
+        # where its slots are more (spare slots): its queries read the slots of their last `window` positions.
+        metas = [meta if k.shape[2] == meta.slots else meta.narrower[k.shape[2]] for k in cache.k]
+        windows = [m.mask.window if m.mask.window is not None and m.mask.window < m.slots else 0 for m in metas]
+        h = kernels.blocks(h, self.plan, cache.k, cache.v, [m.step for m in metas], self.inv_freq, windows)
         cache.advance(seqlens)
         if rows is not None:
             h = h[rows]

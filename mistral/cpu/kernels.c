@@ -1105,29 +1105,33 @@ INLINE void rotate(float *x, const float *cs, int64_t D) {
     }
 }
 
-/* Query heads h0 .. h0 + G - 1 (D each) against the first len slots of k and v (P slots of D): out (G, D). */
-static void attend(const float *q, const float *k, const float *v, int64_t len, float *out, int64_t G, int64_t D,
-                   float scale) {
+/* Query heads h0 .. h0 + G - 1 (D each) against slots [lo, hi) and [lo2, hi2) of k and v (P slots of D, the second
+range empty but where a window wraps around the ring): out (G, D). */
+static void attend(const float *q, const float *k, const float *v, int64_t lo, int64_t hi, int64_t lo2, int64_t hi2,
+                   float *out, int64_t G, int64_t D, float scale) {
     for (int64_t h = 0; h < G; h++) {
         const float *qh = q + h * D;
         float *o = out + h * D, s[KEY_BLOCK], max = -INFINITY, sum = 0;
         for (int64_t d = 0; d < D; d++) o[d] = 0;
-        for (int64_t j0 = 0; j0 < len; j0 += KEY_BLOCK) {
-            const int64_t nj = len - j0 < KEY_BLOCK ? len - j0 : KEY_BLOCK;
-            float block_max = -INFINITY;
-            for (int64_t j = 0; j < nj; j++) {
-                s[j] = dot(qh, k + (j0 + j) * D, D) * scale;
-                block_max = s[j] > block_max ? s[j] : block_max;
+        for (int r = 0; r < 2; r++) {
+            const int64_t a = r ? lo2 : lo, b = r ? hi2 : hi;
+            for (int64_t j0 = a; j0 < b; j0 += KEY_BLOCK) {
+                const int64_t nj = b - j0 < KEY_BLOCK ? b - j0 : KEY_BLOCK;
+                float block_max = -INFINITY;
+                for (int64_t j = 0; j < nj; j++) {
+                    s[j] = dot(qh, k + (j0 + j) * D, D) * scale;
+                    block_max = s[j] > block_max ? s[j] : block_max;
+                }
+                const float new_max = block_max > max ? block_max : max, rescale = expf(max - new_max);
+                sum *= rescale;
+                for (int64_t d = 0; d < D; d++) o[d] *= rescale;
+                for (int64_t j = 0; j < nj; j++) {
+                    const float p = expf(s[j] - new_max), *vj = v + (j0 + j) * D;
+                    sum += p;
+                    for (int64_t d = 0; d < D; d++) o[d] += p * vj[d];
+                }
+                max = new_max;
             }
-            const float new_max = block_max > max ? block_max : max, rescale = expf(max - new_max);
-            sum *= rescale;
-            for (int64_t d = 0; d < D; d++) o[d] *= rescale;
-            for (int64_t j = 0; j < nj; j++) {
-                const float p = expf(s[j] - new_max), *vj = v + (j0 + j) * D;
-                sum += p;
-                for (int64_t d = 0; d < D; d++) o[d] += p * vj[d];
-            }
-            max = new_max;
         }
         for (int64_t d = 0; d < D; d++) o[d] /= sum;
     }
@@ -1146,11 +1150,13 @@ static void rope_table(const int64_t *positions, const float *inv_freq, float *r
 
 /* The phases, for the threads of an enclosing parallel region. w and s: wq, wk, wv, wo and their scales (int8
 only, else NULL). rope (M, D/2, 2): cos and sin of each token's angles. qkv (M, (H + 2 Hkv) D) and heads (M, H D):
-scratch. out (M, dim). */
+scratch. out (M, dim). window: this layer's, where narrower than its W slots (a cache with spare slots; 0: it sees
+every valid slot); a query then sees the slots of its last `window` positions only, counted back from its own around
+the ring: W=6, slot 1 newest, window 3: slots 0..1 and 5. */
 static void attention_phases(enum wtype t, const float *x, const void *const *w, const float *const *s,
                              float *cache_k, float *cache_v, const int64_t *step, const float *rope, float *qkv,
                              float *heads, float *out, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D,
-                             int64_t W) {
+                             int64_t W, int64_t window) {
     const int64_t nq = H * D, nk = Hkv * D, N = nq + 2 * nk, G = H / Hkv;
     const int64_t *rows = step, *slots = step + M, *lengths = step + 2 * M;
     const stack st_qkv = {{w[0], w[1], w[2]}, {s[0], s[1], s[2]}, {nq, nk, nk}}, st_o = {{w[3]}, {s[3]}, {dim}};
@@ -1169,8 +1175,13 @@ static void attention_phases(enum wtype t, const float *x, const void *const *w,
     #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * Hkv; i++) {  /* (token, kv head): its G query heads share the keys */
         const int64_t m = i / Hkv, g = i % Hkv, at = (rows[m] * Hkv + g) * W * D;
-        attend(qkv + m * N + g * G * D, cache_k + at, cache_v + at, lengths[m], heads + m * nq + g * G * D, G, D,
-               1 / sqrtf((float)D));
+        int64_t lo = 0, hi = lengths[m], lo2 = 0, hi2 = 0;
+        if (window > 0 && window < lengths[m]) {
+            lo = slots[m] + 1 - window, hi = slots[m] + 1;
+            if (lo < 0) lo2 = W + lo, hi2 = W, lo = 0;  /* the window wraps: its oldest slots are the ring's last */
+        }
+        attend(qkv + m * N + g * G * D, cache_k + at, cache_v + at, lo, hi, lo2, hi2, heads + m * nq + g * G * D, G,
+               D, 1 / sqrtf((float)D));
     }
     products(heads, st_o, out, M, nq, t);
 }
@@ -1270,15 +1281,16 @@ norms: attention_norm and ffn_norm of each layer, 2 L pointers to dim floats. w 
 and then w1, w3, w2 of each expert (one for a dense FFN, E = 1), 4 + 3 E pointers a layer, and their scales.
 routers: NULL for dense layers, else L pointers to (E, dim) fp32. cache_k, cache_v: L pointers each, layer l's
 cache (B, Hkv, slots[l], D); steps: L pointers, the step of layer l's cache (4, M), as attention_phases takes it
-(layers whose caches keep as many slots share one; the positions, its last row, are every layer's). y (M, dim) carries the running x from layer to layer and ends as the last layer's output (x
-is not written). inv_freq (D/2): RoPE's frequencies, from which each token's rotations are computed once for all
-layers. scratch: M (4 dim + (2 H + 2 Hkv + 1) D + 3 hidden + 2 E) floats; routing: E (M + 1) int64. The rest as
+(layers whose caches keep as many slots share one; the positions, its last row, are every layer's); windows: L, layer
+l's window where narrower than its slots (spare slots kept for speculation), else 0. y (M, dim) carries the running
+x from layer to layer and ends as the last layer's output (x is not written). inv_freq (D/2): RoPE's frequencies, from
+which each token's rotations are computed once for all layers. scratch: M (4 dim + (2 H + 2 Hkv + 1) D + 3 hidden + 2 E) floats; routing: E (M + 1) int64. The rest as
 for attention_phases. */
 void blocks(int type, int64_t L, const float *x, const float *const *norms, float eps, const void *const *w,
             const float *const *s, const float *const *routers, int64_t E, int64_t K, float *const *cache_k,
-            float *const *cache_v, const int64_t *const *steps, const int64_t *slots, const float *inv_freq,
-            float *scratch, int64_t *routing, float *y, int64_t M, int64_t dim, int64_t H, int64_t Hkv, int64_t D,
-            int64_t hidden) {
+            float *const *cache_v, const int64_t *const *steps, const int64_t *slots, const int64_t *windows,
+            const float *inv_freq, float *scratch, int64_t *routing, float *y, int64_t M, int64_t dim, int64_t H,
+            int64_t Hkv, int64_t D, int64_t hidden) {
     const enum wtype t = (enum wtype)type;
     const int64_t P = 4 + 3 * E;  /* pointers of a layer */
     float *xn = scratch, *out = xn + M * dim, *qkv = out + M * dim, *heads = qkv + M * (H + 2 * Hkv) * D;
@@ -1291,7 +1303,7 @@ void blocks(int type, int64_t L, const float *x, const float *const *norms, floa
         #pragma omp single
         rms_norm_f32(in, norms[2 * l], xn, M, dim, eps);
         attention_phases(t, xn, w + P * l, s + P * l, cache_k[l], cache_v[l], steps[l], rope, qkv, heads, out, M, dim,
-                         H, Hkv, D, slots[l]);
+                         H, Hkv, D, slots[l], windows[l]);
         #pragma omp single
         {
             for (int64_t i = 0; i < M * dim; i++) y[i] = in[i] + out[i];

@@ -91,7 +91,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     # Without argtypes, ctypes would pass Python ints as 32-bit C ints.
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.matvec.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 2
-    lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 3 + [i64] * 2 + [ptr] * 8 + [i64] * 6
+    lib.blocks.argtypes = [ctypes.c_int, i64] + [ptr] * 2 + [f32] + [ptr] * 3 + [i64] * 2 + [ptr] * 9 + [i64] * 6
     lib.rms_norm_f32.argtypes = [ptr] * 3 + [i64] * 2 + [f32]
     lib.greedy.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.block_dequantize.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, ctypes.c_int]
@@ -341,7 +341,7 @@ def takes_cache(cache_k: torch.Tensor, cache_v: torch.Tensor) -> bool:
 
 def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor | list[torch.Tensor],
            cache_v: torch.Tensor | list[torch.Tensor], step: torch.Tensor | list[torch.Tensor],
-           inv_freq: torch.Tensor) -> torch.Tensor:
+           inv_freq: torch.Tensor, windows: list[int] | None = None) -> torch.Tensor:
     """Transformer blocks at decode, one after another, in one call: for the plan's layers, each
         h = x + attention(rms_norm(x) * attention_norm);  x = h + ffn(rms_norm(h) * ffn_norm)
     and the last x is returned. x (M, dim) holds one new token per row. step (4, M) int64: each token's cache row, slot,
@@ -350,8 +350,10 @@ def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor | list[torch
     (each token's top_k experts by router logit, weighted by the softmax of those logits, summed in increasing expert
     order). cache_k, cache_v (L, B, Hkv, N, D), the layers' caches in order, or a list of each layer's (B, Hkv, N_l,
     D) with a list of each layer's step (layers whose caches keep their own number of slots); inv_freq (D/2,) RoPE's
-    frequencies, from which the kernel computes each token's rotations at its position. Call where takes_rows(x),
-    takes_cache and (with autograd on) not plan.needs_grad hold."""
+    frequencies, from which the kernel computes each token's rotations at its position. windows: each layer's window
+    where narrower than its slots (a cache with spare slots), else 0 (None: all 0); such a layer's token attends to the
+    slots of its last `window` positions only. Call where takes_rows(x), takes_cache and (with autograd on) not
+    plan.needs_grad hold."""
     ks, vs = list(cache_k), list(cache_v)
     steps = step if isinstance(step, list) else [step] * len(ks)
     (M, dim), (B, Hkv, _, D), L = x.shape, ks[0].shape, len(ks)
@@ -371,8 +373,9 @@ def blocks(x: torch.Tensor, plan: BlocksPlan, cache_k: torch.Tensor | list[torch
         return (ctypes.c_void_p * L)(*[t.data_ptr() for t in ts])
 
     slots = (ctypes.c_int64 * L)(*[k.shape[2] for k in ks])
+    narrower = (ctypes.c_int64 * L)(*(windows or [0] * L))
     load().blocks(w.type, L, x.data_ptr(), plan.norms, plan.eps, w.ws, w.ss, plan.routers, E, plan.top_k,
-                  pointers(ks), pointers(vs), pointers(steps), slots, inv_freq.data_ptr(), scratch.data_ptr(),
+                  pointers(ks), pointers(vs), pointers(steps), slots, narrower, inv_freq.data_ptr(), scratch.data_ptr(),
                   routing.data_ptr(), out.data_ptr(), M, dim, H, Hkv, D, hidden)
     return out
 

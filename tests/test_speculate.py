@@ -1,0 +1,182 @@
+"""Speculative decoding from the prompt (mistral/speculate.py): greedy ids exactly those of plain decoding on every
+path, over runs that wrap the rolling cache many times; drafts all rejected, all accepted, and ended by EOS or
+max_tokens; chat turns after speculative ones; and sampling's distribution against plain sampling's (chi-square)."""
+import math
+
+import pytest
+import torch
+from helpers import random_model, tiny_params
+
+from mistral import speculate
+from mistral.cache import RotatingBufferCache
+from mistral.chat import Chat
+from mistral.errors import MistralError
+from mistral.generate import Batch, Row, generate_ids
+from mistral.quantize import bf16_weight_only, quantize_int4, quantize_int8
+from mistral.runners import Runner
+
+W = 5
+# Prompts that repeat themselves, so that drafts are found, some right and some wrong.
+PROMPTS = [[1, 9, 27, 17, 51, 25, 11, 33, 3, 9, 27, 17, 51, 25, 11], [5, 6, 7, 5, 6, 7, 5, 6],
+           [40, 41, 42, 43, 44, 45, 46, 40, 41, 42]]
+
+
+def test_a_draft_is_what_followed_the_latest_match_of_the_longest_suffix():
+    d = speculate.Drafter([1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3], most=3)
+    assert d.draft(10) == [5, 7, 2]  # "2 3" last seen before 5; "3 2 3" never; the latest wins over the first
+    d.extend([5])
+    assert d.draft(10) == [7, 2, 3]  # "2 3 5" seen once, followed by 7
+    assert d.draft(1) == [7]  # no more than the room
+    assert speculate.Drafter([1, 2, 3], most=4).draft(10) == []  # nothing repeats
+
+
+def test_a_row_whose_drafts_fail_drafts_less_and_waits_longer():
+    d = speculate.Drafter([1, 2, 1, 2, 1, 2], most=4)
+    waits = []
+    for _ in range(7):
+        d.verified(len(d.draft(10)) or 1, 0)
+        waits.append(d.wait)
+        while d.wait:
+            assert d.draft(10) == []
+    assert waits == [1, 2, 4, 8, 16, 32, 32] and d.length == 1
+    d.verified(1, 1)
+    assert d.length == 2 and d.backoff == 1
+
+
+def plain_and_speculative(model, k, **options):
+    plain = generate_ids(PROMPTS, model, max_tokens=60, **options)
+    return plain, generate_ids(PROMPTS, model, max_tokens=60, speculate=k, **options)
+
+
+def quantized(kind):
+    model = random_model(tiny_params(), max_batch_size=4)
+    return {"fp32": lambda m: m, "bf16": bf16_weight_only, "int8": quantize_int8, "int4": quantize_int4}[kind](model)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "torch"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
+def test_greedy_ids_are_those_of_plain_decoding(kind, engine, k):
+    """60 tokens past prompts longer than W=5: each row wraps its cache a dozen times, with drafts found, kept and
+    taken back. Greedy, the ids are the same as without speculation; the logprobs are the model's own for each."""
+    (ids, lps), (spec, spec_lps) = plain_and_speculative(quantized(kind), k, engine=engine)
+    assert spec == ids
+    for a, b in zip(lps, spec_lps):
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("params", [tiny_params(sliding_window=None), tiny_params(sliding_window=[3, W]),
+                                    tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2})],
+                         ids=["no window", "layer windows", "moe"])
+def test_greedy_ids_on_other_models(params):
+    model = random_model(params, max_batch_size=4)
+    (ids, _), (spec, _) = plain_and_speculative(model, 4)
+    assert spec == ids
+
+
+def steps_and_rows(model, prompts, k, max_tokens, eos_id=None, drafts=None):
+    """Run a speculative generation step by step; drafts(row index, row): a hand-made draft instead of the row's."""
+    cache = RotatingBufferCache(model.n_local_layers, len(prompts), W + k, model.args.n_kv_heads,
+                                model.args.head_dim, spare=k)
+    batch = Batch(model, cache, Runner(model), None)
+    batch.rows = [Row(p, max_tokens, eos_id, speculate=k) for p in prompts]
+    if drafts is not None:
+        for b, row in enumerate(batch.rows):
+            row.drafter.draft = lambda room, b=b, row=row: drafts(b, row)[: min(room, k)]
+    steps = 0
+    while batch.step():
+        steps += 1
+    return steps, batch.rows
+
+
+def test_drafts_all_rejected_change_nothing():
+    """Every draft wrong (a token the model never picks next): every step keeps one token, the model's, and takes the
+    draft back; the ids are those of plain decoding."""
+    model = random_model(tiny_params(), max_batch_size=4)
+    want, _ = generate_ids(PROMPTS, model, max_tokens=30)
+    wrong = lambda b, row: [(want[b][len(row.generated)] + 1) % 64] * 4  # noqa: E731
+    steps, rows = steps_and_rows(model, PROMPTS, 4, 30, drafts=wrong)
+    assert [row.generated for row in rows] == want
+    assert all(row.accepted == 0 and row.drafted > 0 for row in rows)
+    assert steps == 1 + 29  # pre-fill, then one token per step
+
+
+def test_drafts_all_accepted_take_k_plus_one_tokens_a_step():
+    model = random_model(tiny_params(), max_batch_size=4)
+    want, _ = generate_ids(PROMPTS, model, max_tokens=31)
+    steps, rows = steps_and_rows(model, PROMPTS, 4, 31, drafts=lambda b, row: want[b][len(row.generated):])
+    assert [row.generated for row in rows] == want
+    assert all(row.accepted == row.drafted == 24 for row in rows)  # 4 drafted in each of the 6 steps after pre-fill
+    assert steps == 1 + 30 // 5  # pre-fill, then 5 tokens a step
+
+
+def test_eos_inside_an_accepted_run_and_rows_that_end_mid_draft():
+    """The oracle drafts the right tokens: a row whose EOS comes inside the kept run ends there, another ends at
+    max_tokens mid-draft, and the third goes on; each as plain decoding."""
+    model = random_model(tiny_params(), max_batch_size=4)
+    free, _ = generate_ids(PROMPTS, model, max_tokens=23)
+    eos = free[0][9]  # row 0 says it at its 10th token
+    want, _ = generate_ids(PROMPTS, model, max_tokens=23, eos_id=eos)
+    steps, rows = steps_and_rows(model, PROMPTS, 6, 23, eos_id=eos,
+                                 drafts=lambda b, row: free[b][len(row.generated):])
+    assert [row.generated for row in rows] == want and rows[0].generated[-1] == eos
+    assert all(row.finished for row in rows)
+
+
+def test_a_cache_without_spare_slots_is_refused_where_rows_wrap():
+    model = random_model(tiny_params(), max_batch_size=4)
+    cache = RotatingBufferCache(2, 3, W, model.args.n_kv_heads, model.args.head_dim)
+    with pytest.raises(MistralError, match=r"speculate=4 needs that many spare slots.*spare=4\)"):
+        generate_ids(PROMPTS, model, max_tokens=8, speculate=4, cache=cache)
+    with pytest.raises(MistralError, match="speculate must be a whole number of draft tokens from 0"):
+        generate_ids(PROMPTS, model, max_tokens=8, speculate=16)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_chat_turns_after_speculative_turns_are_those_of_plain_turns(window):
+    """A conversation whose turns are decoded speculatively holds, turn after turn, the cache a plain one holds: the
+    same answers, the same ids fed, and (with a window) rows wrapped and taken back by drafts along the way."""
+    from mistral.tokenizer import Tokenizer
+    import mistral_common
+    from pathlib import Path
+
+    tok = Tokenizer(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3")
+    model = random_model(tiny_params(vocab_size=32768, sliding_window=window), seed=2)
+    plain, fast = (Chat(model, tok, max_tokens=24, speculate=k) for k in (0, 4))
+    for user in ["Say it again, say it again", "And again, and again, and again", "Once more"]:
+        a, b = plain.say(user), fast.say(user)
+        assert b.answer == a.answer and fast.fed == plain.fed
+    assert fast.cache.spare == (4 if window else 0)
+
+
+def test_sampling_keeps_the_models_distribution():
+    """Chi-square, two samples: the tokens at generated positions 1..3 (where drafts are verified) over 3072 seeds of
+    speculative sampling against as many of plain sampling, on a vocabulary of 8. The test can tell: keeping every
+    draft token that way instead fails it."""
+    model = random_model(tiny_params(vocab_size=8), max_batch_size=64)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2]
+
+    def counts(k: int, seed0: int) -> torch.Tensor:
+        out = torch.zeros(3, 8)
+        for s in range(48):
+            g = torch.Generator().manual_seed(seed0 + s)
+            ids, _ = generate_ids([prompt] * 64, model, max_tokens=4, temperature=1.0, top_p=1.0, generator=g,
+                                  speculate=k)
+            for row in ids:
+                for i in range(3):
+                    out[i, row[i + 1]] += 1
+        return out
+
+    plain, spec = counts(0, 0), counts(3, 10_000)
+    for i in range(3):
+        assert chi_square_p(plain[i], spec[i]) > 1e-3, (i, plain[i], spec[i])
+
+
+def chi_square_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The p-value of the chi-square test that two samples of counts come from one distribution."""
+    keep = (a + b) > 0
+    a, b = a[keep].double(), b[keep].double()
+    na, nb = a.sum(), b.sum()
+    stat = (((a * math.sqrt(nb / na) - b * math.sqrt(na / nb)) ** 2) / (a + b)).sum().item()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
