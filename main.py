@@ -20,7 +20,8 @@ from mistral.args import ModelArgs
 from mistral.cache import slots_for
 from mistral.chat import Chat, Turn, conversation_limit
 from mistral.errors import MistralError
-from mistral.generate import PREFILL_CHUNK, generate, generate_ids  # noqa: F401  (re-exported)
+from mistral.generate import (PREFILL_CHUNK, check_speculate, generate, generate_ids,  # noqa: F401  (re-exported)
+                              spare_for)
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
 
@@ -59,18 +60,24 @@ def _streamed(ids: list[int], model, stream: terminal.Stream, **generation) -> T
 def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
          top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
          chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto",
-         quantize: str | None = None, sliding_window: int | None = None, lora: str | None = None) -> None:
+         quantize: str | None = None, sliding_window: int | None = None, lora: str | None = None,
+         speculate: int = 0) -> None:
     """Complete three fixed prompts as one packed batch and print each, followed by a line of '='.
 
-    Without model_path, uses the small Shakespeare model that ships with the package.
+    Without model_path, uses the small Shakespeare model that ships with the package. --speculate K drafts up to K
+    tokens per step from each row's own text and verifies them in one forward: the same text, greedy, sooner where
+    it repeats itself.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    check_speculate(speculate)
     cli.check_seed(seed)
     cli.check_stdout()
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         longest = max(len(tokenizer.encode(p)) for p in DEMO_PROMPTS)
-        return slots_for(longest + max_tokens, args.window), min(chunk_size or longest, longest)
+        reach = longest + max_tokens
+        return (slots_for(reach, args.window) + spare_for(args.window, reach, speculate),
+                min(chunk_size or longest, longest))
 
     model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                                 device=device, dtype=dtype, quantize=quantize, needs=needs,
@@ -84,7 +91,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
     start = time.perf_counter()
     generated, _ = generate_ids(encoded, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, chunk_size=chunk_size, eos_id=tokenizer.eos_id,
-                                generator=_generator(seed, model.device), on_token=on_token)
+                                generator=_generator(seed, model.device), on_token=on_token, speculate=speculate)
     end = time.perf_counter()
     if terminal.is_printing_rank():
         for p, g in zip(encoded, generated):
@@ -103,20 +110,23 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
                 top_p: float = SamplingParams.top_p, top_k: int = SamplingParams.top_k, seed: int = 0,
                 chunk_size: int | None = PREFILL_CHUNK, num_pipeline_ranks: int = 1, device: str = "auto",
                 dtype: str = "auto", quantize: str | None = None, instruct: bool = False,
-                sliding_window: int | None = None, lora: str | None = None) -> None:
+                sliding_window: int | None = None, lora: str | None = None, speculate: int = 0) -> None:
     """Read prompts, one per line, until end of input (Ctrl-D), streaming each completion.
 
     Each line stands alone: it is completed as text, or with --instruct answered as a one-message chat in the
     format of the model's tokenizer (`chat` keeps the conversation). A stats line follows each answer on stderr.
     Ctrl-C stops the generation under way; a second Ctrl-C, at the prompt, exits. Under pipeline ranks Ctrl-C
-    ends every rank at once, since the ranks would stop at different points of the loop.
+    ends every rank at once, since the ranks would stop at different points of the loop. --speculate K as in demo.
     """
     check_options(max_tokens, temperature, top_p, top_k, chunk_size)
+    check_speculate(speculate)
     cli.check_seed(seed)
     cli.check_stdout()
+    reach = TYPICAL_PROMPT + max_tokens
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora,
-                                needs=lambda args, _: (slots_for(TYPICAL_PROMPT + max_tokens, args.window),
+                                needs=lambda args, _: (slots_for(reach, args.window)
+                                                       + spare_for(args.window, reach, speculate),
                                                        chunk_size or TYPICAL_PROMPT),
                                 shrinks_cache="a smaller --max_tokens")
     generator = _generator(seed, model.device)
@@ -130,7 +140,8 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
         stream = terminal.Stream(tokenizer, prompt_text="" if instruct else prompt)
         try:
             turn = _streamed(ids, model, stream, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator)
+                             top_k=top_k, chunk_size=chunk_size, eos_id=tokenizer.eos_id, generator=generator,
+                             speculate=speculate)
         except KeyboardInterrupt:
             if dist.is_initialized():
                 raise
@@ -155,7 +166,7 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
          top_k: int = SamplingParams.top_k, seed: int = 0, chunk_size: int | None = PREFILL_CHUNK,
          num_pipeline_ranks: int = 1, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
          context: int | None = None, sliding_window: int | None = None, lora: str | None = None,
-         tools: str | None = None) -> None:
+         tools: str | None = None, speculate: int = 0) -> None:
     """Talk with an instruction-tuned model: each line is a user message, the answer streams, and the
     conversation is kept in the cache, so a turn pre-fills only its new tokens. A stats line follows each answer
     on stderr.
@@ -179,13 +190,15 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         if offered and tokenizer.tools_refusal:
             raise MistralError(f"--tools: {tokenizer.tools_refusal}")
         limit = conversation_limit(args.window, max_tokens, context)
-        return args.window or limit, chunk_size or TYPICAL_PROMPT
+        return (args.window + spare_for(args.window, args.window + 1, speculate)) if args.window else limit, \
+            chunk_size or TYPICAL_PROMPT
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora, needs=needs,
                                 shrinks_cache="a smaller --context")
     talk = Chat(model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                chunk_size=chunk_size, generator=_generator(seed, model.device), context=context, tools=offered)
+                chunk_size=chunk_size, generator=_generator(seed, model.device), context=context, tools=offered,
+                speculate=speculate)
     refused = 0  # lines refused or not answered: the exit status says so
     for line, problem in terminal.lines("empty message; type some text (/help lists the commands, Ctrl-D quits)"):
         result = None
@@ -283,14 +296,15 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
           max_queue: int = 64, max_tokens: int = SERVE_MAX_TOKENS, api_key: str | None = None,
           context: int | None = None, chunk_size: int = PREFILL_CHUNK, num_pipeline_ranks: int = 1,
           device: str = "auto", dtype: str = "auto", quantize: str | None = None,
-          sliding_window: int | None = None, lora: str | None = None) -> None:
+          sliding_window: int | None = None, lora: str | None = None, speculate: int = 0) -> None:
     """Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), answering up
     to --max_batch_size requests at once, --max_queue more waiting (past that: 429).
 
     --api_key KEY (or the MISTRAL_API_KEY environment variable): every route but /health wants `Authorization:
     Bearer KEY`. --max_tokens caps what a request may ask for. --context N: the most positions a request may hold, for
     a model without a sliding window (default 8192; with a window, requests have no length limit). The whole cache
-    is allocated at start. Ctrl-C or SIGTERM ends what runs and exits.
+    is allocated at start. --speculate K: each answer drafts up to K tokens a step from its own text (as demo's).
+    Ctrl-C or SIGTERM ends what runs and exits.
     """
     from mistral import server
     from mistral.engine import Engine
@@ -301,6 +315,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
             raise MistralError(f"--{name} must be at least {least}, got {value}")
     if port > 65535:
         raise MistralError(f"--port must be at most 65535, got {port}")
+    check_speculate(speculate)
     if num_pipeline_ranks != 1:
         raise MistralError("serve runs in one process: --num_pipeline_ranks is not supported by it yet (run one "
                            "process per machine, with --quantize int4 to fit a larger model)")
@@ -314,7 +329,9 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
                                "no length limit: leave out --context")
         if context is not None and context < 2:
             raise MistralError(f"--context must be at least 2, got {context}")
-        return args.window or context or SERVE_CONTEXT, chunk_size
+        if args.window:  # rows roll: with drafts, spare slots
+            return args.window + spare_for(args.window, args.window + 1, speculate), chunk_size
+        return context or SERVE_CONTEXT, chunk_size
 
     folder = cli.SHIPPED_MODEL if model_path is None else cli.folder(model_path, "model_path")
     checkpoint.layout(folder)
@@ -332,7 +349,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
             terminal.info("serve runs its steps eagerly: the compiled decode step takes only steps in which every row "
                           "of its cache decodes, and a server's rows come and go")
         return Engine(model, tokenizer.eos_id, rows=max_batch_size, slots=slots, max_queue=max_queue,
-                      chunk_size=chunk_size), tokenizer
+                      chunk_size=chunk_size, speculate=speculate), tokenizer
 
     logging.getLogger("mistral").setLevel(logging.INFO)
     server.run(front, host, port, load)

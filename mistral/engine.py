@@ -79,11 +79,17 @@ class Engine:
     model's window, or the most positions a request may reach without one), `max_queue` more waiting."""
 
     def __init__(self, model: Transformer, eos_id: int | None, *, rows: int, slots: int, max_queue: int = 64,
-                 chunk_size: int = PREFILL_CHUNK, budget: int | None = None):
+                 chunk_size: int = PREFILL_CHUNK, budget: int | None = None, speculate: int = 0):
+        """speculate: draft tokens each row verifies a step (mistral/speculate.py); with a window, `slots` then counts
+        the spare ones too (the window and as many more)."""
         args = model.args
+        spare = min(speculate, max(slots - args.window, 0)) if args.window else 0
+        # Where rows roll, a draft may be no longer than the spare slots that let it be taken back.
         self.model, self.eos_id, self.max_queue = model, eos_id, max_queue
+        self.speculate = spare if args.window and slots >= args.window else speculate
         self.cache = RotatingBufferCache(model.n_local_layers, rows, slots, args.n_kv_heads, args.head_dim,
-                                         device=model.device, dtype=model.dtype, windows=model.layer_windows)
+                                         device=model.device, dtype=model.dtype, windows=model.layer_windows,
+                                         spare=spare)
         self.batch = Batch(model, self.cache, Runner(model), chunk_size, budget=budget or chunk_size, strict=False,
                            split=True)
         self.owners: list[Request | None] = [None] * rows
@@ -235,7 +241,7 @@ class Engine:
                 seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()).item())
                 generator = torch.Generator(device=self.model.device).manual_seed(seed)
                 row = Row(request.ids[kept:], request.max_tokens, self.eos_id, request.sampling, generator,
-                          request.top_logprobs, request.score_prompt)
+                          request.top_logprobs, request.score_prompt, speculate=self.speculate)
             except Exception as e:  # nothing of this request's may stop the loop that serves the others
                 request.emit("end", f"error: {type(e).__name__}: {e}")
                 continue

@@ -244,7 +244,7 @@ class Batch:
         plan = plan_step(self.rows, self.chunk_size, self.prompt_logprobs, self.budget)
         if not plan.inputs:
             return False
-        for part in _split(plan) if self.split else [plan]:
+        for part in _split(plan, self.rows) if self.split else [plan]:
             self._run(part, on_token)
         return True
 
@@ -281,10 +281,13 @@ class Batch:
                 row.draft = []
 
 
-def _split(plan: Plan) -> list[Plan]:
-    """The plan as several: the rows that feed one token, together, then each row that feeds more, alone."""
+def _split(plan: Plan, rows: list[Row | None]) -> list[Plan]:
+    """The plan as several: the decoding rows (one token, or it and a draft) together, then each row that feeds more,
+    alone."""
     starts = [sum(plan.seqlens[:b]) for b in range(len(plan.seqlens))]
-    groups = [[b for b, n in enumerate(plan.seqlens) if n == 1]] + [[b] for b, n in enumerate(plan.seqlens) if n > 1]
+    decoding = [n == 1 or (n > 1 and rows[b] is not None and bool(rows[b].draft)) for b, n in enumerate(plan.seqlens)]
+    groups = [[b for b, d in enumerate(decoding) if d]] + [[b] for b, n in enumerate(plan.seqlens)
+                                                             if n > 1 and not decoding[b]]
     parts = []
     for group in groups:
         if not group:
@@ -352,17 +355,16 @@ def check_speculate(speculate: int) -> None:
                            f"got {speculate!r}")
 
 
-def spare_for(model: Transformer, reach: int, speculate: int) -> int:
-    """The spare slots a cache needs for drafts of up to `speculate` tokens on rows reaching `reach` positions: as
-    many, where a row may wrap around the window; none where it never does."""
-    window = model.args.window
+def spare_for(window: int | None, reach: int, speculate: int) -> int:
+    """The spare slots a cache needs for drafts of up to `speculate` tokens on rows reaching `reach` positions, for a
+    model whose window is `window`: as many, where a row may wrap around the window; none where it never does."""
     return speculate if window is not None and reach > window else 0
 
 
 def _cache_for(model: Transformer, reach: list[int], speculate: int = 0) -> RotatingBufferCache:
     """A cache for rows that will reach these many positions, after checking that it fits in memory."""
     args, B = model.args, len(reach)
-    spare = spare_for(model, max(reach), speculate)
+    spare = spare_for(args.window, max(reach), speculate)
     slots = slots_for(max(reach), args.window) + spare
     size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
     free = memory_available(model.device)

@@ -2,10 +2,13 @@
 path, over runs that wrap the rolling cache many times; drafts all rejected, all accepted, and ended by EOS or
 max_tokens; chat turns after speculative ones; and sampling's distribution against plain sampling's (chi-square)."""
 import math
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
-from helpers import random_model, tiny_params
+from helpers import ROOT, cli, one_error, random_model, tiny_params
 
 from mistral import speculate
 from mistral.cache import RotatingBufferCache
@@ -180,3 +183,49 @@ def chi_square_p(a: torch.Tensor, b: torch.Tensor) -> float:
     stat = (((a * math.sqrt(nb / na) - b * math.sqrt(na / nb)) ** 2) / (a + b)).sum().item()
     dof = int(keep.sum()) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
+
+
+def test_the_shipped_demo_prints_the_same_with_speculation():
+    out = subprocess.run([sys.executable, "-m", "main", "demo", "--speculate", "8", "--max_tokens", "35"], cwd=ROOT,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (ROOT / "tests" / "data" / "shipped_demo.txt").read_bytes()
+
+
+def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
+    """Concurrent requests on an engine whose rows draft (its cache with the window and 4 spare slots): each answer,
+    long enough to wrap its row many times, is the cache-free greedy one."""
+    from test_server import V3, Running, _greedy
+
+    from mistral.engine import Engine
+    from mistral.tokenizer import Tokenizer
+
+    tok = Tokenizer(V3)
+    model = random_model(tiny_params(vocab_size=32768, sliding_window=W), seed=4)
+    engine = Engine(model, tok.eos_id, rows=2, slots=W + 4, speculate=4)
+    assert engine.cache.spare == 4 and engine.speculate == 4
+    running = Running(model, tok, engine=engine)  # (which starts it)
+    try:
+        asks = ["Now is the winter, the winter, the winter of our discontent", "To be, or not to be, or not to be"]
+        results = [None, None]
+
+        def ask(i):
+            results[i] = running.client.completions.create(model="tiny", prompt=asks[i], max_tokens=40,
+                                                           temperature=0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for prompt, r in zip(asks, results):
+            want = _greedy(model, tok.encode(prompt, bos=True), 40, tok.eos_id)
+            assert r.choices[0].text == tok.decode(tok.encode(prompt, bos=True) + want)[len(prompt):]
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize("command", ["demo", "interactive", "chat", "serve"])
+def test_a_bad_speculate_is_one_line(command):
+    code, out, err = cli(command, "--speculate", "99")
+    one_error(code, err, r"speculate must be a whole number of draft tokens from 0 \(off\) to 15, got 99")
