@@ -45,8 +45,9 @@ def main(out: Path, folders: list[str]) -> None:
                                generator=torch.Generator().manual_seed(seed))
         scored = generate_ids(PROMPTS, model, max_tokens=3, chunk_size=5, prompt_logprobs=True)
         dist.all_reduce = plain
+        speculated = generate_ids(PROMPTS, model, max_tokens=24, speculate=4)  # rows that wrap, drafts taken back
         report[folder] = dict(params=sorted(model.state_dict()), packed=packed, chunked=chunked,
-                              greedy=greedy, sampled=sampled, scored=scored, exchanged=exchanged)
+                              greedy=greedy, sampled=sampled, scored=scored, exchanged=exchanged, speculated=speculated)
     torch.save(report, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -69,6 +69,7 @@ def test_ranks_match_one_process(world, folders, tmp_path):
         sampled = generate_ids(PROMPTS, model, max_tokens=12, temperature=1.0, top_p=0.9,
                                generator=torch.Generator().manual_seed(7))
         scored = generate_ids(PROMPTS, model, max_tokens=3, chunk_size=5, prompt_logprobs=True)
+        longer = generate_ids(PROMPTS, model, max_tokens=24)
         all_params = sorted(model.state_dict())
         owned = []
         for rank, report in enumerate(reports):
@@ -83,6 +84,7 @@ def test_ranks_match_one_process(world, folders, tmp_path):
             # The worker seeded every rank but the last differently: every rank has the last rank's samples.
             assert got["sampled"][0] == sampled[0], (name, rank)
             torch.testing.assert_close(torch.tensor(sum(got["sampled"][1], [])), torch.tensor(sum(sampled[1], [])))
+            assert got["speculated"][0] == longer[0], (name, rank)  # speculative decoding: plain decoding's ids
             assert got["scored"][0] == scored[0], (name, rank)
             torch.testing.assert_close(torch.tensor(sum(got["scored"][1], [])), torch.tensor(sum(scored[1], [])))
             # Per step, tokens and log-probabilities of the rows scored (and a flag a rank), never (N, V) logits.
