@@ -99,12 +99,12 @@ def decode(model, prompt: list[int], sampling: SamplingParams, speculate: int, s
     row = Row(prompt, NEW_TOKENS, None, sampling, torch.Generator().manual_seed(seed), speculate=speculate)
     batch.rows = [row]
     batch.step()  # pre-fill, and the first token
-    start, steps = time.perf_counter(), 0
+    start, drafts = time.perf_counter(), []
     while batch.step():
-        steps += 1
+        drafts.append(row.drafted - sum(drafts))  # the draft length of each step (0: a plain decode step)
     seconds = time.perf_counter() - start
-    return {"tokens/s": (len(row.generated) - 1) / seconds, "steps": steps, "drafted": row.drafted,
-            "accepted": row.accepted, "generated": row.generated}
+    return {"tokens/s": (len(row.generated) - 1) / seconds, "steps": len(drafts), "drafts": drafts,
+            "drafted": row.drafted, "accepted": row.accepted, "generated": row.generated}
 
 
 def task_rows(reps: int) -> tuple[list[dict], dict]:
@@ -122,7 +122,7 @@ def task_rows(reps: int) -> tuple[list[dict], dict]:
             rows.append({"task": name, "K": k, "prompt tokens": len(prompt), "plain tokens/s": -best[0],
                          "speculating tokens/s": -best[k], "speedup": best[k] / best[0],
                          "acceptance": spec["accepted"] / max(spec["drafted"], 1),
-                         "tokens per step": (NEW_TOKENS - 1) / max(spec["steps"], 1)})
+                         "tokens per step": (NEW_TOKENS - 1) / max(spec["steps"], 1), "drafts": spec["drafts"]})
             ratios[f"{name} K={k} speedup"] = best[k] / best[0]
     return rows, ratios
 
@@ -148,10 +148,13 @@ def main() -> None:
         cost_rows.append({"model": name, **{f"K={k}": c for k, c in cost.items()}})
         ratios[f"{name} verify 8 / decode 1"] = cost[8]
         del model
-        if name.startswith("7B"):  # what the tasks' acceptance would give it: tokens per step / verify cost
+        if name.startswith("7B"):  # what the tasks' drafts would give it: its steps' cost, each c(its draft)
+            cost[0] = 1.0
             for row in rows:
                 if "task" in row:
-                    row[f"{name} projected"] = row["tokens per step"] / cost[row["K"]]
+                    row[f"{name} projected"] = (NEW_TOKENS - 1) / sum(cost[k] for k in row["drafts"])
+    for row in rows:
+        row.pop("drafts", None)
     notes = {"verify cost": cost_rows, "K": list(KS), "new tokens": NEW_TOKENS,
              "what limits it": "the tasks: how much of the answer the prompt holds (acceptance) and the verify "
                                "cost; the worst case: the lookup's Python per step and the drafts it still tries"}
