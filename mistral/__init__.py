@@ -14,9 +14,10 @@ Then what runs it:
 
     sampling.py   SamplingParams and sample()
     generate.py   Row, the state of one sequence, and Batch, one step over the rows; the generation loop
+    speculate.py  drafts from a row's own text, verified in one step (speculative decoding)
     runners.py    what runs each step: the compiled step, the CPU engine, or the model
     pipeline.py   layers split over torchrun ranks
-    chat.py       a conversation kept in the cache
+    chat.py       a conversation kept in the cache;  tools.py: tool calls read from an answer
     engine.py     continuous batching: requests join and leave the rows of one cache between steps
     api.py  server.py   OpenAI's protocol, served over HTTP
     checkpoint/   model folders: layouts, Hugging Face names, reading, loading, writing
@@ -30,7 +31,7 @@ Shape letters, one meaning each:
     H   query heads                                 Hkv key/value heads
     D   head_dim                                    V   vocabulary
     W   the model's sliding window                  N   cache slots per row (W, or fewer for a run that never
-    L   layers                                          reaches W)
+    L   layers                                          reaches W; W + spare slots for speculative decoding)
     E   experts                                     K   experts per token
 
 Inside one matrix product (quantize.py, cpu/) the letters are BLAS's and go no further: x (M, K) times a weight
