@@ -100,7 +100,7 @@ class Chat:
         """chunk_size: the most tokens a turn pre-fills in one step (None: a turn's new ids in one step, whatever
         their number). context: the most ids a conversation holds, for a model without a sliding window (None:
         DEFAULT_CONTEXT). tools: OpenAI's tool list, offered to the model at every turn (None: none). speculate: draft
-        tokens verified at once (mistral/speculate.py; 0: none), drafted from the turn's new ids and answer."""
+        tokens verified at once (mistral/speculate.py; 0: none), drafted from the whole conversation."""
         check_speculate(speculate)
         check_options(max_tokens, temperature, top_p, top_k, chunk_size)
         if tools and tokenizer.tools_refusal:
@@ -199,7 +199,7 @@ class Chat:
         start, stopped = time.perf_counter(), False
         try:
             generate_ids([new], self.model, eos_id=self.tokenizer.eos_id, on_token=took, cache=self.cache,
-                         **self.options)
+                         history=[target[:kept]], **self.options)
         except KeyboardInterrupt:
             stopped = True
         except BaseException:

@@ -54,7 +54,10 @@ class Row:
 
     def __init__(self, prompt: list[int], max_tokens: int, eos_id: int | None = None,
                  sampling: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                 top_logprobs: int = 0, score_prompt: bool = False, speculate: int = 0):
+                 top_logprobs: int = 0, score_prompt: bool = False, speculate: int = 0,
+                 history: list[int] | None = None):
+        """history: the ids before the prompt that its drafts may also be found in (a conversation's earlier turns,
+        which the cache holds)."""
         self.prompt, self.max_tokens, self.eos_id = prompt, max_tokens, eos_id
         self.sampling, self.generator, self.top_logprobs, self.score_prompt = (sampling, generator, top_logprobs,
                                                                                score_prompt)
@@ -64,7 +67,7 @@ class Row:
         self.top: list[list[tuple[int, float]]] = []  # with top_logprobs: (token, logprob) pairs of each sampled one
         self.finished = max_tokens == 0
         self.failed: str | None = None  # why the row was stopped by its own broken numbers (Batch(strict=False))
-        self.drafter = Drafter(prompt, speculate) if speculate else None
+        self.drafter = Drafter((history or []) + prompt, speculate) if speculate else None
         self.draft: list[int] = []  # the tokens drafted for the step under way, fed after the last generated one
         self.drafted = self.accepted = 0  # draft tokens fed and kept, over the whole row
 
@@ -161,8 +164,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                  top_k: int = SamplingParams.top_k, chunk_size: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
                  cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
-                 engine: bool = True, compiled: CompiledDecoder | None = None,
-                 speculate: int = 0) -> tuple[list[list[int]], list[list[float]]]:
+                 engine: bool = True, compiled: CompiledDecoder | None = None, speculate: int = 0,
+                 history: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first
@@ -180,7 +183,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
 
     speculate K > 0: each decoding row drafts up to K tokens from its own prompt and output and the model verifies
     them in the same step (mistral/speculate.py): greedy, the same ids as without; sampling, the same distribution. A
-    cache given for it needs K spare slots where a row may wrap (RotatingBufferCache(spare=K)).
+    cache given for it needs K spare slots where a row may wrap (RotatingBufferCache(spare=K)). history[b]: ids
+    before prompt b that row b's drafts may be found in too (what the cache already holds of a conversation).
 
     A step that raises (in its forward, on whatever runs it, or on non-finite logits; Ctrl-C included) is not counted:
     the exception propagates, and each row's cache.seq_pos is what it was before that step, so it counts exactly the
@@ -209,7 +213,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     cache = _cache_for(model, reach, speculate) if cache is None else _checked(cache, model, reach, speculate)
     sampling = SamplingParams(temperature, top_p, top_k)
     batch = Batch(model, cache, Runner(model, engine, compiled), chunk_size, prompt_logprobs=prompt_logprobs)
-    batch.rows = [Row(p, max_tokens, eos_id, sampling, generator, speculate=speculate) for p in prompts]
+    batch.rows = [Row(p, max_tokens, eos_id, sampling, generator, speculate=speculate,
+                      history=history[b] if history else None) for b, p in enumerate(prompts)]
     while batch.step(on_token):
         pass
     return [row.generated for row in batch.rows], [row.logprobs for row in batch.rows]

@@ -229,3 +229,23 @@ def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
 def test_a_bad_speculate_is_one_line(command):
     code, out, err = cli(command, "--speculate", "99")
     one_error(code, err, r"speculate must be a whole number of draft tokens from 0 \(off\) to 15, got 99")
+
+
+def test_drafts_are_found_in_the_history_too(monkeypatch):
+    """A row drafts from the ids before its prompt as well: a chat's turn from the whole conversation."""
+    assert Row([5], 10, speculate=3, history=[1, 2, 3, 5, 6, 7, 8]).drafter.draft(10) == [6, 7, 8]
+    assert Row([5], 10, speculate=3).drafter.draft(10) == []
+    from mistral.tokenizer import Tokenizer
+    import mistral_common
+    from pathlib import Path
+
+    seen = []
+    real = speculate.Drafter.__init__
+    monkeypatch.setattr(speculate.Drafter, "__init__", lambda self, tokens, most: (seen.append(list(tokens)),
+                                                                                   real(self, tokens, most))[1])
+    tok = Tokenizer(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3")
+    talk = Chat(random_model(tiny_params(vocab_size=32768, sliding_window=None), seed=2), tok, max_tokens=6,
+                speculate=2)
+    talk.say("Hello there")
+    talk.say("Again")
+    assert seen[-1] == talk.ids(talk.turns[:-1] + [[{"role": "user", "content": "Again"}]])
