@@ -214,7 +214,11 @@ class Chat:
             if not self.fed:
                 self.cache.reset()
             return Turn([], n_cached - kept, end - start, 0, 0.0, self.context, stopped=True)
-        # Every sampled id but the last went through the model (a decode step stopped midway wrote only its own slot).
+        # Every sampled id but the last went through the model (a decode step stopped midway wrote only its own slot;
+        # Ctrl-C between a verified draft and its taking back leaves the draft's positions, taken back here).
+        if stopped and n_cached > len(target) + len(sampled) - 1:
+            n_cached = len(target) + len(sampled) - 1
+            self.cache.rewind(0, n_cached)
         assert n_cached == len(target) + len(sampled) - 1 or stopped, (n_cached, len(target), len(sampled))
         self.fed = (target + sampled)[:n_cached]
         answer = sampled[:-1] if sampled[-1] == self.tokenizer.eos_id else sampled

@@ -267,14 +267,15 @@ class Batch:
             self.rows[b].failed = str(_non_finite(self.model))
             self.rows[b].finished = True
         new = [0] * len(plan.seqlens)  # the tokens each row generated in this step
+        taken = []  # (row, token), for on_token once the cache is back in order
         for b, tok, lp, top, target in zip(plan.owners, tokens, lps, tops, plan.targets):
             row = self.rows[b]
             if b in broken or target == NEW and (row.finished or new[b] and row.draft[new[b] - 1] != row.generated[-1]):
                 continue  # past the first token its draft did not foresee (or past the row's end): dropped
             row.take(tok, lp, target == NEW, top)
             new[b] += target == NEW
-            if target == NEW and on_token is not None:
-                on_token(b, tok)
+            if target == NEW:
+                taken.append((b, tok))
         for b, n in enumerate(new):
             row = self.rows[b]
             if row is not None and row.draft and b not in broken:
@@ -284,6 +285,9 @@ class Batch:
                 row.drafter.verified(len(row.draft), accepted)
                 row.drafted, row.accepted = row.drafted + len(row.draft), row.accepted + accepted
                 row.draft = []
+        if on_token is not None:
+            for b, tok in taken:
+                on_token(b, tok)
 
 
 def _split(plan: Plan, rows: list[Row | None]) -> list[Plan]:

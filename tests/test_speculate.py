@@ -249,3 +249,39 @@ def test_drafts_are_found_in_the_history_too(monkeypatch):
     talk.say("Hello there")
     talk.say("Again")
     assert seen[-1] == talk.ids(talk.turns[:-1] + [[{"role": "user", "content": "Again"}]])
+
+
+def test_ctrl_c_inside_a_verified_draft_leaves_the_chat_as_a_plain_one(monkeypatch):
+    """Ctrl-C at the third token of a turn whose first draft (an oracle's: the plain chat's answer) brought five
+    tokens in one step: the turn keeps the three shown, the cache is taken back to them, and the next turn is what a
+    plain chat's is."""
+    from mistral.tokenizer import Tokenizer
+    import mistral_common
+    from pathlib import Path
+
+    tok = Tokenizer(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3")
+    model = random_model(tiny_params(vocab_size=32768, sliding_window=7), seed=2)
+    first, second = "Say it again, say it again", "And again, and again"
+    plain = Chat(model, tok, max_tokens=24)
+    plain.say(first)
+    full = plain.say(second).answer  # what the stopped turn would have said
+
+    def stop_at_third(shown):
+        def on_token(token):
+            shown.append(token)
+            if len(shown) == 3:
+                raise KeyboardInterrupt
+        return on_token
+
+    turns = []
+    for k in (0, 4):
+        talk = Chat(model, tok, max_tokens=24, speculate=k)
+        talk.say(first)
+        start = len(talk.ids(talk.turns + [[{"role": "user", "content": second}]]))
+        monkeypatch.setattr(speculate.Drafter, "draft", lambda self, room: full[len(self.tokens) - start:][
+            : min(room, self.most)])
+        stopped = talk.say(second, on_token=stop_at_third([]))
+        monkeypatch.undo()
+        assert stopped.stopped and stopped.answer == full[:3]
+        turns.append((talk.say("Once more").answer, list(talk.fed)))
+    assert turns[1] == turns[0]
