@@ -233,13 +233,18 @@ class Tokenizer:
     @cached_property
     def tool_calls_id(self) -> int | None:
         """The id of the [TOOL_CALLS] control token that starts an answer made of tool calls; None without one."""
+        return self._special("[TOOL_CALLS]")
+
+    def _special(self, name: str) -> int | None:
+        """The id of control token `name` (mistral_common's spelling, "[INST]"), or None where this tokenizer has none
+        (or names it, but as its unknown piece: v2's [PREFIX])."""
         import warnings
 
         inner = self._mistral_common.instruct_tokenizer.tokenizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                token = inner.get_special_token("[TOOL_CALLS]")
+                token = inner.get_special_token(name)
             except Exception:  # each kind of mistral_common tokenizer says "none" its own way
                 return None
         return None if token == inner.unk_id else token
@@ -260,16 +265,7 @@ class Tokenizer:
     def fim(self) -> bool:
         """Whether this tokenizer has fill-in-the-middle's control tokens, [PREFIX] and [SUFFIX] (v3 and later, and
         tekken: Codestral's). v1 has neither; v2 names them, but they are its unknown piece."""
-        import warnings
-
-        inner = self._mistral_common.instruct_tokenizer.tokenizer
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ids = [inner.get_special_token(name) for name in ("[PREFIX]", "[SUFFIX]")]
-            except Exception:  # each kind of mistral_common tokenizer says "none" its own way
-                return False
-        return inner.unk_id not in ids
+        return self._special("[PREFIX]") is not None and self._special("[SUFFIX]") is not None
 
     def encode_fim(self, prefix: str, suffix: str) -> list[int]:
         """The ids of a fill-in-the-middle prompt, exactly as mistral_common's encode_fim gives them: BOS, [SUFFIX],
