@@ -74,6 +74,10 @@ class CacheMetadata:
     # The metadata of the step for the cache's narrower buffers (layers of a narrower window), by their slot count.
     narrower: dict[int, "CacheMetadata"] = field(default_factory=dict)
 
+    def of(self, slots: int) -> "CacheMetadata":
+        """The metadata for a layer whose buffer keeps `slots` per row: this, or a narrower buffer's."""
+        return self if slots == self.slots else self.narrower[slots]
+
     # The buffers are (B, Hkv, N, D) per layer, so flat slot indices are used as (row, slot) pairs.
     @cached_property
     def write_at(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,17 +195,21 @@ class RotatingBufferCache:
             raise MistralError(f"sequence {row} would reach {n_seen} positions but the cache holds {self.slots} "
                                f"({limit}): build or grow it to hold the longest sequence")
 
+    def _furthest(self, row: int) -> int:
+        """The most positions row `row` has written since it started (seq_pos, where it was set past that)."""
+        return max(self.seq_pos[row], self.reached[row])
+
     def can_rewind(self, row: int) -> bool:
         """Whether row `row` still holds every position it has seen: it never wrapped, so no slot was overwritten (in
         any layer: a layer of a narrower window wraps first)."""
-        return max(self.seq_pos[row], self.reached[row]) <= min(self.groups)
+        return self._furthest(row) <= min(self.groups)
 
     def rewind(self, row: int, n_seen: int) -> None:
         """Forget positions n_seen.. of row `row`, to continue it from there (a conversation taking another turn, a
         rejected draft): to any position while it never wrapped, else by up to `spare` from the furthest it reached."""
         if not 0 <= n_seen <= self.seq_pos[row]:
             raise MistralError(f"cannot rewind row {row} to {n_seen} positions: it has seen {self.seq_pos[row]}")
-        reached = max(self.seq_pos[row], self.reached[row])
+        reached = self._furthest(row)
         if n_seen < self.seq_pos[row] and not self.can_rewind(row) and n_seen < reached - self.spare:
             raise MistralError(f"row {row} has wrapped around its {min(self.groups)} slots: positions before "
                                f"{reached - min(self.groups)} are gone, so it cannot go back to {n_seen}")
@@ -213,7 +221,8 @@ class RotatingBufferCache:
         layer that grows: each position p then sits in slot p, and stays there, since p < the old N <= the new N."""
         old_slots = self.layer_slots(self.slots)
         growing = min((n for n, m in zip(old_slots, self.layer_slots(slots)) if m != n), default=None)
-        if slots < self.slots or growing is not None and max(self.seq_pos) > growing:
+        if slots < self.slots or growing is not None and any(self._furthest(b) > growing
+                                                             for b in range(self.max_batch_size)):
             raise MistralError(f"cannot grow a cache of {self.slots} slots to {slots} once a row has wrapped")
         if slots == self.slots:
             return
@@ -282,10 +291,9 @@ class RotatingBufferCache:
         if active and (per_token or all(seqlens[b] == 1 for b in active)):
             entries = [(b, self.seq_pos[b] + j) for b in active for j in range(seqlens[b])]  # one per token
             owners, positions = [b for b, _ in entries], [p for _, p in entries]
-            kv_seqlens = tuple(min(p + 1, N) for p in positions)
-            step = tensor([owners, [p % N for p in positions], kv_seqlens, positions])
+            kv_seqlens, newest = tuple(min(p + 1, N) for p in positions), tuple(p % N for p in positions)
+            step = tensor([owners, newest, kv_seqlens, positions])
             rows = None if owners == list(range(len(owners))) else step[0]
-            newest = tuple(p % N for p in positions)
             mask = BlockMask((1,) * len(entries), kv_seqlens, window, kv_padding=N, newest=newest)
             return CacheMetadata(N, step[3], mask, True, rows=rows, step=step)
 
@@ -322,8 +330,7 @@ class RotatingBufferCache:
             self.reached[b] = max(self.reached[b], self.seq_pos[b])
 
     def layer(self, i: int, meta: CacheMetadata) -> "CacheView":
-        n = self.k[i].shape[2]
-        return CacheView(self.k[i], self.v[i], meta if n == meta.slots else meta.narrower[n])
+        return CacheView(self.k[i], self.v[i], meta.of(self.k[i].shape[2]))
 
 
 class CacheView:

@@ -104,7 +104,7 @@ class CpuDecoder:
             return None
         # Each layer's step: that of its cache's slot count (a layer of a narrower window keeps fewer); and its window
         # where its slots are more (spare slots): its queries read the slots of their last `window` positions.
-        metas = [meta if k.shape[2] == meta.slots else meta.narrower[k.shape[2]] for k in cache.k]
+        metas = [meta.of(k.shape[2]) for k in cache.k]
         windows = [m.mask.window if m.mask.window is not None and m.mask.window < m.slots else 0 for m in metas]
         h = kernels.blocks(h, self.plan, cache.k, cache.v, [m.step for m in metas], self.inv_freq, windows)
         cache.advance(seqlens)
