@@ -57,7 +57,7 @@ INT4_BF16_ROWS = 48
 # one 7B layer's products of 63 rows took 75 ms instead of 91 (each matmul call has a cost of its own), and those of
 # 512 rows the same 192.
 BF16_BLOCK_BYTES = 64 << 20
-_scratch = threading.local()  # .blocks: the blocks _blockwise converts into, one per dtype, reused from call to call
+_scratch = threading.local()  # .blocks: the blocks _blockwise converts into, reused from call to call
 
 
 def _converted_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,10 +98,12 @@ def _blockwise(x: torch.Tensor, N: int, K: int,
     def block(shape: tuple[int, ...]) -> torch.Tensor:
         if not reuse:
             return torch.empty(shape, dtype=x.dtype)
-        blocks = _scratch.__dict__.setdefault("blocks", {})
-        n, buf = math.prod(shape), blocks.get(x.dtype)
+        # One per dtype, and per inference mode: a block made under torch.inference_mode (generation) cannot be
+        # written in place outside it (a forward under no_grad after a generation).
+        blocks, key = _scratch.__dict__.setdefault("blocks", {}), (x.dtype, torch.is_inference_mode_enabled())
+        n, buf = math.prod(shape), blocks.get(key)
         if buf is None or buf.numel() < n:
-            buf = blocks[x.dtype] = torch.empty(max(n, block_bytes // x.element_size()), dtype=x.dtype)
+            buf = blocks[key] = torch.empty(max(n, block_bytes // x.element_size()), dtype=x.dtype)
         return buf[:n].view(shape)
 
     rows = N if x.device.type != "cpu" else max(1, block_bytes // (K * x.element_size()))

@@ -368,3 +368,13 @@ def test_no_compiler_prints_what_the_kernels_print(tmp_path):
     assert in_c.returncode == 0 and in_torch.returncode == 0, in_torch.stderr[-3000:]
     assert "compiling kernels.c failed" in in_torch.stderr and not any(tmp_path.rglob("*.so"))
     assert in_torch.stdout == in_c.stdout
+
+
+def test_a_forward_after_a_generation_reuses_no_inference_tensor():
+    """The blocks bf16 weights are converted into are kept from call to call; one made inside generation's
+    inference_mode cannot be written outside it, so a forward under no_grad after a generation keeps its own."""
+    model = bf16_weight_only(random_model(tiny_params()))
+    generate_ids([[1, 2, 3]], model, max_tokens=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([1, 2, 3, 4]), [4]),
+                                   model(torch.tensor([1, 2, 3, 4]), [4]))
