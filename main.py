@@ -21,7 +21,7 @@ from mistral.cache import slots_for
 from mistral.chat import Chat, Turn, conversation_limit
 from mistral.errors import MistralError
 from mistral.generate import (PREFILL_CHUNK, check_speculate, generate, generate_ids,  # noqa: F401  (re-exported)
-                              spare_for)
+                              speculating_slots)
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
 
@@ -75,9 +75,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         longest = max(len(tokenizer.encode(p)) for p in DEMO_PROMPTS)
-        reach = longest + max_tokens
-        return (slots_for(reach, args.window) + spare_for(args.window, reach, speculate),
-                min(chunk_size or longest, longest))
+        return speculating_slots(longest + max_tokens, args.window, speculate)[0], min(chunk_size or longest, longest)
 
     model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                                 device=device, dtype=dtype, quantize=quantize, needs=needs,
@@ -122,12 +120,10 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     check_speculate(speculate)
     cli.check_seed(seed)
     cli.check_stdout()
-    reach = TYPICAL_PROMPT + max_tokens
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora,
-                                needs=lambda args, _: (slots_for(reach, args.window)
-                                                       + spare_for(args.window, reach, speculate),
-                                                       chunk_size or TYPICAL_PROMPT),
+                                needs=lambda args, _: (speculating_slots(TYPICAL_PROMPT + max_tokens, args.window,
+                                                                         speculate)[0], chunk_size or TYPICAL_PROMPT),
                                 shrinks_cache="a smaller --max_tokens")
     generator = _generator(seed, model.device)
     refused = 0  # lines refused or not answered: the exit status says so
@@ -190,8 +186,8 @@ def chat(model_path: str | None = None, max_tokens: int = CHAT_MAX_TOKENS,
         if offered and tokenizer.tools_refusal:
             raise MistralError(f"--tools: {tokenizer.tools_refusal}")
         limit = conversation_limit(args.window, max_tokens, context)
-        return (args.window + spare_for(args.window, args.window + 1, speculate)) if args.window else limit, \
-            chunk_size or TYPICAL_PROMPT
+        # A conversation rolls past the window: with drafts, as many spare slots.
+        return (args.window + speculate) if args.window else limit, chunk_size or TYPICAL_PROMPT
 
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora, needs=needs,
@@ -330,7 +326,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
         if context is not None and context < 2:
             raise MistralError(f"--context must be at least 2, got {context}")
         if args.window:  # rows roll: with drafts, spare slots
-            return args.window + spare_for(args.window, args.window + 1, speculate), chunk_size
+            return args.window + speculate, chunk_size
         return context or SERVE_CONTEXT, chunk_size
 
     folder = cli.SHIPPED_MODEL if model_path is None else cli.folder(model_path, "model_path")

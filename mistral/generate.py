@@ -364,17 +364,18 @@ def check_speculate(speculate: int) -> None:
                            f"got {speculate!r}")
 
 
-def spare_for(window: int | None, reach: int, speculate: int) -> int:
-    """The spare slots a cache needs for drafts of up to `speculate` tokens on rows reaching `reach` positions, for a
-    model whose window is `window`: as many, where a row may wrap around the window; none where it never does."""
-    return speculate if window is not None and reach > window else 0
+def speculating_slots(reach: int, window: int | None, speculate: int) -> tuple[int, int]:
+    """(slots, spare) of a cache for rows reaching `reach` positions that draft up to `speculate` tokens, for a model
+    whose window is `window`: as many spare slots as draft tokens where a row may wrap around the window, none where
+    it never does."""
+    spare = speculate if window is not None and reach > window else 0
+    return slots_for(reach, window) + spare, spare
 
 
 def _cache_for(model: Transformer, reach: list[int], speculate: int = 0) -> RotatingBufferCache:
     """A cache for rows that will reach these many positions, after checking that it fits in memory."""
     args, B = model.args, len(reach)
-    spare = spare_for(args.window, max(reach), speculate)
-    slots = slots_for(max(reach), args.window) + spare
+    slots, spare = speculating_slots(max(reach), args.window, speculate)
     size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
     free = memory_available(model.device)
     if size > free:

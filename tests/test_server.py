@@ -99,6 +99,21 @@ def served(model, tokenizer):
     running.close()
 
 
+def at_once(*calls):
+    """What each of calls returns, all of them made at the same time, each from a thread of its own."""
+    results = [None] * len(calls)
+
+    def run(i):
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def reference(model, ids: list[int], answer: list[int]) -> tuple[list[int], list[float]]:
     """Greedy tokens and the answer's logprobs from one forward over the prompt and the answer, no cache."""
     seq = ids + answer
@@ -514,17 +529,8 @@ def test_a_model_with_a_window_per_layer_serves_concurrent_requests_exactly(toke
         assert [k.shape[2] for k in running.engine.cache.k] == [4, 64]
         asks = [[{"role": "user", "content": "Now is the winter of our discontent"}],
                 [{"role": "user", "content": "To be, or not to be"}]]
-        results = [None, None]
-
-        def ask(i):
-            results[i] = running.client.chat.completions.create(model="tiny", messages=asks[i], max_tokens=6,
-                                                                temperature=0)
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = at_once(*(lambda m=m: running.client.chat.completions.create(
+            model="tiny", messages=m, max_tokens=6, temperature=0) for m in asks))
         again = asks[0] + [{"role": "assistant", "content": results[0].choices[0].message.content or "-"},
                            {"role": "user", "content": "And then?"}]
         results.append(running.client.chat.completions.create(model="tiny", messages=again, max_tokens=6,

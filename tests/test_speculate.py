@@ -4,7 +4,6 @@ max_tokens; chat turns after speculative ones; and sampling's distribution again
 import math
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -195,7 +194,7 @@ def test_the_shipped_demo_prints_the_same_with_speculation():
 def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
     """Concurrent requests on an engine whose rows draft (its cache with the window and 4 spare slots): each answer,
     long enough to wrap its row many times, is the cache-free greedy one."""
-    from test_server import V3, Running, _greedy
+    from test_server import V3, Running, _greedy, at_once
 
     from mistral.engine import Engine
     from mistral.tokenizer import Tokenizer
@@ -207,17 +206,8 @@ def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
     running = Running(model, tok, engine=engine)  # (which starts it)
     try:
         asks = ["Now is the winter, the winter, the winter of our discontent", "To be, or not to be, or not to be"]
-        results = [None, None]
-
-        def ask(i):
-            results[i] = running.client.completions.create(model="tiny", prompt=asks[i], max_tokens=40,
-                                                           temperature=0)
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = at_once(*(lambda a=a: running.client.completions.create(model="tiny", prompt=a, max_tokens=40,
+                                                                           temperature=0) for a in asks))
         for prompt, r in zip(asks, results):
             want = _greedy(model, tok.encode(prompt, bos=True), 40, tok.eos_id)
             assert r.choices[0].text == tok.decode(tok.encode(prompt, bos=True) + want)[len(prompt):]
