@@ -32,7 +32,7 @@ from mistral.generate import PREFILL_CHUNK, check_speculate, generate_ids
 from mistral.model import Transformer
 from mistral.sampling import SamplingParams, check_options
 from mistral.tokenizer import Tokenizer
-from mistral.tools import check_tools, read_calls
+from mistral.tools import check_tools, openai_call, read_calls
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +224,7 @@ class Chat:
         answer = sampled[:-1] if sampled[-1] == self.tokenizer.eos_id else sampled
         calls = self._calls(answer)
         if calls:  # kept as mistral_common encodes calls (with their ids): the next turn pre-fills from there
-            said = {"role": "assistant", "tool_calls": [
-                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                for c in calls]}
+            said = {"role": "assistant", "tool_calls": [openai_call(c) for c in calls]}
         else:
             said = {"role": "assistant", "ids": answer}
         self.turns = turns[:-1] + [turns[-1] + [said]]

@@ -338,7 +338,7 @@ class Run:
                 message = {"role": "assistant", "content": text}
                 if c.calls:
                     message = {"role": "assistant", "content": text.strip() or None,
-                               "tool_calls": [_call(call) for call in c.calls]}
+                               "tool_calls": [tools.openai_call(call) for call in c.calls]}
                 choices.append({"index": c.index, "message": message, "logprobs": logprobs,
                                 "finish_reason": c.finish})
             else:
@@ -369,7 +369,7 @@ class Run:
                 if c.calls and not c.sent_calls:
                     c.sent_calls = True
                     for k, call in enumerate(c.calls):
-                        yield self._chunk(c, {"tool_calls": [{"index": k, **_call(call)}]},
+                        yield self._chunk(c, {"tool_calls": [{"index": k, **tools.openai_call(call)}]},
                                           self._stream_logprobs(c, "") if k == 0 else None)
                 if c.holding():
                     continue
@@ -452,12 +452,6 @@ class Run:
         log.info("%s: %d prompt tokens (%d cached), %d generated, first token after %.2f s, %.1f tokens/s, %s",
                  self.job.id, sum(map(len, self.job.prompts)), self._usage()["prompt_tokens_details"]["cached_tokens"],
                  generated, ttft, rate, ",".join(c.finish or "?" for c in self.choices))
-
-
-def _call(call: dict) -> dict:
-    """A call read from an answer, in OpenAI's shape."""
-    return {"id": call["id"], "type": "function",
-            "function": {"name": call["name"], "arguments": call["arguments"]}}
 
 
 class Uvicorn(uvicorn.Server):

@@ -87,6 +87,12 @@ def read_calls(text: str) -> tuple[list[dict], str] | None:
     return calls, text[end:]
 
 
+def openai_call(call: dict) -> dict:
+    """A call read from an answer ({"id", "name", "arguments"}) in OpenAI's shape, as a server sends it and a
+    conversation keeps it."""
+    return {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+
+
 def may_be_whole(text: str) -> bool:
     """Whether the text after [TOOL_CALLS] may now hold its whole list (it ends with "]"): when it is worth reading."""
     return text.rstrip().endswith("]")
