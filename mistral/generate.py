@@ -19,7 +19,7 @@ from mistral.errors import MistralError
 from mistral.memory import gb, memory_available
 from mistral.model import Transformer
 from mistral.runners import Runner
-from mistral.sampling import SamplingParams, check_options, probabilities, sample
+from mistral.sampling import SamplingParams, check_options, is_greedy, probabilities, sample
 from mistral.speculate import Drafter, accept_sampled
 from mistral.tokenizer import Tokenizer
 
@@ -413,7 +413,7 @@ def _pick(logits: torch.Tensor, targets: list[int], owners: list[Row], runner: R
     draws: dict[tuple, list[int]] = {}  # (sampling, generator) -> the positions it samples
     drafts: dict[int, list[int]] = {}  # a sampling row with a draft -> its positions, verified together
     for r, (row, new) in enumerate(zip(owners, to_sample)):
-        if new and row.draft and row.sampling.temperature >= torch.finfo(torch.float32).tiny:
+        if new and row.draft and not is_greedy(row.sampling.temperature):  # greedy drafts: argmax, as any token
             drafts.setdefault(id(row), []).append(r)
         elif new:
             draws.setdefault((row.sampling, id(row.generator)), []).append(r)

@@ -51,6 +51,11 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(order, -1, choice).squeeze(-1)
 
 
+def is_greedy(temperature: float) -> bool:
+    """Whether sample() at this temperature is greedy: 0, or so small that dividing by it would overflow."""
+    return temperature < torch.finfo(torch.float32).tiny
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (N, V) -> (N,) next tokens: greedy at temperature 0, else temperature with top-k then top-p.
@@ -59,7 +64,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: 
     the quotients overflow (1e-40, say), every other token then goes to -inf and the largest keeps 0, so sampling is
     greedy, its limit, instead of a softmax of inf - inf. Below fp32's smallest normal number the temperature itself
     would round to 0 in the division: that is greedy too."""
-    if temperature < torch.finfo(torch.float32).tiny:
+    if is_greedy(temperature):
         return logits.argmax(dim=-1)
     logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k:
