@@ -90,7 +90,7 @@ def accept_sampled(probs: torch.Tensor, draft: list[int], generator: torch.Gener
             continue
         rest = probs[i].clone()
         rest[d] = 0
-        if rest.sum() <= 0:  # p(d) was 1 and u fell at 1: cannot happen with u < 1; keep d
+        if rest.sum() <= 0:  # top_k or top_p left d alone, its probability rounded just below u: d it is
             kept.append(d)
             continue
         kept.append(int(torch.multinomial(rest, 1, generator=generator)))
