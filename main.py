@@ -1,5 +1,6 @@
 """Command line: `python -m main demo|interactive|chat|fim|serve|explain|convert|quantize`. Run `python -m main
 --help`."""
+import collections
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from mistral import checkpoint, cli, terminal
 from mistral.args import ModelArgs
 from mistral.cache import slots_for
-from mistral.chat import Chat, Turn, conversation_limit
+from mistral.chat import Chat, Turn, conversation_limit, drafts_kept
 from mistral.errors import MistralError
 from mistral.generate import (PREFILL_CHUNK, check_speculate, generate, generate_ids,  # noqa: F401  (re-exported)
                               speculating_slots)
@@ -51,10 +52,12 @@ def _streamed(ids: list[int], model, stream: terminal.Stream, **generation) -> T
         stream.add(token)
 
     start = time.perf_counter()
-    generate_ids([ids], model, on_token=on_token, **generation)
+    drafts = collections.Counter() if generation.get("speculate") else None
+    generate_ids([ids], model, on_token=on_token, counts=drafts, **generation)
     end = time.perf_counter()
     first = times[0] if times else end
-    return Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first, len(ids) + len(times))
+    return Turn(stream.tokens, len(ids), first - start, max(len(times) - 1, 0), end - first, len(ids) + len(times),
+                drafts=drafts)
 
 
 def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,
@@ -86,10 +89,11 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
     def on_token(row: int, token: int) -> None:
         first_token_at.setdefault(row, time.perf_counter())
 
-    start = time.perf_counter()
+    start, drafts = time.perf_counter(), collections.Counter()
     generated, _ = generate_ids(encoded, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, chunk_size=chunk_size, eos_id=tokenizer.eos_id,
-                                generator=_generator(seed, model.device), on_token=on_token, speculate=speculate)
+                                generator=_generator(seed, model.device), on_token=on_token, speculate=speculate,
+                                counts=drafts)
     end = time.perf_counter()
     if terminal.is_printing_rank():
         for p, g in zip(encoded, generated):
@@ -100,8 +104,9 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
         n_prompt, n_new = sum(map(len, encoded)), sum(map(len, generated))
         n_decoded = n_new - len(first_token_at)
         print(f"{n_new} tokens generated; pre-fill {n_prompt / (prefill_end - start):,.0f} tokens/s, decode "
-              f"{n_decoded / max(end - prefill_end, 1e-9):,.1f} tokens/s; peak memory "
-              f"{terminal.peak_memory_mb(model.device):,.0f} MB", file=sys.stderr)
+              f"{n_decoded / max(end - prefill_end, 1e-9):,.1f} tokens/s; "
+              + (f"{drafts_kept(drafts)}; " if speculate else "")
+              + f"peak memory {terminal.peak_memory_mb(model.device):,.0f} MB", file=sys.stderr)
 
 
 def interactive(model_path: str | None = None, max_tokens: int = 35, temperature: float = SamplingParams.temperature,

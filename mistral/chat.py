@@ -20,6 +20,7 @@ needs no more memory than a short one. A turn that fails (an exception other tha
 back to where it was before it, or, where the turn overwrote slots of earlier positions, starts over and the next turn
 pre-fills the whole conversation; the exception propagates.
 """
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -71,12 +72,20 @@ class Turn:
     context: int  # ids the conversation holds now, the answer and its EOS included
     stopped: bool = False  # by Ctrl-C: the answer is what was sampled until then (nothing, during pre-fill)
     calls: list[dict] | None = None  # an answer of tool calls: {"id", "name", "arguments"} each, awaiting results
+    drafts: collections.Counter | None = None  # speculating: the draft tokens fed ("drafted") and kept ("accepted")
 
     def stats(self) -> str:
-        return (f"prefill {self.prefilled} tokens in {self.prefill_s:.2f} s "
+        line = (f"prefill {self.prefilled} tokens in {self.prefill_s:.2f} s "
                 f"({self.prefilled / max(self.prefill_s, 1e-9):,.1f} tokens/s), decode {self.decoded} tokens in "
                 f"{self.decode_s:.2f} s ({self.decoded / max(self.decode_s, 1e-9):,.1f} tokens/s), "
                 f"context {self.context} tokens")
+        return line + (f", {drafts_kept(self.drafts)}" if self.drafts is not None else "")
+
+
+def drafts_kept(counts: collections.Counter) -> str:
+    """How speculation went, for a stats line: "drafts kept 57 of 100 tokens (57%)"."""
+    drafted, accepted = counts["drafted"], counts["accepted"]
+    return f"drafts kept {accepted} of {drafted} tokens ({accepted / max(drafted, 1):.0%})"
 
 
 def user(text: str) -> list[dict]:
@@ -197,9 +206,10 @@ class Chat:
                 on_token(token)
 
         start, stopped = time.perf_counter(), False
+        drafts = collections.Counter() if self.options["speculate"] else None
         try:
             generate_ids([new], self.model, eos_id=self.tokenizer.eos_id, on_token=took, cache=self.cache,
-                         history=[target[:kept]], **self.options)
+                         history=[target[:kept]], counts=drafts, **self.options)
         except KeyboardInterrupt:
             stopped = True
         except BaseException:
@@ -213,7 +223,7 @@ class Chat:
             self.fed = target[:n_cached] if len(target) <= self.cache.slots else []
             if not self.fed:
                 self.cache.reset()
-            return Turn([], n_cached - kept, end - start, 0, 0.0, self.context, stopped=True)
+            return Turn([], n_cached - kept, end - start, 0, 0.0, self.context, stopped=True, drafts=drafts)
         # Every sampled id but the last went through the model (a decode step stopped midway wrote only its own slot;
         # Ctrl-C between a verified draft and its taking back leaves the draft's positions, taken back here).
         if stopped and n_cached > len(target) + len(sampled) - 1:
@@ -231,7 +241,7 @@ class Chat:
         self.context = len(target) + len(answer) + 1
         first = times[0] if times else end
         return Turn(answer, len(new), first - start, len(sampled) - 1, end - first, self.context, stopped=stopped,
-                    calls=calls)
+                    calls=calls, drafts=drafts)
 
     def _calls(self, answer: list[int]) -> list[dict] | None:
         """The calls of an answer that starts with [TOOL_CALLS] and a JSON list of them, where tools were offered."""

@@ -99,7 +99,9 @@ class Engine:
         self.lock = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.counts = collections.Counter()  # for /metrics: prefilled, generated, requests, ttft_sum, ttft_count
+        # For /metrics: prefilled, generated, requests, ttft_sum, ttft_count; drafted and accepted (draft tokens fed
+        # and kept, --speculate) by requests that ended.
+        self.counts = collections.Counter()
         # Called after a step whose tokens went out, before the next: a server waits there (briefly) until it has sent
         # them, so that its thread does not take a core from the next step's kernels, whose threads would all wait
         # for the one it displaced at their next barrier.
@@ -214,6 +216,7 @@ class Engine:
         """Row b takes no more steps; its cache keeps what it holds for a later request to reuse, unless clear (its
         numbers are broken: a masked slot holding NaN still poisons an attention that reads it)."""
         row, request = self.batch.rows[b], self.owners[b]
+        self.counts.update(drafted=row.drafted, accepted=row.accepted)
         self.held[b] = [] if clear else (request.ids + row.generated)[: self.cache.seq_pos[b]]
         if clear:
             self.cache.clear(b)

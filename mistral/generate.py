@@ -6,6 +6,7 @@ for it, and then each row takes the tokens picked for it. Rows can join and leav
 feeds nothing, and a new Row can take its place in the cache (after cache.rewind(b, 0)); a server is this loop with
 a queue in front.
 """
+import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,7 +166,8 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
                  generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
                  cache: RotatingBufferCache | None = None, prompt_logprobs: bool = False,
                  engine: bool = True, compiled: CompiledDecoder | None = None, speculate: int = 0,
-                 history: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                 history: list[list[int]] | None = None,
+                 counts: collections.Counter | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Complete token prompts; returns (generated ids, logprobs) per prompt.
 
     logprobs[b] scores every generated token; with prompt_logprobs, first every prompt token after the first
@@ -185,6 +187,7 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     them in the same step (mistral/speculate.py): greedy, the same ids as without; sampling, the same distribution. A
     cache given for it needs K spare slots where a row may wrap (RotatingBufferCache(spare=K)). history[b]: ids
     before prompt b that row b's drafts may be found in too (what the cache already holds of a conversation).
+    counts: gains every row's draft tokens fed ("drafted") and kept ("accepted"), also when a step raises.
 
     A step that raises (in its forward, on whatever runs it, or on non-finite logits; Ctrl-C included) is not counted:
     the exception propagates, and each row's cache.seq_pos is what it was before that step, so it counts exactly the
@@ -215,8 +218,13 @@ def generate_ids(prompts: list[list[int]], model: Transformer, *, max_tokens: in
     batch = Batch(model, cache, Runner(model, engine, compiled), chunk_size, prompt_logprobs=prompt_logprobs)
     batch.rows = [Row(p, max_tokens, eos_id, sampling, generator, speculate=speculate,
                       history=history[b] if history else None) for b, p in enumerate(prompts)]
-    while batch.step(on_token):
-        pass
+    try:
+        while batch.step(on_token):
+            pass
+    finally:
+        if counts is not None:
+            counts.update(drafted=sum(row.drafted for row in batch.rows),
+                          accepted=sum(row.accepted for row in batch.rows))
     return [row.generated for row in batch.rows], [row.logprobs for row in batch.rows]
 
 

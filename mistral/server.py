@@ -198,7 +198,10 @@ class Server:
                 ("rows", "gauge", load["rows"], "Cache rows"),
                 ("requests_total", "counter", counts.get("requests", 0), "Requests that took a row"),
                 ("prompt_tokens_total", "counter", counts.get("prefilled", 0), "Prompt tokens pre-filled"),
-                ("generation_tokens_total", "counter", counts.get("generated", 0), "Tokens generated")):
+                ("generation_tokens_total", "counter", counts.get("generated", 0), "Tokens generated"),
+                ("draft_tokens_total", "counter", counts.get("drafted", 0),
+                 "Draft tokens verified (--speculate), by requests that ended"),
+                ("draft_tokens_accepted_total", "counter", counts.get("accepted", 0), "Draft tokens kept")):
             lines += [f"# HELP mistral_{name} {what}.", f"# TYPE mistral_{name} {kind}", f"mistral_{name} {value}"]
         lines += ["# HELP mistral_time_to_first_token_seconds From a request's arrival to its first token.",
                   "# TYPE mistral_time_to_first_token_seconds summary",

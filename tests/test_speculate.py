@@ -2,6 +2,7 @@
 path, over runs that wrap the rolling cache many times; drafts all rejected, all accepted, and ended by EOS or
 max_tokens; chat turns after speculative ones; and sampling's distribution against plain sampling's (chi-square)."""
 import math
+import re
 import subprocess
 import sys
 
@@ -125,6 +126,35 @@ def test_eos_inside_an_accepted_run_and_rows_that_end_mid_draft():
     assert all(row.finished for row in rows)
 
 
+@pytest.mark.parametrize("right", [True, False], ids=["right", "wrong"])
+def test_the_drafts_counted_are_those_fed_and_kept(right, monkeypatch):
+    """generate_ids(counts=) gains the draft tokens fed and kept: an oracle's drafts of 4, all right (5 tokens a step,
+    6 steps after pre-fill) or all wrong (1 a step, each draft as long as the room left allows)."""
+    model = random_model(tiny_params(), max_batch_size=4)
+    want, _ = generate_ids(PROMPTS, model, max_tokens=31)
+
+    class Oracle:
+        def __init__(self, tokens, most):
+            self.answer, self.at = want[PROMPTS.index(tokens)], 0
+
+        def extend(self, tokens):
+            self.at += len(tokens)
+
+        def draft(self, room):
+            k = min(4, room)
+            return self.answer[self.at : self.at + k] if right else [(self.answer[self.at] + 1) % 64] * k
+
+        def verified(self, drafted, accepted):
+            pass
+
+    monkeypatch.setattr("mistral.generate.Drafter", Oracle)
+    counts = __import__("collections").Counter()
+    ids, _ = generate_ids(PROMPTS, model, max_tokens=31, speculate=4, counts=counts)
+    assert ids == want
+    per_row = 6 * 4 if right else sum(min(4, 31 - g - 1) for g in range(1, 31))  # g: tokens before the step
+    assert counts == {"drafted": 3 * per_row, "accepted": 3 * per_row if right else 0}
+
+
 def test_a_cache_without_spare_slots_is_refused_where_rows_wrap():
     model = random_model(tiny_params(), max_batch_size=4)
     cache = RotatingBufferCache(2, 3, W, model.args.n_kv_heads, model.args.head_dim)
@@ -189,6 +219,9 @@ def test_the_shipped_demo_prints_the_same_with_speculation():
                          capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout == (ROOT / "tests" / "data" / "shipped_demo.txt").read_bytes()
+    found = re.search(r"; drafts kept (\d+) of (\d+) tokens \((\d+)%\); ", out.stderr.decode())
+    kept, drafted, share = map(int, found.groups())
+    assert 0 < kept <= drafted and share == round(100 * kept / drafted)
 
 
 def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
@@ -211,6 +244,8 @@ def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
         for prompt, r in zip(asks, results):
             want = _greedy(model, tok.encode(prompt, bos=True), 40, tok.eos_id)
             assert r.choices[0].text == tok.decode(tok.encode(prompt, bos=True) + want)[len(prompt):]
+        drafted, kept = running.metric("draft_tokens_total"), running.metric("draft_tokens_accepted_total")
+        assert 0 <= kept <= drafted and drafted > 0  # (this random model rarely repeats itself: few are kept)
     finally:
         running.close()
 
@@ -237,8 +272,10 @@ def test_drafts_are_found_in_the_history_too(monkeypatch):
     talk = Chat(random_model(tiny_params(vocab_size=32768, sliding_window=None), seed=2), tok, max_tokens=6,
                 speculate=2)
     talk.say("Hello there")
-    talk.say("Again")
+    turn = talk.say("Again")
     assert seen[-1] == talk.ids(talk.turns[:-1] + [[{"role": "user", "content": "Again"}]])
+    assert turn.stats().endswith(f", drafts kept {turn.drafts['accepted']} of {turn.drafts['drafted']} tokens "
+                                 f"({turn.drafts['accepted'] / max(turn.drafts['drafted'], 1):.0%})")
 
 
 def test_ctrl_c_inside_a_verified_draft_leaves_the_chat_as_a_plain_one(monkeypatch):
