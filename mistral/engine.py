@@ -68,6 +68,7 @@ class Request:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    sent: int = 0  # tokens emitted so far
 
 
 class QueueFull(Exception):
@@ -195,7 +196,11 @@ class Engine:
             self.counts["ttft_count"] += 1
             self.counts["prefilled"] += len(request.ids) - request.cached
         self.counts["generated"] += 1
-        request.emit("token", (token, row.logprobs[-1], row.top[-1] if row.top_logprobs else None))
+        # A step may keep several tokens (a verified draft), all taken before the first is told: each goes out with
+        # its own logprob (the last len(generated) of row.logprobs are the generated tokens') and top ones.
+        i, request.sent = request.sent, request.sent + 1
+        logprob = row.logprobs[len(row.logprobs) - len(row.generated) + i]
+        request.emit("token", (token, logprob, row.top[i] if row.top_logprobs else None))
 
     def _retire(self) -> None:
         """Free the rows of requests that are done, stopped or cancelled, telling each why it ended."""

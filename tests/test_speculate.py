@@ -250,6 +250,52 @@ def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
         running.close()
 
 
+def test_the_server_gives_each_kept_token_its_own_logprobs(monkeypatch):
+    """A step that keeps several tokens (an oracle drafts the greedy answer, so each keeps 5) streams each with its own
+    logprob and top_logprobs: the model's, from one forward without cache."""
+    from test_server import V3, Running, _greedy, reference
+
+    from mistral.engine import Engine
+    from mistral.tokenizer import Tokenizer
+
+    tok = Tokenizer(V3)
+    model = random_model(tiny_params(vocab_size=32768, sliding_window=W), seed=4)
+    prompt = "To be, or not to be, that is the question"
+    ids = tok.encode(prompt, bos=True)
+    want = _greedy(model, ids, 20, tok.eos_id)
+
+    class Oracle:
+        def __init__(self, tokens, most):
+            self.at = 0
+
+        def extend(self, tokens):
+            self.at += len(tokens)
+
+        def draft(self, room):
+            return want[self.at : self.at + min(4, room)]
+
+        def verified(self, drafted, accepted):
+            pass
+
+    monkeypatch.setattr("mistral.generate.Drafter", Oracle)
+    engine = Engine(model, tok.eos_id, rows=1, slots=W + 4, speculate=4)
+    running = Running(model, tok, engine=engine)
+    try:
+        for stream in (False, True):
+            got = running.client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0,
+                                                    logprobs=2, stream=stream)
+            told = [part.choices[0].logprobs for part in (list(got) if stream else [got])]
+            lps = [lp for t in told if t is not None for lp in t.token_logprobs]
+            tops = [top for t in told if t is not None for top in t.top_logprobs]
+            answer = [t for t in want if t != tok.eos_id]
+            torch.testing.assert_close(torch.tensor(lps[: len(answer)]), torch.tensor(reference(model, ids, answer)[1]),
+                                       rtol=0, atol=1e-4)
+            assert all(lp == pytest.approx(max(top.values()), abs=1e-6) for lp, top in zip(lps, tops))
+        assert engine.counts["accepted"] == engine.counts["drafted"] > 0
+    finally:
+        running.close()
+
+
 @pytest.mark.parametrize("command", ["demo", "interactive", "chat", "serve"])
 def test_a_bad_speculate_is_one_line(command):
     code, out, err = cli(command, "--speculate", "99")
