@@ -463,10 +463,10 @@ def generate(prompts: list[str], model: Transformer, tokenizer: Tokenizer, *, ma
              temperature: float = SamplingParams.temperature, top_p: float = SamplingParams.top_p,
              top_k: int = SamplingParams.top_k, chunk_size: int | None = None,
              eos_id: int | None = None, generator: torch.Generator | None = None,
-             prompt_logprobs: bool = False) -> tuple[list[str], list[list[float]]]:
+             prompt_logprobs: bool = False, speculate: int = 0) -> tuple[list[str], list[list[float]]]:
     """Complete text prompts. Returns (texts, logprobs): texts[i] is prompt plus completion, decoded
     together; logprobs[i] scores every generated token (with prompt_logprobs, every prompt token after the
-    first before them)."""
+    first before them). speculate: as generate_ids'."""
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         # a string is a sequence too: each of its characters would be taken for a prompt
         raise MistralError(f"prompts must be a list of strings, got {type(prompts).__name__}; for one prompt: [prompt]")
@@ -475,5 +475,5 @@ def generate(prompts: list[str], model: Transformer, tokenizer: Tokenizer, *, ma
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]
     generated, logprobs = generate_ids(encoded, model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                        top_k=top_k, chunk_size=chunk_size, eos_id=eos_id, generator=generator,
-                                       prompt_logprobs=prompt_logprobs)
+                                       prompt_logprobs=prompt_logprobs, speculate=speculate)
     return [tokenizer.decode(p + g) for p, g in zip(encoded, generated)], logprobs

@@ -77,6 +77,21 @@ def test_greedy_ids_on_other_models(params):
     assert spec == ids
 
 
+def test_generate_takes_speculate_too():
+    """The text-level generate: the shipped model's completions, greedy, with drafts as without."""
+    from mistral.checkpoint import load_model
+    from mistral.generate import generate
+    from mistral.tokenizer import Tokenizer
+
+    shipped = ROOT / "mistral" / "assets"
+    model, tok = load_model(shipped, max_batch_size=2, device="cpu"), Tokenizer.from_folder(shipped)
+    prompts = ["To be, or not to be, that is the question:", "ROMEO:\nBut soft, what light"]
+    plain, plain_lps = generate(prompts, model, tok, max_tokens=40)
+    texts, lps = generate(prompts, model, tok, max_tokens=40, speculate=4)
+    assert texts == plain
+    torch.testing.assert_close(torch.tensor(lps), torch.tensor(plain_lps), rtol=0, atol=1e-5)
+
+
 def steps_and_rows(model, prompts, k, max_tokens, eos_id=None, drafts=None):
     """Run a speculative generation step by step; drafts(row index, row): a hand-made draft instead of the row's."""
     cache = RotatingBufferCache(model.n_local_layers, len(prompts), W + k, model.args.n_kv_heads,
