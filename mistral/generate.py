@@ -68,6 +68,7 @@ class Row:
         self.top: list[list[tuple[int, float]]] = []  # with top_logprobs: (token, logprob) pairs of each sampled one
         self.finished = max_tokens == 0
         self.failed: str | None = None  # why the row was stopped by its own broken numbers (Batch(strict=False))
+        self.speculate = speculate
         self.drafter = Drafter((history or []) + prompt, speculate) if speculate else None
         self.draft: list[int] = []  # the tokens drafted for the step under way, fed after the last generated one
         self.drafted = self.accepted = 0  # draft tokens fed and kept, over the whole row
@@ -76,10 +77,10 @@ class Row:
     def prefilling(self) -> bool:
         return self.fed < len(self.prompt)
 
-    def feed(self, limit: int | None) -> tuple[list[int], list[int]]:
-        """(the tokens this row feeds in the next step, at most `limit` of its prompt (None: all of it), and what the
-        logits of each predict: the next prompt token, or NEW); its last prompt token predicts nothing when max_tokens
-        is 0."""
+    def feed(self, limit: int | None, drafts: int = MAX_SPECULATE) -> tuple[list[int], list[int]]:
+        """(the tokens this row feeds in the next step, at most `limit` of its prompt (None: all of it), or its last
+        token and a draft of at most `drafts`; and what the logits of each predict: the next prompt token, or NEW); its
+        last prompt token predicts nothing when max_tokens is 0."""
         prompt = self.prompt
         if self.prefilling:
             if limit == 0:
@@ -92,7 +93,8 @@ class Row:
             return chunk, nexts
         if not self.finished:
             # No draft past what the row may still generate: the last token it keeps is never fed.
-            self.draft = self.drafter.draft(self.max_tokens - len(self.generated) - 1) if self.drafter else []
+            room = min(self.max_tokens - len(self.generated) - 1, drafts)
+            self.draft = self.drafter.draft(room) if self.drafter else []
             return self.generated[-1:] + self.draft, [NEW] * (1 + len(self.draft))
         return [], []
 
@@ -133,10 +135,18 @@ def plan_step(rows: list[Row | None], chunk_size: int | None, prompt_logprobs: b
     budget: the most tokens the step feeds, where it can: every decoding row takes its one token, and the pre-filling
     ones share what is left, in row order, each its next chunk of chunk_size (those it does not fit sit the step out;
     the first goes whatever its size). A long prompt then comes in over several steps while the other rows keep
-    decoding, one token a step, and it is cut into the same chunks as it would be alone."""
+    decoding, one token a step, and it is cut into the same chunks as it would be alone.
+
+    Speculating rows (mistral/speculate.py) share 1 + K tokens a step with the other decoding rows, in row order: a
+    row alone drafts up to K, and 1 + K rows or more draft nothing. A step's first few tokens cost little more than
+    one, while reading the weights takes longer than the arithmetic; past that each costs about as much as a step's
+    tokens on average (on a 2-core CPU, 0.3-0.5 of a one-row step for a 7B in int4: bench/speculate.py). There, a
+    draft token rejected even once in a while loses time, and the rows of a batch are the better use of a step."""
     plan = Plan([], [], [], [], [])
-    decoding = sum(row is not None and not row.prefilling and not row.finished for row in rows)
-    left = None if budget is None else max(budget - decoding, 0)  # tokens the pre-filling rows may still feed
+    decoding = [row for row in rows if row is not None and not row.prefilling and not row.finished]
+    most = max((row.speculate for row in decoding), default=0)
+    drafts = max(most + 1 - len(decoding), 0)  # the draft tokens this step's decoding rows may share
+    left = None if budget is None else max(budget - len(decoding), 0)  # tokens the pre-filling rows may still feed
     for b, row in enumerate(rows):
         limit = chunk_size
         if row is not None and row.prefilling and left is not None:
@@ -145,7 +155,9 @@ def plan_step(rows: list[Row | None], chunk_size: int | None, prompt_logprobs: b
             whole = min(chunk_size or len(row.prompt), len(row.prompt) - row.fed)
             limit = whole if whole <= left or left == budget - decoding else 0
             left = max(left - whole, 0) if limit else left
-        chunk, nexts = row.feed(limit) if row is not None else ([], [])
+        chunk, nexts = row.feed(limit, drafts) if row is not None else ([], [])
+        if row is not None and row.draft:
+            drafts -= len(row.draft)
         if not (prompt_logprobs or (row is not None and row.score_prompt)):
             nexts = [t for t in nexts if t == NEW]  # the last prompt token's, or a decoding row's (with its draft)
             first = len(plan.inputs) + len(chunk) - len(nexts)

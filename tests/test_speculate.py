@@ -46,9 +46,12 @@ def test_a_row_whose_drafts_fail_drafts_less_and_waits_longer():
     assert d.length == 2 and d.backoff == 1
 
 
-def plain_and_speculative(model, k, **options):
-    plain = generate_ids(PROMPTS, model, max_tokens=60, **options)
-    return plain, generate_ids(PROMPTS, model, max_tokens=60, speculate=k, **options)
+def plain_and_speculative(model, k, prompts=PROMPTS, **options):
+    plain = generate_ids(prompts, model, max_tokens=60, **options)
+    counts = __import__("collections").Counter()
+    spec = generate_ids(prompts, model, max_tokens=60, speculate=k, counts=counts, **options)
+    assert counts["accepted"] > 0 and counts["drafted"] > counts["accepted"]  # drafts kept, and taken back
+    return plain, spec
 
 
 def quantized(kind):
@@ -56,13 +59,14 @@ def quantized(kind):
     return {"fp32": lambda m: m, "bf16": bf16_weight_only, "int8": quantize_int8, "int4": quantize_int4}[kind](model)
 
 
-@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("k, rows", [(1, 1), (3, 1), (8, 3), (12, 3)])
 @pytest.mark.parametrize("engine", [True, False], ids=["engine", "torch"])
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
-def test_greedy_ids_are_those_of_plain_decoding(kind, engine, k):
+def test_greedy_ids_are_those_of_plain_decoding(kind, engine, k, rows):
     """60 tokens past prompts longer than W=5: each row wraps its cache a dozen times, with drafts found, kept and
-    taken back. Greedy, the ids are the same as without speculation; the logprobs are the model's own for each."""
-    (ids, lps), (spec, spec_lps) = plain_and_speculative(quantized(kind), k, engine=engine)
+    taken back, one row alone or three sharing 1 + K tokens a step. Greedy, the ids are the same as without
+    speculation; the logprobs are the model's own for each."""
+    (ids, lps), (spec, spec_lps) = plain_and_speculative(quantized(kind), k, PROMPTS[:rows], engine=engine)
     assert spec == ids
     for a, b in zip(lps, spec_lps):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=1e-5)
@@ -107,25 +111,43 @@ def steps_and_rows(model, prompts, k, max_tokens, eos_id=None, drafts=None):
     return steps, batch.rows
 
 
-def test_drafts_all_rejected_change_nothing():
+@pytest.mark.parametrize("b", range(len(PROMPTS)))
+def test_drafts_all_rejected_change_nothing(b):
     """Every draft wrong (a token the model never picks next): every step keeps one token, the model's, and takes the
     draft back; the ids are those of plain decoding."""
     model = random_model(tiny_params(), max_batch_size=4)
-    want, _ = generate_ids(PROMPTS, model, max_tokens=30)
-    wrong = lambda b, row: [(want[b][len(row.generated)] + 1) % 64] * 4  # noqa: E731
-    steps, rows = steps_and_rows(model, PROMPTS, 4, 30, drafts=wrong)
-    assert [row.generated for row in rows] == want
-    assert all(row.accepted == 0 and row.drafted > 0 for row in rows)
+    want = generate_ids(PROMPTS, model, max_tokens=30)[0][b]
+    wrong = lambda _, row: [(want[len(row.generated)] + 1) % 64] * 4  # noqa: E731
+    steps, (row,) = steps_and_rows(model, [PROMPTS[b]], 4, 30, drafts=wrong)
+    assert row.generated == want and row.accepted == 0 and row.drafted > 0
     assert steps == 1 + 29  # pre-fill, then one token per step
 
 
-def test_drafts_all_accepted_take_k_plus_one_tokens_a_step():
+@pytest.mark.parametrize("b", range(len(PROMPTS)))
+def test_drafts_all_accepted_take_k_plus_one_tokens_a_step(b):
+    model = random_model(tiny_params(), max_batch_size=4)
+    want = generate_ids(PROMPTS, model, max_tokens=31)[0][b]
+    steps, (row,) = steps_and_rows(model, [PROMPTS[b]], 4, 31, drafts=lambda _, row: want[len(row.generated):])
+    assert row.generated == want
+    assert row.accepted == row.drafted == 24  # 4 drafted in each of the 6 steps after pre-fill
+    assert steps == 1 + 30 // 5  # pre-fill, then 5 tokens a step
+
+
+def test_rows_share_one_plus_k_tokens_a_step():
+    """A step feeds at most 1 + K tokens, or one per decoding row where there are more: with K = 4, two rows share 3
+    draft tokens (the first row first) and a row alone drafts 4; with K = 2, three rows draft nothing. Every draft
+    right (an oracle's), the ids are plain decoding's."""
     model = random_model(tiny_params(), max_batch_size=4)
     want, _ = generate_ids(PROMPTS, model, max_tokens=31)
-    steps, rows = steps_and_rows(model, PROMPTS, 4, 31, drafts=lambda b, row: want[b][len(row.generated):])
-    assert [row.generated for row in rows] == want
-    assert all(row.accepted == row.drafted == 24 for row in rows)  # 4 drafted in each of the 6 steps after pre-fill
-    assert steps == 1 + 30 // 5  # pre-fill, then 5 tokens a step
+    right = lambda b, row: want[b][len(row.generated):]  # noqa: E731
+    steps, rows = steps_and_rows(model, PROMPTS[:2], 4, 31, drafts=right)
+    assert [row.generated for row in rows] == want[:2]
+    # Row 0: 3 drafted a step, 4 tokens, from 1 to 29 tokens in 7 steps, then 1 (room for 1 more) in the 8th; row 1
+    # meanwhile 1 token a step, to 8, then in the 8th the 2 draft tokens row 0 left, to 11; alone, 4 drafted a step,
+    # to 31 in 4 steps.
+    assert (rows[0].drafted, rows[1].drafted, steps) == (7 * 3 + 1, 2 + 4 * 4, 1 + 8 + 4)
+    steps, rows = steps_and_rows(model, PROMPTS, 2, 31, drafts=right)
+    assert [row.generated for row in rows] == want and all(row.drafted == 0 for row in rows) and steps == 1 + 30
 
 
 def test_eos_inside_an_accepted_run_and_rows_that_end_mid_draft():
@@ -164,8 +186,9 @@ def test_the_drafts_counted_are_those_fed_and_kept(right, monkeypatch):
 
     monkeypatch.setattr("mistral.generate.Drafter", Oracle)
     counts = __import__("collections").Counter()
-    ids, _ = generate_ids(PROMPTS, model, max_tokens=31, speculate=4, counts=counts)
-    assert ids == want
+    for b, prompt in enumerate(PROMPTS):  # one at a time: a row alone drafts K a step
+        ids, _ = generate_ids([prompt], model, max_tokens=31, speculate=4, counts=counts)
+        assert ids == [want[b]]
     per_row = 6 * 4 if right else sum(min(4, 31 - g - 1) for g in range(1, 31))  # g: tokens before the step
     assert counts == {"drafted": 3 * per_row, "accepted": 3 * per_row if right else 0}
 
