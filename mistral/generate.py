@@ -153,7 +153,7 @@ def plan_step(rows: list[Row | None], chunk_size: int | None, prompt_logprobs: b
             # A whole chunk or none, so that a prompt is cut into the same chunks whatever else runs; the first one
             # goes even past the budget, so that a chunk larger than it still comes in.
             whole = min(chunk_size or len(row.prompt), len(row.prompt) - row.fed)
-            limit = whole if whole <= left or left == budget - decoding else 0
+            limit = whole if whole <= left or left == budget - len(decoding) else 0
             left = max(left - whole, 0) if limit else left
         chunk, nexts = row.feed(limit, drafts) if row is not None else ([], [])
         if row is not None and row.draft:

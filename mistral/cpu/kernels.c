@@ -859,8 +859,7 @@ INLINE void row_blocks(rounded r, const uint8_t *wn, const int t, float *y, int6
 }
 
 /* Column n of y: row n of w, of type t, against rows m0 .. m1 - 1 of the rounded x, four at a time and the rest in
-one pass (as column_rounded). Each case calls
-row_blocks with a constant type, so the compiler specializes it. */
+one pass (as column_rounded). Each case calls row_blocks with a constant type, so the compiler specializes it. */
 static void column_blocks(rounded r, int t, const uint8_t *w, float *y, int64_t ldy, int64_t m0, int64_t m1,
                           int64_t K, int64_t n) {
     const uint8_t *wn = w + n * (K / 256) * super_bytes(t);
