@@ -78,7 +78,7 @@ def demo(model_path: str | None = None, max_tokens: int = 35, temperature: float
 
     def needs(args: ModelArgs, tokenizer: Tokenizer) -> tuple[int, int]:
         longest = max(len(tokenizer.encode(p)) for p in DEMO_PROMPTS)
-        return speculating_slots(longest + max_tokens, args.window, speculate)[0], min(chunk_size or longest, longest)
+        return speculating_slots(longest + max_tokens, args, speculate)[0], min(chunk_size or longest, longest)
 
     model, tokenizer = cli.load(model_path, max_batch_size=len(DEMO_PROMPTS), num_pipeline_ranks=num_pipeline_ranks,
                                 device=device, dtype=dtype, quantize=quantize, needs=needs,
@@ -127,7 +127,7 @@ def interactive(model_path: str | None = None, max_tokens: int = 35, temperature
     cli.check_stdout()
     model, tokenizer = cli.load(model_path, max_batch_size=1, num_pipeline_ranks=num_pipeline_ranks, device=device,
                                 dtype=dtype, quantize=quantize, sliding_window=sliding_window, lora=lora,
-                                needs=lambda args, _: (speculating_slots(TYPICAL_PROMPT + max_tokens, args.window,
+                                needs=lambda args, _: (speculating_slots(TYPICAL_PROMPT + max_tokens, args,
                                                                          speculate)[0], chunk_size or TYPICAL_PROMPT),
                                 shrinks_cache="a smaller --max_tokens")
     generator = _generator(seed, model.device)

@@ -34,7 +34,7 @@ import torch
 from bench.common import ROOT, PARAMS, interleaved_best, random_model, report, setup, timed
 from mistral.cache import RotatingBufferCache
 from mistral.checkpoint import load_model
-from mistral.generate import Batch, Row
+from mistral.generate import Batch, Row, speculating_slots
 from mistral.runners import Runner
 from mistral.sampling import SamplingParams
 from mistral.tokenizer import Tokenizer
@@ -116,10 +116,9 @@ def decode(model, prompt: list[int], sampling: SamplingParams, speculate: int, s
     """One generation of NEW_TOKENS: decode tokens/s (after the first token), steps, and the drafts' fate. answer:
     draft from it (Foreseen) instead of the row's own text."""
     args = model.args
-    reach = len(prompt) + NEW_TOKENS + speculate
-    slots = min(reach, args.window) + speculate if args.window else reach
+    slots, spare = speculating_slots(len(prompt) + NEW_TOKENS, args, speculate)
     cache = RotatingBufferCache(model.n_local_layers, 1, slots, args.n_kv_heads, args.head_dim,
-                                windows=model.layer_windows, spare=speculate if args.window else 0)
+                                windows=model.layer_windows, spare=spare)
     batch = Batch(model, cache, Runner(model), 512)
     row = Row(prompt, NEW_TOKENS, None, sampling, torch.Generator().manual_seed(seed), speculate=speculate)
     if answer is not None and speculate:

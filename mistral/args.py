@@ -111,6 +111,11 @@ class ModelArgs:
         return [self.sliding_window] * self.n_layers
 
     @property
+    def narrowest(self) -> int | None:
+        """The narrowest layer's window, around which rows wrap first (None: every layer attends to everything)."""
+        return min((w for w in self.windows if w is not None), default=None)
+
+    @property
     def window(self) -> int | None:
         """The cache's window: the widest layer's, which every row of the cache holds (None: a layer attends to
         everything, so the cache holds every position). A narrower layer masks what its window leaves out."""

@@ -265,8 +265,10 @@ class RotatingBufferCache:
         return meta
 
     def takes_per_token(self, seqlens: list[int], window: int | None) -> bool:
-        """Whether a step of these seqlens can run per token (get_input_metadata's per_token)."""
-        return all(n <= 1 or n - 1 <= self.spare or window is None or self.slots < window for n in seqlens)
+        """Whether a step of these seqlens can run per token (get_input_metadata's per_token): where no layer's
+        buffer wraps around its window, or a row brings at most spare + 1 tokens."""
+        narrowest = min((w for w in (self.windows or [window]) if w is not None), default=None)
+        return all(n <= 1 or n - 1 <= self.spare or narrowest is None or self.slots < narrowest for n in seqlens)
 
     def _metadata(self, seqlens: list[int], window: int | None, N: int, per_token: bool = False) -> CacheMetadata:
         B = len(seqlens)

@@ -295,7 +295,7 @@ class Chat:
     def _make_room(self, reach: int) -> None:
         """A cache with slots for `reach` positions, or the window's worth: grown in doublings, up to that."""
         args = self.model.args
-        spare = self.options["speculate"] if args.window else 0  # where rows wrap: slots for drafts taken back
+        spare = self.options["speculate"] if args.narrowest else 0  # where rows wrap: slots for drafts taken back
         most = args.window + spare if args.window else self.limit
         if self.cache is None:
             self.cache = RotatingBufferCache(self.model.n_local_layers, 1, min(max(reach, 256), most), args.n_kv_heads,

@@ -84,7 +84,7 @@ class Engine:
         """speculate: draft tokens each row verifies a step (mistral/speculate.py); with a window, `slots` then counts
         the spare ones too (the window and as many more)."""
         args = model.args
-        spare = min(speculate, max(slots - args.window, 0)) if args.window else 0
+        spare = min(speculate, max(slots - args.window, 0)) if args.window else speculate if args.narrowest else 0
         # Where rows roll, a draft may be no longer than the spare slots that let it be taken back.
         self.model, self.eos_id, self.max_queue = model, eos_id, max_queue
         self.speculate = spare if args.window and slots >= args.window else speculate

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mistral import pipeline
+from mistral.args import ModelArgs
 from mistral.cache import RotatingBufferCache, slots_for
 from mistral.compiled import CompiledDecoder
 from mistral.errors import MistralError
@@ -384,18 +385,18 @@ def check_speculate(speculate: int) -> None:
                            f"got {speculate!r}")
 
 
-def speculating_slots(reach: int, window: int | None, speculate: int) -> tuple[int, int]:
-    """(slots, spare) of a cache for rows reaching `reach` positions that draft up to `speculate` tokens, for a model
-    whose window is `window`: as many spare slots as draft tokens where a row may wrap around the window, none where
-    it never does."""
-    spare = speculate if window is not None and reach > window else 0
-    return slots_for(reach, window) + spare, spare
+def speculating_slots(reach: int, args: ModelArgs, speculate: int) -> tuple[int, int]:
+    """(slots, spare) of a cache for rows reaching `reach` positions that draft up to `speculate` tokens: as many spare
+    slots as draft tokens where a row may wrap around a layer's window (the narrowest wraps first; a model with
+    layers of full attention too keeps all positions in those), none where it never does."""
+    spare = speculate if args.narrowest is not None and reach > args.narrowest else 0
+    return slots_for(reach, args.window) + spare, spare
 
 
 def _cache_for(model: Transformer, reach: list[int], speculate: int = 0) -> RotatingBufferCache:
     """A cache for rows that will reach these many positions, after checking that it fits in memory."""
     args, B = model.args, len(reach)
-    slots, spare = speculating_slots(max(reach), args.window, speculate)
+    slots, spare = speculating_slots(max(reach), args, speculate)
     size = 2 * model.n_local_layers * B * slots * args.n_kv_heads * args.head_dim * model.dtype.itemsize
     free = memory_available(model.device)
     if size > free:
@@ -411,8 +412,7 @@ def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int], s
     `speculate` tokens)."""
     if len(reach) > cache.max_batch_size:
         raise MistralError(f"{len(reach)} prompts but the cache has {cache.max_batch_size} rows")
-    window = model.args.window
-    if speculate > cache.spare and window is not None and cache.slots >= window:
+    if speculate > cache.spare and model.args.narrowest is not None and cache.slots >= model.args.narrowest:
         raise MistralError(f"speculate={speculate} needs that many spare slots in a cache whose rows wrap around the "
                            f"window; this one has {cache.spare}: build it with RotatingBufferCache(spare={speculate})")
     for b, n in enumerate(reach):

@@ -73,8 +73,9 @@ def test_greedy_ids_are_those_of_plain_decoding(kind, engine, k, rows):
 
 
 @pytest.mark.parametrize("params", [tiny_params(sliding_window=None), tiny_params(sliding_window=[3, W]),
+                                    tiny_params(sliding_window=[3, None]), tiny_params(sliding_window=[None, 3]),
                                     tiny_params(moe={"num_experts": 4, "num_experts_per_tok": 2})],
-                         ids=["no window", "layer windows", "moe"])
+                         ids=["no window", "layer windows", "window then full", "full then window", "moe"])
 def test_greedy_ids_on_other_models(params):
     model = random_model(params, max_batch_size=4)
     (ids, _), (spec, _) = plain_and_speculative(model, 4)
@@ -94,6 +95,22 @@ def test_generate_takes_speculate_too():
     texts, lps = generate(prompts, model, tok, max_tokens=40, speculate=4)
     assert texts == plain
     torch.testing.assert_close(torch.tensor(lps), torch.tensor(plain_lps), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, [3, None]], ids=["no window", "window then full"])
+def test_verify_steps_run_on_the_engine_where_rows_have_room(window, monkeypatch):
+    """Where no layer's buffer wraps without spare slots (no window; full-attention layers beside a windowed one with
+    its spare), a verified draft runs on the CPU engine as a decode step does, one query per token, not in torch:
+    the same kernels, so the same numbers. Prompts of one token, so that every step of more is a verify."""
+    from mistral.cpu.decoder import CpuDecoder
+
+    model = quantize_int4(random_model(tiny_params(sliding_window=window), max_batch_size=4))
+    declined, real = [], CpuDecoder.step
+    monkeypatch.setattr(CpuDecoder, "step", lambda self, ids, seqlens, cache, rows=None: (
+        out := real(self, ids, seqlens, cache, rows), out is None and declined.append(list(seqlens)))[0])
+    counts = __import__("collections").Counter()
+    generate_ids([[5], [9]], model, max_tokens=60, speculate=4, counts=counts)
+    assert counts["drafted"] > 0 and declined == []
 
 
 def steps_and_rows(model, prompts, k, max_tokens, eos_id=None, drafts=None):
@@ -202,7 +219,7 @@ def test_a_cache_without_spare_slots_is_refused_where_rows_wrap():
         generate_ids(PROMPTS, model, max_tokens=8, speculate=16)
 
 
-@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("window", [None, 7, [7, None]])
 def test_chat_turns_after_speculative_turns_are_those_of_plain_turns(window):
     """A conversation whose turns are decoded speculatively holds, turn after turn, the cache a plain one holds: the
     same answers, the same ids fed, and (with a window) rows wrapped and taken back by drafts along the way."""
@@ -262,17 +279,19 @@ def test_the_shipped_demo_prints_the_same_with_speculation():
     assert 0 < kept <= drafted and share == round(100 * kept / drafted)
 
 
-def test_the_server_answers_as_plain_decoding_with_drafts(tmp_path):
-    """Concurrent requests on an engine whose rows draft (its cache with the window and 4 spare slots): each answer,
-    long enough to wrap its row many times, is the cache-free greedy one."""
+@pytest.mark.parametrize("window", [W, [3, None]], ids=["window", "window then full"])
+def test_the_server_answers_as_plain_decoding_with_drafts(window):
+    """Concurrent requests on an engine whose rows draft (its cache with the window and 4 spare slots; or, beside
+    full-attention layers, the narrow layers' window and 4): each answer, long enough to wrap its row many times, is
+    the cache-free greedy one."""
     from test_server import V3, Running, _greedy, at_once
 
     from mistral.engine import Engine
     from mistral.tokenizer import Tokenizer
 
     tok = Tokenizer(V3)
-    model = random_model(tiny_params(vocab_size=32768, sliding_window=W), seed=4)
-    engine = Engine(model, tok.eos_id, rows=2, slots=W + 4, speculate=4)
+    model = random_model(tiny_params(vocab_size=32768, sliding_window=window), seed=4)
+    engine = Engine(model, tok.eos_id, rows=2, slots=W + 4 if window == W else 80, speculate=4)
     assert engine.cache.spare == 4 and engine.speculate == 4
     running = Running(model, tok, engine=engine)  # (which starts it)
     try:

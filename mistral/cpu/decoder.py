@@ -93,7 +93,7 @@ class CpuDecoder:
             return None
         # Rows of several tokens (verified drafts) run as one query per token, on a cache with spare slots for them.
         per_token = any(n > 1 for n in seqlens)
-        if per_token and not (cache.spare and cache.takes_per_token(seqlens, self.window)):
+        if per_token and not cache.takes_per_token(seqlens, self.window):
             return None
         grad = torch.is_grad_enabled()
         if not all(kernels.takes_cache(k, v) for k, v in zip(cache.k, cache.v)) or (grad and self.plan.needs_grad):
