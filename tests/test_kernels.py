@@ -63,6 +63,19 @@ def test_matches_float64(dtype, M):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_rows_product_is_the_same_whatever_rows_come_with_it(dtype):
+    """Each row of x gets the same bits alone as among 2 to 9 rows (a batch, or a verified draft: mistral/speculate.py):
+    so greedy decoding picks the same tokens whatever else a step carries."""
+    gen = torch.Generator().manual_seed(5)
+    for N, K in SHAPES:
+        x = torch.randn(9, K, generator=gen)
+        w, scales = weights_of(dtype, N, K, gen)
+        alone = torch.cat([kernels.matvec(x[m : m + 1], w, scales) for m in range(9)])
+        for M in range(2, 10):
+            assert torch.equal(kernels.matvec(x[:M], w, scales), alone[:M]), (N, K, M)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
 @pytest.mark.parametrize("M", [17, 20, 63, kernels.INT8_ROWS, 130])
 def test_quantized_weights_take_a_prefills_rows(dtype, M):
