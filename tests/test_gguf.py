@@ -94,6 +94,16 @@ def test_block_products_against_float64(c_compiler, name, M):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_a_rows_block_product_is_the_same_whatever_rows_come_with_it(c_compiler, name):
+    """Each row of x gets the same bits alone as among 2 to 9 rows (a batch, a verified draft)."""
+    kind, K = ggml.TYPES[name], 768
+    w, x = random_blocks(kind, 37, K, seed=3), torch.randn(9, K, generator=torch.Generator().manual_seed(3))
+    alone = torch.cat([kernels.matvec(x[m : m + 1], w, torch.tensor([float(kind)])) for m in range(9)])
+    for M in range(2, 10):
+        assert torch.equal(kernels.matvec(x[:M], w, torch.tensor([float(kind)])), alone[:M]), M
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_past_rounded_rows_x_is_taken_as_it_is(c_compiler, name, bf16, monkeypatch):
