@@ -87,11 +87,13 @@ class CpuDecoder:
     def step(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None,
              rows: list[int] | None = None) -> torch.Tensor | None:
         """What model(input_ids, seqlens, cache, rows=rows) returns, for a step in which every row of the cache that
-        brings anything brings one token (decode), all in C. None, with nothing done, for a step it does not take."""
+        brings anything brings one token (decode), or a few (a verified draft, a short chunk) as one query each where
+        that is exact (cache.takes_per_token), all in C. None, with nothing done, for a step it does not take."""
         M = input_ids.shape[0]
         if cache is None or not 0 < M <= kernels.MAX_ROWS or sum(seqlens) != M:
             return None
-        # Rows of several tokens (verified drafts) run as one query per token, on a cache with spare slots for them.
+        # Rows of several tokens run as one query per token: their keys are all written first, which is exact where
+        # no buffer wraps, or where the spare slots keep what the writes overwrite.
         per_token = any(n > 1 for n in seqlens)
         if per_token and not cache.takes_per_token(seqlens, self.window):
             return None
