@@ -264,10 +264,10 @@ class RotatingBufferCache:
                 meta.narrower[n] = self._metadata(seqlens, n - self.spare, n, per_token)
         return meta
 
-    def takes_per_token(self, seqlens: list[int], window: int | None) -> bool:
-        """Whether a step of these seqlens can run per token (get_input_metadata's per_token): where no layer's
-        buffer wraps around its window, or a row brings at most spare + 1 tokens."""
-        narrowest = min((w for w in (self.windows or [window]) if w is not None), default=None)
+    def takes_per_token(self, seqlens: list[int], narrowest: int | None) -> bool:
+        """Whether a step of these seqlens can run per token (get_input_metadata's per_token), for a model whose
+        narrowest layer window is `narrowest` (ModelArgs.narrowest): where no layer's buffer wraps around its window,
+        or a row brings at most spare + 1 tokens."""
         return all(n <= 1 or n - 1 <= self.spare or narrowest is None or self.slots < narrowest for n in seqlens)
 
     def _metadata(self, seqlens: list[int], window: int | None, N: int, per_token: bool = False) -> CacheMetadata:

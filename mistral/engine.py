@@ -84,10 +84,14 @@ class Engine:
         """speculate: draft tokens each row verifies a step (mistral/speculate.py); with a window, `slots` then counts
         the spare ones too (the window and as many more)."""
         args = model.args
-        spare = min(speculate, max(slots - args.window, 0)) if args.window else speculate if args.narrowest else 0
-        # Where rows roll, a draft may be no longer than the spare slots that let it be taken back.
+        # Where rows roll, a draft may be no longer than the spare slots that let it be taken back: those past the
+        # window; without one, only layers of a narrower window roll, and keep a slot per draft token beyond it.
+        if args.window:
+            spare = min(speculate, max(slots - args.window, 0))
+            self.speculate = spare if slots >= args.window else speculate
+        else:
+            spare, self.speculate = (speculate if args.narrowest else 0), speculate
         self.model, self.eos_id, self.max_queue = model, eos_id, max_queue
-        self.speculate = spare if args.window and slots >= args.window else speculate
         self.cache = RotatingBufferCache(model.n_local_layers, rows, slots, args.n_kv_heads, args.head_dim,
                                          device=model.device, dtype=model.dtype, windows=model.layer_windows,
                                          spare=spare)

@@ -110,6 +110,14 @@ class Row:
                 self.top.append(top)
             self.finished = token == self.eos_id or len(self.generated) == self.max_tokens
 
+    def verified(self, taken: int) -> None:
+        """After a step that fed the last token and a draft, of which `taken` tokens were taken: the draft tokens the
+        model agreed with are counted, and the drafter told, for the next draft."""
+        accepted = min(taken - 1, len(self.draft))
+        self.drafter.verified(len(self.draft), accepted)
+        self.drafted, self.accepted = self.drafted + len(self.draft), self.accepted + accepted
+        self.draft = []
+
 
 @dataclass
 class Plan:
@@ -302,10 +310,7 @@ class Batch:
             if row is not None and row.draft and b not in broken:
                 # The last token and the draft went in: the positions after the n kept are taken back.
                 self.cache.rewind(b, seen[b] + n)
-                accepted = min(n - 1, len(row.draft))  # the draft tokens the model agreed with
-                row.drafter.verified(len(row.draft), accepted)
-                row.drafted, row.accepted = row.drafted + len(row.draft), row.accepted + accepted
-                row.draft = []
+                row.verified(n)
         if on_token is not None:
             for b, tok in taken:
                 on_token(b, tok)
@@ -315,7 +320,7 @@ def _split(plan: Plan, rows: list[Row | None]) -> list[Plan]:
     """The plan as several: the decoding rows (one token, or it and a draft) together, then each row that feeds more,
     alone."""
     starts = [sum(plan.seqlens[:b]) for b in range(len(plan.seqlens))]
-    decoding = [n == 1 or (n > 1 and rows[b] is not None and bool(rows[b].draft)) for b, n in enumerate(plan.seqlens)]
+    decoding = [n == 1 or bool(rows[b] is not None and rows[b].draft) for b, n in enumerate(plan.seqlens)]
     groups = [[b for b, d in enumerate(decoding) if d]] + [[b] for b, n in enumerate(plan.seqlens)
                                                              if n > 1 and not decoding[b]]
     parts = []

@@ -95,7 +95,7 @@ class CpuDecoder:
         # Rows of several tokens run as one query per token: their keys are all written first, which is exact where
         # no buffer wraps, or where the spare slots keep what the writes overwrite.
         per_token = any(n > 1 for n in seqlens)
-        if per_token and not cache.takes_per_token(seqlens, self.window):
+        if per_token and not cache.takes_per_token(seqlens, self.model.args.narrowest):
             return None
         grad = torch.is_grad_enabled()
         if not all(kernels.takes_cache(k, v) for k, v in zip(cache.k, cache.v)) or (grad and self.plan.needs_grad):
