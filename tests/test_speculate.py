@@ -46,6 +46,26 @@ def test_a_row_whose_drafts_fail_drafts_less_and_waits_longer():
     assert d.length == 2 and d.backoff == 1
 
 
+def oracle(answer_of, right: bool = True):
+    """A stand-in for mistral.generate's Drafter (its three methods) that knows the answer, answer_of(the row's
+    prompt): it drafts up to 4 of the answer's next tokens, or (not right) as many that are each the right one + 1."""
+    class Oracle:
+        def __init__(self, tokens, most):
+            self.answer, self.at = answer_of(tokens), 0
+
+        def extend(self, tokens):
+            self.at += len(tokens)
+
+        def draft(self, room):
+            k = min(4, room)
+            return self.answer[self.at : self.at + k] if right else [(self.answer[self.at] + 1) % 64] * k
+
+        def verified(self, drafted, accepted):
+            pass
+
+    return Oracle
+
+
 def plain_and_speculative(model, k, prompts=PROMPTS, **options):
     plain = generate_ids(prompts, model, max_tokens=60, **options)
     counts = __import__("collections").Counter()
@@ -187,21 +207,7 @@ def test_the_drafts_counted_are_those_fed_and_kept(right, monkeypatch):
     model = random_model(tiny_params(), max_batch_size=4)
     want, _ = generate_ids(PROMPTS, model, max_tokens=31)
 
-    class Oracle:
-        def __init__(self, tokens, most):
-            self.answer, self.at = want[PROMPTS.index(tokens)], 0
-
-        def extend(self, tokens):
-            self.at += len(tokens)
-
-        def draft(self, room):
-            k = min(4, room)
-            return self.answer[self.at : self.at + k] if right else [(self.answer[self.at] + 1) % 64] * k
-
-        def verified(self, drafted, accepted):
-            pass
-
-    monkeypatch.setattr("mistral.generate.Drafter", Oracle)
+    monkeypatch.setattr("mistral.generate.Drafter", oracle(lambda tokens: want[PROMPTS.index(tokens)], right))
     counts = __import__("collections").Counter()
     for b, prompt in enumerate(PROMPTS):  # one at a time: a row alone drafts K a step
         ids, _ = generate_ids([prompt], model, max_tokens=31, speculate=4, counts=counts)
@@ -321,20 +327,7 @@ def test_the_server_gives_each_kept_token_its_own_logprobs(monkeypatch):
     ids = tok.encode(prompt, bos=True)
     want = _greedy(model, ids, 20, tok.eos_id)
 
-    class Oracle:
-        def __init__(self, tokens, most):
-            self.at = 0
-
-        def extend(self, tokens):
-            self.at += len(tokens)
-
-        def draft(self, room):
-            return want[self.at : self.at + min(4, room)]
-
-        def verified(self, drafted, accepted):
-            pass
-
-    monkeypatch.setattr("mistral.generate.Drafter", Oracle)
+    monkeypatch.setattr("mistral.generate.Drafter", oracle(lambda tokens: want))
     engine = Engine(model, tok.eos_id, rows=1, slots=W + 4, speculate=4)
     running = Running(model, tok, engine=engine)
     try:
