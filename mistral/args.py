@@ -111,6 +111,12 @@ class ModelArgs:
         return [self.sliding_window] * self.n_layers
 
     @property
+    def mixed_windows(self) -> bool:
+        """Whether layers have windows of their own (Ministral's sliding layers beside full-attention ones), each then
+        keeping a cache of its window."""
+        return len(set(self.windows)) > 1
+
+    @property
     def narrowest(self) -> int | None:
         """The narrowest layer's window, around which rows wrap first (None: every layer attends to everything)."""
         return min((w for w in self.windows if w is not None), default=None)

@@ -64,7 +64,7 @@ class CompiledDecoder:
         """Whether a step of this model can be captured whole: one process, dense or grouped FFNs, plain weights, one
         window for every layer."""
         return (model.num_pipeline_ranks == 1 and all(type(m) in _TRACEABLE for m in model.modules())
-                and len(set(model.args.windows)) == 1)
+                and not model.args.mixed_windows)
 
     def step(self, input_ids: torch.Tensor, seqlens: list[int], cache: RotatingBufferCache | None,
              rows: list[int] | None = None) -> torch.Tensor | None:

@@ -171,7 +171,7 @@ class Transformer(nn.Module):
         if S == 0:  # nothing to run: every row of the cache sits this step out
             return Step(input_ids, seqlens, None, None, cache, None, rows)
         if cache is not None:
-            if len(set(self.args.windows)) > 1 and cache.windows != self.layer_windows:
+            if self.args.mixed_windows and cache.windows != self.layer_windows:
                 raise MistralError(f"this model's layers have windows of their own ({self.args.sliding_window}), and "
                                    "each keeps a cache of its window: build the cache with windows=model.layer_windows")
             meta = cache.get_input_metadata(seqlens, self.args.window)

@@ -92,7 +92,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
     layer, MinistralForCausalLM's, which holds one window for the sliding layers beside full-attention ones."""
     model_type = "mistral" if args.moe is None else "mixtral"
     windows, window, layer_types = args.windows, args.sliding_window, None
-    if len(set(windows)) > 1:
+    if args.mixed_windows:
         sliding = set(windows) - {None}
         if args.moe is not None or len(sliding) > 1:
             raise MistralError(f"a Hugging Face config holds one window for all sliding layers, and no per-layer "
