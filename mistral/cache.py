@@ -264,11 +264,16 @@ class RotatingBufferCache:
                 meta.narrower[n] = self._metadata(seqlens, n - self.spare, n, per_token)
         return meta
 
+    def wraps(self, narrowest: int | None) -> bool:
+        """Whether rows of this cache wrap around a layer's buffer, for a model whose narrowest layer window is
+        `narrowest` (ModelArgs.narrowest): then a chunk's writes overwrite positions still in view, and only spare
+        slots let a step's positions be taken back or its keys be written before its queries."""
+        return narrowest is not None and self.slots >= narrowest
+
     def takes_per_token(self, seqlens: list[int], narrowest: int | None) -> bool:
-        """Whether a step of these seqlens can run per token (get_input_metadata's per_token), for a model whose
-        narrowest layer window is `narrowest` (ModelArgs.narrowest): where no layer's buffer wraps around its window,
-        or a row brings at most spare + 1 tokens."""
-        return all(n <= 1 or n - 1 <= self.spare or narrowest is None or self.slots < narrowest for n in seqlens)
+        """Whether a step of these seqlens can run per token (get_input_metadata's per_token): where no layer's buffer
+        wraps, or each row brings at most spare + 1 tokens."""
+        return not self.wraps(narrowest) or all(n - 1 <= self.spare for n in seqlens)
 
     def _metadata(self, seqlens: list[int], window: int | None, N: int, per_token: bool = False) -> CacheMetadata:
         B = len(seqlens)

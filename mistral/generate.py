@@ -417,7 +417,7 @@ def _checked(cache: RotatingBufferCache, model: Transformer, reach: list[int], s
     `speculate` tokens)."""
     if len(reach) > cache.max_batch_size:
         raise MistralError(f"{len(reach)} prompts but the cache has {cache.max_batch_size} rows")
-    if speculate > cache.spare and model.args.narrowest is not None and cache.slots >= model.args.narrowest:
+    if speculate > cache.spare and cache.wraps(model.args.narrowest):
         raise MistralError(f"speculate={speculate} needs that many spare slots in a cache whose rows wrap around the "
                            f"window; this one has {cache.spare}: build it with RotatingBufferCache(spare={speculate})")
     for b, n in enumerate(reach):
