@@ -2,6 +2,7 @@
 
     python -m bench.gguf                      # the random 7B as Q4_K_M, Q6_K, Q8_0 and Q4_0, and the shipped model
     python -m bench.gguf --only q4_k_m,q4_0   # some of the 7B files; --rounds 2 alternates twice
+    python -m bench.gguf --quality-only       # the shipped model's files alone (bench/results/gguf-quality.json)
 
 The files are what llama.cpp's own tools make of an HF folder (the anchor script, $LLAMA_CPP_SH: convert_hf_to_gguf.py,
 then llama-quantize), from the HF copy of bench.mistral7b's random bf16 folder, under $MISTRAL_BENCH_DIR (default
@@ -11,9 +12,11 @@ the first token, and decode at batch 1); then `python -m main demo FILE`'s peak 
 
 Quality: the shipped model (convert --to hf, then the anchor script to each type) run from each file with its window
 of 64, and its cross-entropy on bench/data/heldout_shakespeare.txt against its fp32 folder's, pre-fill 512 at a time
-and decode (bench.quality's measures).
+and decode (bench.quality's measures). Its files are kept under a name from a hash of its weights, so a retrained model
+is converted afresh.
 """
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -77,7 +80,8 @@ def quality(kinds: list[str]) -> tuple[list[dict], dict]:
     from mistral.checkpoint import convert, load_model, read_args
     from mistral.tokenizer import Tokenizer
 
-    home = HOME / "shipped-gguf"
+    digest = hashlib.sha256((SHIPPED / "consolidated.safetensors").read_bytes()).hexdigest()[:12]
+    home = HOME / f"shipped-gguf-{digest}"
     home.mkdir(parents=True, exist_ok=True)
     hf = home / "shipped-hf"
     if not hf.exists():
@@ -103,6 +107,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(TYPES), help="which 7B files, comma-separated")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--quality-only", action="store_true")
     opts = parser.parse_args()
     setup()
     if not SCRIPT.exists():
@@ -112,6 +117,9 @@ def main() -> None:
     unknown = [k for k in kinds if k not in TYPES]
     if unknown:
         sys.exit(f"--only: {unknown[0]!r} is not one of {', '.join(TYPES)}")
+    if opts.quality_only:
+        report("gguf-quality", *quality(list(TYPES)))
+        return
     rows, ratios = speed(kinds, opts.rounds)
     if not opts.no_quality:
         more_rows, more = quality(list(TYPES))
