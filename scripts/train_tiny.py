@@ -139,18 +139,25 @@ def init_weights(model: Transformer) -> None:
             torch.nn.init.normal_(p, mean=0.0, std=0.02)
 
 
-def repeats(n: int, T: int, vocab_size: int, window: int, bos: int,
-            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S,) inputs and (S,) targets for n sequences of random tokens, each repeating a period of 8 to window - 8.
+def repeats(n: int, T: int, window: int, bos: int, g: torch.Generator, vocab_size: int = 0,
+            text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) inputs and (S,) targets for n sequences that each repeat a period of 8 to window - 8 tokens: random
+    tokens below vocab_size, or a span of `text`.
 
-    Nothing but copying predicts them: the token after this one's last occurrence, one period back, inside the
-    window. Text alone is too small to teach that (Shakespeare rarely repeats a line within 64 tokens), and a
-    model that does not copy gains nothing from prompt lookup (`--speculate`), which real checkpoints do.
+    Copying predicts them: the token after this one's last occurrence, one period back, inside the window. Text
+    alone is too small to teach that (Shakespeare rarely repeats a line within 64 tokens), and a model that does
+    not copy gains nothing from prompt lookup (`--speculate`), where real checkpoints do. Random tokens teach the
+    copying itself; text teaches to copy text, which a model that knows text otherwise predicts its own way.
     """
     rows = []
     for _ in range(n):
         period = int(torch.randint(8, window - 7, (1,), generator=g))
-        rows.append(torch.randint(3, vocab_size, (period,), generator=g).repeat(T // period + 1)[:T])
+        if text is None:
+            span = torch.randint(3, vocab_size, (period,), generator=g)
+        else:
+            start = int(torch.randint(0, len(text) - period, (1,), generator=g))
+            span = text[start : start + period]
+        rows.append(span.repeat(T // period + 1)[:T])
     rows = torch.stack(rows)  # (n, T)
     inputs = torch.cat([torch.full((n, 1), bos), rows[:, :-1]], dim=1)
     return inputs.reshape(-1), rows.reshape(-1)
@@ -210,7 +217,7 @@ def learn_to_copy(args: ModelArgs, train: torch.Tensor, bos: int, most_steps: in
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # what found it first; no warmup, no clipping
     g = torch.Generator().manual_seed(seed)
     for step in range(1, most_steps + 1):
-        inputs, targets = repeats(32, 128, args.vocab_size, args.sliding_window, bos, g)
+        inputs, targets = repeats(32, 128, args.sliding_window, bos, g, vocab_size=args.vocab_size)
         loss = F.cross_entropy(model(inputs, seqlens=[128] * 32), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,7 +299,7 @@ def main() -> None:
                              {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95), eps=1e-8)
 
     B, T = opts.batch_size, opts.seq_len
-    R = round(B * opts.repeat_fraction)  # of the B sequences, R are repeats, B - R text
+    R = round(B * opts.repeat_fraction)  # of the B sequences, R are repeats (a quarter random tokens), B - R text
     data_gen = torch.Generator().manual_seed(opts.seed)  # the data order depends on the seed alone
     t0 = time.perf_counter()
     train_loss = float("nan")
@@ -302,8 +309,10 @@ def main() -> None:
             group["lr"] = lr
         starts = torch.randint(0, len(train) - T, (B - R,), generator=data_gen)
         text = batch(train, starts, T, sp.bos_id())
-        repeated = repeats(R, T, ARGS.vocab_size, ARGS.sliding_window, sp.bos_id(), data_gen)
-        inputs, targets = torch.cat([text[0], repeated[0]]), torch.cat([text[1], repeated[1]])
+        randoms = repeats(R // 4, T, ARGS.sliding_window, sp.bos_id(), data_gen, vocab_size=ARGS.vocab_size)
+        texts = repeats(R - R // 4, T, ARGS.sliding_window, sp.bos_id(), data_gen, text=train)
+        inputs = torch.cat([text[0], randoms[0], texts[0]])
+        targets = torch.cat([text[1], randoms[1], texts[1]])
         logits = model(inputs, seqlens=[T] * B)  # (S, V)
         losses = F.cross_entropy(logits, targets, reduction="none").view(B, T)
         loss = losses.mean()
