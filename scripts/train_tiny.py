@@ -344,8 +344,9 @@ def main() -> None:
     params = {k: v for k, v in dataclasses.asdict(ARGS).items() if v is not None}
     (opts.out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     size = sum(f.stat().st_size for f in opts.out.glob("*") if f.is_file())
-    seen = opts.steps * B * T
-    print(f"done: {opts.steps} steps, {seen:,} tokens seen ({seen / len(train):.2f} epochs)")
+    seen = opts.steps * (B - R) * T
+    print(f"done: {opts.steps} steps, {seen:,} tokens of text seen ({seen / len(train):.2f} epochs), "
+          f"{opts.steps * R * T:,} of repeats")
     print(f"training time {(copy_time + train_time) / 60:.1f} min (phase 1, copying: {copy_time:.0f} s)")
     print(f"final train loss {train_loss:.3f} (smoothed), final val loss {val_loss:.3f} over {n_val} windows "
           f"of {T} tokens ({val_loss / math.log(2) * len(val) / sum(map(len, val_texts)):.3f} bits/char)")
