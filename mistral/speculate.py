@@ -48,7 +48,8 @@ class Drafter:
 
     def draft(self, room: int) -> list[int]:
         """Up to min(self.length, room) tokens that followed the latest earlier occurrence of the text's last n
-        tokens (n = 3, 2, 1, longest first); [] when none occurred, or while the row waits after failed drafts."""
+        tokens (n = 3, 2, 1, longest first); [] when none occurred, or while the row waits after failed drafts. A
+        match of one token is weak evidence (in text that never repeats, tokens recur by chance): it drafts one."""
         if self.wait:
             self.wait -= 1
             return []
@@ -58,7 +59,7 @@ class Drafter:
         for n in NGRAMS:
             at = self.index.get(tuple(self.tokens[end - n :])) if end >= n else None
             if at is not None:
-                return self.tokens[at : at + k]
+                return self.tokens[at : at + (k if n > 1 else 1)]
         return []
 
     def verified(self, drafted: int, accepted: int) -> None:

@@ -31,6 +31,7 @@ def test_a_draft_is_what_followed_the_latest_match_of_the_longest_suffix():
     assert d.draft(10) == [7, 2, 3]  # "2 3 5" seen once, followed by 7
     assert d.draft(1) == [7]  # no more than the room
     assert speculate.Drafter([1, 2, 3], most=4).draft(10) == []  # nothing repeats
+    assert speculate.Drafter([1, 2, 3, 4, 5, 6, 3], most=4).draft(10) == [4]  # one token matched: one drafted
 
 
 def test_a_row_whose_drafts_fail_drafts_less_and_waits_longer():
@@ -354,8 +355,8 @@ def test_a_bad_speculate_is_one_line(command):
 
 def test_drafts_are_found_in_the_history_too(monkeypatch):
     """A row drafts from the ids before its prompt as well: a chat's turn from the whole conversation."""
-    assert Row([5], 10, speculate=3, history=[1, 2, 3, 5, 6, 7, 8]).drafter.draft(10) == [6, 7, 8]
-    assert Row([5], 10, speculate=3).drafter.draft(10) == []
+    assert Row([4, 5], 10, speculate=3, history=[1, 2, 4, 5, 6, 7, 8]).drafter.draft(10) == [6, 7, 8]
+    assert Row([4, 5], 10, speculate=3).drafter.draft(10) == []
     from mistral.tokenizer import Tokenizer
     import mistral_common
     from pathlib import Path
