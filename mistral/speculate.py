@@ -36,6 +36,7 @@ class Drafter:
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its latest occurrence is
         self.most, self.length = most, most
         self.wait, self.backoff = 0, 1  # steps left before the next draft; the wait after the next total rejection
+        self.kept = False  # whether a draft token of this row has been kept yet
         self.extend(tokens)
 
     def extend(self, tokens: list[int]) -> None:
@@ -49,7 +50,8 @@ class Drafter:
     def draft(self, room: int) -> list[int]:
         """Up to min(self.length, room) tokens that followed the latest earlier occurrence of the text's last n
         tokens (n = 3, 2, 1, longest first); [] when none occurred, or while the row waits after failed drafts. A
-        match of one token is weak evidence (in text that never repeats, tokens recur by chance): it drafts one."""
+        match of one token is weak evidence (in text that never repeats, tokens recur by chance): it drafts one
+        token, and only once a draft of this row has been kept."""
         if self.wait:
             self.wait -= 1
             return []
@@ -58,7 +60,7 @@ class Drafter:
             return []
         for n in NGRAMS:
             at = self.index.get(tuple(self.tokens[end - n :])) if end >= n else None
-            if at is not None:
+            if at is not None and (n > 1 or self.kept):
                 return self.tokens[at : at + (k if n > 1 else 1)]
         return []
 
@@ -66,6 +68,7 @@ class Drafter:
         """After a draft of `drafted` tokens of which the model kept `accepted`: a draft wholly kept lets the next
         be one longer; a partly kept one makes the next as long as what was kept, and one more; one wholly rejected
         also makes the row wait before drafting again, twice as long each time it happens in a row."""
+        self.kept = self.kept or accepted > 0
         if accepted == drafted:
             self.length = min(self.most, self.length + 1)
             self.backoff = 1

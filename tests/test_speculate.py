@@ -31,7 +31,10 @@ def test_a_draft_is_what_followed_the_latest_match_of_the_longest_suffix():
     assert d.draft(10) == [7, 2, 3]  # "2 3 5" seen once, followed by 7
     assert d.draft(1) == [7]  # no more than the room
     assert speculate.Drafter([1, 2, 3], most=4).draft(10) == []  # nothing repeats
-    assert speculate.Drafter([1, 2, 3, 4, 5, 6, 3], most=4).draft(10) == [4]  # one token matched: one drafted
+    d = speculate.Drafter([1, 2, 3, 4, 5, 6, 3], most=4)
+    assert d.draft(10) == []  # one token matched, and no draft kept yet
+    d.verified(2, 1)
+    assert d.draft(10) == [4]  # one token matched: one drafted
 
 
 def test_a_row_whose_drafts_fail_drafts_less_and_waits_longer():
@@ -287,11 +290,16 @@ def test_the_shipped_demo_prints_the_same_with_speculation():
 
 
 @pytest.mark.parametrize("window", [W, [3, None]], ids=["window", "window then full"])
-def test_the_server_answers_as_plain_decoding_with_drafts(window):
+def test_the_server_answers_as_plain_decoding_with_drafts(window, monkeypatch):
     """Concurrent requests on an engine whose rows draft (its cache with the window and 4 spare slots; or, beside
     full-attention layers, the narrow layers' window and 4): each answer, long enough to wrap its row many times, is
-    the cache-free greedy one."""
+    the cache-free greedy one. The rows draft from one-token matches from the start, as if a draft had been kept:
+    this random model rarely repeats two tokens in a row, so it would hardly draft otherwise."""
     from test_server import V3, Running, _greedy, at_once
+
+    real = speculate.Drafter.__init__
+    monkeypatch.setattr(speculate.Drafter, "__init__", lambda self, tokens, most: (
+        real(self, tokens, most), setattr(self, "kept", True))[0])
 
     from mistral.engine import Engine
     from mistral.tokenizer import Tokenizer
