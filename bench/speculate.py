@@ -147,17 +147,17 @@ def decode(model, prompt: list[int], sampling: SamplingParams, speculate: int, s
     while batch.step():
         drafts.append(row.drafted - sum(drafts))  # the draft length of each step (0: a plain decode step)
     seconds = time.perf_counter() - start
-    return {"tokens/s": (len(row.generated) - 1) / seconds, "steps": len(drafts), "drafts": drafts,
-            "drafted": row.drafted, "accepted": row.accepted, "generated": row.generated}
+    return {"tokens/s": (len(row.generated) - 1) / seconds, "seconds": seconds, "steps": len(drafts),
+            "drafts": drafts, "drafted": row.drafted, "accepted": row.accepted, "generated": row.generated}
 
 
 def decode_all(model, prompts: list[tuple[list[int], SamplingParams]], speculate: int,
                answers: list[list[int]] | None = None) -> dict:
     """decode() of each prompt, one after another: tokens/s over them all, their steps and drafts together."""
-    runs = [decode(model, prompt, sampling, speculate, answer=answers[i] if answers else None)
-            for i, (prompt, sampling) in enumerate(prompts)]
+    runs = [decode(model, prompt, sampling, speculate, answer=answer)
+            for (prompt, sampling), answer in zip(prompts, answers or [None] * len(prompts), strict=True)]
     tokens = sum(len(r["generated"]) - 1 for r in runs)
-    return {"tokens/s": tokens / sum((len(r["generated"]) - 1) / r["tokens/s"] for r in runs), "tokens": tokens,
+    return {"tokens/s": tokens / sum(r["seconds"] for r in runs), "tokens": tokens,
             "steps": sum(r["steps"] for r in runs), "drafts": [d for r in runs for d in r["drafts"]],
             "drafted": sum(r["drafted"] for r in runs), "accepted": sum(r["accepted"] for r in runs),
             "generated": [r["generated"] for r in runs]}
